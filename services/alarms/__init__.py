@@ -1,0 +1,1 @@
+"""roost alarms service (built in its own issue)."""

@@ -1,0 +1,1 @@
+"""roost dcsync service (built in its own issue)."""

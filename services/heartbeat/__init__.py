@@ -1,0 +1,1 @@
+"""roost heartbeat service (built in its own issue)."""

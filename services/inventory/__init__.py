@@ -1,0 +1,1 @@
+"""roost inventory service (built in its own issue)."""

@@ -1,0 +1,1 @@
+"""roost orchestrator service (built in its own issue)."""
