@@ -174,6 +174,10 @@ class Transport(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def delete_group(self, pattern: str, group: str) -> None:
+        """Remove a group's durable queue/consumer for ``pattern`` and what waits in it (a retired consumer)."""
+
+    @abc.abstractmethod
     async def request(self, message: OutgoingMessage, *, timeout: float) -> ReceivedMessage:
         """Publish a command with a reply address and wait for one reply.
 
