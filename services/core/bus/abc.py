@@ -115,6 +115,8 @@ class ConsumerOptions:
     prefetch: int = 100            # deliveries the broker hands out before acks come back
     concurrency: int = 1           # callbacks running at once; 1 keeps the order of a subject
     max_attempts: int = 5          # deliveries before the bus layer dead-letters
+    ack_wait: float = 30.0         # seconds a delivery may stay unsettled before the broker
+                                   # redelivers it (NATS AckWait; RabbitMQ redelivers on channel loss)
 
 
 class Subscription(abc.ABC):
@@ -141,6 +143,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Stop every subscription (in-flight callbacks finish), then disconnect."""
+
+    @abc.abstractmethod
+    async def abort(self) -> None:
+        """Drop the broker connection at once, settling nothing: what a crash does.
+
+        Unsettled deliveries are redelivered by the broker to the group's other members (RabbitMQ: when
+        the channel closes; NATS: after ``ack_wait``).  For emergency stops and for the crash tests.
+        """
 
     @property
     @abc.abstractmethod
