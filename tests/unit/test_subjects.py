@@ -1,0 +1,100 @@
+"""Pure subject logic: NATS-style patterns must mean the same thing on RabbitMQ's topic exchanges."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from services.core.bus.subjects import (
+    InvalidSubject,
+    backoff,
+    check_group,
+    check_pattern,
+    check_subject,
+    domain_of,
+    durable_name,
+    matches,
+    retry_bucket,
+    stream_name,
+    to_amqp_binding,
+)
+
+tokens = st.sampled_from(["roost", "host", "alarm", "a", "b", "c"])
+subjects = st.lists(tokens, min_size=1, max_size=5).map(".".join)
+pattern_tokens = st.sampled_from(["roost", "host", "a", "b", "*"])
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    head = draw(st.lists(pattern_tokens, min_size=0, max_size=4))
+    tail = draw(st.sampled_from([[], [">"], ["*"], ["a"]]))
+    parts = head + tail
+    return ".".join(parts) if parts else "a"
+
+
+def amqp_topic_matches(binding: str, routing_key: str) -> bool:
+    """RabbitMQ's documented topic semantics: '*' is exactly one word, '#' zero or more words."""
+    words = binding.split(".")
+    keys = routing_key.split(".")
+
+    def go(i: int, j: int) -> bool:
+        if i == len(words):
+            return j == len(keys)
+        if words[i] == "#":
+            return any(go(i + 1, k) for k in range(j, len(keys) + 1))
+        if j == len(keys):
+            return False
+        return (words[i] == "*" or words[i] == keys[j]) and go(i + 1, j + 1)
+
+    return go(0, 0)
+
+
+@given(patterns(), subjects)
+def test_a_pattern_matches_the_same_subjects_on_both_brokers(pattern: str, subject: str) -> None:
+    assert matches(pattern, subject) == amqp_topic_matches(to_amqp_binding(pattern), subject)
+
+
+@pytest.mark.parametrize(("pattern", "subject", "expected"), [
+    ("roost.host.>", "roost.host.added", True),
+    ("roost.host.>", "roost.host", False),
+    ("roost.*.added", "roost.host.added", True),
+    ("roost.*.added", "roost.host.x.added", False),
+    ("roost.host.added", "roost.host.added", True),
+    (">", "anything.at.all", True),
+])
+def test_matches(pattern: str, subject: str, expected: bool) -> None:
+    assert matches(pattern, subject) is expected
+
+
+def test_bad_names_are_refused_with_a_reason() -> None:
+    for bad in ["", "a..b", "a.b c", "a.>.b"]:
+        with pytest.raises(InvalidSubject):
+            check_subject(bad) if ">" not in bad else check_pattern(bad)
+    with pytest.raises(InvalidSubject, match="consumer group"):
+        check_group("Bad Group")
+
+
+@given(st.lists(st.sampled_from(["a", "*", "b", "host"]), min_size=1, max_size=4).map(".".join),
+       st.lists(st.sampled_from(["a", "*", "b", "host"]), min_size=1, max_size=4).map(".".join))
+def test_durable_names_are_broker_safe_and_distinct(p1: str, p2: str) -> None:
+    n1, n2 = durable_name("grp", p1), durable_name("grp", p2)
+    assert re.fullmatch(r"[A-Za-z0-9_-]+", n1)
+    assert (n1 == n2) == (p1 == p2)
+
+
+def test_domains_and_streams() -> None:
+    assert domain_of("roost.host.state_changed") == "host"
+    assert stream_name(domain_of("roost.cmd.host.lock")) == "ROOST_CMD"
+    with pytest.raises(InvalidSubject):
+        domain_of("roost.>")
+
+
+def test_retry_buckets_round_up_and_backoff_grows_to_a_cap() -> None:
+    assert retry_bucket(0.05) == 0.1
+    assert retry_bucket(2) == 5.0
+    assert retry_bucket(10_000) == 1800.0
+    assert [backoff(a) for a in (1, 2, 3)] == [0.2, 0.4, 0.8]
+    assert backoff(50) == 60.0
