@@ -7,6 +7,7 @@ a model is registered beside the old one, and consumers validate against the ver
 
 from __future__ import annotations
 
+import builtins
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,11 +39,11 @@ class MessageSpec:
     type: str
     kind: MessageKind
     owner: str
-    model: type[BaseModel]
+    model: builtins.type[BaseModel]   # builtins.: the field ``type`` above shadows the builtin here
     summary: str
     version: int = 1
     min_role: Role = Role.ADMIN          # commands: the least role allowed to send it
-    result_model: type[BaseModel] | None = None   # commands: the shape of CommandReply.result
+    result_model: builtins.type[BaseModel] | None = None   # commands: the shape of CommandReply.result
 
     @property
     def entity_event(self) -> bool:
