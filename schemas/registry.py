@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from schemas.envelope import TYPE_PATTERN, EntityEvent, Envelope, Role
+from schemas.envelope import REPLY_TYPE, TYPE_PATTERN, EntityEvent, Envelope, Role
 
 OWNERS = ("core", "inventory", "heartbeat", "alarms", "orchestrator", "dcsync", "agent", "cli")
 
@@ -59,6 +59,8 @@ class Registry:
             raise ValueError(f"bad message type name {spec.type!r}: must match {TYPE_PATTERN}")
         if spec.owner not in OWNERS:
             raise ValueError(f"unknown owner {spec.owner!r} for {spec.type}: one of {OWNERS}")
+        if spec.type == REPLY_TYPE:
+            raise ValueError(f"{REPLY_TYPE} is the reply to every command, not a message of its own")
         is_cmd = spec.type.startswith("roost.cmd.")
         if is_cmd != (spec.kind is MessageKind.COMMAND):
             raise ValueError(f"{spec.type}: commands and only commands are named roost.cmd.*")

@@ -26,8 +26,9 @@ from typing import Any, Protocol
 import structlog
 from pydantic import BaseModel
 
+from schemas import catalog
 from schemas.envelope import REPLY_TYPE, CommandReply, Envelope, Principal, ReplyStatus
-from schemas.registry import REGISTRY, InvalidMessage, MessageKind, Registry, UnknownMessageType
+from schemas.registry import InvalidMessage, MessageKind, Registry, UnknownMessageType
 from services.core.bus import codec
 from services.core.bus.abc import (
     H_AUTHORIZATION,
@@ -103,13 +104,13 @@ class _NullObserver:
 
 
 class Bus:
-    def __init__(self, transport: Transport, *, source: str, registry: Registry = REGISTRY,
+    def __init__(self, transport: Transport, *, source: str, registry: Registry | None = None,
                  authenticator: Authenticator | None = None, idempotency: IdempotencyStore | None = None,
                  token: str | None = None, observer: BusObserver | None = None,
                  publish_timeout: float = 10.0) -> None:
         self.transport = transport
         self.source = source
-        self.registry = registry
+        self.registry = registry if registry is not None else catalog.load()
         self.authenticator = authenticator
         self.idempotency = idempotency
         self._token = token

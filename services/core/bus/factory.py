@@ -1,0 +1,34 @@
+"""Choose a transport by URL: ``nats://``/``tls://`` (NATS JetStream) or ``amqp://``/``amqps://`` (RabbitMQ)."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from services.core.bus.abc import Transport
+
+SCHEMES = {"nats": "nats", "tls": "nats", "amqp": "rabbitmq", "amqps": "rabbitmq"}
+
+
+class UnsupportedBusUrl(ValueError):
+    pass
+
+
+def broker_of(url: str) -> str:
+    scheme = urlsplit(url).scheme
+    try:
+        return SCHEMES[scheme]
+    except KeyError:
+        raise UnsupportedBusUrl(
+            f"unsupported bus URL scheme {scheme or '(none)'!r}: use nats://, tls://, amqp:// or amqps://"
+        ) from None
+
+
+def transport_from_url(url: str) -> Transport:
+    """A new, unconnected transport for ``url`` (credentials and TLS settings may be in the URL)."""
+    if broker_of(url) == "rabbitmq":
+        from services.core.bus.rabbitmq import RabbitTransport
+
+        return RabbitTransport(url)
+    from services.core.bus.nats import NatsTransport
+
+    return NatsTransport(url)
