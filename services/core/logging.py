@@ -11,8 +11,8 @@ was bound before when it exits, so nothing leaks into the next message handled b
 (nats-py runs every callback of a subscription in one task).  Tasks copy the context when they are
 created, so concurrent handlers never see each other's ids.
 
-Secrets: ``redact_secrets`` runs on every event just before rendering, after the exception has been
-turned into text, and masks
+Secrets: ``redact_secrets`` runs on every event before it leaves structlog (so any handler sees it
+masked) and on third-party records and rendered exceptions in the formatter; it masks
 
 * the value of any key named like a secret (``password``, ``token``, ``secret``, ``authorization``,
   ``api_key``, ``*_key``, ``cookie``, ``credential`` …; ``idempotency_key``, ``routing_key`` and file
@@ -67,7 +67,8 @@ _SENSITIVE_SUBSTRINGS = ("password", "passwd", "passphrase", "secret", "token", 
                          "api_key", "api-key", "credential", "cookie", "private_key", "privatekey")
 _SENSITIVE_PARTS = frozenset({"key", "pwd", "pass", "auth", "hmac", "psk", "bearer", "signature"})
 _READABLE_KEYS = frozenset({"idempotency_key", "idempotencykey", "routing_key", "key_file", "cert_file", "ca_file",
-                            "broker_key_file", "database_key_file", "token_name", "sort_key", "partition_key"})
+                            "broker_key_file", "database_key_file", "token_name", "secret_name", "sort_key",
+                            "partition_key"})
 
 _VALUE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
     # "Bearer abc", "Basic dXNlcjpwdw==" (also inside "Authorization: Bearer abc")
@@ -90,14 +91,14 @@ _VALUE_PATTERNS: tuple[tuple[re.Pattern[str], str], ...] = (
 _known_lock = threading.Lock()
 _known_secrets: set[str] = set()
 _known_pattern: re.Pattern[str] | None = None
-_MIN_REGISTERED_LEN = 6
+_MIN_REGISTERED_LEN = 8
 
 
 def register_secret(value: str | bytes | SecretStr | SecretBytes | None) -> None:
     """Mask every occurrence of ``value`` in logs from now on (whatever key or text it appears in).
 
     Bytes are also registered as hex and base64, the forms a key is usually printed in.  Values
-    shorter than 6 characters are ignored (they would mask ordinary words).
+    shorter than 8 characters are ignored (they would mask ordinary words).
     """
     if value is None:
         return
@@ -178,6 +179,17 @@ def redact_secrets(logger: WrappedLogger, method_name: str, event_dict: EventDic
         else:
             event_dict[key] = redact_value(value)
     return event_dict
+
+
+def _redact_in_formatter(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """The formatter's pass: a structlog event was redacted before it left structlog (so any other
+    handler on the root logger gets it masked too) and only its rendered exception is left to scan;
+    a stdlib record is redacted whole."""
+    if event_dict.get("_from_structlog", False):
+        if "exception" in event_dict:
+            event_dict["exception"] = redact_value(event_dict["exception"])
+        return event_dict
+    return redact_secrets(logger, method_name, event_dict)
 
 
 # -- message context ----------------------------------------------------------------------------
@@ -265,6 +277,7 @@ def configure_logging(format: LogFormat = "auto", level: str | int = "INFO", *,
             *shared,
             structlog.stdlib.PositionalArgumentsFormatter(),
             structlog.processors.StackInfoRenderer(),
+            redact_secrets,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
         logger_factory=structlog.stdlib.LoggerFactory(),
@@ -278,9 +291,9 @@ def configure_logging(format: LogFormat = "auto", level: str | int = "INFO", *,
     formatter = structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=shared,
         processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             _exception_processor(fmt == "json"),
-            redact_secrets,
+            _redact_in_formatter,
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             renderer,
         ],
     )
