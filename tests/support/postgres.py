@@ -81,6 +81,18 @@ async def pool_on(url: str, *, max_size: int = 10, migrate_core: bool = True) ->
             pool.terminate()
 
 
+async def lock_waiters(pool: asyncpg.Pool, count: int, timeout: float = 10.0) -> None:
+    """Wait until ``count`` sessions of this database wait on a lock (a row, a claim, an advisory lock)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    query = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+             "AND datname = current_database()")
+    while (waiting := await pool.fetchval(query)) < count:
+        if loop.time() > deadline:
+            raise AssertionError(f"{waiting} sessions wait on locks after {timeout}s, expected {count}")
+        await asyncio.sleep(0.02)
+
+
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """A fresh, empty database's URL (for a future conftest: ``pytest_plugins``)."""
