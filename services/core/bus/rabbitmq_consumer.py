@@ -24,6 +24,7 @@ import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
+import aiormq
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustChannel, AbstractRobustQueue
 
@@ -42,6 +43,14 @@ if TYPE_CHECKING:
     from services.core.bus.rabbitmq import RabbitTransport
 
 log = structlog.get_logger("roost.bus.rabbitmq")
+
+
+def channel_gone(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel a delivery arrived on has closed (aio-pika raises on reading it then)."""
+    try:
+        return bool(message.channel.is_closed)
+    except aiormq.exceptions.ChannelInvalidStateError:
+        return True
 
 
 class RabbitDelivery(RawDelivery):
@@ -65,7 +74,7 @@ class RabbitDelivery(RawDelivery):
     @property
     def stale(self) -> bool:
         """The channel it arrived on is gone: the broker has taken it back and will deliver it again."""
-        return bool(self._message.channel.is_closed)
+        return channel_gone(self._message)
 
     def _claim(self) -> None:
         if self.settled:
@@ -145,8 +154,9 @@ class RabbitSubscription(Subscription):
             message = await self._buffer.get()
             if message is None:
                 return
-            if message.channel.is_closed:
-                continue                        # from a dead channel: the broker redelivers it
+            if self._stopped or channel_gone(message):
+                continue                        # the broker gets it back when the channel closes
+                                                # (or has it back already) and delivers it again
             delivery = RabbitDelivery(self, message)
             self.in_flight += 1
             try:
