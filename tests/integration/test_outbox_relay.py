@@ -155,7 +155,7 @@ async def test_with_a_registry_invalid_data_is_refused_at_write_time(pool: async
 async def test_notify_wakes_the_relay_at_commit(pool: asyncpg.Pool, transport: RecordingTransport) -> None:
     relay = OutboxRelay(pool, transport, poll_interval=60.0)     # polling would be far too slow
     async with running(relay):
-        await until(lambda: relay._listener is not None, what="listener")
+        await until(lambda: relay.listening, what="listener")
         await write(pool, [event(1)])
         await transport.wait_until(lambda t: len(t.published) == 1, timeout=5)
 
@@ -164,7 +164,7 @@ async def test_polling_finds_rows_written_without_a_notification(pool: asyncpg.P
                                                                    transport: RecordingTransport) -> None:
     relay = OutboxRelay(pool, transport, poll_interval=0.3)
     async with running(relay):
-        await until(lambda: relay._listener is not None, what="listener")
+        await until(lambda: relay.listening, what="listener")
         msg = encode(event(1))
         await pool.execute(  # as a writer that bypasses Outbox.add would: no NOTIFY
             "INSERT INTO core.outbox (message_id, subject, ordering_key, headers, body) VALUES ($1, $2, 'k', '{}', $3)",
@@ -335,6 +335,6 @@ async def test_a_service_schema_has_its_own_outbox_and_channel(pool: asyncpg.Poo
     assert await OutboxRelay(pool, transport, "core").relay_once() == 0
     relay = OutboxRelay(pool, transport, "inventory", poll_interval=60)
     async with running(relay):
-        await until(lambda: relay._listener is not None, what="listener")
+        await until(lambda: relay.listening, what="listener")
         await write(pool, [event(2)], Outbox("inventory"))
         await transport.wait_until(lambda t: len(t.published) == 2, timeout=5)

@@ -161,6 +161,7 @@ class OutboxRelay:
         self.stats = RelayStats()
         self.last_lag: RelayLag | None = None        # refreshed every ``lag_interval`` s while running
         self._lag_measured = -float("inf")
+        self.started = asyncio.Event()               # set once run() has tried to LISTEN and relayed once
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -294,6 +295,7 @@ class OutboxRelay:
             self._wake.clear()
             published = await self._cycle()
             await self._refresh_lag()
+            self.started.set()
             if published is None:
                 delay = backoff(self.stats.consecutive_failures, base=self.min_backoff, cap=self.max_backoff)
                 await self._pause(delay, wake_on_notify=False)
@@ -341,6 +343,11 @@ class OutboxRelay:
         finally:
             for w in waits:
                 w.cancel()
+
+    @property
+    def listening(self) -> bool:
+        """Whether a connection LISTENs for the writers' notifications (else the relay only polls)."""
+        return self._listener is not None and not self._listener.is_closed()
 
     async def _listen(self) -> None:
         """Hold a connection that LISTENs on the outbox channel (again, if it was lost)."""
