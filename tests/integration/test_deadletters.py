@@ -16,6 +16,9 @@ from services.core.bus.abc import ConsumerOptions
 from services.core.bus.bus import Bus, Message
 from services.core.bus.memory import InMemoryBroker, InMemoryTransport
 from services.core.deadletters import DeadLetterKeeper, DepthAlarm, record_from
+from services.core.db.outbox import Outbox
+from services.core.host import ServiceContext
+from services.core.settings import load_settings
 from services.core.system import CoreService
 from tests.contract.base import wait_until
 from tests.support.postgres import fresh_database, pool_on
@@ -58,8 +61,9 @@ async def site(pool: asyncpg.Pool) -> AsyncIterator[Site]:
 
 
 async def test_a_dead_letter_is_kept_listed_replayed_and_purged(site: Site) -> None:
-    core = CoreService(site.pool, await site.bus(), dlq_threshold=1)
-    await core.start()
+    core = CoreService()
+    await core.start(ServiceContext("core", load_settings(dlq_alarm_threshold=1), site.pool, await site.bus(),
+                                    Outbox("core")))
     announced: list[str] = []
     watcher = await site.bus()
 
