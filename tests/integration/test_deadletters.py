@@ -15,8 +15,8 @@ from services.core.auth import InMemoryAuthenticator
 from services.core.bus.abc import ConsumerOptions
 from services.core.bus.bus import Bus, Message
 from services.core.bus.memory import InMemoryBroker, InMemoryTransport
-from services.core.deadletters import DeadLetterKeeper, DepthAlarm, record_from
 from services.core.db.outbox import Outbox
+from services.core.deadletters import DeadLetterKeeper, DepthAlarm, record_from
 from services.core.host import ServiceContext
 from services.core.settings import load_settings
 from services.core.system import CoreService
