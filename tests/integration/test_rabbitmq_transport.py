@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -550,3 +553,76 @@ async def test_connect_times_out_against_a_silent_peer() -> None:
         assert time.monotonic() - started < 3
     finally:
         server.close()
+
+
+@pytest.mark.slow
+async def test_connected_turns_false_within_10s_of_a_silent_partition(scope: Scope, proxy: TcpProxy) -> None:
+    """No RST, no FIN: only the AMQP heartbeat can notice.  Readiness relies on ``connected``."""
+    transport = await scope.transport(via(proxy))
+    subject = scope.subject("silent")
+    got = await scope.collect(transport, subject, scope.group("silent"))
+    await proxy.blackhole()
+    lost = time.monotonic()
+    await wait_until(lambda: not transport.connected, timeout=15, what="connected to turn false")
+    assert time.monotonic() - lost <= 10.0
+    await proxy.restore()
+    await wait_until(lambda: transport.connected, what="the reconnect")
+    await transport.publish(msg(subject))
+    await wait_until(lambda: len(got) == 1, what="a delivery after the partition healed")
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (openssl CLI)."""
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "1", "-subj", "/CN=roost-test-ca", cwd=d)
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    for name, extra in (("server", ["-extfile", "san.ext"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                 "-subj", f"/CN=roost-test-{name}", cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", f"{name}.pem", "-days", "1", *extra, cwd=d)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other-ca.key", "-out", "other-ca.pem",
+             "-days", "1", "-subj", "/CN=some-other-ca", cwd=d)
+    return d
+
+
+@pytest.fixture
+async def tls_proxy(pki: Path) -> AsyncIterator[TcpProxy]:
+    """TLS in front of the plain broker, requiring a client certificate signed by the test CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(pki / "ca.pem"))
+    context.load_cert_chain(str(pki / "server.pem"), str(pki / "server.key"))
+    context.verify_mode = ssl.CERT_REQUIRED
+    async with TcpProxy(BROKER.host or "127.0.0.1", BROKER.port or 5672, ssl=context) as p:
+        yield p
+
+
+async def test_amqps_with_a_ca_file_and_a_client_certificate(scope: Scope, pki: Path, tls_proxy: TcpProxy) -> None:
+    url = str(BROKER.with_scheme("amqps").with_host(tls_proxy.host).with_port(tls_proxy.port))
+    settings = RabbitSettings(connect_timeout=5.0, ca_file=str(pki / "ca.pem"), cert_file=str(pki / "client.pem"),
+                              key_file=str(pki / "client.key"))
+    transport = await scope.transport(url, settings)
+    subject = scope.subject("tls")
+    got = await scope.collect(transport, subject, scope.group("tls"))
+    await transport.publish(msg(subject, b"over tls"))
+    await wait_until(lambda: len(got) == 1, what="a delivery over TLS")
+    assert got[0].body == b"over tls"
+
+    untrusted = RabbitTransport(url, RabbitSettings(connect_timeout=5.0, ca_file=str(pki / "other-ca.pem"),
+                                                    cert_file=str(pki / "client.pem"),
+                                                    key_file=str(pki / "client.key")))
+    with pytest.raises(NotConnected, match="TLS handshake failed"):
+        await untrusted.connect()
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))      # trusts the broker, no client cert
+    anonymous = RabbitTransport(url, RabbitSettings(connect_timeout=5.0), ssl_context=context)
+    with pytest.raises(NotConnected):
+        await anonymous.connect()
+    with pytest.raises(NotConnected, match="not amqps"):
+        await RabbitTransport(BROKER_URL, settings).connect()

@@ -33,6 +33,8 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 _SCHEMES = ("amqp", "amqps")
+# TLS parameters aiormq reads from an amqps:// URL's query; honoured when the settings name no files.
+_URL_TLS_KEYS = frozenset({"cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +89,9 @@ def describe(exc: BaseException, url: str) -> str:
         vhost = URL(url).path or "/"
         reason = f"the broker closed the connection while opening virtual host {vhost!r} " \
                  "(does it exist, and may this user use it?)"
+    elif "unexpectedly closed" in str(exc):
+        reason = "the peer closed the connection before AMQP was established (not a RabbitMQ port, " \
+                 "or TLS that requires a client certificate?)"
     elif isinstance(exc, ssl.SSLError) or "SSL" in str(exc):
         reason = f"TLS handshake failed ({_first_line(exc)})"
     elif isinstance(exc, socket.gaierror) or "Name or service not known" in str(exc):
@@ -150,7 +155,8 @@ async def open_connection(url: str, settings: RabbitSettings,
     connected, the connection reconnects on its own every ``reconnect_interval`` seconds.
     """
     parsed = check_url(url)
-    if parsed.scheme == "amqps" and ssl_context is None:
+    if parsed.scheme == "amqps" and ssl_context is None and (
+            settings.ca_file or settings.cert_file or not _URL_TLS_KEYS & set(parsed.query)):
         try:
             ssl_context = tls_context(settings)
         except (OSError, ssl.SSLError) as exc:
