@@ -328,14 +328,26 @@ class HttpServer:
         listening = asyncio.create_task(server.listening.wait())
         try:
             await asyncio.wait({self._task, listening}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:           # cancelled while starting: leave nothing behind
+            await self._abandon()
+            raise
         finally:
             listening.cancel()
         if not server.listening.is_set():
-            sock.close()
             exc = self._task.exception() if self._task.done() and not self._task.cancelled() else None
+            await self._abandon()
             raise RuntimeError(f"the HTTP server on {self.host}:{self.port} did not start") from exc
         log.debug("http server listening", url=self.url)
         return self.port
+
+    async def _abandon(self) -> None:
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._socket is not None:
+            self._socket.close()
+        self._server = self._task = None
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (at most ``graceful_timeout`` s), return."""
