@@ -1,0 +1,228 @@
+"""The `roost` command: runs the system (`roost up`) and speaks to it over the bus and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import httpx
+
+from schemas.envelope import CommandReply
+from services.cli.client import BusClient, CliError, Runtime, resolve_bus_url, resolve_token
+
+T = TypeVar("T")
+
+
+def default_data_dir() -> Path:
+    from services.core.settings import RoostSettings
+
+    return Path(RoostSettings().data_dir)
+
+
+def run(coro: Awaitable[T]) -> T:
+    """Run a CLI coroutine; a ``CliError`` becomes one line on stderr and its exit status."""
+    try:
+        return asyncio.run(_wrap(coro))
+    except CliError as exc:
+        click.echo(f"roost: {exc}", err=True)
+        sys.exit(exc.code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+async def _wrap(coro: Awaitable[T]) -> T:
+    return await coro
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    if not rows:
+        return "(none)"
+    cells = [[str(r.get(c, "") if r.get(c) is not None else "") for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def show_reply(reply: CommandReply, render: Callable[[dict[str, Any]], str] | None = None,
+               as_json: bool = False) -> None:
+    if as_json:
+        click.echo(json.dumps(reply.model_dump(mode="json"), indent=2))
+    elif reply.ok:
+        click.echo(render(reply.result) if render else json.dumps(reply.result, indent=2))
+    if not reply.ok:
+        raise CliError(f"{reply.command_type} {reply.status}: {reply.reason}", code=1)
+
+
+class Context:
+    def __init__(self, data_dir: Path | None, bus_url: str | None, token: str | None) -> None:
+        self._data_dir = data_dir
+        self._bus_url = bus_url
+        self._token = token
+
+    @property
+    def data_dir(self) -> Path:
+        return self._data_dir or default_data_dir()
+
+    def client(self) -> BusClient:
+        return BusClient(resolve_bus_url(self._bus_url, self.data_dir), resolve_token(self._token, self.data_dir))
+
+    async def command(self, type: str, data: dict[str, Any], timeout: float = 15.0) -> CommandReply:
+        async with self.client() as client:
+            return await client.command(type, data, timeout=timeout)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group()
+@click.option("--data-dir", type=click.Path(path_type=Path), envvar="ROOST_DATA_DIR",
+              help="Where roost keeps its data (default: the user's data dir).")
+@click.option("--bus-url", envvar="ROOST_BUS_URL", help="nats://… or amqp://… (default: what `roost up` runs).")
+@click.option("--token", envvar="ROOST_TOKEN", help="API token (default: the local operator token).")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: Path | None, bus_url: str | None, token: str | None) -> None:
+    """roost: the management layer of a distributed edge cloud."""
+    from services.core.logging import configure_logging
+
+    configure_logging("console", "WARNING")      # `roost up` reconfigures from its settings
+    ctx.obj = Context(data_dir, bus_url, token)
+
+
+@cli.command()
+@click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="ROOST_CONFIG",
+              help="A config file (YAML or TOML) with ROOST_* settings.")
+@click.pass_obj
+def up(obj: Context, config: Path | None) -> None:
+    """Run roost: every service, on embedded NATS and PostgreSQL unless ROOST_BUS_URL / ROOST_DATABASE_URL say
+    otherwise.  Ctrl-C stops it cleanly."""
+    from services.cli.up import run_up
+
+    run(run_up(obj._data_dir, config))
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_obj
+def status(obj: Context, as_json: bool) -> None:
+    """What runs, and whether it is healthy (exit status 1 when not)."""
+    run(_status(obj, as_json))
+
+
+async def _status(obj: Context, as_json: bool) -> None:
+    runtime = Runtime.load(obj.data_dir)
+    if runtime is None or not runtime.running:
+        raise CliError(f"roost is not running (no live `roost up` recorded under {obj.data_dir})", code=1)
+    rows: list[dict[str, Any]] = []
+    async with httpx.AsyncClient(timeout=3.0) as http:
+        for name, info in sorted(runtime.services.items()):
+            url = info.get("http")
+            state, detail = "unknown", ""
+            try:
+                response = await http.get(f"{url}/readyz")
+                body = response.json()
+                state = "ready" if response.status_code == 200 else "not ready"
+                failing = [k for k, v in body.get("checks", {}).items() if not _passed(v)]
+                detail = ", ".join(failing)
+            except (httpx.HTTPError, ValueError) as exc:
+                state, detail = "unreachable", type(exc).__name__
+            rows.append({"service": name, "state": state, "http": url, "failing": detail})
+    healthy = bool(rows) and all(r["state"] == "ready" for r in rows)
+    if as_json:
+        click.echo(json.dumps({"healthy": healthy, "pid": runtime.pid, "bus_url": _masked(runtime.bus_url),
+                               "started_at": runtime.started_at, "services": rows}, indent=2))
+    else:
+        click.echo(f"roost pid {runtime.pid}, up since {runtime.started_at}, bus {_masked(runtime.bus_url)}")
+        click.echo(table(rows, ["service", "state", "http", "failing"]))
+        click.echo("healthy" if healthy else "NOT healthy")
+    if not healthy:
+        sys.exit(1)
+
+
+def _passed(value: Any) -> bool:
+    if isinstance(value, dict):
+        return bool(value.get("ok", value.get("healthy", False)))
+    return bool(value)
+
+
+def _masked(url: str | None) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    if not url:
+        return "-"
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+@cli.command()
+@click.pass_obj
+def ping(obj: Context) -> None:
+    """Ask the core service for a pong over the bus."""
+    reply = run(obj.command("roost.cmd.system.ping", {}))
+    show_reply(reply, lambda r: f"pong from {r.get('service')} {r.get('version')} at {r.get('time')}")
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters: what no consumer could handle, with the reason."""
+
+
+def _selection(ids: tuple[str, ...], group: str | None, all_: bool) -> dict[str, Any]:
+    chosen = sum([bool(ids), group is not None, all_])
+    if chosen != 1:
+        raise click.UsageError("choose exactly one of: IDs, --group GROUP, --all")
+    return {"ids": list(ids), "group": group, "all": all_}
+
+
+@dlq.command("list")
+@click.option("--group", help="Only what this consumer group dead-lettered.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def dlq_list(obj: Context, group: str | None, limit: int, as_json: bool) -> None:
+    """List dead letters waiting for an operator."""
+    reply = run(obj.command("roost.cmd.dlq.list", {"group": group, "limit": limit}))
+    show_reply(reply, lambda r: table(r.get("items", []),
+                                      ["id", "group", "type", "attempts", "dead_lettered_at", "reason"]), as_json)
+
+
+@dlq.command("show")
+@click.argument("id")
+@click.pass_obj
+def dlq_show(obj: Context, id: str) -> None:
+    """One dead letter in full: reason, headers, the message."""
+    show_reply(run(obj.command("roost.cmd.dlq.show", {"id": id})))
+
+
+@dlq.command("replay")
+@click.argument("ids", nargs=-1)
+@click.option("--group")
+@click.option("--all", "all_", is_flag=True)
+@click.pass_obj
+def dlq_replay(obj: Context, ids: tuple[str, ...], group: str | None, all_: bool) -> None:
+    """Publish dead letters again on their original subjects."""
+    reply = run(obj.command("roost.cmd.dlq.replay", _selection(ids, group, all_)))
+    show_reply(reply, lambda r: f"replayed {r.get('replayed', 0)}")
+
+
+@dlq.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--group")
+@click.option("--all", "all_", is_flag=True)
+@click.pass_obj
+def dlq_purge(obj: Context, ids: tuple[str, ...], group: str | None, all_: bool) -> None:
+    """Delete dead letters for good."""
+    reply = run(obj.command("roost.cmd.dlq.purge", _selection(ids, group, all_)))
+    show_reply(reply, lambda r: f"purged {r.get('purged', 0)}")
+
+
+def main() -> None:
+    cli(prog_name="roost")
