@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import structlog
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, disable_created_metrics
@@ -179,7 +179,17 @@ class OutboxLag:
     oldest_created_at: float | None = None
 
 
-OutboxLagSource = Callable[[], OutboxLag | None]
+class OutboxLagLike(Protocol):
+    """Anything with the two numbers (``OutboxLag``, the relay's own ``RelayLag``)."""
+
+    @property
+    def pending(self) -> int: ...
+
+    @property
+    def oldest_created_at(self) -> float | None: ...
+
+
+OutboxLagSource = Callable[[], OutboxLagLike | None]
 
 
 class _OutboxLagCollector(Collector):
@@ -245,7 +255,8 @@ REGISTRY.register(_outbox_lag)
 def register_outbox_lag(schema: str, source: OutboxLagSource) -> Callable[[], None]:
     """Export the lag of ``schema``'s outbox; returns the function that stops exporting it.
 
-    ``source`` is called at every scrape and must be cheap (return the relay's last snapshot).  A
-    second registration for the same schema replaces the first (a restarted relay).
+    ``source`` is called at every scrape and must be cheap: return the relay's last snapshot, e.g.
+    ``register_outbox_lag("inventory", lambda: relay.last_lag)``.  A second registration for the same
+    schema replaces the first (a restarted relay).
     """
     return _outbox_lag.register(schema, source)

@@ -128,3 +128,21 @@ def test_names_follow_conventions() -> None:
     for name, kind in kinds.items():
         assert name.endswith("_total") == (kind == "counter"), name
         assert not name.endswith("_created"), "the _created series are disabled"
+
+
+def test_any_snapshot_with_pending_and_oldest_created_at_will_do() -> None:
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class RelayLag:        # the shape of the relay's own snapshot
+        pending: int
+        oldest_created_at: float | None
+        measured_at: float
+
+    last = RelayLag(5, time.time() - 10, time.time())
+    unregister = metrics.register_outbox_lag("tm_relay", lambda: last)
+    try:
+        assert value("roost_outbox_pending_messages", schema="tm_relay") == 5
+        assert value("roost_outbox_oldest_pending_age_seconds", schema="tm_relay") >= 10
+    finally:
+        unregister()
