@@ -59,8 +59,8 @@ async def run_up(data_dir: Path | None, config: Path | None) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         bus_url, bus_label = await _bus(settings, data, stack)
-        database_url, database_label = await _database(settings, data, stack)
         await _check_bus(bus_url)
+        database_url, database_label = await _database(settings, data, stack)
         try:
             pool = await create_pool(database_url, min_size=1, max_size=4)
         except DatabaseUnavailable as exc:

@@ -1,0 +1,111 @@
+"""`roost up` as a newcomer runs it: a fresh data dir, nothing configured (embedded NATS and PostgreSQL),
+then `roost status`, `roost ping` and `roost dlq list` against it, Ctrl-C, and a restart on the same data.
+Bad configuration ends in one clear line and a non-zero exit, without a traceback or a password."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+ROOST = [sys.executable, "-m", "services.cli"]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+    env.update({"ROOST_HTTP_BASE_PORT": "0", "ROOST_LOG_FORMAT": "json", **extra})
+    return env
+
+
+def roost(data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ROOST, "--data-dir", str(data_dir), *args], env=env or clean_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class Up:
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.stdout = data_dir.parent / f"{data_dir.name}-stdout.txt"
+        self.stderr = data_dir.parent / f"{data_dir.name}-stderr.txt"
+        self.process = subprocess.Popen([*ROOST, "--data-dir", str(data_dir), "up"], env=env,
+                                        stdout=self.stdout.open("w"), stderr=self.stderr.open("w"))
+
+    def wait_ready(self, timeout: float = 120) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            out = self.stdout.read_text()
+            if "Ctrl-C stops everything" in out:
+                return out
+            if self.process.poll() is not None:
+                raise AssertionError(f"roost up exited {self.process.returncode}:\n{self.stderr.read_text()[-3000:]}")
+            time.sleep(0.1)
+        raise AssertionError(f"roost up not ready in {timeout}s:\n{self.stderr.read_text()[-3000:]}")
+
+    def interrupt(self, timeout: float = 60) -> int:
+        self.process.send_signal(signal.SIGINT)
+        return self.process.wait(timeout)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "data"
+    yield path
+    subprocess.run(["pkill", "-f", str(path)], check=False)
+
+
+def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: Path) -> None:
+    up = Up(data_dir, clean_env())
+    first = up.wait_ready()
+    assert "embedded NATS JetStream" in first and "embedded PostgreSQL" in first
+    token = next(line.strip() for line in first.splitlines() if line.strip().startswith("roost_"))
+
+    status = roost(data_dir, "status")
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "healthy" in status.stdout and "core" in status.stdout
+    ping = roost(data_dir, "ping")
+    assert ping.returncode == 0 and "pong from core" in ping.stdout, ping.stderr
+    assert roost(data_dir, "dlq", "list").stdout.strip() == "(none)"
+    denied = roost(data_dir, "--token", "roost_not-a-real-token", "dlq", "purge", "--all")
+    assert denied.returncode == 1 and "unauthenticated" in denied.stderr
+
+    assert up.interrupt() == 0, up.stderr.read_text()[-3000:]
+    assert not (data_dir / "run" / "roost.json").exists()
+    assert roost(data_dir, "status").returncode == 1
+
+    again = Up(data_dir, clean_env())
+    second = again.wait_ready()
+    assert "roost_" not in second, "the first admin token is shown once, not on every start"
+    ping = roost(data_dir, "--token", token, "ping")
+    assert ping.returncode == 0, "the token of the first run still works: the data survived"
+    assert again.interrupt() == 0
+    logs = up.stderr.read_text() + again.stderr.read_text()
+    assert token not in logs, "the admin token never reaches the logs"
+    assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize(("variable", "url", "expect"), [
+    ("ROOST_BUS_URL", "amqp://guest:Pl4ntedBusPw@127.0.0.1:1/", "cannot use the bus"),
+    ("ROOST_BUS_URL", "nats://127.0.0.1:1", "cannot use the bus"),
+    ("ROOST_BUS_URL", "kafka://127.0.0.1:9092", "bus_url must start with"),
+    ("ROOST_DATABASE_URL", "postgresql://postgres:Pl4ntedDbPw@127.0.0.1:1/roost", "127.0.0.1:1"),
+])
+def test_a_bad_url_is_one_clear_line_and_a_non_zero_exit(data_dir: Path, variable: str, url: str,
+                                                          expect: str) -> None:
+    env = clean_env(**{variable: url})
+    if variable == "ROOST_DATABASE_URL":
+        env["ROOST_BUS_URL"] = "amqp://guest:guest@127.0.0.1:5672/"
+    result = roost(data_dir, "up", env=env, timeout=90)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("roost:")]
+    assert len(errors) == 1, result.stderr
+    assert expect in errors[0]
+    assert "Traceback" not in result.stderr
+    assert "Pl4nted" not in result.stderr + result.stdout
