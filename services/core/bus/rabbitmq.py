@@ -72,6 +72,7 @@ from services.core.bus.rabbitmq_connection import (
     describe,
     open_connection,
     redact,
+    summary,
 )
 from services.core.bus.rabbitmq_consumer import RabbitDelivery, RabbitSubscription
 from services.core.bus.rabbitmq_topology import (
@@ -133,6 +134,7 @@ class RabbitTransport(Transport):
         self._ssl_context = ssl_context
         self.id = uuid.uuid4().hex
         self.unrouted_count = 0               # this transport's events that no group was bound to
+        self.reconnects = 0                   # connections restored after a loss
         self._connection: AbstractRobustConnection | None = None
         self._pub: AbstractRobustChannel | None = None      # confirms, returns raise
         self._ctl: AbstractRobustChannel | None = None      # reply and unrouted-notice consumers
@@ -167,7 +169,18 @@ class RabbitTransport(Transport):
             raise NotConnected(f"connected to RabbitMQ at {redact(self._url)} but could not declare "
                                f"roost's exchanges and queues: {why}") from None
         self._connection = connection
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
         log.info("connected to RabbitMQ", url=redact(self._url))
+
+    def _on_connection_lost(self, _: object, exc: BaseException | None = None) -> None:
+        if not self._closing:
+            log.warning("lost the connection to RabbitMQ; reconnecting", url=redact(self._url),
+                        every=self.settings.reconnect_interval, error=summary(exc, self._url) if exc else None)
+
+    def _on_reconnected(self, _: object) -> None:
+        self.reconnects += 1
+        log.info("reconnected to RabbitMQ", url=redact(self._url), reconnects=self.reconnects)
 
     async def _declare_topology(self, connection: AbstractRobustConnection) -> None:
         # Everything is declared on robust channels, so aio-pika declares it again after a reconnect.

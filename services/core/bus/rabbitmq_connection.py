@@ -106,6 +106,13 @@ def describe(exc: BaseException, url: str) -> str:
     return reason
 
 
+def summary(exc: BaseException, url: str) -> str:
+    """``Type: first line`` of an exception, with no secret in it (for logs of a lost connection)."""
+    text = f"{type(exc).__name__}: {_first_line(exc)}"
+    secret = _secret_of(url)
+    return text.replace(secret, "***") if secret else text
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0][:300]
