@@ -312,3 +312,13 @@ def configure_logging(format: LogFormat = "auto", level: str | int = "INFO", *,
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
     logging.captureWarnings(True)
+
+
+def reset_logging() -> None:
+    """Undo ``configure_logging``: structlog's defaults, our handler off the root logger (tests)."""
+    structlog.reset_defaults()
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _RoostHandler)]:
+        root.removeHandler(old)
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(False)

@@ -25,7 +25,7 @@ from services.core import auth
 from services.core.bus.bus import Bus, Message
 from services.core.bus.memory import InMemoryBroker, InMemoryTransport
 from services.core.http import AdminPrincipal, HealthCheck
-from services.core.logging import configure_logging
+from services.core.logging import configure_logging, reset_logging
 from services.core.runner import ServiceRunner
 from services.core.secrets import SecretStore
 from services.core.settings import load_settings
@@ -176,7 +176,7 @@ async def test_planted_secrets_appear_nowhere(tmp_path: Path, monkeypatch: pytes
             outputs.append(dump.stdout)
             assert "api_tokens" in dump.stdout
     finally:
-        configure_logging("json", "INFO")
+        reset_logging()
 
     text = logs.getvalue()
     assert "careless broker url" in text and "webhook added" in text and "handler failed" in text

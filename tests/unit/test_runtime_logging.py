@@ -20,6 +20,7 @@ from services.core.logging import (
     message_context,
     redact_text,
     register_secret,
+    reset_logging,
 )
 
 TOKEN = "roost_Q2hhbmdlTWUtUGxhbnRlZC1Ub2tlbi0xMjM0NTY3ODkw"
@@ -34,7 +35,7 @@ def output() -> Iterator[io.StringIO]:
     structlog.contextvars.clear_contextvars()
     yield buf
     structlog.contextvars.clear_contextvars()
-    configure_logging("json", "INFO")
+    reset_logging()
 
 
 def lines(buf: io.StringIO) -> list[dict[str, Any]]:
@@ -70,7 +71,7 @@ def test_console_format_is_readable() -> None:
     try:
         structlog.get_logger("roost.test").info("hello", password=PASSWORD, n=2)
     finally:
-        configure_logging("json", "INFO")
+        reset_logging()
     text = buf.getvalue()
     assert "hello" in text and "n=2" in text and "password=***" in text and PASSWORD not in text
     assert not text.lstrip().startswith("{")

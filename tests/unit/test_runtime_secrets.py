@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from services.core.logging import configure_logging
+from services.core.logging import configure_logging, reset_logging
 from services.core.secrets import (
     InsecureSecretFile,
     SecretNotFound,
@@ -133,7 +133,7 @@ def test_values_are_never_logged_even_by_mistake(store: SecretStore) -> None:
         log.info("using", key=key, raw=key.get_secret_value().hex(), pw=password.get_secret_value(),
                  text=f"webhook secret is {store.get_text('webhook').get_secret_value()}")
     finally:
-        configure_logging("json", "INFO")
+        reset_logging()
     out = buf.getvalue()
     assert "secret created" in out and "hmac" in out
     for value in (key.get_secret_value().hex(), password.get_secret_value(), "whsec-planted-value-123"):
