@@ -25,7 +25,8 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def roost(data_dir: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def roost(data_dir: Path, *args: str, env: dict[str, str] | None = None,
+          timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*ROOST, "--data-dir", str(data_dir), *args], env=env or clean_env(),
                           capture_output=True, text=True, timeout=timeout)
 
