@@ -468,6 +468,28 @@ async def test_a_publish_during_an_outage_waits_for_the_reconnect(scope: Scope, 
     await wait_until(lambda: any(d.body == b"waits" for d in got), what="the event published during the outage")
 
 
+async def test_subscribe_and_stop_across_an_outage(scope: Scope, proxy: TcpProxy, raw: Any) -> None:
+    transport = await scope.transport(via(proxy))
+    first, second = scope.subject("kept"), scope.subject("late")
+    group = scope.group("across")
+    kept = await scope.collect(transport, first, group)
+    sub_gone = await transport.subscribe(scope.subject("gone"), group, lambda d: d.ack())
+    scope.groups.add((scope.subject("gone"), group))
+    await proxy.disconnect()
+    await wait_until(lambda: not transport.connected, what="the outage")
+    await asyncio.wait_for(sub_gone.stop(), 2)         # no broker to talk to: it must not hang
+    late = asyncio.create_task(scope.collect(transport, second, group))
+    await proxy.restore()
+    got_late = await asyncio.wait_for(late, 10)        # waited for the reconnect
+    publisher = await scope.transport()
+    for subject in (first, second, scope.subject("gone")):
+        await publisher.publish(msg(subject))
+    await wait_until(lambda: len(kept) == 1 and len(got_late) == 1, what="both live subscriptions")
+    gone = await raw.declare_queue(durable_name(group, scope.subject("gone")), passive=True)
+    assert gone.declaration_result.consumer_count == 0, "a stopped subscription is not restored"
+    assert gone.declaration_result.message_count == 1
+
+
 async def test_abort_returns_what_it_held_to_the_group(scope: Scope) -> None:
     doomed, survivor = await scope.transport(), await scope.transport()
     subject, group = scope.subject("abort"), scope.group("abort")

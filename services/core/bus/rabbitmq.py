@@ -269,7 +269,7 @@ class RabbitTransport(Transport):
         while channel.is_closed or not self.connected:
             remaining = deadline - loop.time()
             if remaining <= 0 or self._closing:
-                raise NotConnected(f"RabbitMQ at {redact(self._url)} unreachable; {what} not sent")
+                raise NotConnected(f"RabbitMQ at {redact(self._url)} unreachable; could not {what}")
             try:
                 await asyncio.wait_for(channel.ready(), remaining)
             except TimeoutError:
@@ -292,7 +292,7 @@ class RabbitTransport(Transport):
             if channel is None:
                 raise NotConnected("the RabbitMQ transport is not connected")
             if channel.is_closed or not self.connected:
-                await self._ready(channel, deadline, f"{routing_key!r}")
+                await self._ready(channel, deadline, f"publish {routing_key!r}")
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise PublishFailed(f"{routing_key!r} not confirmed by RabbitMQ within {timeout:g}s")
@@ -368,11 +368,17 @@ class RabbitTransport(Transport):
         self._subscriptions.add(sub)
         try:
             async with asyncio.timeout(self.settings.connect_timeout):
+                if self._pub is not None:       # a reconnect under way: wait for it
+                    await self._ready(self._pub, asyncio.get_running_loop().time() + self.settings.connect_timeout,
+                                      f"subscribe to {pattern}")
                 await sub.start()
         except TimeoutError:
             self._subscriptions.discard(sub)
-            raise NotConnected(f"could not start consuming {pattern} as {group}: RabbitMQ did not "
-                               "answer in time") from None
+            raise NotConnected(f"could not start consuming {pattern} as {group}: RabbitMQ unreachable or "
+                               f"no answer within {self.settings.connect_timeout:g}s") from None
+        except NotConnected:
+            self._subscriptions.discard(sub)
+            raise
         except CONNECTION_ERRORS as exc:
             self._subscriptions.discard(sub)
             raise NotConnected(f"could not start consuming {pattern} as {group}: "
@@ -413,7 +419,7 @@ class RabbitTransport(Transport):
         if admin is None:
             raise NotConnected("the RabbitMQ transport is not connected")
         deadline = asyncio.get_running_loop().time() + self.settings.settle_timeout
-        await self._ready(admin, deadline, f"deleting {name}")
+        await self._ready(admin, deadline, f"delete queue {name}")
         for queue in [name, *retry_queue_names(name)]:
             await admin.queue_delete(queue, timeout=self.settings.settle_timeout)
             self._retry_queues.discard(queue)
@@ -428,7 +434,7 @@ class RabbitTransport(Transport):
         if admin is None:
             raise NotConnected("the RabbitMQ transport is not connected")
         deadline = asyncio.get_running_loop().time() + self.settings.settle_timeout
-        await self._ready(admin, deadline, f"declaring {name}")
+        await self._ready(admin, deadline, f"declare queue {name}")
         try:
             await admin.declare_queue(name, durable=True, arguments=retry_queue_arguments(queue, delay),
                                       robust=False, timeout=self.settings.settle_timeout)
@@ -473,7 +479,7 @@ class RabbitTransport(Transport):
         self._replies[token] = future
         try:
             if self._ctl is not None:          # the reply queue must exist before anyone answers
-                await self._ready(self._ctl, deadline, message.subject)
+                await self._ready(self._ctl, deadline, f"send the request {message.subject}")
             headers = {**message.headers, H_REPLY_TO: reply_address(self._reply_queue, token)}
             await self.publish(OutgoingMessage(message.subject, message.body, message.message_id, headers),
                                timeout=max(0.001, deadline - loop.time()))

@@ -175,9 +175,11 @@ class RabbitSubscription(Subscription):
             return
         self._stopped = True
         queue, tag = self._queue, self._consumer_tag
-        if queue is not None and tag is not None:
+        if queue is not None and tag is not None and self.transport.connected:
+            # (While disconnected there is no consumer to cancel; closing the channel below keeps
+            # the robust connection from restoring it.)
             with contextlib.suppress(*CONNECTION_ERRORS, TimeoutError):
-                await queue.cancel(tag, timeout=5)
+                await asyncio.wait_for(queue.cancel(tag), 5)
         while not self._buffer.empty():         # not started: the channel's close returns them
             self._buffer.get_nowait()
         for _ in self._workers:
