@@ -91,6 +91,10 @@ async def pending(pool: asyncpg.Pool, schema: str = "core") -> int:
     return int(await pool.fetchval(f"SELECT count(*) FROM {schema}.outbox WHERE sent_at IS NULL"))
 
 
+async def _zero_pending(pool: asyncpg.Pool) -> bool:
+    return await pending(pool) == 0
+
+
 # -- the writer ------------------------------------------------------------------------------------
 
 
@@ -233,7 +237,7 @@ async def test_a_poison_row_delays_only_its_own_key(pool: asyncpg.Pool, transpor
     b = [event(10 + i, "thing/b") for i in range(3)]
     await write(pool, [a[0], b[0], a[1], b[1], a[2], b[2]])
     transport.fail_ids = {a[1].id}
-    relay = OutboxRelay(pool, transport, min_backoff=0.01, max_row_delay=0.05)
+    relay = OutboxRelay(pool, transport, min_row_delay=0.01, max_row_delay=0.05)
     assert await relay.relay_once() == 4                  # a0, b0, b1, b2; a2 confirmed but held back
     row = await pool.fetchrow("SELECT attempts, last_error FROM core.outbox WHERE message_id = $1", a[1].id)
     assert row is not None and row["attempts"] == 1 and "PublishFailed" in row["last_error"]
@@ -246,6 +250,30 @@ async def test_a_poison_row_delays_only_its_own_key(pool: asyncpg.Pool, transpor
     last_a = sorted(range(3), key=lambda i: max(j for j, x in enumerate(ids) if x == a[i].id))
     assert last_a == [0, 1, 2]
     assert [x for x in ids if x in {e.id for e in b}] == [e.id for e in b]
+
+
+async def test_the_relay_survives_losing_its_database_sessions(url: str, pool: asyncpg.Pool,
+                                                               transport: RecordingTransport) -> None:
+    async with pool_on(url, migrate_core=False, application_name="relay-under-test") as relay_pool:
+        relay = OutboxRelay(relay_pool, transport, poll_interval=60, min_backoff=0.05, max_backoff=0.2)
+        async with running(relay):
+            await until(lambda: relay.listening, what="listener")
+            first = event(1)
+            await write(pool, [first])
+            await transport.wait_until(lambda t: len(t.published) == 1)
+            listener = relay._listener
+            # the database drops every session of the relay (a restart, a failover, an operator)
+            killed = await pool.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'relay-under-test'")
+            assert killed >= 1
+            await until(lambda: relay.listening and relay._listener is not listener, what="listening again")
+            second = event(2)
+            await write(pool, [second])                      # woken by NOTIFY on the new listener
+            await transport.wait_until(lambda t: second.id in t.ids(), timeout=10)
+        await until(lambda: _zero_pending(pool), what="all sent")
+        # At least once: a cycle whose session died between publish and commit publishes again.
+        assert set(transport.ids()) == {first.id, second.id}
 
 
 # -- replicas --------------------------------------------------------------------------------------

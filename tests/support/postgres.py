@@ -66,9 +66,11 @@ async def fresh_database(prefix: str = "roost_test") -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def pool_on(url: str, *, max_size: int = 10, migrate_core: bool = True) -> AsyncIterator[asyncpg.Pool]:
+async def pool_on(url: str, *, max_size: int = 10, migrate_core: bool = True,
+                  application_name: str = "roost-test") -> AsyncIterator[asyncpg.Pool]:
     """A pool on ``url`` (core migrated unless told otherwise), closed afterwards."""
-    pool = await create_pool(url, min_size=1, max_size=max_size, connect_timeout=10)
+    pool = await create_pool(url, min_size=1, max_size=max_size, connect_timeout=10,
+                             application_name=application_name)
     try:
         if migrate_core:
             await migrate(pool, "core")

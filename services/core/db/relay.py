@@ -30,6 +30,8 @@ Failures: when the broker is down (transport disconnected, or nothing in a batch
 backs off exponentially up to ``max_backoff`` and the rows stay pending.  A row that fails while others
 in its batch are confirmed is retried on its own schedule (``available_at``, exponential up to
 ``max_row_delay``) with ``attempts`` and ``last_error`` recorded; only its own key waits for it.
+When the database is unreachable the relay backs off the same way and takes new connections (and
+LISTENs again) once it is back.
 """
 
 from __future__ import annotations
@@ -144,8 +146,9 @@ class OutboxRelay:
 
     def __init__(self, pool: asyncpg.Pool, transport: Transport, schema: str = "core", *,
                  batch_size: int = 200, poll_interval: float = 1.0, publish_timeout: float = 10.0,
-                 min_backoff: float = 0.2, max_backoff: float = 10.0, max_row_delay: float = 60.0,
-                 lag_interval: float = 5.0, observer: PublishObserver | None = None) -> None:
+                 min_backoff: float = 0.2, max_backoff: float = 10.0, min_row_delay: float = 1.0,
+                 max_row_delay: float = 60.0, lag_interval: float = 5.0,
+                 observer: PublishObserver | None = None) -> None:
         self.pool = pool
         self.transport = transport
         self.schema = check_schema(schema)
@@ -155,6 +158,7 @@ class OutboxRelay:
         self.publish_timeout = publish_timeout
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.min_row_delay = min_row_delay
         self.max_row_delay = max_row_delay
         self.observer = observer
         self.lag_interval = lag_interval
@@ -226,7 +230,7 @@ class OutboxRelay:
         Raises when the broker or the database is in trouble (nothing is lost: rows stay pending).
         Returns -1 when rows were selected but none could go (their key waits elsewhere).
         """
-        async with self.pool.acquire() as conn, conn.transaction():
+        async with self.pool.acquire(timeout=self.publish_timeout) as conn, conn.transaction():
             records = await conn.fetch(self._select, self.batch_size)
             if not records:
                 return 0
@@ -251,7 +255,7 @@ class OutboxRelay:
             if outcome.failed:
                 await conn.execute(
                     self._mark_failed, [row.id for row, _ in outcome.failed], [err for _, err in outcome.failed],
-                    [backoff(row.attempts + 1, base=self.min_backoff * 5, cap=self.max_row_delay)
+                    [backoff(row.attempts + 1, base=self.min_row_delay, cap=self.max_row_delay)
                      for row, _ in outcome.failed])
                 for row, err in outcome.failed:
                     log.warning("outbox row not confirmed; will retry", schema=self.schema, row=row.id,
@@ -291,7 +295,10 @@ class OutboxRelay:
 
     async def _loop(self) -> None:
         while not self._stopping.is_set():
-            await self._listen()
+            try:
+                await self._listen()
+            except Exception as exc:          # never let the relay die of a listener problem
+                log.warning("outbox relay cannot listen; polling", schema=self.schema, error=describe(exc))
             self._wake.clear()
             published = await self._cycle()
             await self._refresh_lag()
@@ -300,7 +307,9 @@ class OutboxRelay:
                 delay = backoff(self.stats.consecutive_failures, base=self.min_backoff, cap=self.max_backoff)
                 await self._pause(delay, wake_on_notify=False)
             elif published < self.batch_size:
-                await self._pause(self.poll_interval, wake_on_notify=True)
+                # Without a listener, poll (and try to listen again) at least every second.
+                interval = self.poll_interval if self.listening else min(self.poll_interval, 1.0)
+                await self._pause(interval, wake_on_notify=True)
         if self._flush_deadline is not None:
             await self._flush_until(self._flush_deadline)
 
@@ -312,12 +321,12 @@ class OutboxRelay:
         else:
             try:
                 published = await self.relay_once()
-            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                error = f"database: {describe(exc)}"
             except TimeoutError:
                 error = "timed out"
+            except _DATABASE_ERRORS as exc:
+                error = f"database: {describe(exc)}"
             except Exception as exc:
-                error = f"broker: {describe(exc)}"
+                error = f"publish: {describe(exc)}"
         if error is not None:
             self._trouble(error)
             return None
@@ -347,11 +356,11 @@ class OutboxRelay:
     @property
     def listening(self) -> bool:
         """Whether a connection LISTENs for the writers' notifications (else the relay only polls)."""
-        return self._listener is not None and not self._listener.is_closed()
+        return self._listener is not None and _alive(self._listener)
 
     async def _listen(self) -> None:
         """Hold a connection that LISTENs on the outbox channel (again, if it was lost)."""
-        if self._listener is not None and not self._listener.is_closed():
+        if self.listening:
             return
         await self._unlisten()
         try:
@@ -361,6 +370,7 @@ class OutboxRelay:
             return
         try:
             await conn.add_listener(self.channel, self._notified)
+            conn.add_termination_listener(self._lost)
         except Exception as exc:
             log.debug("outbox relay cannot listen; polling", schema=self.schema, error=describe(exc))
             await self._release(conn)
@@ -369,11 +379,11 @@ class OutboxRelay:
 
     async def _unlisten(self) -> None:
         conn, self._listener = self._listener, None
-        if conn is None:
-            return
-        if not conn.is_closed():
-            with contextlib.suppress(Exception):
-                await conn.remove_listener(self.channel, self._notified)
+        if conn is None or not _alive(conn):
+            return          # a lost connection: asyncpg's pool has taken it back already
+        with contextlib.suppress(Exception):
+            conn.remove_termination_listener(self._lost)
+            await conn.remove_listener(self.channel, self._notified)
         await self._release(conn)
 
     async def _release(self, conn: asyncpg.pool.PoolConnectionProxy) -> None:
@@ -381,6 +391,10 @@ class OutboxRelay:
             await self.pool.release(conn, timeout=self.poll_interval)
 
     def _notified(self, conn: Any, pid: int, channel: str, payload: object) -> None:
+        self._wake.set()
+
+    def _lost(self, conn: Any) -> None:
+        """The listening connection died: wake the loop to listen again (and poll meanwhile)."""
         self._wake.set()
 
     # -- stopping ----------------------------------------------------------------------------------
@@ -444,3 +458,14 @@ class OutboxRelay:
 
 class BrokerTrouble(Exception):
     """No row of a batch was confirmed."""
+
+
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
+
+
+def _alive(conn: asyncpg.pool.PoolConnectionProxy) -> bool:
+    """Whether a pooled connection is still usable (asyncpg detaches the proxy of a lost one)."""
+    try:
+        return not conn.is_closed()
+    except asyncpg.InterfaceError:
+        return False
