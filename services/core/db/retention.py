@@ -7,15 +7,15 @@
 
 Deletes go in batches of ``batch_size`` picked with ``FOR UPDATE SKIP LOCKED``, each its own short
 transaction, so it never holds long locks and never waits on the relay.  With several replicas, the
-one that gets a session advisory lock purges; the others skip that round.
+one that gets the session advisory lock of a schema purges it; the others skip it that round.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import asyncpg
@@ -42,7 +42,7 @@ class Purged:
     outbox: int = 0
     inbox: int = 0
     idempotency: int = 0
-    skipped: bool = False       # another replica held the retention lock
+    skipped: list[str] = field(default_factory=list)   # purged by another replica at the same time
 
 
 def _deleted(status: str) -> int:
@@ -59,19 +59,37 @@ async def _in_batches(conn: AnyConnection, sql: str, older_than: timedelta, batc
             return total
 
 
+def lock_key(target: str) -> str:
+    """The text whose hash keys the advisory lock for purging ``target`` (a schema, or ``idempotency``)."""
+    return f"{LOCK_KEY}:{target}"
+
+
+@contextlib.asynccontextmanager
+async def _exclusive(conn: AnyConnection, target: str) -> AsyncIterator[bool]:
+    """Try the session advisory lock of ``target``; yield whether this session got it."""
+    got = bool(await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", lock_key(target)))
+    try:
+        yield got
+    finally:
+        if got and not conn.is_closed():
+            await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", lock_key(target))
+
+
 async def purge(pool: asyncpg.Pool, schemas: Sequence[str], policy: RetentionPolicy = RetentionPolicy(), *,
                 idempotency_schema: str | None = "core") -> Purged:
-    """One retention pass over the outbox and inbox of each schema (and the idempotency table)."""
+    """One retention pass over the outbox and inbox of each schema (and the idempotency table).
+
+    A schema whose purge another replica is running now is skipped (listed in ``skipped``).
+    """
     for schema in schemas:
         check_schema(schema)
     result = Purged()
     async with pool.acquire() as conn:
-        got = await conn.fetchval("SELECT pg_try_advisory_lock(hashtextextended($1, 0))", LOCK_KEY)
-        if not got:
-            result.skipped = True
-            return result
-        try:
-            for schema in schemas:
+        for schema in schemas:
+            async with _exclusive(conn, schema) as got:
+                if not got:
+                    result.skipped.append(schema)
+                    continue
                 result.outbox += await _in_batches(conn, f"""
                     DELETE FROM {schema}.outbox WHERE id = ANY(ARRAY(
                         SELECT id FROM {schema}.outbox
@@ -84,16 +102,17 @@ async def purge(pool: asyncpg.Pool, schemas: Sequence[str], policy: RetentionPol
                         LIMIT $2 FOR UPDATE SKIP LOCKED) AS d
                     WHERE i.consumer = d.consumer AND i.message_id = d.message_id""",
                     policy.inbox, policy.batch_size)
-            if idempotency_schema is not None:
-                s = check_schema(idempotency_schema)
-                result.idempotency += await _in_batches(conn, f"""
-                    DELETE FROM {s}.idempotency WHERE key = ANY(ARRAY(
-                        SELECT key FROM {s}.idempotency
-                        WHERE reply IS NOT NULL AND created_at < now() - $1::interval
-                        LIMIT $2 FOR UPDATE SKIP LOCKED))""", policy.idempotency, policy.batch_size)
-        finally:
-            if not conn.is_closed():
-                await conn.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", LOCK_KEY)
+        if idempotency_schema is not None:
+            s = check_schema(idempotency_schema)
+            async with _exclusive(conn, f"{s}.idempotency") as got:
+                if got:
+                    result.idempotency += await _in_batches(conn, f"""
+                        DELETE FROM {s}.idempotency WHERE key = ANY(ARRAY(
+                            SELECT key FROM {s}.idempotency
+                            WHERE reply IS NOT NULL AND created_at < now() - $1::interval
+                            LIMIT $2 FOR UPDATE SKIP LOCKED))""", policy.idempotency, policy.batch_size)
+                else:
+                    result.skipped.append(f"{s}.idempotency")
     if result.outbox or result.inbox or result.idempotency:
         log.info("retention purged", outbox=result.outbox, inbox=result.inbox, idempotency=result.idempotency)
     return result
