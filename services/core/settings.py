@@ -23,6 +23,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import platformdirs
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, Secret, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -311,7 +312,12 @@ def load_settings(config: str | os.PathLike[str] | None = None, **overrides: Any
         return RoostSettings(**kwargs)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, path)) from None
-    except (ValueError, OSError) as exc:  # an unreadable or malformed config file
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or "cannot parse it"
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}: not valid YAML: {problem}{at}") from None
+    except (ValueError, OSError) as exc:  # an unreadable or malformed config file, a bad nested variable
         where = f"config file {path}" if path else "settings"
         raise ConfigError(f"{where}: {type(exc).__name__}: {_first_line(str(exc))}") from None
     finally:

@@ -93,6 +93,11 @@ def test_invalid_values_give_clear_errors_without_the_value(tmp_path: Path) -> N
     bad.write_text("bus_url = \n")
     with pytest.raises(ConfigError, match="config file"):
         load_settings(bad)
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text(f"bus_url: [amqp://u:{PASSWORD}@h\n")
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        load_settings(bad_yaml)
+    assert PASSWORD not in str(err.value)
     unknown = tmp_path / "unknown.toml"
     unknown.write_text("bus_uri = 'nats://x'\n")
     with pytest.raises(ConfigError, match="bus_uri"):
@@ -119,3 +124,10 @@ def test_url_with_credentials_encodes() -> None:
     assert url_with_credentials("amqp://h/", "a b", "p@ss:/") == "amqp://a%20b:p%40ss%3A%2F@h/"
     assert url_with_credentials("amqp://x:y@h/", None, "z") == "amqp://x:z@h/"
     assert url_with_credentials("amqp://x:y@h/", None, None) == "amqp://x:y@h/"
+
+
+def test_a_malformed_nested_variable_is_named_without_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ROOST_SERVICES", f'{{"inventory": {{"broker_password": "{PASSWORD}"')
+    with pytest.raises(ConfigError, match="services") as err:
+        load_settings()
+    assert PASSWORD not in str(err.value)
