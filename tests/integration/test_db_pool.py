@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.support.postgres import fresh_database
 pytestmark = pytest.mark.postgres
 
 SOCKET_DIR = "/var/run/postgresql"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -97,3 +99,16 @@ async def test_unknown_database_names_it() -> None:
 async def test_wrong_scheme_is_refused_before_connecting() -> None:
     with pytest.raises(DatabaseUnavailable, match="bad database URL"):
         await create_pool("http://127.0.0.1:5432/x")
+
+
+async def test_the_relay_process_reports_an_unreachable_database_in_one_line() -> None:
+    port = _free_port()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "services.core.db", "--database-url", f"postgresql://roost:hunter2@127.0.0.1:{port}/x",
+        "relay", "--bus-url", "amqp://guest:guest@127.0.0.1:5672/",
+        cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 2
+    lines = err.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: database unavailable at postgresql://roost:***@"), err
+    assert b"hunter2" not in out + err and b"Traceback" not in err
