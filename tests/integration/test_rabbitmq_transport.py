@@ -445,7 +445,7 @@ async def test_consumers_resume_after_the_connection_is_cut(scope: Scope, proxy:
     await publisher.publish(msg(subject, b"during"))
     await proxy.restore()
     await wait_until(lambda: consumer.connected, what="the reconnect")
-    assert consumer.reconnects == 1
+    await wait_until(lambda: consumer.reconnects == 1, what="the reconnect callbacks")
     await wait_until(lambda: (b"held", 2) in got and any(body == b"during" for body, _ in got),
                      what="the held delivery again and the one sent during the cut")
     await publisher.publish(msg(subject, b"after"))

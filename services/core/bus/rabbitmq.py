@@ -244,9 +244,10 @@ class RabbitTransport(Transport):
 
     @property
     def connected(self) -> bool:
-        connection = self._connection
-        return (connection is not None and not self._closing and not connection.is_closed
-                and connection.connected.is_set())
+        """The connection is up and its publishing channel is open (restored after a reconnect)."""
+        connection, pub = self._connection, self._pub
+        return (connection is not None and pub is not None and not self._closing and not connection.is_closed
+                and connection.connected.is_set() and not pub.is_closed)
 
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None or self._closing:
