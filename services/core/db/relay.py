@@ -310,7 +310,7 @@ class OutboxRelay:
                 # Without a listener, poll (and try to listen again) at least every second.
                 interval = self.poll_interval if self.listening else min(self.poll_interval, 1.0)
                 await self._pause(interval, wake_on_notify=True)
-        if self._flush_deadline is not None:
+        if self._flush_deadline is not None and self._flush_deadline > asyncio.get_running_loop().time():
             await self._flush_until(self._flush_deadline)
 
     async def _cycle(self) -> int | None:
