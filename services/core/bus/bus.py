@@ -42,6 +42,7 @@ from services.core.bus.abc import (
     Unroutable,
 )
 from services.core.bus.subjects import backoff, is_dead_letter
+from services.core.logging import message_context
 
 log = structlog.get_logger("roost.bus")
 
@@ -191,9 +192,7 @@ class Bus:
             message = self._parse(delivery)
         except (codec.MalformedMessage, UnknownMessageType, InvalidMessage) as exc:
             return await self._dead_letter(delivery, str(exc))
-        with structlog.contextvars.bound_contextvars(
-                correlation_id=message.envelope.correlationid, message_id=message.envelope.id,
-                message_type=message.envelope.type, group=delivery.group, attempt=delivery.attempt):
+        with message_context(message.envelope, group=delivery.group, attempt=delivery.attempt):
             try:
                 await handler(message)
             except RetryLater as exc:
@@ -324,9 +323,7 @@ class Bus:
         async def execute() -> dict[str, Any]:
             return (await self._execute(handler, message)).model_dump(mode="json")
 
-        with structlog.contextvars.bound_contextvars(
-                correlation_id=envelope.correlationid, message_id=envelope.id, message_type=envelope.type,
-                principal=principal.name, group=delivery.group, attempt=delivery.attempt):
+        with message_context(envelope, principal=principal.name, group=delivery.group, attempt=delivery.attempt):
             try:
                 if self.idempotency is not None and envelope.idempotencykey:
                     reply_data = await self.idempotency.run_once(envelope.idempotencykey, envelope.type, execute)
