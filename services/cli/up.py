@@ -59,7 +59,7 @@ async def run_up(data_dir: Path | None, config: Path | None) -> None:
 
     async with contextlib.AsyncExitStack() as stack:
         bus_url, bus_label = await _bus(settings, data, stack)
-        await _check_bus(bus_url)
+        await _check_bus(bus_url, settings)
         database_url, database_label = await _database(settings, data, stack)
         try:
             pool = await create_pool(database_url, min_size=1, max_size=4)
@@ -113,10 +113,10 @@ async def _database(settings: RoostSettings, data: Path, stack: contextlib.Async
     return url, f"embedded PostgreSQL (data in {data / 'postgres'})"
 
 
-async def _check_bus(url: str) -> None:
+async def _check_bus(url: str, settings: RoostSettings) -> None:
     """Connect once before anything starts: a wrong URL is one clear line, not a traceback per service."""
     try:
-        transport = transport_from_url(url)
+        transport = transport_from_url(url, ssl_context=settings.broker_ssl_context("core"))
         await transport.connect()
     except (UnsupportedBusUrl, NotConnected) as exc:
         raise CliError(f"cannot use the bus at {mask_url(url)}: {exc}", code=2) from None

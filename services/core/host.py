@@ -95,14 +95,18 @@ class ServiceHost:
         return self._bus
 
     async def start(self) -> None:
-        pool = self._pool = await create_pool(self.connections.database_url, min_size=1, max_size=8)
+        # A service's own credentials and TLS files when configured; else the process-wide URLs.
+        database_url = self.settings.database_connect_url(self.name) or self.connections.database_url
+        pool = self._pool = await create_pool(database_url, min_size=1, max_size=8,
+                                              ssl=self.settings.database_ssl_context(self.name))
         await migrate(pool, "core")
         schema = self.name
         if schema != "core":
             if self.component.migrations is not None:
                 await migrate(pool, schema, self.component.migrations)
             await pool.execute("SELECT core.ensure_outbox_inbox($1)", schema)
-        transport = transport_from_url(self.connections.bus_url)
+        transport = transport_from_url(self.settings.broker_connect_url(self.name) or self.connections.bus_url,
+                                       ssl_context=self.settings.broker_ssl_context(self.name))
         observer = metrics.BusMetrics()
         self._bus = Bus(transport, source=f"roost/{self.name}", authenticator=PgAuthenticator(pool),
                         idempotency=PgIdempotencyStore(pool), token=self._token, observer=observer)

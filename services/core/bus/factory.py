@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from urllib.parse import urlsplit
 
 from services.core.bus.abc import Transport
@@ -23,12 +24,12 @@ def broker_of(url: str) -> str:
         ) from None
 
 
-def transport_from_url(url: str) -> Transport:
-    """A new, unconnected transport for ``url`` (credentials and TLS settings may be in the URL)."""
+def transport_from_url(url: str, *, ssl_context: ssl.SSLContext | None = None) -> Transport:
+    """A new, unconnected transport for ``url``; credentials may be in the URL, TLS in ``ssl_context``."""
     if broker_of(url) == "rabbitmq":
         from services.core.bus.rabbitmq import RabbitTransport
 
-        return RabbitTransport(url)
+        return RabbitTransport(url, ssl_context=ssl_context)
     from services.core.bus.nats import NatsTransport
 
-    return NatsTransport(url)
+    return NatsTransport(url, tls=ssl_context)
