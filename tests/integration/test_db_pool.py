@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -112,3 +113,14 @@ async def test_the_relay_process_reports_an_unreachable_database_in_one_line() -
     lines = err.decode().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: database unavailable at postgresql://roost:***@"), err
     assert b"hunter2" not in out + err and b"Traceback" not in err
+
+
+async def test_tls_required_by_the_url_is_enforced(url: str) -> None:
+    # The machine's PostgreSQL runs without TLS: a URL that requires it must not fall back to plain text.
+    with pytest.raises(DatabaseUnavailable, match=r"(?i)ssl"):
+        await create_pool(f"{url}?sslmode=require", connect_timeout=5)
+
+
+async def test_an_ssl_context_is_used_when_given(url: str) -> None:
+    with pytest.raises(DatabaseUnavailable, match=r"(?i)ssl"):
+        await create_pool(url, ssl=ssl.create_default_context(), connect_timeout=5)
