@@ -408,7 +408,8 @@ def nats_permissions(policy: Policy, *,
         for stream in sorted(touched):
             pub.append(f"$JS.API.STREAM.INFO.{stream}")
         for stream in sorted({s for s in (_maybe_stream(stream_of, x) for x in p.sends) if s}):
-            pub.append(f"$JS.API.CONSUMER.NAMES.{stream}")     # is anyone serving this command?
+            # is any group consuming this command? (the NATS transport reads the consumers' filters)
+            pub += [f"$JS.API.CONSUMER.NAMES.{stream}", f"$JS.API.CONSUMER.LIST.{stream}"]
         if p.manages_streams:
             pub += ["$JS.API.STREAM.CREATE.*", "$JS.API.STREAM.UPDATE.*", "$JS.API.STREAM.INFO.*",
                     "$JS.API.STREAM.LIST", "$JS.API.CONSUMER.NAMES.*", "$JS.API.CONSUMER.LIST.*"]
@@ -499,10 +500,17 @@ def render_nats_tls(tls: NatsTls) -> str:
 
 def render_nats_config(policy: Policy, passwords: Mapping[str, SecretStr | str], *,
                        hasher: PasswordHasher | None = None, tls: NatsTls | None = None,
+                       server_name: str | None = None,
                        stream_of: Callable[[str], str] = default_stream_of) -> str:
     """A nats-server config file with the users of ``policy`` (and TLS); listen address, JetStream and
-    the store directory come from the command line (``NatsServer``)."""
+    the store directory come from the command line (``NatsServer``).  Give the ``server_name`` the
+    server runs with (``NatsServer.server_name``, ``-n``): a config reload that does not find the same
+    name in the file is refused ("config reload not supported for ServerName")."""
     head = "# Written by roost (services/core/brokerauth.py) from its broker policy: do not edit.\n"
+    if server_name is not None:
+        if not re.match(r"^[A-Za-z0-9_-]{1,64}$", server_name):
+            raise PolicyError(f"bad NATS server name {server_name!r}")
+        head += f"server_name: {_quote(server_name)}\n"
     body = render_nats_authorization(nats_permissions(policy, stream_of=stream_of), passwords, hasher=hasher)
     return head + body + (render_nats_tls(tls) if tls is not None else "")
 
