@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import stat
+import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -29,6 +31,7 @@ from pydantic import SecretStr
 from yarl import URL
 
 from services.core.brokerauth import (
+    NatsTls,
     Policy,
     agent,
     nats_inbox_prefix,
@@ -527,3 +530,53 @@ async def test_rabbitmq_passwords_reach_no_log_and_no_error(capsys: pytest.Captu
 async def test_rabbitmqctl_missing_is_one_clear_error() -> None:
     with pytest.raises(BrokerAuthError, match="not found"):
         await RabbitCtl(executable="/nonexistent/rabbitmqctl").users()
+
+
+# == TLS (NATS) ===============================================================================
+
+
+def _pki(directory: Path) -> Path:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate, with the openssl CLI."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *key, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=roost test CA")
+    (directory / "server.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    (directory / "client.ext").write_text("extendedKeyUsage=clientAuth\n")
+    for name, cn in (("server", "127.0.0.1"), ("client", "agent-h1")):
+        openssl("req", *key, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={cn}")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return directory
+
+
+@pytest.mark.nats
+async def test_nats_over_tls_with_client_certificates_and_users(tmp_path: Path) -> None:
+    pki = _pki(tmp_path)
+    policy = Policy((agent("h1"),))
+    passwords = {"agent-h1": "tls-" + uuid.uuid4().hex}
+    config = tmp_path / "nats.conf"
+    tls = NatsTls(cert_file=pki / "server.pem", key_file=pki / "server.key", ca_file=pki / "ca.pem", verify=True)
+    write_nats_config(config, render_nats_config(policy, passwords, tls=tls))
+
+    def context(with_cert: bool) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+        if with_cert:
+            ctx.load_cert_chain(str(pki / "client.pem"), str(pki / "client.key"))
+        return ctx
+
+    async with NatsServer(tmp_path / "store", config_file=config) as server:
+        url = f"tls://127.0.0.1:{server.port}"
+        common: dict[str, Any] = dict(user="agent-h1", password=passwords["agent-h1"], allow_reconnect=False,
+                                      max_reconnect_attempts=0, connect_timeout=3,
+                                      inbox_prefix=nats_inbox_prefix("agent-h1"))
+        nc = await nats.connect(url, tls=context(True), **common)
+        try:
+            await nc.publish("roost.agent.h1.heartbeat", b"{}")
+            await nc.flush()
+        finally:
+            await nc.close()
+        for attempt in (dict(tls=context(False)), {}):          # no client certificate; no TLS at all
+            with pytest.raises(Exception):  # noqa: B017 - nats-py raises what the socket raised
+                await nats.connect(url if attempt else f"nats://127.0.0.1:{server.port}", **attempt, **common)
