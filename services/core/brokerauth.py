@@ -345,9 +345,12 @@ def roost_policy(agent_hostnames: Iterable[str] = (), *, operators: Iterable[str
 # -- NATS ----------------------------------------------------------------------------------------
 
 
+_SHARED_INBOX = "_INBOX"
+
+
 def nats_inbox_prefix(user: str) -> str:
     """The inbox prefix ``user`` must connect with (nats-py ``connect(inbox_prefix=...)``)."""
-    return f"_INBOX.{user}"
+    return f"{_SHARED_INBOX}.{user}"
 
 
 def default_stream_of(pattern: str) -> str:
@@ -383,17 +386,24 @@ def _maybe_stream(stream_of: Callable[[str], str], pattern: str) -> str | None:
         return None
 
 
-def nats_permissions(policy: Policy, *,
+def nats_permissions(policy: Policy, *, private_inboxes: bool = True,
                      stream_of: Callable[[str], str] = default_stream_of) -> list[NatsPermissions]:
-    """Per user, what it may publish and subscribe to on NATS (core subjects and the JetStream API)."""
+    """Per user, what it may publish and subscribe to on NATS (core subjects and the JetStream API).
+
+    ``private_inboxes=False`` is for clients that keep nats-py's shared ``_INBOX`` prefix: every user
+    may then subscribe to ``_INBOX.>`` (and so read replies meant for others), and whoever serves
+    commands may reply into any inbox."""
     out: list[NatsPermissions] = []
     for p in policy.principals:
         pub: list[str] = [*p.publishes, *p.sends, *p.dead_letter_subjects]
-        for sender in policy.senders_to(p):
-            pub.append(nats_inbox_prefix(sender.name) + ".>")
+        senders = policy.senders_to(p)
+        if private_inboxes:
+            pub += [nats_inbox_prefix(sender.name) + ".>" for sender in senders]
+        elif senders:
+            pub.append(_SHARED_INBOX + ".>")
         pub += ["$JS.API.INFO", "$JS.API.STREAM.NAMES"]
         touched = {s for s in (_maybe_stream(stream_of, x) for x in (*p.publishes, *p.sends)) if s}
-        sub: list[str] = [nats_inbox_prefix(p.name) + ".>"]
+        sub: list[str] = [(nats_inbox_prefix(p.name) if private_inboxes else _SHARED_INBOX) + ".>"]
         for c in p.consumes:
             stream = _stream(stream_of, c.pattern, f"{p.name}'s group {c.group}")
             touched.add(stream)
@@ -500,7 +510,7 @@ def render_nats_tls(tls: NatsTls) -> str:
 
 def render_nats_config(policy: Policy, passwords: Mapping[str, SecretStr | str], *,
                        hasher: PasswordHasher | None = None, tls: NatsTls | None = None,
-                       server_name: str | None = None,
+                       server_name: str | None = None, private_inboxes: bool = True,
                        stream_of: Callable[[str], str] = default_stream_of) -> str:
     """A nats-server config file with the users of ``policy`` (and TLS); listen address, JetStream and
     the store directory come from the command line (``NatsServer``).  Give the ``server_name`` the
@@ -511,7 +521,8 @@ def render_nats_config(policy: Policy, passwords: Mapping[str, SecretStr | str],
         if not re.match(r"^[A-Za-z0-9_-]{1,64}$", server_name):
             raise PolicyError(f"bad NATS server name {server_name!r}")
         head += f"server_name: {_quote(server_name)}\n"
-    body = render_nats_authorization(nats_permissions(policy, stream_of=stream_of), passwords, hasher=hasher)
+    perms = nats_permissions(policy, private_inboxes=private_inboxes, stream_of=stream_of)
+    body = render_nats_authorization(perms, passwords, hasher=hasher)
     return head + body + (render_nats_tls(tls) if tls is not None else "")
 
 

@@ -280,14 +280,16 @@ def reload_nats_server(pid: int) -> None:
 
 def apply_nats(policy: Policy, passwords: Mapping[str, SecretStr | str], path: Path | str, *,
                server_pid: int | None = None, server_name: str | None = None,
-               hasher: PasswordHasher | None = None, tls: NatsTls | None = None) -> Path:
+               hasher: PasswordHasher | None = None, tls: NatsTls | None = None,
+               private_inboxes: bool = True) -> Path:
     """Render the policy's nats-server config, write it (0600) and, given a pid, reload that server.
 
     A server started with ``-n <name>`` (``NatsServer``) reloads only a config naming the same
     ``server_name``; a refused reload is written to the server's log only (a signal has no answer)."""
     for value in passwords.values():
         register_secret(value)
-    text = render_nats_config(policy, passwords, hasher=hasher, tls=tls, server_name=server_name)
+    text = render_nats_config(policy, passwords, hasher=hasher, tls=tls, server_name=server_name,
+                              private_inboxes=private_inboxes)
     written = write_nats_config(path, text)
     if server_pid is not None:
         reload_nats_server(server_pid)

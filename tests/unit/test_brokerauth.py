@@ -361,3 +361,12 @@ def test_queue_regexes_name_the_transports_queues() -> None:
         assert rabbit_allows(rabbit.read, name), name
     for name in ("inventory__x__y", queue + "x", "roost.reply.xyz", "roost.unrouted.notify.x"):
         assert not rabbit_allows(rabbit.configure, name), name
+
+
+def test_shared_inboxes_are_an_explicit_weaker_mode() -> None:
+    policy = roost_policy(["h1"])
+    shared = {p.user: p for p in nats_permissions(policy, private_inboxes=False)}
+    assert shared["roost-cli"].subscribe == ("_INBOX.>",)
+    assert nats_allows(shared["agent-h1"].publish, "_INBOX.AbC.1")
+    assert not nats_allows(shared["roost-cli"].publish, "_INBOX.AbC.1")       # it serves no command
+    assert nats_allows(shared["agent-h1"].subscribe, "_INBOX.AbC.1")
