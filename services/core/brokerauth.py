@@ -19,7 +19,8 @@ From a ``Policy`` (a list of principals, checked for clashes) this module derive
   form that names the filter subject, so a consumer can never read more than its pattern), acks
   (``$JS.ACK``), and replies: each user gets a private inbox prefix ``_INBOX.<user>`` (the client must
   connect with ``inbox_prefix=nats_inbox_prefix(user)``); only principals that serve a command a user
-  may send may publish into that user's inbox.  ``render_nats_config`` writes the ``authorization``
+  may send may publish into that user's inbox (``private_inboxes=False`` renders the weaker shared
+  ``_INBOX.>`` for clients that cannot set their prefix).  ``render_nats_config`` writes the ``authorization``
   block (and optionally ``tls``) of a nats-server config file;
 * ``rabbitmq_permissions``: per user, the vhost ``configure / write / read`` regular expressions over
   exchange and queue names, and the topic permissions (regexes over routing keys, for publishing, and
@@ -70,11 +71,15 @@ from services.core.bus.subjects import (
 
 __all__ = [
     "AGENT_PREFIX",
+    "DENY",
+    "DENY_ROUTING_KEY",
+    "MANAGED_TAG",
     "OPERATOR_NAME",
     "AddUser",
     "Consumer",
     "NatsPermissions",
     "NatsTls",
+    "PasswordHasher",
     "Policy",
     "PolicyError",
     "Principal",
@@ -89,10 +94,12 @@ __all__ = [
     "agent_user",
     "binding_regex",
     "check_password",
+    "default_stream_of",
     "nats_inbox_prefix",
     "nats_permissions",
     "operator",
     "overlaps",
+    "password_variable",
     "rabbitmq_operations",
     "rabbitmq_permissions",
     "rabbitmq_script",
@@ -595,6 +602,8 @@ class RabbitPermissions:
 
 def rabbitmq_permissions(policy: Policy, *, vhost: str = "/") -> list[RabbitPermissions]:
     """Per user, the regexes RabbitMQ checks (see the module docstring for what they cannot stop)."""
+    if not re.match(r"^[A-Za-z0-9/_.-]{1,255}$", vhost):
+        raise PolicyError(f"bad RabbitMQ virtual host {vhost!r}")
     per_connection_reply = _name(REPLY_QUEUE_PREFIX) + "[0-9a-f]{32}"
     per_connection_notice = _name(UNROUTED_NOTIFY_EXCHANGE) + "\\.[0-9a-f]{32}"
     out: list[RabbitPermissions] = []
