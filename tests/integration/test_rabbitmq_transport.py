@@ -580,7 +580,7 @@ async def test_connect_times_out_against_a_silent_peer() -> None:
 
 @pytest.mark.slow
 async def test_connected_turns_false_within_10s_of_a_silent_partition(scope: Scope, proxy: TcpProxy) -> None:
-    """No RST, no FIN: only the AMQP heartbeat can notice.  Readiness relies on ``connected``."""
+    """No RST, no FIN: only unanswered round trips tell.  Readiness relies on ``connected``."""
     transport = await scope.transport(via(proxy))
     subject = scope.subject("silent")
     got = await scope.collect(transport, subject, scope.group("silent"))

@@ -68,6 +68,7 @@ from services.core.bus.abc import (
 )
 from services.core.bus.rabbitmq_connection import (
     CONNECTION_ERRORS,
+    Liveness,
     RabbitSettings,
     describe,
     open_connection,
@@ -145,6 +146,7 @@ class RabbitTransport(Transport):
         self._reply_queue = REPLY_QUEUE_PREFIX + self.id
         self._retry_queues: set[str] = set()
         self._closing = False
+        self._liveness = Liveness(self.settings.liveness_interval, self.settings.liveness_timeout)
 
     def __repr__(self) -> str:
         return f"<RabbitTransport {redact(self._url)}>"
@@ -169,6 +171,8 @@ class RabbitTransport(Transport):
             raise NotConnected(f"connected to RabbitMQ at {redact(self._url)} but could not declare "
                                f"roost's exchanges and queues: {why}") from None
         self._connection = connection
+        if self._ctl is not None:
+            self._liveness.start(self._ctl)
         connection.close_callbacks.add(self._on_connection_lost)
         connection.reconnect_callbacks.add(self._on_reconnected)
         log.info("connected to RabbitMQ", url=redact(self._url))
@@ -180,6 +184,7 @@ class RabbitTransport(Transport):
 
     def _on_reconnected(self, _: object) -> None:
         self.reconnects += 1
+        self._liveness.answered()
         log.info("reconnected to RabbitMQ", url=redact(self._url), reconnects=self.reconnects)
 
     async def _declare_topology(self, connection: AbstractRobustConnection) -> None:
@@ -225,6 +230,7 @@ class RabbitTransport(Transport):
         for sub in list(self._subscriptions):
             await sub.stop()
         self._fail_requests(NotConnected("the transport was closed"))
+        await self._liveness.stop()
         connection = self._connection
         self._reset()
         if connection is not None:
@@ -236,6 +242,7 @@ class RabbitTransport(Transport):
         for sub in list(self._subscriptions):
             await sub.kill(close_channel=False)
         self._fail_requests(NotConnected("the transport was aborted"))
+        await self._liveness.stop()
         connection = self._connection
         self._reset()
         if connection is not None:
@@ -244,10 +251,12 @@ class RabbitTransport(Transport):
 
     @property
     def connected(self) -> bool:
-        """The connection is up and its publishing channel is open (restored after a reconnect)."""
+        """The connection is up, its publishing channel open (restored after a reconnect), and the broker
+        answered a round trip within ``liveness_timeout`` (so a silent partition shows within ~5 s,
+        long before the AMQP heartbeat gives up on the connection)."""
         connection, pub = self._connection, self._pub
         return (connection is not None and pub is not None and not self._closing and not connection.is_closed
-                and connection.connected.is_set() and not pub.is_closed)
+                and connection.connected.is_set() and not pub.is_closed and self._liveness.alive)
 
     def _require(self) -> AbstractRobustConnection:
         if self._connection is None or self._closing:
@@ -299,8 +308,11 @@ class RabbitTransport(Transport):
                 raise PublishFailed(f"{routing_key!r} not confirmed by RabbitMQ within {timeout:g}s")
             attempts += 1
             try:
-                await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory,
-                                                        timeout=remaining)
+                # The outer bound also covers aio-pika's wait for the connection inside publish()
+                # (aio-pika #556/#636: a robust channel's publish otherwise waits for a reconnect).
+                async with asyncio.timeout(remaining):
+                    await self._exchanges[exchange].publish(message, routing_key, mandatory=mandatory,
+                                                            timeout=remaining)
                 return
             except aiormq.exceptions.PublishError:
                 raise _Returned(routing_key) from None
@@ -421,9 +433,14 @@ class RabbitTransport(Transport):
             raise NotConnected("the RabbitMQ transport is not connected")
         deadline = asyncio.get_running_loop().time() + self.settings.settle_timeout
         await self._ready(admin, deadline, f"delete queue {name}")
-        for queue in [name, *retry_queue_names(name)]:
-            await admin.queue_delete(queue, timeout=self.settings.settle_timeout)
-            self._retry_queues.discard(queue)
+        try:
+            async with asyncio.timeout(max(0.001, deadline - asyncio.get_running_loop().time())):
+                for queue in [name, *retry_queue_names(name)]:
+                    await admin.queue_delete(queue)
+                    self._retry_queues.discard(queue)
+        except TimeoutError:
+            raise NotConnected(f"could not delete {name} and its retry queues: RabbitMQ did not answer "
+                               f"within {self.settings.settle_timeout:g}s") from None
 
     # -- settling (called by RabbitDelivery) ------------------------------------------------
 
@@ -437,8 +454,9 @@ class RabbitTransport(Transport):
         deadline = asyncio.get_running_loop().time() + self.settings.settle_timeout
         await self._ready(admin, deadline, f"declare queue {name}")
         try:
-            await admin.declare_queue(name, durable=True, arguments=retry_queue_arguments(queue, delay),
-                                      robust=False, timeout=self.settings.settle_timeout)
+            async with asyncio.timeout(max(0.001, deadline - asyncio.get_running_loop().time())):
+                await admin.declare_queue(name, durable=True, arguments=retry_queue_arguments(queue, delay),
+                                          robust=False)
         except _DECLARE_ERRORS as exc:
             raise PublishFailed(f"could not declare the retry queue {name}: {exc}") from None
         self._retry_queues.add(name)

@@ -15,7 +15,7 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
 from aio_pika.connection import make_url
 from yarl import URL
 
@@ -32,6 +32,7 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     RuntimeError,
 )
 
+_PROBE_ERRORS: tuple[type[BaseException], ...] = (TimeoutError, *CONNECTION_ERRORS)
 _SCHEMES = ("amqp", "amqps")
 # TLS parameters aiormq reads from an amqps:// URL's query; honoured when the settings name no files.
 _URL_TLS_KEYS = frozenset({"cafile", "capath", "cadata", "certfile", "keyfile", "no_verify_ssl"})
@@ -44,8 +45,11 @@ class RabbitSettings:
     confirm_window: int = 256          # publishes awaiting their confirm at once in publish_many
     connect_timeout: float = 10.0      # seconds for connect() to reach the broker and log in
     reconnect_interval: float = 1.0    # seconds between reconnect attempts after the connection is lost
-    heartbeat: int = 2                 # AMQP heartbeat (s); a silently dead peer is noticed after
-                                       # (heartbeat + 1) * 3 s, so readiness turns false within 10 s
+    heartbeat: int = 2                 # AMQP heartbeat (s): aiormq drops a silent connection after
+                                       # (heartbeat + 1) * 3 s and the robust connection reconnects
+    liveness_interval: float = 1.0     # seconds between the transport's own round trips to the broker
+    liveness_timeout: float = 4.0      # ``connected`` is false when no round trip succeeded for this
+                                       # long (a silent partition, a wedged or blocking broker)
     settle_timeout: float = 10.0       # seconds for the confirmed republish behind retry() / dead_letter()
     connection_name: str = "roost"     # shown in the broker's connection list
     # TLS (amqps:// only); an ``ssl_context`` given to the transport takes precedence over these.
@@ -57,8 +61,8 @@ class RabbitSettings:
     def __post_init__(self) -> None:
         if self.confirm_window < 1:
             raise ValueError("confirm_window must be at least 1")
-        if self.connect_timeout <= 0 or self.settle_timeout <= 0:
-            raise ValueError("timeouts must be positive")
+        if min(self.connect_timeout, self.settle_timeout, self.liveness_interval, self.liveness_timeout) <= 0:
+            raise ValueError("timeouts and intervals must be positive")
 
 
 def redact(url: str) -> str:
@@ -192,3 +196,51 @@ async def open_connection(url: str, settings: RabbitSettings,
 async def _quietly_close(connection: AbstractRobustConnection) -> None:
     with contextlib.suppress(Exception):      # closing a connection that never opened
         await asyncio.wait_for(connection.close(), 5)
+
+
+class Liveness:
+    """Whether the broker answers, measured by a cheap round trip (``basic.qos`` on a channel that
+    consumes nothing with a prefetch) every ``interval`` seconds.
+
+    AMQP heartbeats notice a silently dead peer only after (heartbeat + 1) * 3 seconds; readiness
+    must turn false sooner.  ``alive`` is false once no round trip has succeeded for ``timeout``
+    seconds; it does not close anything (the heartbeat and the robust connection do that).
+    """
+
+    def __init__(self, interval: float, timeout: float) -> None:
+        self.interval = interval
+        self.timeout = timeout
+        self._last_answer = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        return asyncio.get_running_loop().time() - self._last_answer <= self.timeout
+
+    def answered(self) -> None:
+        self._last_answer = asyncio.get_running_loop().time()
+
+    def start(self, channel: AbstractRobustChannel) -> None:
+        self.answered()
+        self._task = asyncio.create_task(self._run(channel), name="roost-rabbitmq-liveness")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, channel: AbstractRobustChannel) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            if not channel.is_closed:
+                try:
+                    async with asyncio.timeout(self.timeout):
+                        underlay = await channel.get_underlay_channel()
+                        await underlay.basic_qos(prefetch_count=0)
+                    self.answered()
+                except _PROBE_ERRORS:
+                    pass
+            await asyncio.sleep(max(0.0, self.interval - (loop.time() - started)))
