@@ -280,14 +280,21 @@ def reload_nats_server(pid: int) -> None:
 
 def apply_nats(policy: Policy, passwords: Mapping[str, SecretStr | str], path: Path | str, *,
                server_pid: int | None = None, server_name: str | None = None,
-               hasher: PasswordHasher | None = None, tls: NatsTls | None = None,
+               hash_passwords: bool = True, hasher: PasswordHasher | None = None, tls: NatsTls | None = None,
                private_inboxes: bool = True) -> Path:
     """Render the policy's nats-server config, write it (0600) and, given a pid, reload that server.
 
+    Passwords are written as bcrypt hashes when this Python can make them (``bcrypt_hasher``), else in
+    clear (the file stays readable by its owner only); ``hash_passwords=False`` always writes them in
+    clear (a client then authenticates without the server spending a bcrypt per connection).
     A server started with ``-n <name>`` (``NatsServer``) reloads only a config naming the same
     ``server_name``; a refused reload is written to the server's log only (a signal has no answer)."""
     for value in passwords.values():
         register_secret(value)
+    if hasher is None and hash_passwords:
+        hasher = bcrypt_hasher()
+        if hasher is None:
+            log.info("nats passwords written in clear to a 0600 file: no bcrypt in this Python", path=str(path))
     text = render_nats_config(policy, passwords, hasher=hasher, tls=tls, server_name=server_name,
                               private_inboxes=private_inboxes)
     written = write_nats_config(path, text)

@@ -246,6 +246,8 @@ async def test_nats_reload_takes_a_removed_agent_off_and_keeps_the_others(nats_s
         return False
 
     await wait_for(h2_refused, 10.0, "agent-h2 to be refused after the reload")
+    text = nats_site.config.read_text()
+    assert nats_site.passwords["agent-h1"] not in text and 'password: "$2' in text      # hashed by default
     nc = await nats_site.connect("agent-h1")
     assert (await nc.jetstream(timeout=5).publish("roost.agent.h1.hardware", b"{}")).stream == "ROOST_AGENT"
 
