@@ -368,6 +368,7 @@ async def test_the_broker_dead_letters_what_is_never_settled(scope: Scope) -> No
     assert "delivery_limit" in dead[0].headers[H_DLQ_REASON]
     assert dead[0].headers[H_DLQ_SUBJECT] == subject
     assert dead[0].headers[H_DLQ_GROUP] == group
+    assert dead[0].attempt == 1, dead[0].headers
 
 
 async def test_delete_group_removes_its_queue_and_retry_queues(scope: Scope) -> None:
@@ -649,3 +650,19 @@ async def test_amqps_with_a_ca_file_and_a_client_certificate(scope: Scope, pki: 
         await anonymous.connect()
     with pytest.raises(NotConnected, match="not amqps"):
         await RabbitTransport(BROKER_URL, settings).connect()
+
+
+async def test_no_password_in_any_log_line(scope: Scope, proxy: TcpProxy, caplog: pytest.LogCaptureFixture,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Connect, fail a login, lose and regain the connection: no log line holds ``user:password@``."""
+    caplog.set_level("DEBUG")
+    transport = await scope.transport(via(proxy))
+    with pytest.raises(NotConnected):
+        await RabbitTransport(str(BROKER.with_password("pw-hidden")), FAST).connect()
+    await proxy.disconnect()
+    await proxy.restore()
+    await wait_until(lambda: transport.connected and transport.reconnects == 1, what="the reconnect")
+    logged = caplog.text + capsys.readouterr().out
+    assert "lost the connection" in logged and "reconnected" in logged, "the logs were captured"
+    assert "pw-hidden" not in logged
+    assert f"{BROKER.user}:{BROKER.password}@" not in logged
