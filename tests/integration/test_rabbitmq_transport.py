@@ -229,6 +229,17 @@ async def test_a_command_nobody_is_bound_to_is_unroutable(scope: Scope) -> None:
     await wait_until(lambda: len(got) == 1, what="the bound command")
 
 
+async def test_a_transport_that_may_not_declare_the_shared_topology_checks_it(scope: Scope) -> None:
+    await scope.transport()                                  # the shared exchanges exist
+    restricted = await scope.transport(settings=RabbitSettings(declare_shared_topology=False))
+    event = msg(scope.subject("nobody"))
+    await restricted.publish(event)
+    await wait_until(lambda: restricted.unrouted_count == 1, what="the unrouted notice")
+    await take_from_unrouted(event.message_id)
+    with pytest.raises(Unroutable):
+        await restricted.publish(msg(scope.command("nobody")))
+
+
 # -- publishing --------------------------------------------------------------------------------
 
 class InFlight:

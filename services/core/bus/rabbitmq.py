@@ -192,19 +192,29 @@ class RabbitTransport(Transport):
         pub = connection.channel(publisher_confirms=True, on_return_raises=True)
         await pub.initialize()
         self._pub = pub
-        unrouted = await pub.declare_exchange(UNROUTED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-        self._exchanges = {
-            "": pub.default_exchange,
-            EVENTS_EXCHANGE: await pub.declare_exchange(
-                EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True,
-                arguments={"alternate-exchange": UNROUTED_EXCHANGE}),
-            COMMANDS_EXCHANGE: await pub.declare_exchange(
-                COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True),
-        }
-        notify = await pub.declare_exchange(UNROUTED_NOTIFY_EXCHANGE, aio_pika.ExchangeType.HEADERS, durable=True)
-        await notify.bind(unrouted)
-        kept = await pub.declare_queue(UNROUTED_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
-        await kept.bind(unrouted)
+        if self.settings.declare_shared_topology:
+            unrouted = await pub.declare_exchange(UNROUTED_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+            self._exchanges = {
+                "": pub.default_exchange,
+                EVENTS_EXCHANGE: await pub.declare_exchange(
+                    EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True,
+                    arguments={"alternate-exchange": UNROUTED_EXCHANGE}),
+                COMMANDS_EXCHANGE: await pub.declare_exchange(
+                    COMMANDS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True),
+            }
+            notify = await pub.declare_exchange(UNROUTED_NOTIFY_EXCHANGE, aio_pika.ExchangeType.HEADERS,
+                                                durable=True)
+            await notify.bind(unrouted)
+            kept = await pub.declare_queue(UNROUTED_QUEUE, durable=True, arguments={"x-queue-type": "quorum"})
+            await kept.bind(unrouted)
+        else:
+            for name in (UNROUTED_EXCHANGE, UNROUTED_NOTIFY_EXCHANGE):
+                await pub.declare_exchange(name, passive=True)
+            self._exchanges = {
+                "": pub.default_exchange,
+                EVENTS_EXCHANGE: await pub.declare_exchange(EVENTS_EXCHANGE, passive=True),
+                COMMANDS_EXCHANGE: await pub.declare_exchange(COMMANDS_EXCHANGE, passive=True),
+            }
 
         ctl = connection.channel(publisher_confirms=False)
         await ctl.initialize()

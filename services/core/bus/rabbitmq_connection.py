@@ -52,6 +52,9 @@ class RabbitSettings:
                                        # long (a silent partition, a wedged or blocking broker)
     settle_timeout: float = 10.0       # seconds for the confirmed republish behind retry() / dead_letter()
     connection_name: str = "roost"     # shown in the broker's connection list
+    declare_shared_topology: bool = True  # False: roost.events / roost.commands / roost.unrouted must
+                                          # exist already (checked passively), for broker users without
+                                          # ``configure`` permission on them
     # TLS (amqps:// only); an ``ssl_context`` given to the transport takes precedence over these.
     ca_file: str | None = None         # CA bundle that signed the broker's certificate
     cert_file: str | None = None       # client certificate (for brokers that authenticate clients by it)
