@@ -44,6 +44,7 @@ from services.core.bus.abc import (
 )
 from services.core.bus.rabbitmq import RabbitSettings, RabbitTransport
 from services.core.bus.rabbitmq_topology import (
+    H_NOT_BEFORE,
     H_PUBLISHER,
     UNROUTED_QUEUE,
     retry_queue_name,
@@ -327,6 +328,37 @@ async def test_retry_waits_in_a_ttl_queue_and_returns_to_its_own_group_only(scop
     ttl_queue = retry_queue_name(durable_name(group_a, subject), 0.5)
     declared = await raw.declare_queue(ttl_queue, passive=True)
     assert declared.declaration_result.message_count == 0
+
+
+async def test_a_retry_longer_than_the_longest_ttl_queue_is_not_early(scope: Scope, raw: Any) -> None:
+    transport = await scope.transport()
+    subject, group = scope.subject("long"), scope.group("long")
+    seen: list[tuple[float, int]] = []
+
+    async def later(delivery: RawDelivery) -> None:
+        seen.append((time.time(), delivery.attempt))
+        if delivery.body == b"an hour":
+            await delivery.retry(3600)
+        else:
+            await delivery.ack()
+
+    await scope.subscribe(transport, subject, group, later)
+    await transport.publish(msg(subject, b"an hour"))
+    await wait_until(lambda: len(seen) == 1, what="the first delivery")
+    parked = await raw.declare_queue(retry_queue_name(durable_name(group, subject), 3600), passive=True)
+    copy = await parked.get(no_ack=True, timeout=5)
+    due = float(copy.headers[H_NOT_BEFORE])
+    assert abs(due - (seen[0][0] + 3600)) < 5, "the copy says when it is due"
+
+    # A copy that comes back from its TTL queue before it is due goes round again, unseen.
+    headers: dict[str, Any] = {k: v for k, v in copy.headers.items() if isinstance(v, str)}
+    headers[H_NOT_BEFORE] = f"{time.time() + 0.4:.3f}"
+    sent_at = time.time()
+    await raw.default_exchange.publish(aio_pika.Message(b"soon", headers=headers, message_id="soon"),
+                                       routing_key=durable_name(group, subject))
+    await wait_until(lambda: len(seen) == 2, what="the copy once due")
+    assert seen[1][0] - sent_at >= 0.4
+    assert seen[1][1] == 2, "the extra rounds are not attempts"
 
 
 async def test_dead_letter_carries_the_reason_and_drops_secrets(scope: Scope) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -79,6 +80,7 @@ from services.core.bus.rabbitmq_consumer import RabbitDelivery, RabbitSubscripti
 from services.core.bus.rabbitmq_topology import (
     COMMANDS_EXCHANGE,
     EVENTS_EXCHANGE,
+    H_NOT_BEFORE,
     H_PUBLISHER,
     H_SUBJECT,
     REPLY_QUEUE_PREFIX,
@@ -96,6 +98,7 @@ from services.core.bus.rabbitmq_topology import (
     subject_of,
 )
 from services.core.bus.subjects import (
+    RETRY_BUCKETS,
     check_group,
     check_pattern,
     check_subject,
@@ -472,12 +475,21 @@ class RabbitTransport(Transport):
         self._retry_queues.add(name)
         return name
 
-    async def republish_for_retry(self, delivery: RabbitDelivery, delay: float) -> None:
-        """A copy into the queue's TTL queue for ``delay``; it comes back to this group's queue alone."""
-        headers = {**delivery.headers, H_ATTEMPT: str(delivery.attempt), H_SUBJECT: delivery.subject}
+    async def republish_for_retry(self, delivery: RabbitDelivery, delay: float, *, again: bool = False) -> None:
+        """A copy into the queue's TTL queue for ``delay``; it comes back to this group's queue alone.
+
+        A delay longer than the longest TTL queue also carries when it is due; the consumer sends a
+        copy that comes back early round again (``again``: not a delivery of its own, so the attempt
+        count stays).
+        """
+        delay = max(0.0, delay)
+        headers = {**delivery.headers, H_SUBJECT: delivery.subject,
+                   H_ATTEMPT: str(delivery.attempt - 1 if again else delivery.attempt)}
+        if delay > RETRY_BUCKETS[-1]:
+            headers[H_NOT_BEFORE] = f"{time.time() + delay:.3f}"
         copy = OutgoingMessage(delivery.subject, delivery.body, delivery.message_id, headers)
         for _ in range(2):
-            name = await self._ensure_retry_queue(delivery.queue, max(0.0, delay))
+            name = await self._ensure_retry_queue(delivery.queue, delay)
             try:
                 await self._send("", name, self._amqp(copy, headers), mandatory=True,
                                  timeout=self.settings.settle_timeout)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ from services.core.bus.abc import (
     Subscription,
 )
 from services.core.bus.rabbitmq_connection import CONNECTION_ERRORS
-from services.core.bus.rabbitmq_topology import attempt_of, incoming_headers, subject_of
+from services.core.bus.rabbitmq_topology import attempt_of, incoming_headers, not_before_of, subject_of
 from services.core.bus.subjects import durable_name
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class RabbitDelivery(RawDelivery):
         self.group = subscription.group
         self.queue = subscription.queue_name
         self._attempt = attempt_of(raw)
+        self.not_before = not_before_of(raw)
         self.settled = False
 
     @property
@@ -96,6 +98,14 @@ class RabbitDelivery(RawDelivery):
         self._claim()
         if not self.stale:
             await self._subscription.transport.republish_dead_letter(self, reason)
+        self.settled = True
+        await self._quietly(self._message.ack)
+
+    async def wait_longer(self, delay: float) -> None:
+        """Came back from a TTL queue before its long retry delay ran out: another round, unseen."""
+        self._claim()
+        if not self.stale:
+            await self._subscription.transport.republish_for_retry(self, delay, again=True)
         self.settled = True
         await self._quietly(self._message.ack)
 
@@ -158,6 +168,14 @@ class RabbitSubscription(Subscription):
                 continue                        # the broker gets it back when the channel closes
                                                 # (or has it back already) and delivers it again
             delivery = RabbitDelivery(self, message)
+            if delivery.not_before is not None and delivery.not_before > time.time():
+                try:
+                    await delivery.wait_longer(delivery.not_before - time.time())
+                except Exception as exc:
+                    log.warning("could not send a delayed retry round again; it goes back to the queue",
+                                queue=self.queue_name, error=f"{type(exc).__name__}: {exc}")
+                    await delivery.release()
+                continue
             self.in_flight += 1
             try:
                 await self._callback(delivery)

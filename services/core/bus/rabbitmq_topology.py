@@ -39,7 +39,9 @@ REPLY_QUEUE_PREFIX = "roost.reply."
 # ignores binding arguments that start with ``x-``, so such a binding would match every message.
 H_PUBLISHER = "roost-publisher"
 H_SUBJECT = "x-roost-subject"        # the original subject of a retried message or of a reply
-INTERNAL_HEADERS = frozenset({H_PUBLISHER, H_SUBJECT})
+H_NOT_BEFORE = "x-roost-not-before"  # a retry delay longer than the longest TTL queue: when it is due
+                                     # (UNIX time); earlier deliveries wait another round, unseen
+INTERNAL_HEADERS = frozenset({H_PUBLISHER, H_SUBJECT, H_NOT_BEFORE})
 
 # Headers the broker adds; they describe one trip through one queue and never travel further.
 BROKER_HEADERS = frozenset({
@@ -128,6 +130,15 @@ def attempt_of(raw: Mapping[str, Any]) -> int:
     """1 + deliveries before a republished retry (``x-roost-attempt``) + redeliveries of this copy
     by the quorum queue (``x-delivery-count``: nacks, and consumers that died holding it)."""
     return 1 + _count(raw.get(H_ATTEMPT)) + _count(raw.get("x-delivery-count"))
+
+
+def not_before_of(raw: Mapping[str, Any]) -> float | None:
+    """When a long-delayed retry is due (UNIX time), if it carries that."""
+    text = header_text(raw.get(H_NOT_BEFORE))
+    try:
+        return float(text) if text else None
+    except ValueError:
+        return None
 
 
 def subject_of(raw: Mapping[str, Any], routing_key: str | None) -> str:
