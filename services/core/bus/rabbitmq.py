@@ -16,7 +16,16 @@ The connection is aio-pika's robust connection: after a loss it reconnects every
 top of it this transport makes publishes wait for the restored channel (within their timeout) and
 retry, never lets a settle on a dead channel raise into a callback (the broker redelivers), and drops
 deliveries of a dead channel still waiting locally.  A publish retried after a lost confirm can be
-stored twice: consumers drop duplicates by message id (inbox).
+stored twice: consumers drop duplicates by message id (inbox).  Every call that waits on a robust
+channel is bounded by its timeout (aio-pika would otherwise wait for the reconnect inside it).
+``connected`` is also false when the broker has not answered a round trip for ``liveness_timeout``
+seconds, so a silent partition shows within ~5 s (the AMQP heartbeat takes 9-10 s to drop it).
+
+Attempts: 1 + the deliveries before a republished retry (``x-roost-attempt``) + the quorum queue's
+``x-delivery-count`` (nacks, and members that died holding it).  A retry delay is rounded up to a
+TTL bucket; one longer than the longest bucket carries when it is due and goes round again unseen.
+A group queue's broker ``x-delivery-limit`` (max_attempts + 5) dead-letters, at least once, into
+``roost.dlq.<group>`` what its consumers never got to settle (the reason then comes from ``x-death``).
 
 Limits on RabbitMQ 3.10: ``ConsumerOptions.ack_wait`` is not per consumer (the broker-wide
 ``consumer_timeout`` applies; unacked deliveries return when the channel or connection closes); a
