@@ -298,6 +298,19 @@ async def test_messages_are_persistent_with_the_message_id_and_headers(scope: Sc
     assert queue.declaration_result.consumer_count == 1
 
 
+async def test_a_member_with_another_max_attempts_joins_the_existing_queue(scope: Scope, raw: Any) -> None:
+    first, second = await scope.transport(), await scope.transport()
+    subject, group = scope.subject("args"), scope.group("args")
+    got_first = await scope.collect(first, subject, group, max_attempts=5, prefetch=1)
+    got_second = await scope.collect(second, subject, group, max_attempts=2, prefetch=1)
+    for n in range(20):
+        await first.publish(msg(subject, str(n).encode()))
+    await wait_until(lambda: len(got_first) + len(got_second) == 20, what="20 events across both members")
+    assert got_first and got_second, "both members consume"
+    queue = await raw.declare_queue(durable_name(group, subject), passive=True)
+    assert queue.declaration_result.consumer_count == 2
+
+
 # -- retry and dead letters --------------------------------------------------------------------
 
 async def test_retry_waits_in_a_ttl_queue_and_returns_to_its_own_group_only(scope: Scope, raw: Any) -> None:

@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import aio_pika
 import aiormq
@@ -423,18 +424,21 @@ class RabbitTransport(Transport):
     async def open_group_queue(self, sub: RabbitSubscription) -> tuple[AbstractRobustChannel, AbstractRobustQueue]:
         """A channel of its own for ``sub`` with its prefetch, and the group's queue, bound."""
         connection = self._require()
+        arguments = group_queue_arguments(sub.group, sub.options.max_attempts)
+        # A queue's arguments are fixed when it is created.  Try them on a throwaway channel first: a
+        # mismatch closes the channel it happens on, and a robust channel would then restore itself
+        # concurrently with whatever we do next.
+        matches = await self._declare_probe(connection, sub.queue_name, arguments)
+        if not matches:
+            log.warning("group queue exists with other arguments (another max_attempts?); using it as it is",
+                        queue=sub.queue_name)
         channel = connection.channel(publisher_confirms=False)
         try:
             await channel.initialize()
             await channel.set_qos(prefetch_count=max(1, min(sub.options.prefetch, 65535)))
-            try:
-                queue = await channel.declare_queue(
-                    sub.queue_name, durable=True,
-                    arguments=group_queue_arguments(sub.group, sub.options.max_attempts))
-            except aiormq.exceptions.ChannelPreconditionFailed as exc:
-                # Declared earlier with other arguments (another max_attempts): use it as it is.
-                log.warning("group queue exists with other arguments; using it as it is",
-                            queue=sub.queue_name, error=str(exc))
+            if matches:
+                queue = await channel.declare_queue(sub.queue_name, durable=True, arguments=arguments)
+            else:
                 queue = await channel.declare_queue(sub.queue_name, passive=True)
             await queue.bind(exchange_for(sub.pattern), to_amqp_binding(sub.pattern))
         except BaseException:
@@ -442,6 +446,24 @@ class RabbitTransport(Transport):
                 await asyncio.wait_for(channel.close(), 5)
             raise
         return channel, queue
+
+    @staticmethod
+    async def _declare_probe(connection: AbstractRobustConnection, queue: str, arguments: dict[str, Any]) -> bool:
+        """Declare ``queue`` with ``arguments`` on a short-lived plain channel: False when it exists
+        with other arguments."""
+        transport = connection.transport
+        if transport is None:
+            raise NotConnected("the connection to RabbitMQ is down")
+        probe = await transport.connection.channel(publisher_confirms=False)
+        try:
+            await probe.queue_declare(queue, durable=True, arguments=arguments)
+            return True
+        except aiormq.exceptions.ChannelPreconditionFailed:
+            return False
+        finally:
+            if not probe.is_closed:
+                with contextlib.suppress(*CONNECTION_ERRORS):
+                    await probe.close()
 
     async def delete_group(self, pattern: str, group: str) -> None:
         self._require()
