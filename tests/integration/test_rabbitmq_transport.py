@@ -405,6 +405,26 @@ async def test_dead_letter_carries_the_reason_and_drops_secrets(scope: Scope) ->
     assert letter.attempt == 1, "a dead letter starts its own count"
 
 
+async def test_an_unsettled_delivery_comes_back_and_the_consumer_goes_on(scope: Scope) -> None:
+    transport = await scope.transport()
+    subject = scope.subject("unsettled")
+    seen: list[tuple[bytes, int]] = []
+
+    async def sloppy(delivery: RawDelivery) -> None:
+        seen.append((delivery.body, delivery.attempt))
+        if delivery.attempt == 1 and delivery.body == b"cancelled":
+            raise asyncio.CancelledError()          # not the worker being stopped: just a failure
+        if delivery.attempt == 1 and delivery.body == b"forgotten":
+            return                                  # returns without settling
+        await delivery.ack()
+
+    await scope.subscribe(transport, subject, scope.group("unsettled"), sloppy)
+    for body in (b"cancelled", b"forgotten", b"fine"):
+        await transport.publish(msg(subject, body))
+    await wait_until(lambda: len(seen) == 5, what="two redeliveries and the good one")
+    assert sorted(seen) == [(b"cancelled", 1), (b"cancelled", 2), (b"fine", 1), (b"forgotten", 1), (b"forgotten", 2)]
+
+
 async def test_the_broker_dead_letters_what_is_never_settled(scope: Scope) -> None:
     """The quorum queue's delivery limit is the backstop for consumers that never get to settle."""
     transport = await scope.transport()

@@ -179,14 +179,22 @@ class RabbitSubscription(Subscription):
             self.in_flight += 1
             try:
                 await self._callback(delivery)
+            except asyncio.CancelledError as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise                       # this worker is being stopped (kill/abort)
+                self._failed(delivery, exc)     # the callback's own affair: the worker goes on
             except Exception as exc:
-                if not delivery.settled:
-                    log.warning("consumer callback failed without settling; the delivery goes back "
-                                "to the queue", queue=self.queue_name, error=f"{type(exc).__name__}: {exc}")
+                self._failed(delivery, exc)
             finally:
                 self.in_flight -= 1
             if not delivery.settled:
                 await delivery.release()
+
+    def _failed(self, delivery: RabbitDelivery, exc: BaseException) -> None:
+        if not delivery.settled:
+            log.warning("consumer callback failed without settling; the delivery goes back to the queue",
+                        queue=self.queue_name, error=f"{type(exc).__name__}: {exc}")
 
     async def stop(self) -> None:
         if self._stopped:
