@@ -42,6 +42,13 @@ def components() -> list[Component]:
 
 async def run_up(data_dir: Path | None, config: Path | None) -> None:
     try:
+        await _run_up(data_dir, config)
+    except (EmbeddedPostgresError, NatsServerError) as exc:     # raised while stopping the embedded servers
+        raise CliError(str(exc)) from None
+
+
+async def _run_up(data_dir: Path | None, config: Path | None) -> None:
+    try:
         settings = load_settings(config, data_dir=data_dir)
     except ConfigError as exc:
         raise CliError(str(exc), code=2) from None

@@ -5,9 +5,11 @@ Bad configuration ends in one clear line and a non-zero exit, without a tracebac
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,10 +58,14 @@ class Up:
 
 
 @pytest.fixture
-def data_dir(tmp_path: Path) -> Iterator[Path]:
-    path = tmp_path / "data"
+def data_dir() -> Iterator[Path]:
+    # Not pytest's tmp_path: another pytest session resets /tmp/pytest-of-<user> to 0700, which locks out the
+    # embedded PostgreSQL's unprivileged user half-way through a test.
+    base = Path(tempfile.mkdtemp(prefix="roost-up-test-"))
+    path = base / "data"
     yield path
     subprocess.run(["pkill", "-f", str(path)], check=False)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: Path) -> None:
@@ -86,7 +92,7 @@ def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: 
     assert "roost_" not in second, "the first admin token is shown once, not on every start"
     ping = roost(data_dir, "--token", token, "ping")
     assert ping.returncode == 0, "the token of the first run still works: the data survived"
-    assert again.interrupt() == 0
+    assert again.interrupt() == 0, again.stderr.read_text()[-3000:]
     logs = up.stderr.read_text() + again.stderr.read_text()
     assert token not in logs, "the admin token never reaches the logs"
     assert "Traceback" not in logs

@@ -18,10 +18,11 @@ from schemas.envelope import Envelope, ReplyStatus
 from services.core.bus.bus import Bus
 from services.core.bus.factory import transport_from_url
 from tests.contract.base import wait_until
-from tests.integration.test_roost_up import Up, clean_env, roost
+from tests.integration.test_roost_up import Up, clean_env, data_dir, roost
 from tests.support.postgres import ADMIN_URL, fresh_database
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.rabbitmq]
+__all__ = ["data_dir"]            # the fixture, shared with the roost up tests
 
 DB_PASSWORD = "Pl4nted-Db-Passw0rd"
 BUS_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -41,8 +42,7 @@ async def planted_database() -> AsyncIterator[str]:
         await admin.close()
 
 
-async def test_planted_secrets_appear_nowhere(tmp_path: Path, planted_database: str) -> None:
-    data_dir = tmp_path / "data"
+async def test_planted_secrets_appear_nowhere(data_dir: Path, planted_database: str) -> None:
     up = Up(data_dir, clean_env(ROOST_BUS_URL=BUS_URL, ROOST_DATABASE_URL=planted_database,
                                 ROOST_LOG_LEVEL="DEBUG"))
     try:
