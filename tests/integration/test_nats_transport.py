@@ -39,6 +39,7 @@ from services.core.bus.nats import NatsTransport, redact
 from services.core.bus.subjects import durable_name
 from services.core.embedded.nats_server import NatsServer
 from tests.support.nats import nats_server, nats_transports, wait_for  # noqa: F401 - fixtures
+from tests.support.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.nats
 
@@ -317,6 +318,30 @@ async def test_consumers_resume_after_a_server_restart_and_nothing_is_lost(
     await wait_for(lambda: producer.connected and consumer.connected, what="both reconnected after the crash")
     await producer.publish(msg("roost.restart.x", "after-crash"))
     await wait_for(lambda: b"after-crash" in seen.bodies, timeout=30, what="delivery after the crash")
+
+
+@pytest.mark.slow
+async def test_a_silent_partition_is_noticed_and_healed(nats_transports: Factory,  # noqa: F811
+                                                        nats_server: NatsServer) -> None:  # noqa: F811
+    async with TcpProxy(target_port=nats_server.port) as proxy:
+        transport = NatsTransport(f"nats://127.0.0.1:{proxy.port}", client_name="roost-partitioned")
+        await transport.connect()
+        producer = await connected(nats_transports)
+        seen = Collector()
+        try:
+            await transport.subscribe("roost.partition.x", "partitioned", seen, ConsumerOptions(ack_wait=5))
+            await producer.publish(msg("roost.partition.x", "before"))
+            await wait_for(lambda: b"before" in seen.bodies, what="delivery before the partition")
+            await proxy.blackhole()
+            started = time.monotonic()
+            await wait_for(lambda: not transport.connected, timeout=15, what="the partition noticed")
+            assert time.monotonic() - started < 10
+            await producer.publish(msg("roost.partition.x", "during"))
+            await proxy.restore()
+            await wait_for(lambda: transport.connected, timeout=15, what="the reconnect")
+            await wait_for(lambda: b"during" in seen.bodies, timeout=20, what="delivery after the partition")
+        finally:
+            await transport.close()
 
 
 async def test_a_consumer_deleted_under_a_running_member_is_created_again(
