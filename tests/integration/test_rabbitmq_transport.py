@@ -623,7 +623,9 @@ async def test_stop_waits_for_callbacks_and_returns_unsettled_deliveries(scope: 
     (str(BROKER.with_password("pw-hidden")), "refused the login"),
     ("amqp://guest:pw-hidden@no-such-host.invalid:5672/", "unknown host"),
 ])
-async def test_connect_errors_are_one_clear_line_without_the_password(url: str, expected: str) -> None:
+async def test_connect_errors_are_one_clear_line_without_the_password(
+        url: str, expected: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG")
     transport = RabbitTransport(url, RabbitSettings(connect_timeout=5.0))
     started = time.monotonic()
     with pytest.raises(NotConnected) as caught:
@@ -635,6 +637,8 @@ async def test_connect_errors_are_one_clear_line_without_the_password(url: str, 
     assert caught.value.__cause__ is None
     assert caught.value.__context__ is None or caught.value.__suppress_context__, "no chained traceback"
     assert not transport.connected
+    assert [r.getMessage() for r in caplog.records if r.name.startswith(("aiormq", "aio_pika"))] == [], \
+        "the library does not log the same failure again"
     with pytest.raises(NotConnected):
         await transport.publish(msg("roost.test.x"))
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
+import logging
 import socket
 import ssl
 from dataclasses import dataclass
@@ -180,7 +182,9 @@ async def open_connection(url: str, settings: RabbitSettings,
     connection = aio_pika.RobustConnection(
         connection_url(parsed, settings), ssl_context=ssl_context,
         reconnect_interval=settings.reconnect_interval, fail_fast=True)
-    try:
+    connecting = _Flag()
+    token = _CONNECTING.set(connecting)     # the library's own lines about this attempt stay quiet:
+    try:                                    # a failure is one NotConnected line, not three
         async with asyncio.timeout(settings.connect_timeout):
             await connection.connect(timeout=settings.connect_timeout)
     except asyncio.CancelledError:
@@ -193,7 +197,32 @@ async def open_connection(url: str, settings: RabbitSettings,
     except Exception as exc:
         await _quietly_close(connection)
         raise NotConnected(f"cannot connect to RabbitMQ at {redact(url)}: {describe(exc, url)}") from None
+    finally:
+        connecting.on = False               # (tasks started meanwhile share the flag: they log again)
+        _CONNECTING.reset(token)
     return connection
+
+
+class _Flag:
+    on = True
+
+
+_CONNECTING: contextvars.ContextVar[_Flag | None] = contextvars.ContextVar("roost_rabbitmq_connecting",
+                                                                          default=None)
+
+
+class _QuietWhileConnecting(logging.Filter):
+    """Drops aio-pika / aiormq records logged on behalf of a first connection attempt still under way
+    (the tasks it starts inherit the context, hence the flag); everything else passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        flag = _CONNECTING.get()
+        return flag is None or not flag.on
+
+
+_QUIET = _QuietWhileConnecting()
+for _name in ("aiormq.connection", "aio_pika.connection", "aio_pika.robust_connection"):
+    logging.getLogger(_name).addFilter(_QUIET)
 
 
 async def _quietly_close(connection: AbstractRobustConnection) -> None:
@@ -202,8 +231,8 @@ async def _quietly_close(connection: AbstractRobustConnection) -> None:
 
 
 class Liveness:
-    """Whether the broker answers, measured by a cheap round trip (``basic.qos`` on a channel that
-    consumes nothing with a prefetch) every ``interval`` seconds.
+    """Whether the broker answers, measured by a cheap round trip (``basic.qos`` with no limit, on the
+    transport's control channel, whose consumers do not ack) every ``interval`` seconds.
 
     AMQP heartbeats notice a silently dead peer only after (heartbeat + 1) * 3 seconds; readiness
     must turn false sooner.  ``alive`` is false once no round trip has succeeded for ``timeout``
