@@ -270,6 +270,8 @@ def _operation(spec: MessageSpec, name: str, names: dict[type[BaseModel], str]) 
             reply["x-roost-result"] = {"$ref": SCHEMA_REF + _pointer(names[spec.result_model])}
         operation["reply"] = reply
         operation["x-roost-min-role"] = spec.min_role.value
+        if spec.reply_has_secrets:
+            operation["x-roost-reply-has-secrets"] = True
     return operation
 
 

@@ -3,6 +3,7 @@
 * ``roost.cmd.system.ping``: is a service there and which version is it?
 * ``roost.cmd.dlq.*``: the operator's dead-letter tooling (``roost dlq list|show|replay|purge``),
   answered by the dead-letter keeper (``services.core.deadletters``).
+* ``roost.cmd.token.*``: API tokens for operators and tools (``roost token create|list|revoke``).
 * ``roost.system.dead_letters_high`` / ``..._normal``: the dead-letter depth passed its threshold, or
   fell back below it.
 * ``roost.system.service_started`` / ``..._stopping``: a service instance came up or is going away
@@ -190,6 +191,59 @@ class DeadLettersNormal(_Model):
 # -- registration ----------------------------------------------------------------------------------
 
 
+# -- API tokens ------------------------------------------------------------------------------------
+
+TokenName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:@-]*$",
+                                 description="who or what the token is for, e.g. alice or grafana")]
+
+
+class TokenCreate(_Model):
+    """Create an API token.  One active token per name: a repeat of the same name is refused."""
+
+    name: TokenName
+    role: Role = Role.READER
+    expires_in_days: float | None = Field(default=None, gt=0, le=3650, description="none: it never expires")
+
+
+class TokenCreated(_Model):
+    """The new token: shown in this reply only, stored nowhere in clear."""
+
+    name: TokenName
+    role: Role
+    token: str = Field(min_length=1, max_length=256)
+    expires_at: AwareDatetime | None = None
+
+
+class TokenList(_Model):
+    """List the API tokens (names, roles, dates; never a token)."""
+
+    include_revoked: bool = False
+
+
+class TokenSummary(_Model):
+    name: TokenName
+    role: Role
+    kind: str = Field(max_length=16)
+    created_at: AwareDatetime
+    last_used_at: AwareDatetime | None = None
+    expires_at: AwareDatetime | None = None
+    revoked_at: AwareDatetime | None = None
+
+
+class TokenListResult(_Model):
+    items: list[TokenSummary]
+
+
+class TokenRevoke(_Model):
+    """Revoke a name's active token (it stops working within the services' few-second cache)."""
+
+    name: TokenName
+
+
+class TokenRevoked(_Model):
+    revoked: bool
+
+
 def register(registry: Registry) -> None:
     """Register core's messages in ``registry`` (done for ``REGISTRY`` when this module is imported)."""
     registry.command("roost.cmd.system.ping", OWNER, Ping, "Check that a service answers, and its version",
@@ -202,6 +256,12 @@ def register(registry: Registry) -> None:
                      min_role=Role.ADMIN, result_model=DlqReplayResult)
     registry.command("roost.cmd.dlq.purge", OWNER, DlqPurge, "Delete dead letters for good",
                      min_role=Role.ADMIN, result_model=DlqPurgeResult)
+    registry.command("roost.cmd.token.create", OWNER, TokenCreate, "Create an API token, shown once",
+                     min_role=Role.ADMIN, result_model=TokenCreated, reply_has_secrets=True)
+    registry.command("roost.cmd.token.list", OWNER, TokenList, "List API tokens (never the tokens themselves)",
+                     min_role=Role.ADMIN, result_model=TokenListResult)
+    registry.command("roost.cmd.token.revoke", OWNER, TokenRevoke, "Revoke a name's active API token",
+                     min_role=Role.ADMIN, result_model=TokenRevoked)
     registry.event("roost.system.dead_letters_high", OWNER, DeadLettersHigh,
                    "The dead-letter depth passed its threshold")
     registry.event("roost.system.dead_letters_normal", OWNER, DeadLettersNormal,

@@ -44,6 +44,9 @@ class MessageSpec:
     version: int = 1
     min_role: Role = Role.ADMIN          # commands: the least role allowed to send it
     result_model: builtins.type[BaseModel] | None = None   # commands: the shape of CommandReply.result
+    # commands: the reply carries a secret (a new token): the bus never stores it for idempotency, so
+    # the handler must be idempotent by itself (e.g. one active token per name).
+    reply_has_secrets: bool = False
 
     @property
     def entity_event(self) -> bool:
@@ -79,9 +82,9 @@ class Registry:
 
     def command(self, type: str, owner: str, model: type[BaseModel], summary: str, *,
                 version: int = 1, min_role: Role = Role.ADMIN,
-                result_model: type[BaseModel] | None = None) -> MessageSpec:
+                result_model: type[BaseModel] | None = None, reply_has_secrets: bool = False) -> MessageSpec:
         return self.register(MessageSpec(type, MessageKind.COMMAND, owner, model, summary, version,
-                                         min_role, result_model))
+                                         min_role, result_model, reply_has_secrets))
 
     def get(self, type: str, version: int = 1) -> MessageSpec:
         try:

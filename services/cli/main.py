@@ -224,5 +224,42 @@ def dlq_purge(obj: Context, ids: tuple[str, ...], group: str | None, all_: bool)
     show_reply(reply, lambda r: f"purged {r.get('purged', 0)}")
 
 
+@cli.group()
+def token() -> None:
+    """API tokens for operators and tools (admin only)."""
+
+
+@token.command("create")
+@click.argument("name")
+@click.option("--role", type=click.Choice(["reader", "admin"]), default="reader", show_default=True)
+@click.option("--expires-in-days", type=click.FloatRange(min=0, min_open=True), help="Default: never.")
+@click.pass_obj
+def token_create(obj: Context, name: str, role: str, expires_in_days: float | None) -> None:
+    """Create a token for NAME; it is printed this once."""
+    reply = run(obj.command("roost.cmd.token.create",
+                            {"name": name, "role": role, "expires_in_days": expires_in_days}))
+    show_reply(reply, lambda r: f"{r['token']}\n(the token for {r['name']}, role {r['role']}: "
+                                "it is shown this once and stored nowhere in clear)")
+
+
+@token.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Include revoked tokens.")
+@click.pass_obj
+def token_list(obj: Context, include_revoked: bool) -> None:
+    """List tokens: names, roles, dates (never the tokens)."""
+    reply = run(obj.command("roost.cmd.token.list", {"include_revoked": include_revoked}))
+    show_reply(reply, lambda r: table(r.get("items", []), ["name", "role", "kind", "created_at", "last_used_at",
+                                                           "expires_at", "revoked_at"]))
+
+
+@token.command("revoke")
+@click.argument("name")
+@click.pass_obj
+def token_revoke(obj: Context, name: str) -> None:
+    """Revoke NAME's active token."""
+    reply = run(obj.command("roost.cmd.token.revoke", {"name": name}))
+    show_reply(reply, lambda r: "revoked" if r.get("revoked") else f"{name} had no active token")
+
+
 def main() -> None:
     cli(prog_name="roost")

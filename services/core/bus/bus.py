@@ -325,7 +325,7 @@ class Bus:
 
         with message_context(envelope, principal=principal.name, group=delivery.group, attempt=delivery.attempt):
             try:
-                if self.idempotency is not None and envelope.idempotencykey:
+                if self.idempotency is not None and envelope.idempotencykey and not spec.reply_has_secrets:
                     reply_data = await self.idempotency.run_once(envelope.idempotencykey, envelope.type, execute)
                 else:
                     reply_data = await execute()
