@@ -139,6 +139,7 @@ class NatsSubscription(Subscription):
         self._callback = callback
         self._options = options
         self._prefetch = max(1, options.prefetch)
+        self._refill = max(1, self._prefetch // 2)
         self.settle_timeout = transport.settle_timeout
         self._next_subject = f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = ""
@@ -294,7 +295,9 @@ class NatsSubscription(Subscription):
             self._req_end.set()
 
     def _update_room(self) -> None:
-        if self._in_hand < self._prefetch:
+        # Pull again once half the prefetch is free, not for every message settled: one pull request per
+        # message would double the traffic and the work of a busy consumer.
+        if self._in_hand <= self._prefetch - self._refill:
             self._room.set()
         elif not self._stop.is_set():
             self._room.clear()
