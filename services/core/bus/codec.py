@@ -8,12 +8,27 @@ broker-side dedup and for inspection without parsing.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import UTC, datetime
 
 from pydantic import ValidationError
 
 from schemas.envelope import Envelope
-from services.core.bus.abc import H_MESSAGE_ID, H_TYPE, OutgoingMessage
-from services.core.bus.subjects import check_subject
+from services.core.bus.abc import (
+    H_ATTEMPT,
+    H_DLQ_ATTEMPTS,
+    H_DLQ_GROUP,
+    H_DLQ_REASON,
+    H_DLQ_SUBJECT,
+    H_DLQ_TIME,
+    H_MESSAGE_ID,
+    H_TYPE,
+    STRIPPED_ON_DEAD_LETTER,
+    OutgoingMessage,
+    RawDelivery,
+)
+from services.core.bus.subjects import check_subject, dlq_subject
+
+REASON_LIMIT = 1000
 
 
 class MalformedMessage(ValueError):
@@ -41,3 +56,21 @@ def decode(body: bytes) -> Envelope:
         errors = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5])
         raise MalformedMessage(f"not a valid envelope: {errors}") from exc
+
+
+def dead_letter_copy(delivery: RawDelivery, reason: str) -> OutgoingMessage:
+    """What every transport publishes to ``roost.dlq.<group>`` when it gives a delivery up.
+
+    The original body and message id; its headers minus secrets and the retry counter; and why, where
+    from and when.  Header values cannot hold line breaks, so the reason is flattened to one line.
+    """
+    headers = {k: v for k, v in delivery.headers.items() if k not in STRIPPED_ON_DEAD_LETTER and k != H_ATTEMPT}
+    headers.setdefault(H_MESSAGE_ID, delivery.message_id)
+    headers.update({
+        H_DLQ_REASON: " ".join(reason.split())[:REASON_LIMIT] or "(no reason given)",
+        H_DLQ_SUBJECT: delivery.subject,
+        H_DLQ_GROUP: delivery.group,
+        H_DLQ_ATTEMPTS: str(delivery.attempt),
+        H_DLQ_TIME: datetime.now(UTC).isoformat(),
+    })
+    return OutgoingMessage(dlq_subject(delivery.group), delivery.body, delivery.message_id, headers)

@@ -17,16 +17,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 
 from services.core.bus.abc import (
-    H_DLQ_ATTEMPTS,
-    H_DLQ_GROUP,
-    H_DLQ_REASON,
-    H_DLQ_SUBJECT,
-    H_DLQ_TIME,
     H_REPLY_TO,
-    STRIPPED_ON_DEAD_LETTER,
     ConsumeCallback,
     ConsumerOptions,
     NotConnected,
@@ -39,11 +32,11 @@ from services.core.bus.abc import (
     Transport,
     Unroutable,
 )
+from services.core.bus.codec import dead_letter_copy
 from services.core.bus.subjects import (
     check_group,
     check_pattern,
     check_subject,
-    dlq_subject,
     is_command,
     matches,
 )
@@ -168,12 +161,7 @@ class _MemoryDelivery(RawDelivery):
     async def dead_letter(self, reason: str) -> None:
         if self.settled:
             raise RuntimeError("delivery settled twice")
-        headers = {k: v for k, v in self.headers.items() if k not in STRIPPED_ON_DEAD_LETTER}
-        headers.update({
-            H_DLQ_REASON: reason, H_DLQ_SUBJECT: self.subject, H_DLQ_GROUP: self.group,
-            H_DLQ_ATTEMPTS: str(self.attempt), H_DLQ_TIME: datetime.now(UTC).isoformat(),
-        })
-        copy = OutgoingMessage(dlq_subject(self.group), self.body, self.message_id, headers)
+        copy = dead_letter_copy(self, reason)
         if not self._transport.connected:
             self.settled = True
             return

@@ -41,7 +41,6 @@ import ssl
 import time
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import aio_pika
@@ -58,13 +57,7 @@ from prometheus_client import Counter
 
 from services.core.bus.abc import (
     H_ATTEMPT,
-    H_DLQ_ATTEMPTS,
-    H_DLQ_GROUP,
-    H_DLQ_REASON,
-    H_DLQ_SUBJECT,
-    H_DLQ_TIME,
     H_REPLY_TO,
-    STRIPPED_ON_DEAD_LETTER,
     BusError,
     ConsumeCallback,
     ConsumerOptions,
@@ -77,6 +70,7 @@ from services.core.bus.abc import (
     Transport,
     Unroutable,
 )
+from services.core.bus.codec import dead_letter_copy
 from services.core.bus.rabbitmq_connection import (
     CONNECTION_ERRORS,
     Liveness,
@@ -112,7 +106,6 @@ from services.core.bus.subjects import (
     check_group,
     check_pattern,
     check_subject,
-    dlq_subject,
     durable_name,
     to_amqp_binding,
 )
@@ -530,14 +523,7 @@ class RabbitTransport(Transport):
         raise PublishFailed(f"could not republish {delivery.message_id} for a retry: {name} keeps vanishing")
 
     async def republish_dead_letter(self, delivery: RabbitDelivery, reason: str) -> None:
-        headers = {k: v for k, v in delivery.headers.items()
-                   if k not in STRIPPED_ON_DEAD_LETTER and k != H_ATTEMPT}
-        headers.update({
-            H_DLQ_REASON: reason, H_DLQ_SUBJECT: delivery.subject, H_DLQ_GROUP: delivery.group,
-            H_DLQ_ATTEMPTS: str(delivery.attempt), H_DLQ_TIME: datetime.now(UTC).isoformat(),
-        })
-        await self.publish(OutgoingMessage(dlq_subject(delivery.group), delivery.body, delivery.message_id,
-                                           headers), timeout=self.settings.settle_timeout)
+        await self.publish(dead_letter_copy(delivery, reason), timeout=self.settings.settle_timeout)
 
     # -- request / reply --------------------------------------------------------------------
 
