@@ -487,7 +487,7 @@ class NatsTransport(Transport):
         per publish, and no stream-info permission needed while the stream exists)."""
         check_subject(subject)
         if is_command(subject):
-            await self._check_routable(subject)
+            await self._check_routable_or_fail(subject)
 
     async def _publish(self, message: OutgoingMessage, *, timeout: float, dedup_id: str | None = None) -> None:
         deadline = time.monotonic() + timeout
@@ -503,12 +503,35 @@ class NatsTransport(Transport):
                 self._pub_ack(message, answer)
                 return
             except _NoStream:
-                if is_command(message.subject):
-                    raise Unroutable(f"no consumer group is bound to {message.subject}") from None
-                if attempt == 2:
-                    raise PublishFailed(f"no stream holds {message.subject}") from None
-                self._known_streams.discard(stream_name(domain_of(message.subject)))   # new, deleted or wiped
-                await self.ensure_stream(domain_of(message.subject))
+                await self._no_stream(message, final=attempt == 2)
+
+    async def _no_stream(self, message: OutgoingMessage, *, final: bool) -> None:
+        """Nothing stored the publish.  An event's stream is new, deleted or wiped: create it (the caller
+        publishes again).  A command: unroutable if no group is bound (the group may have been deleted
+        since the cached answer), else JetStream is not answering (shutting down) and it was not stored."""
+        subject = message.subject
+        if is_command(subject):
+            self._routes.pop(stream_name(domain_of(subject)), None)
+            await self._check_routable_or_fail(subject)
+            raise PublishFailed(f"{subject} not stored: JetStream did not take it (stream unavailable)")
+        if final:
+            raise PublishFailed(f"{subject} not stored: no stream holds it")
+        self._known_streams.discard(stream_name(domain_of(subject)))
+        try:
+            await self.ensure_stream(domain_of(subject))
+        except NotConnected:
+            raise
+        except BusError as exc:
+            raise PublishFailed(f"{subject} not stored: {exc}") from None
+
+    async def _check_routable_or_fail(self, subject: str) -> None:
+        """``_check_routable``, with a failure to find out reported as a failed publish."""
+        try:
+            await self._check_routable(subject)
+        except (NotConnected, Unroutable):
+            raise
+        except BusError as exc:
+            raise PublishFailed(f"{subject} not published: {exc}") from None
 
     async def publish(self, message: OutgoingMessage, *, timeout: float = 10.0) -> None:
         await self._publish(message, timeout=timeout)
