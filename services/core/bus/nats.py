@@ -284,6 +284,11 @@ class NatsTransport(Transport):
                 await asyncio.wait_for(nc.close(), 10)
 
     @property
+    def closing(self) -> bool:
+        """``close()`` or ``abort()`` is under way."""
+        return self._closing
+
+    @property
     def connected(self) -> bool:
         return self._nc is not None and self._nc.is_connected
 

@@ -119,8 +119,12 @@ class NatsDelivery(RawDelivery):
         if self.settled:
             raise RuntimeError("delivery settled twice")
         self.settled = True
+        transport = self._member.transport
+        if transport.closing and not transport.connected:    # shutting down during an outage: do not wait
+            self._member.settle_failed(what, self.message_id, BusError("not connected"))
+            return
         try:
-            nc = self._member.transport.client()
+            nc = transport.client()
             await nc.request(self._msg.reply, payload, timeout=self._member.settle_timeout)
         except (BusError, nats.errors.Error, TimeoutError, OSError) as exc:
             self._member.settle_failed(what, self.message_id, exc)
@@ -232,6 +236,13 @@ class NatsSubscription(Subscription):
     async def _give_back(self) -> None:
         """Hand what was received but never started back to the group's other members at once."""
         if not self._held:
+            return
+        if not self.transport.connected:
+            log.info("not connected: unstarted messages return to the group after ack_wait", group=self.group,
+                     count=len(self._held))
+            while self._held:
+                self._held.popleft()
+                self._release()
             return
         try:
             nc = self.transport.client()
