@@ -35,6 +35,7 @@ from schemas.core import (
     DlqReplayResult,
     DlqShow,
 )
+from services.core import metrics
 from services.core.bus.abc import (
     H_ATTEMPT,
     H_DLQ_ATTEMPTS,
@@ -119,6 +120,7 @@ class DeadLetterKeeper:
         self.pool = pool
         self.bus = bus
         self.alarm = DepthAlarm(threshold)
+        self._groups_seen: set[str] = set()
 
     async def start(self) -> None:
         await self.bus.transport.subscribe("roost.dlq.>", KEEPER_GROUP, self._keep,
@@ -153,6 +155,9 @@ class DeadLetterKeeper:
 
     async def _check_depth(self) -> None:
         groups = await self.depth()
+        for group in self._groups_seen | set(groups):
+            metrics.set_dead_letters_waiting(group, groups.get(group, 0))
+        self._groups_seen |= set(groups)
         total = sum(groups.values())
         change = self.alarm.observe(total)
         if change == "high":

@@ -112,7 +112,7 @@ class ServiceHost:
                         idempotency=PgIdempotencyStore(pool), token=self._token, observer=observer)
         await self._bus.connect()
         broker = broker_of(self.connections.bus_url)
-        metrics.set_broker_connected(broker, self.name, True)
+        metrics.watch_broker_connection(broker, self.name, lambda: transport.connected)
         relay = self._relay = OutboxRelay(pool, transport, schema, observer=observer)
         self._tasks.append(asyncio.create_task(relay.run(), name=f"{self.name}-relay"))
         self._unregister_lag.append(metrics.register_outbox_lag(schema, self._outbox_lag))
@@ -150,7 +150,6 @@ class ServiceHost:
         if self._bus is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._bus.close(), left())
-            metrics.set_broker_connected(broker_of(self.connections.bus_url), self.name, False)
         if self._pool is not None:
             try:
                 await asyncio.wait_for(self._pool.close(), left())

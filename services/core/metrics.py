@@ -154,6 +154,11 @@ def set_broker_connected(broker: str, service: str, connected: bool) -> None:
     BROKER_CONNECTED.labels(broker, service).set(1 if connected else 0)
 
 
+def watch_broker_connection(broker: str, service: str, connected: Callable[[], bool]) -> None:
+    """``roost_broker_connected`` read from the transport at every scrape, so it is never stale."""
+    BROKER_CONNECTED.labels(broker, service).set_function(lambda: 1.0 if connected() else 0.0)
+
+
 def record_reconnect(broker: str, service: str) -> None:
     BROKER_RECONNECTS.labels(broker, service).inc()
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY
 
 from schemas.envelope import Envelope, ReplyStatus
 from services.core.auth import InMemoryAuthenticator
@@ -94,6 +95,7 @@ async def test_a_dead_letter_is_kept_listed_replayed_and_purged(site: Site) -> N
     assert listed.status is ReplyStatus.COMPLETED, listed
     items = listed.result["items"]
     assert len(items) == 2
+    assert REGISTRY.get_sample_value("roost_dead_letters_waiting_messages", {"group": "fragile"}) == 2
     assert "RuntimeError: database of record unreachable" in items[0]["reason"]
     assert items[0]["attempts"] == 2
 
@@ -115,6 +117,7 @@ async def test_a_dead_letter_is_kept_listed_replayed_and_purged(site: Site) -> N
     assert purged.result == {"purged": 1}
     await wait_until(lambda: "roost.system.dead_letters_normal" in announced, what="back to normal")
     assert (await site.command("roost.cmd.dlq.list", {})).result["items"] == []
+    assert REGISTRY.get_sample_value("roost_dead_letters_waiting_messages", {"group": "fragile"}) == 0
 
 
 async def test_a_dead_letter_delivered_twice_is_stored_once(site: Site) -> None:

@@ -4,6 +4,7 @@ Bad configuration ends in one clear line and a non-zero exit, without a tracebac
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 pytestmark = pytest.mark.slow
@@ -80,6 +82,10 @@ def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: 
     ping = roost(data_dir, "ping")
     assert ping.returncode == 0 and "pong from core" in ping.stdout, ping.stderr
     assert roost(data_dir, "dlq", "list").stdout.strip() == "(none)"
+    core_url = json.loads((data_dir / "run" / "roost.json").read_text())["services"]["core"]["http"]
+    scraped = httpx.get(f"{core_url}/metrics", timeout=5).text
+    assert 'roost_broker_connected{broker="nats",service="core"} 1.0' in scraped
+    assert "roost_outbox_pending_messages" in scraped
     denied = roost(data_dir, "--token", "roost_not-a-real-token", "dlq", "purge", "--all")
     assert denied.returncode == 1 and "unauthenticated" in denied.stderr
 
