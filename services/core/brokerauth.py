@@ -326,7 +326,8 @@ _CORE = service(
     sends=(f"{COMMAND_PREFIX}.>",),  # ... commands included
     consumers=(Consumer("dlq-keeper", f"{DLQ_PREFIX}.>"),
                Consumer("core-dlq", f"{COMMAND_PREFIX}.dlq.>"),
-               Consumer("core-system", f"{COMMAND_PREFIX}.system.>")),
+               Consumer("core-system", f"{COMMAND_PREFIX}.system.>"),
+               Consumer("core-token", f"{COMMAND_PREFIX}.token.>")),
 )
 
 # The services' rows: the domains each owns (ARCHITECTURE.md).  A service adds the events it reads and

@@ -188,7 +188,8 @@ def test_services_publish_their_domains_and_serve_their_commands() -> None:
 
 def test_core_groups_are_the_ones_core_subscribes_with() -> None:
     core = roost_policy().get("core")
-    assert set(core.groups) == {deadletters.KEEPER_GROUP, deadletters.COMMAND_GROUP, system.SYSTEM_GROUP}
+    assert set(core.groups) == {deadletters.KEEPER_GROUP, deadletters.COMMAND_GROUP, system.SYSTEM_GROUP,
+                                system.TOKEN_GROUP}
 
 
 # -- regexes and patterns mean what the bus means ---------------------------------------------------------
