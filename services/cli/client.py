@@ -17,9 +17,12 @@ from typing import Any
 from pydantic import BaseModel
 
 from schemas.envelope import CommandReply, Envelope
+from services.core.brokerauth_apply import broker_password_secret
 from services.core.bus.abc import BusError, NotConnected
 from services.core.bus.bus import Bus
 from services.core.bus.factory import transport_from_url
+from services.core.secrets import SecretStore, SecretStoreError
+from services.core.settings import url_with_credentials
 
 RUNTIME_FILE = Path("run") / "roost.json"
 OPERATOR_TOKEN_SECRET = "operator-token"
@@ -38,6 +41,7 @@ class Runtime:
     """What `roost up` recorded about the system it runs."""
 
     bus_url: str | None = None
+    bus_user: str | None = None          # the broker user the `roost` command logs in as (embedded NATS)
     pid: int | None = None
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
     started_at: str | None = None
@@ -51,15 +55,15 @@ class Runtime:
             return None
         except (OSError, ValueError) as exc:
             raise CliError(f"cannot read {path}: {exc}") from exc
-        return cls(bus_url=raw.get("bus_url"), pid=raw.get("pid"), services=raw.get("services", {}),
-                   started_at=raw.get("started_at"))
+        return cls(bus_url=raw.get("bus_url"), bus_user=raw.get("bus_user"), pid=raw.get("pid"),
+                   services=raw.get("services", {}), started_at=raw.get("started_at"))
 
     def save(self, data_dir: Path) -> None:
         path = data_dir / RUNTIME_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"bus_url": self.bus_url, "pid": self.pid, "services": self.services,
-                                   "started_at": self.started_at}, indent=2))
+        tmp.write_text(json.dumps({"bus_url": self.bus_url, "bus_user": self.bus_user, "pid": self.pid,
+                                   "services": self.services, "started_at": self.started_at}, indent=2))
         tmp.replace(path)
 
     @staticmethod
@@ -89,7 +93,13 @@ def resolve_bus_url(explicit: str | None, data_dir: Path) -> str:
     if not runtime.running:
         raise CliError(f"roost (pid {runtime.pid}) recorded in {data_dir / RUNTIME_FILE} is not running; "
                        "start it with `roost up`", code=3)
-    return runtime.bus_url
+    if runtime.bus_user is None:
+        return runtime.bus_url
+    try:
+        password = SecretStore.in_data_dir(data_dir).get_text(broker_password_secret(runtime.bus_user))
+    except SecretStoreError as exc:
+        raise CliError(f"cannot read the broker password of {runtime.bus_user}: {exc}", code=3) from None
+    return url_with_credentials(runtime.bus_url, runtime.bus_user, password.get_secret_value())
 
 
 def resolve_token(explicit: str | None, data_dir: Path) -> str | None:

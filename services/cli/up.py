@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +22,8 @@ import click
 from schemas.envelope import Role
 from services.cli.client import OPERATOR_TOKEN_SECRET, CliError, Runtime
 from services.core.auth import PgAuthenticator, create_token, ensure_bootstrap_admin, revoke, verify
+from services.core.brokerauth import OPERATOR_NAME, roost_policy
+from services.core.brokerauth_apply import apply_nats, ensure_broker_passwords
 from services.core.bus.abc import NotConnected
 from services.core.bus.factory import UnsupportedBusUrl, transport_from_url
 from services.core.db.migrations import MigrationError, migrate
@@ -31,7 +34,7 @@ from services.core.host import Component, Connections, ServiceHost
 from services.core.logging import configure_logging, register_secret
 from services.core.runner import ServiceRunner, run_services
 from services.core.secrets import SecretStore, SecretStoreError
-from services.core.settings import ConfigError, RoostSettings, load_settings, mask_url
+from services.core.settings import ConfigError, RoostSettings, load_settings, mask_url, url_with_credentials
 from services.core.system import CoreService
 
 
@@ -65,8 +68,8 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
         raise CliError(str(exc)) from None
 
     async with contextlib.AsyncExitStack() as stack:
-        bus_url, bus_label = await _bus(settings, data, stack)
-        await _check_bus(bus_url, settings)
+        bus = await _bus(settings, data, stack, secrets)
+        await _check_bus(bus.url_for("core"), settings)
         database_url, database_label = await _database(settings, data, stack)
         try:
             pool = await create_pool(database_url, min_size=1, max_size=4)
@@ -79,14 +82,15 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
             raise CliError(f"database migrations: {exc}", code=2) from None
         first_token = await _bootstrap_admin(pool, secrets)
         services = components()
-        hosts = [ServiceHost(c, settings, Connections(bus_url, database_url),
+        hosts = [ServiceHost(c, settings, Connections(bus.url_for(c.name), database_url),
                              await _service_token(pool, secrets, c.name)) for c in services]
 
         def started(runners: Sequence[ServiceRunner]) -> None:
-            Runtime(bus_url=bus_url, pid=os.getpid(), started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            Runtime(bus_url=bus.url, bus_user=OPERATOR_NAME if bus.passwords else None, pid=os.getpid(),
+                    started_at=datetime.now(UTC).isoformat(timespec="seconds"),
                     services={r.name: {"http": r.url} for r in runners}).save(data)
             stack.callback(Runtime.remove, data)
-            _announce(data, bus_label, database_label, runners, first_token)
+            _announce(data, bus.label, database_label, runners, first_token)
 
         code = await run_services(hosts, host=settings.http_host, base_port=settings.http_base_port,
                                   authenticator=PgAuthenticator(pool), on_started=started)
@@ -94,17 +98,37 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
         raise CliError("stopped with errors (see the log above)", code=code)
 
 
-async def _bus(settings: RoostSettings, data: Path, stack: contextlib.AsyncExitStack) -> tuple[str, str]:
+@dataclass(frozen=True)
+class BusPlan:
+    """The bus this process uses; with the embedded NATS, the broker user and password of each principal."""
+
+    url: str
+    label: str
+    passwords: Mapping[str, str] = field(default_factory=dict)
+
+    def url_for(self, user: str) -> str:
+        password = self.passwords.get(user)
+        return url_with_credentials(self.url, user, password) if password is not None else self.url
+
+
+async def _bus(settings: RoostSettings, data: Path, stack: contextlib.AsyncExitStack,
+               secrets: SecretStore) -> BusPlan:
     if settings.bus_url is not None:
         url = settings.bus_url.get_secret_value()
-        return url, mask_url(url)
-    server = NatsServer(data / "nats", server_name="roost")
+        return BusPlan(url, mask_url(url))
+    # The embedded NATS enforces the broker policy: each service, and the `roost` command, is its own
+    # user and may publish and consume only what services.core.brokerauth allows it.
+    policy = roost_policy()
+    passwords = ensure_broker_passwords(secrets, policy)
+    config = apply_nats(policy, passwords, data / "nats" / "auth.conf", server_name="roost")
+    server = NatsServer(data / "nats", server_name="roost", config_file=config)
     try:
         await server.start()
     except NatsServerError as exc:
         raise CliError(f"cannot start the embedded NATS server: {exc}") from None
     stack.push_async_callback(server.stop)
-    return server.url, f"{server.url} (embedded NATS JetStream, data in {data / 'nats'})"
+    return BusPlan(server.url, f"{server.url} (embedded NATS JetStream with a user per service, data in "
+                               f"{data / 'nats'})", {user: pw.get_secret_value() for user, pw in passwords.items()})
 
 
 async def _database(settings: RoostSettings, data: Path, stack: contextlib.AsyncExitStack) -> tuple[str, str]:

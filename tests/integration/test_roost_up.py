@@ -59,6 +59,23 @@ class Up:
         return self.process.wait(timeout)
 
 
+ANONYMOUS_CONNECT = """
+import asyncio, sys
+from services.core.bus.abc import NotConnected
+from services.core.bus.factory import transport_from_url
+async def main():
+    try:
+        await transport_from_url(sys.argv[1]).connect()
+    except NotConnected:
+        sys.exit(3)
+asyncio.run(main())
+"""
+
+
+def runtime_bus_url(data_dir: Path) -> str:
+    return str(json.loads((data_dir / "run" / "roost.json").read_text())["bus_url"])
+
+
 @pytest.fixture
 def data_dir() -> Iterator[Path]:
     # Not pytest's tmp_path: another pytest session resets /tmp/pytest-of-<user> to 0700, which locks out the
@@ -86,6 +103,9 @@ def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: 
     scraped = httpx.get(f"{core_url}/metrics", timeout=5).text
     assert 'roost_broker_connected{broker="nats",service="core"} 1.0' in scraped
     assert "roost_outbox_pending_messages" in scraped
+    anonymous = subprocess.run([sys.executable, "-c", ANONYMOUS_CONNECT, runtime_bus_url(data_dir)],
+                               capture_output=True, text=True, timeout=60)
+    assert anonymous.returncode == 3, "the embedded NATS refuses a client without a user: " + anonymous.stderr
     denied = roost(data_dir, "--token", "roost_not-a-real-token", "dlq", "purge", "--all")
     assert denied.returncode == 1 and "unauthenticated" in denied.stderr
 
@@ -101,6 +121,9 @@ def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: 
     assert again.interrupt() == 0, again.stderr.read_text()[-3000:]
     logs = up.stderr.read_text() + again.stderr.read_text()
     assert token not in logs, "the admin token never reaches the logs"
+    broker_passwords = [p.read_text().strip() for p in (data_dir / "secrets").glob("broker-password-*")]
+    assert len(broker_passwords) >= 7, "one broker user per service and one for the roost command"
+    assert not [p for p in broker_passwords if p in logs], "broker passwords never reach the logs"
     assert "Traceback" not in logs
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import ssl
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from services.core.bus.abc import Transport
 
@@ -30,6 +30,11 @@ def transport_from_url(url: str, *, ssl_context: ssl.SSLContext | None = None) -
         from services.core.bus.rabbitmq import RabbitTransport
 
         return RabbitTransport(url, ssl_context=ssl_context)
+    from services.core.brokerauth import nats_inbox_prefix
     from services.core.bus.nats import NatsTransport
 
+    # A NATS user may only receive replies under its own inbox prefix (services.core.brokerauth).
+    user = urlsplit(url).username
+    if user:
+        return NatsTransport(url, tls=ssl_context, inbox_prefix=nats_inbox_prefix(unquote(user)))
     return NatsTransport(url, tls=ssl_context)
