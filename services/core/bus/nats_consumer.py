@@ -162,7 +162,7 @@ class NatsSubscription(Subscription):
         self._req_detail = ""
         self._req_end = asyncio.Event()
         self._activity = time.monotonic()
-        self._alive_at = datetime.now(UTC)     # the last time the server showed us this consumer exists
+        self._alive_at = time.monotonic()      # the last time the server showed us this consumer exists
         self._reconnected = False
         self._stopped = False
         self._settle_failures = 0
@@ -283,7 +283,7 @@ class NatsSubscription(Subscription):
             if status is not None and req == self._req_id:
                 self._activity = time.monotonic()
                 if status in ("100", "404", "408"):
-                    self._alive_at = datetime.now(UTC)
+                    self._alive_at = self._activity
                 if status != "100":               # 100: idle heartbeat
                     self._req_status = status
                     self._req_detail = (msg.headers or {}).get("Description", "")
@@ -293,7 +293,7 @@ class NatsSubscription(Subscription):
             return
         now = time.monotonic()
         self._activity = now
-        self._alive_at = datetime.now(UTC)
+        self._alive_at = now
         self._held.append(_Held(msg, now))
         self._in_hand += 1
         self._update_room()
@@ -338,7 +338,7 @@ class NatsSubscription(Subscription):
             try:
                 if need_consumer:
                     # Margin for clock differences with the server; duplicates are harmless, gaps are not.
-                    since = self._alive_at - timedelta(seconds=5)
+                    since = datetime.now(UTC) - timedelta(seconds=time.monotonic() - self._alive_at + 5.0)
                     await self.transport.recover_consumer(self.pattern, self.group, self._options, since)
                     need_consumer = False
                 if failures >= 2:
