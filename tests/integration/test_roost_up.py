@@ -72,6 +72,20 @@ asyncio.run(main())
 """
 
 
+INVALID_COMMAND = """
+import asyncio, sys
+from pathlib import Path
+from schemas.envelope import Envelope
+from services.cli.client import BusClient, resolve_bus_url, resolve_token
+async def main():
+    data = Path(sys.argv[1])
+    async with BusClient(resolve_bus_url(None, data), resolve_token(None, data)) as client:
+        reply = await client.command("roost.cmd.dlq.list", {"limit": 0})
+        print(reply.status)
+asyncio.run(main())
+"""
+
+
 def runtime_bus_url(data_dir: Path) -> str:
     return str(json.loads((data_dir / "run" / "roost.json").read_text())["bus_url"])
 
@@ -99,6 +113,13 @@ def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: 
     ping = roost(data_dir, "ping")
     assert ping.returncode == 0 and "pong from core" in ping.stdout, ping.stderr
     assert roost(data_dir, "dlq", "list").stdout.strip() == "(none)"
+    invalid = subprocess.run([sys.executable, "-c", INVALID_COMMAND, str(data_dir)], env=clean_env(),
+                             capture_output=True, text=True, timeout=60)
+    assert invalid.returncode == 0 and "rejected" in invalid.stdout, invalid.stdout + invalid.stderr
+    deadline = time.monotonic() + 30
+    while "roost.cmd.dlq.list" not in roost(data_dir, "dlq", "list").stdout:
+        assert time.monotonic() < deadline, "the invalid command reaches the dead letters under the broker policy"
+        time.sleep(0.2)
     core_url = json.loads((data_dir / "run" / "roost.json").read_text())["services"]["core"]["http"]
     scraped = httpx.get(f"{core_url}/metrics", timeout=5).text
     assert 'roost_broker_connected{broker="nats",service="core"} 1.0' in scraped
