@@ -118,7 +118,7 @@ def test_lookups_normalise_and_unknown_ids_are_refused(starlingx: Catalogue) -> 
     assert isinstance(info.value, LookupError) and isinstance(info.value, AlarmError)
     with pytest.raises(MalformedAlarmId):
         starlingx.get("200-010")
-    with pytest.raises(NotAnAlarm, match="200.020 is a customer log"):
+    with pytest.raises(NotAnAlarm, match=r"200\.020 is a customer log"):
         starlingx.alarm("200.020")
 
 
@@ -217,7 +217,7 @@ def test_missing_fields_and_alarm_only_fields_on_a_log() -> None:
 def test_bad_ids_and_duplicates_in_one_file() -> None:
     with pytest.raises(CatalogueError, match=r"mine\.yaml:1: 9000\.1: malformed alarm id"):
         Catalogue.from_yaml(_text({"9000.1": GOOD}), source="mine.yaml")
-    with pytest.raises(CatalogueError, match="more than three decimals|malformed"):
+    with pytest.raises(CatalogueError, match=r"malformed alarm id"):
         Catalogue.from_yaml(_text({"900.0101": GOOD}), source="mine.yaml")
     text = _text({"900.010": GOOD}) + _text({"900.01": GOOD})   # the same id, as YAML would read it
     with pytest.raises(DuplicateAlarmId, match=r"900\.010: defined twice in this file \(first at line 1\)"):
