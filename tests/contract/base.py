@@ -44,6 +44,7 @@ from services.core.bus.abc import (
 )
 from services.core.bus.bus import Bus, Message, RetryLater
 from services.core.bus.subjects import dlq_subject
+from tests.support.waiting import wait_until
 
 TransportFactory = Callable[[], Transport]
 OutageFactory = Callable[[], AbstractAsyncContextManager[None]]
@@ -88,15 +89,6 @@ class OnceStore:
             task = asyncio.ensure_future(fn())
             self._runs[(key, command_type)] = task
         return await asyncio.shield(task)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll a condition until it holds (bounded): the test waits for a fact, not for a guessed time."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Harness:

@@ -21,8 +21,8 @@ from services.core.deadletters import DeadLetterKeeper, DepthAlarm, record_from
 from services.core.host import ServiceContext
 from services.core.settings import load_settings
 from services.core.system import CoreService
-from tests.contract.base import wait_until
 from tests.support.postgres import fresh_database, pool_on
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.postgres
 

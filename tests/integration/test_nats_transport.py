@@ -38,8 +38,9 @@ from services.core.bus.abc import (
 from services.core.bus.nats import NatsTransport, redact
 from services.core.bus.subjects import durable_name
 from services.core.embedded.nats_server import NatsServer
-from tests.support.nats import nats_server, nats_transports, wait_for  # noqa: F401 - fixtures
+from tests.support.nats import nats_server, nats_transports  # noqa: F401 - fixtures
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import wait_until as wait_for
 
 pytestmark = pytest.mark.nats
 

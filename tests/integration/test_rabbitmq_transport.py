@@ -52,21 +52,13 @@ from services.core.bus.rabbitmq_topology import (
 )
 from services.core.bus.subjects import dlq_subject, durable_name
 from tests.support.tcp_proxy import TcpProxy
+from tests.support.waiting import wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
 BROKER_URL = os.environ.get("ROOST_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 BROKER = URL(BROKER_URL)
 FAST = RabbitSettings(connect_timeout=5.0, reconnect_interval=0.3)
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll a condition until it holds (bounded): wait for a fact, not for a guessed time."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 class Scope:

@@ -17,9 +17,9 @@ import pytest
 from schemas.envelope import Envelope, ReplyStatus
 from services.core.bus.bus import Bus
 from services.core.bus.factory import transport_from_url
-from tests.contract.base import wait_until
 from tests.integration.test_roost_up import Up, clean_env, data_dir, roost
 from tests.support.postgres import ADMIN_URL, fresh_database
+from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres, pytest.mark.rabbitmq]
 __all__ = ["data_dir"]            # the fixture, shared with the roost up tests

@@ -8,7 +8,6 @@ and the machine's own NATS (127.0.0.1:4222) is never touched.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -45,12 +44,3 @@ async def nats_transports(nats_server: NatsServer) -> AsyncIterator[Callable[[],
             await asyncio.wait_for(transport.close(), 10)
         except Exception:
             await transport.abort()
-
-
-async def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
-    """Poll ``condition`` until it holds, at most ``timeout`` seconds: wait for a fact, never a guessed time."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.01)
