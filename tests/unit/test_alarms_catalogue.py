@@ -163,7 +163,7 @@ def test_merge_refuses_a_duplicate_id(starlingx: Catalogue) -> None:
 
 # -- malformed entries ----------------------------------------------------------------------------------
 
-GOOD = {
+GOOD: dict[str, object] = {
     "Type": "Alarm", "Description": "it broke", "Entity_Instance_ID": "host=<hostname>",
     "Severity": ["major", "minor"], "Proposed_Repair_Action": "fix it", "Inhibit_Alarms": None,
     "Alarm_Type": "equipment", "Probable_Cause": "unknown", "Service_Affecting": False, "Suppression": True,
