@@ -219,6 +219,27 @@ class ClearRequest(_Frozen):
     prefix: bool = False
 
 
+class LogRequest(_Frozen):
+    """Record a customer log (an operator's command, an event worth keeping): no state, only history."""
+
+    log_id: AlarmId
+    entity_instance_id: EntityId
+    severity: Severity
+    reason_text: ReasonText = ""
+    entity_type_id: EntityTypeId | None = Field(default=None, description="default: the entity's keys")
+    timestamp: AwareDatetime | None = Field(default=None, description="default: now")
+
+
+def check_log(request: LogRequest, catalogue: Catalogue) -> EventDefinition:
+    """The log's definition, once the request is known to fit it: a ``Log`` id the catalogue has and a
+    severity it allows.  Raises an :class:`AlarmError` otherwise."""
+    definition = catalogue.log(request.log_id)
+    if not definition.allows(request.severity):
+        allowed = ", ".join(s.value for s in definition.severities)
+        raise InvalidSeverity(f"log {definition.id} is recorded as {allowed}, not {request.severity.value}")
+    return definition
+
+
 # -- decisions --------------------------------------------------------------------------------------------
 
 
@@ -308,6 +329,8 @@ def decide_set(current: Alarm | None, request: SetRequest, catalogue: Catalogue,
     definition = check_set(request, catalogue)
     if current is not None and current.key != request.key:
         raise ValueError(f"current alarm {current.key} is not the one requested {request.key}")
+    if current is not None and current.alarm_state is not AlarmState.SET:
+        raise ValueError(f"current alarm {current.key} is {current.alarm_state.value}, not an active alarm")
     if current is not None and current.severity is request.severity and current.reason_text == request.reason_text:
         return SetOutcome(Change.UNCHANGED, current)
     severity = request.severity

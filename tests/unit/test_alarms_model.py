@@ -30,9 +30,11 @@ from services.alarms.model import (
     EntityInstanceId,
     FieldChange,
     InvalidSeverity,
+    LogRequest,
     MalformedEntityId,
     SetRequest,
     SuppressionStatus,
+    check_log,
     decide_clear,
     decide_reassert,
     decide_set,
@@ -194,6 +196,21 @@ def test_bad_sets_are_refused_clearly(catalogue: Catalogue) -> None:
     current = _raise(catalogue, "950.002", "host=a", "critical")
     with pytest.raises(ValueError, match="not the one requested"):
         decide_set(current, _set("950.002", "host=b", "critical"), catalogue, NOW)
+    cleared = current.model_copy(update={"alarm_state": AlarmState.CLEAR})
+    with pytest.raises(ValueError, match="is clear, not an active alarm"):
+        decide_set(cleared, _set("950.002", "host=a", "critical"), catalogue, NOW)
+
+
+def test_customer_logs_are_checked(catalogue: Catalogue) -> None:
+    lock = LogRequest(log_id="950.503", entity_instance_id="host=controller-1", severity=Severity.WARNING,
+                      reason_text="admin locked controller-1: ok")
+    assert check_log(lock, catalogue).id == "950.503"
+    with pytest.raises(InvalidSeverity, match=r"log 950\.503 is recorded as warning, not critical"):
+        check_log(lock.model_copy(update={"severity": Severity.CRITICAL}), catalogue)
+    with pytest.raises(AlarmError, match="is an alarm, not a customer log"):
+        check_log(LogRequest(log_id="950.001", entity_instance_id="host=c", severity=Severity.WARNING), catalogue)
+    with pytest.raises(UnknownAlarmId):
+        check_log(LogRequest(log_id="950.999", entity_instance_id="host=c", severity=Severity.WARNING), catalogue)
 
 
 def test_reset_keeps_the_uuid_and_records_the_change(catalogue: Catalogue) -> None:
@@ -253,16 +270,31 @@ ALARMS = st.lists(REQUESTS, max_size=12).map(
     lambda reqs: list({r.key: decide_set(None, r, ROOST, NOW).alarm for r in reqs}.values()))
 
 
-@given(ALARMS, st.sampled_from([d.id for d in ROOST.alarms()]), ENTITIES)
-def test_exact_clear_never_touches_another_entity(active: list[Alarm], alarm_id: str,
-                                                  entity: EntityInstanceId) -> None:
+def _target(data: st.DataObject, active: list[Alarm]) -> EntityInstanceId:
+    """An entity to clear: often one of the active alarms' (or a prefix of it), else any."""
+    from_active: bool = data.draw(st.booleans())
+    if active and from_active:
+        entity = data.draw(st.sampled_from(active)).entity
+        return EntityInstanceId(entity.segments[:data.draw(st.integers(1, len(entity.segments)))])
+    return data.draw(ENTITIES)
+
+
+@given(ALARMS, st.sampled_from([d.id for d in ROOST.alarms()]), st.data())
+def test_exact_clear_never_touches_another_entity(active: list[Alarm], alarm_id: str, data: st.DataObject) -> None:
+    entity = _target(data, active)
+    same_id: bool = data.draw(st.booleans())
+    if active and same_id:
+        alarm_id = data.draw(st.sampled_from(active)).alarm_id
     outcome = decide_clear(active, ClearRequest(alarm_id=alarm_id, entity_instance_id=str(entity)), ROOST)
     assert all(a.key == (alarm_id, str(entity)) for a in outcome.cleared)
     assert len(outcome.cleared) == sum(a.key == (alarm_id, str(entity)) for a in active)
+    everything = decide_clear(active, ClearRequest(entity_instance_id=str(entity)), ROOST)
+    assert all(a.entity_instance_id == str(entity) for a in everything.cleared)
 
 
-@given(ALARMS, ENTITIES)
-def test_prefix_clear_takes_exactly_the_entity_tree(active: list[Alarm], entity: EntityInstanceId) -> None:
+@given(ALARMS, st.data())
+def test_prefix_clear_takes_exactly_the_entity_tree(active: list[Alarm], data: st.DataObject) -> None:
+    entity = _target(data, active)
     outcome = decide_clear(active, ClearRequest(entity_instance_id=str(entity), prefix=True), ROOST)
     expected = {a.key for a in active
                 if a.entity_instance_id == str(entity) or a.entity_instance_id.startswith(f"{entity}.")}
@@ -345,6 +377,10 @@ def test_host_locked_masks_its_suppressible_alarms_and_its_children(catalogue: C
     cpu = _raise(catalogue, "100.101", "host=compute-0", "major")
     assert masked(cpu, [sx_locked], catalogue)
     assert not masked(cpu, [], catalogue)
+    # an inhibitor on a child does not mask its parent
+    port_locked = _raise(ROOST, "950.001", "host=controller-2.port=eth0", "warning")
+    parent = _raise(ROOST, "950.002", "host=controller-2", "critical")
+    assert not masked(parent, [port_locked], ROOST)
 
 
 def test_operator_suppression_hides_from_lists_unless_asked() -> None:
