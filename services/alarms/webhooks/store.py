@@ -31,6 +31,9 @@ from services.alarms.webhooks.signing import check_secret, generate_secret
 from services.core.db.pool import AnyConnection
 from services.core.logging import register_secret
 
+# Where a function needs no transaction of its own: a connection of the caller's or the pool.
+Executor = AnyConnection | asyncpg.Pool
+
 SCHEMA = "alarms"
 NOTIFY_CHANNEL = "roost_webhooks_alarms"
 DEFAULT_MAX_AGE = 24 * 3600.0
@@ -130,7 +133,7 @@ def _uuid(subscription_id: str) -> uuid.UUID:
         raise UnknownSubscription(f"no webhook subscription {subscription_id!r}") from None
 
 
-async def create_subscription(conn: AnyConnection, url: str, *, secret: str | None = None, name: str | None = None,
+async def create_subscription(conn: Executor, url: str, *, secret: str | None = None, name: str | None = None,
                               severities: Iterable[str] = (), alarm_ids: Iterable[str] = (),
                               entity_prefix: str | None = None, format: Format | str = Format.ROOST,
                               max_age: float = DEFAULT_MAX_AGE) -> tuple[Subscription, str]:
@@ -155,25 +158,25 @@ async def create_subscription(conn: AnyConnection, url: str, *, secret: str | No
     return _subscription(row), secret
 
 
-async def get_subscription(conn: AnyConnection, subscription_id: str) -> Subscription:
+async def get_subscription(conn: Executor, subscription_id: str) -> Subscription:
     row = await conn.fetchrow(f"SELECT {_SUB_COLUMNS} FROM {SUBSCRIPTIONS} WHERE id = $1", _uuid(subscription_id))
     if row is None:
         raise UnknownSubscription(f"no webhook subscription {subscription_id!r}")
     return _subscription(row)
 
 
-async def list_subscriptions(conn: AnyConnection) -> list[Subscription]:
+async def list_subscriptions(conn: Executor) -> list[Subscription]:
     rows = await conn.fetch(f"SELECT {_SUB_COLUMNS} FROM {SUBSCRIPTIONS} ORDER BY created_at, id")
     return [_subscription(r) for r in rows]
 
 
-async def delete_subscription(conn: AnyConnection, subscription_id: str) -> bool:
+async def delete_subscription(conn: Executor, subscription_id: str) -> bool:
     """Remove a subscriber and its queued deliveries.  False when it did not exist."""
     status = await conn.execute(f"DELETE FROM {SUBSCRIPTIONS} WHERE id = $1", _uuid(subscription_id))
     return bool(status == "DELETE 1")
 
 
-async def add_secret(conn: AnyConnection, subscription_id: str, secret: str | None = None) -> str:
+async def add_secret(conn: Executor, subscription_id: str, secret: str | None = None) -> str:
     """Start a rotation: ``secret`` (or a new one, returned) signs alongside the current ones."""
     secret = check_secret(secret) if secret is not None else generate_secret()
     register_secret(secret)
@@ -185,7 +188,7 @@ async def add_secret(conn: AnyConnection, subscription_id: str, secret: str | No
     return secret
 
 
-async def retire_secret(conn: AnyConnection, subscription_id: str, secret: str) -> None:
+async def retire_secret(conn: Executor, subscription_id: str, secret: str) -> None:
     """End a rotation: ``secret`` no longer signs.  The last secret of a subscription cannot be retired."""
     register_secret(secret)
     row = await conn.fetchrow(
@@ -199,7 +202,7 @@ async def retire_secret(conn: AnyConnection, subscription_id: str, secret: str) 
         raise SubscriptionError("that secret is not one of this subscription's")
 
 
-async def update_filters(conn: AnyConnection, subscription_id: str, *, severities: Iterable[str] = (),
+async def update_filters(conn: Executor, subscription_id: str, *, severities: Iterable[str] = (),
                          alarm_ids: Iterable[str] = (), entity_prefix: str | None = None) -> Subscription:
     filters = _check_filters(severities, alarm_ids, entity_prefix)
     row = await conn.fetchrow(
@@ -239,7 +242,7 @@ async def enqueue(conn: AnyConnection, notification: Notification, *, external_u
     return count
 
 
-async def replay(conn: AnyConnection, subscription_id: str, *, webhook_ids: Sequence[str] | None = None,
+async def replay(conn: Executor, subscription_id: str, *, webhook_ids: Sequence[str] | None = None,
                  since: datetime | None = None) -> int:
     """Queue dead-lettered deliveries of a subscription again (all, or those ids, or dead since ``since``).
 
@@ -261,7 +264,7 @@ async def replay(conn: AnyConnection, subscription_id: str, *, webhook_ids: Sequ
     return count
 
 
-async def dead_letters(conn: AnyConnection, subscription_id: str, *, limit: int = 100) -> list[DeadLetter]:
+async def dead_letters(conn: Executor, subscription_id: str, *, limit: int = 100) -> list[DeadLetter]:
     rows = await conn.fetch(
         f"""SELECT id, subscription_id, webhook_id, event_type, attempts, last_status, last_error, created_at,
                    dead_at
@@ -273,7 +276,7 @@ async def dead_letters(conn: AnyConnection, subscription_id: str, *, limit: int 
             for r in rows]
 
 
-async def queue_depth(conn: AnyConnection) -> dict[str, int]:
+async def queue_depth(conn: Executor) -> dict[str, int]:
     """Pending deliveries per subscription id (every subscription, 0 included)."""
     rows = await conn.fetch(
         f"""SELECT s.id, count(d.id) AS pending FROM {SUBSCRIPTIONS} s
@@ -282,7 +285,7 @@ async def queue_depth(conn: AnyConnection) -> dict[str, int]:
     return {str(r["id"]): int(r["pending"]) for r in rows}
 
 
-async def purge_delivered(conn: AnyConnection, older_than: float) -> int:
+async def purge_delivered(conn: Executor, older_than: float) -> int:
     """Delete delivered rows older than ``older_than`` seconds (dead letters stay until replayed or removed)."""
     status = await conn.execute(
         f"DELETE FROM {DELIVERIES} WHERE state = 'delivered' AND delivered_at < now() - make_interval(secs => $1)",

@@ -1,0 +1,475 @@
+"""The webhook dispatcher: sends queued deliveries, in order per (subscription, alarm instance), at least once.
+
+One claim cycle, in one short transaction (no lock is held while a request is in flight):
+
+1. pick the deliveries that may go now: pending, due (``available_at``), not claimed by a live lease,
+   and the *head* of their (subscription, alarm instance): no earlier pending row of the same pair
+   (one that is in flight elsewhere or waiting for a retry keeps the later ones back: a later
+   notification of an alarm never overtakes an earlier one at a subscriber);
+2. at most ``per_subscription`` in flight per subscription (counted across replicas by live leases),
+   so one slow or dead subscriber occupies a few slots and the others keep flowing;
+3. lock those rows ``FOR UPDATE SKIP LOCKED`` (replicas never take the same row) and stamp them with a
+   claim token and a lease (``claimed_until``, longer than the request timeout).
+
+Each claimed row is then sent by its own task: ``POST`` with the Standard Webhooks headers (signed at
+this attempt with every current secret of the subscription, ``webhook-id`` = the notification id,
+unchanged across retries and replays), bounded by ``timeout`` end to end.  The outcome is written only
+if the claim still holds:
+
+* 2xx: delivered (latency from enqueue observed);
+* network error, timeout, 408, 429, 3xx, 5xx: retried after ``Retry-After`` when the answer carries one
+  (seconds or an HTTP date, capped by ``max_retry_after``), else exponential backoff with full jitter
+  (``uniform(0, min(max_backoff, min_backoff * 2**(attempt-1)))``), the last attempt at the max age;
+* any other 4xx: dead-lettered at once (the receiver refuses this request; a retry would not help);
+* a retryable failure once the delivery is older than the subscription's ``max_age``: dead-lettered.
+
+A dead letter marks the subscription failing and calls ``on_subscription_failing(subscription_id,
+reason)`` once, when it turns failing (the alarms service raises its "webhook subscriber failing"
+alarm); a later 2xx with no dead letter left turns it back and calls ``on_subscription_recovered``.
+``store.replay`` re-queues dead letters.
+
+A dispatcher that dies mid-request records nothing: its leases expire and another (or the restarted)
+dispatcher sends those rows again with the same ``webhook-id``: receivers drop the duplicate by id.
+``stop()`` is the graceful path: it lets requests in flight finish for ``grace`` seconds, then cancels
+the rest and releases their claims so they go again at once.
+
+Waking: ``LISTEN roost_webhooks_alarms`` (``enqueue`` and ``replay`` notify at commit), the end of any
+request (the next row of that alarm may go), and the next due retry or lease expiry, with
+``poll_interval`` as the longest sleep (a notification can be missed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import random
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import asyncpg
+import asyncpg.pool
+import httpx
+import structlog
+
+from services.alarms.webhooks import metrics
+from services.alarms.webhooks.signing import sign_headers
+from services.alarms.webhooks.store import DELIVERIES, NOTIFY_CHANNEL, SUBSCRIPTIONS, queue_depth
+
+log = structlog.get_logger("roost.alarms.webhooks")
+
+SubscriptionHook = Callable[[str, str], Awaitable[None]]
+State = Literal["delivered", "retry", "dead"]
+USER_AGENT = "roost-webhooks/1"
+
+
+# -- pure policy ----------------------------------------------------------------------------------
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Seconds to wait from a ``Retry-After`` value (delta seconds or an HTTP date); None if absent/bad; pure."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(int(text))
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - now)
+
+
+def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff after the ``attempt``-th failed attempt (1-based); pure given ``rng``."""
+    ceiling = min(cap, base * (2 ** min(max(attempt, 1) - 1, 40)))
+    return rng.uniform(0.0, ceiling)
+
+
+def retryable(status: int) -> bool:
+    """Whether an HTTP answer (not 2xx) is worth another attempt; pure."""
+    return status in (408, 429) or status >= 500 or 300 <= status < 400
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    state: State
+    reason: str = ""
+    delay: float = 0.0                   # for a retry: seconds from now
+    max_age_reached: bool = False
+
+
+def decide(status: int | None, retry_after: str | None, error: str | None, *, attempts: int, age: float,
+           max_age: float, min_backoff: float, max_backoff: float, max_retry_after: float, now: float,
+           rng: random.Random) -> Outcome:
+    """What to do after an attempt: ``status`` (None when ``error`` says why there is no answer),
+    ``attempts`` made so far (this one included), ``age`` of the delivery in seconds; pure given ``rng``."""
+    if status is not None and 200 <= status < 300:
+        return Outcome("delivered")
+    if status is not None and not retryable(status):
+        return Outcome("dead", f"HTTP {status}: refused by the receiver, not retried")
+    reason = error if status is None else f"HTTP {status}"
+    remaining = max_age - age
+    if remaining <= 0:
+        return Outcome("dead", f"max age {max_age:g}s reached after {attempts} attempt(s), last: {reason}",
+                       max_age_reached=True)
+    wait = parse_retry_after(retry_after, now) if status is not None else None
+    if wait is not None:
+        return Outcome("retry", f"{reason} (Retry-After {wait:g}s)", delay=min(wait, max_retry_after))
+    delay = backoff_delay(attempts, base=min_backoff, cap=max_backoff, rng=rng)
+    return Outcome("retry", reason or "failed", delay=min(delay, remaining))
+
+
+def describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+        return "timed out"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
+
+
+# -- the dispatcher -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DispatcherSettings:
+    timeout: float = 10.0                # one request, end to end
+    lease: float | None = None           # claim lifetime; default timeout + 30 s; must exceed timeout
+    per_subscription: int = 4            # requests in flight per subscription (all replicas)
+    max_in_flight: int = 64              # requests in flight in this dispatcher
+    min_backoff: float = 1.0
+    max_backoff: float = 3600.0
+    max_retry_after: float = 6 * 3600.0
+    poll_interval: float = 5.0
+    depth_interval: float = 15.0
+    grace: float = 5.0                   # stop(): how long requests in flight may finish
+    db_backoff: float = 1.0              # wait after a database error in the claim loop
+
+    @property
+    def effective_lease(self) -> float:
+        return self.lease if self.lease is not None else self.timeout + 30.0
+
+    def check(self) -> DispatcherSettings:
+        if self.timeout <= 0 or self.effective_lease <= self.timeout:
+            raise ValueError("webhook dispatcher: need timeout > 0 and lease > timeout")
+        if self.per_subscription < 1 or self.max_in_flight < 1:
+            raise ValueError("webhook dispatcher: per_subscription and max_in_flight must be at least 1")
+        return self
+
+
+@dataclass(slots=True)
+class Job:
+    id: int
+    subscription_id: str
+    webhook_id: str
+    body: bytes
+    attempts: int
+    age: float
+    url: str
+    secrets: list[str] = field(repr=False)
+    max_age: float
+    failing: bool
+    token: uuid.UUID
+
+
+@dataclass
+class DispatcherStats:
+    delivered: int = 0
+    retried: int = 0
+    dead_lettered: int = 0
+    lost_claims: int = 0                 # outcomes not written: the lease had expired and was taken
+
+
+_CLAIM_CANDIDATES = f"""
+    WITH busy AS (
+        SELECT subscription_id, count(*) AS n FROM {DELIVERIES}
+        WHERE state = 'pending' AND claimed_until > now() GROUP BY subscription_id),
+    heads AS (
+        SELECT d.id, row_number() OVER (PARTITION BY d.subscription_id ORDER BY d.id) AS rank,
+               coalesce(b.n, 0) AS busy
+        FROM {DELIVERIES} d LEFT JOIN busy b USING (subscription_id)
+        WHERE d.state = 'pending' AND d.available_at <= now()
+          AND (d.claimed_until IS NULL OR d.claimed_until <= now())
+          AND NOT EXISTS (SELECT 1 FROM {DELIVERIES} e
+                          WHERE e.subscription_id = d.subscription_id AND e.ordering_key = d.ordering_key
+                            AND e.state = 'pending' AND e.id < d.id))
+    SELECT id FROM heads WHERE rank + busy <= $1 ORDER BY id LIMIT $2"""
+
+_CLAIM = f"""
+    UPDATE {DELIVERIES} AS d SET claim_token = $2, claimed_until = clock_timestamp() + make_interval(secs => $3)
+    FROM {SUBSCRIPTIONS} AS s
+    WHERE d.id IN (SELECT id FROM {DELIVERIES}
+                   WHERE id = ANY($1::bigint[]) AND state = 'pending'
+                     AND (claimed_until IS NULL OR claimed_until <= now())
+                   FOR UPDATE SKIP LOCKED)
+      AND s.id = d.subscription_id
+    RETURNING d.id, d.subscription_id, d.webhook_id, d.body, d.attempts,
+              extract(epoch FROM clock_timestamp() - d.created_at)::float8 AS age,
+              s.url, s.secrets, s.max_age_seconds, s.failing"""
+
+_NEXT_DUE = f"""
+    SELECT extract(epoch FROM least(
+        (SELECT min(available_at) FROM {DELIVERIES} WHERE state = 'pending' AND claimed_until IS NULL),
+        (SELECT min(claimed_until) FROM {DELIVERIES} WHERE state = 'pending' AND claimed_until IS NOT NULL)
+    ) - clock_timestamp())::float8"""
+
+_DELIVERED = f"""
+    UPDATE {DELIVERIES} SET state = 'delivered', delivered_at = clock_timestamp(), attempts = attempts + 1,
+                            last_status = $3, last_error = NULL, claim_token = NULL, claimed_until = NULL
+    WHERE id = $1 AND claim_token = $2 AND state = 'pending'
+    RETURNING extract(epoch FROM delivered_at - created_at)::float8"""
+
+_RETRY = f"""
+    UPDATE {DELIVERIES} SET attempts = attempts + 1, last_status = $3, last_error = $4,
+                            available_at = clock_timestamp() + make_interval(secs => $5),
+                            claim_token = NULL, claimed_until = NULL
+    WHERE id = $1 AND claim_token = $2 AND state = 'pending' RETURNING id"""
+
+_DEAD = f"""
+    UPDATE {DELIVERIES} SET state = 'dead', dead_at = clock_timestamp(), attempts = attempts + 1,
+                            last_status = $3, last_error = $4, claim_token = NULL, claimed_until = NULL
+    WHERE id = $1 AND claim_token = $2 AND state = 'pending' RETURNING id"""
+
+_MARK_FAILING = f"""
+    UPDATE {SUBSCRIPTIONS} SET failing = true, failing_reason = $2, failing_since = clock_timestamp()
+    WHERE id = $1 AND NOT failing RETURNING id"""
+
+_MARK_RECOVERED = f"""
+    UPDATE {SUBSCRIPTIONS} AS s SET failing = false, failing_reason = NULL, failing_since = NULL
+    WHERE s.id = $1 AND s.failing
+      AND NOT EXISTS (SELECT 1 FROM {DELIVERIES} d WHERE d.subscription_id = s.id AND d.state = 'dead')
+    RETURNING s.id"""
+
+_RELEASE = f"""
+    UPDATE {DELIVERIES} SET claim_token = NULL, claimed_until = NULL
+    WHERE id = ANY($1::bigint[]) AND claim_token = $2 AND state = 'pending'"""
+
+
+class WebhookDispatcher:
+    """Sends ``alarms.webhook_deliveries``.  ``start()`` (or ``await run()`` in a task); ``await stop()``.
+
+    Several dispatchers (replicas) may run on one database.  ``client`` is an ``httpx.AsyncClient`` to
+    use (one is created and closed otherwise).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, settings: DispatcherSettings | None = None, *,
+                 on_subscription_failing: SubscriptionHook | None = None,
+                 on_subscription_recovered: SubscriptionHook | None = None,
+                 client: httpx.AsyncClient | None = None, rng: random.Random | None = None) -> None:
+        self.pool = pool
+        self.settings = (settings or DispatcherSettings()).check()
+        self.on_subscription_failing = on_subscription_failing
+        self.on_subscription_recovered = on_subscription_recovered
+        self.stats = DispatcherStats()
+        self._client = client
+        self._own_client = client is None
+        self._rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._inflight: dict[asyncio.Task[None], Job] = {}
+        self._listener: asyncpg.pool.PoolConnectionProxy | None = None
+        self._depth_at = -float("inf")
+        self._task: asyncio.Task[None] | None = None
+
+    # -- lifecycle --
+
+    def start(self) -> asyncio.Task[None]:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self.run(), name="webhook-dispatcher")
+        return self._task
+
+    async def stop(self) -> None:
+        """Graceful: no new claims; requests in flight get ``grace`` seconds; the rest are released."""
+        self._stopping.set()
+        self._wake.set()
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                follow_redirects=False, trust_env=False,
+                limits=httpx.Limits(max_connections=self.settings.max_in_flight,
+                                    max_keepalive_connections=self.settings.max_in_flight))
+        try:
+            while not self._stopping.is_set():
+                self._wake.clear()
+                await self._ensure_listening()
+                sleep = self.settings.poll_interval
+                try:
+                    free = self.settings.max_in_flight - len(self._inflight)
+                    if free > 0:
+                        for job in await self._claim(free):
+                            task = asyncio.create_task(self._deliver(job), name=f"webhook-{job.id}")
+                            self._inflight[task] = job
+                            task.add_done_callback(self._done)
+                    if loop.time() - self._depth_at >= self.settings.depth_interval:
+                        self._depth_at = loop.time()
+                        metrics.set_queue_depth(await queue_depth(self.pool))
+                    due = await self.pool.fetchval(_NEXT_DUE)
+                    if due is not None:
+                        sleep = min(sleep, max(0.0, float(due)) + 0.005)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                    log.warning("webhook dispatcher: database trouble, retrying", error=describe(exc))
+                    sleep = self.settings.db_backoff
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(sleep):
+                        await self._wake.wait()
+            await self._finish_gracefully()
+        finally:
+            # Reached by stop() after the graceful part, or when this task is cancelled (a crash, as far as
+            # the queue is concerned: claims are left to expire, nothing is written).
+            for task in list(self._inflight):
+                task.cancel()
+            if self._inflight:
+                await asyncio.gather(*self._inflight, return_exceptions=True)
+            await self._unlisten()
+            if self._own_client and self._client is not None:
+                client, self._client = self._client, None
+                await client.aclose()
+
+    async def _finish_gracefully(self) -> None:
+        if self._inflight:
+            await asyncio.wait(list(self._inflight), timeout=self.settings.grace)
+        left = list(self._inflight.items())
+        for task, _ in left:
+            task.cancel()
+        if left:
+            await asyncio.gather(*(t for t, _ in left), return_exceptions=True)
+            by_token: dict[uuid.UUID, list[int]] = {}
+            for _, job in left:
+                by_token.setdefault(job.token, []).append(job.id)
+            with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+                for token, ids in by_token.items():
+                    await self.pool.execute(_RELEASE, ids, token)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.pop(task, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook delivery task failed", error=describe(task.exception()))  # type: ignore[arg-type]
+        self._wake.set()
+
+    async def _ensure_listening(self) -> None:
+        if self._listener is not None and not self._listener.is_closed():
+            return
+        await self._unlisten()
+        try:
+            conn = await self.pool.acquire()
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            return
+        try:
+            await conn.add_listener(NOTIFY_CHANNEL, self._notified)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            await self.pool.release(conn)
+            return
+        self._listener = conn
+
+    def _notified(self, *_: Any) -> None:
+        self._wake.set()
+
+    async def _unlisten(self) -> None:
+        conn, self._listener = self._listener, None
+        if conn is None:
+            return
+        with contextlib.suppress(Exception):
+            if not conn.is_closed():
+                await conn.remove_listener(NOTIFY_CHANNEL, self._notified)
+        with contextlib.suppress(Exception):
+            await self.pool.release(conn)
+
+    # -- claim, send, record --
+
+    async def _claim(self, limit: int) -> list[Job]:
+        token = uuid.uuid4()
+        async with self.pool.acquire() as conn, conn.transaction():
+            ids = [r["id"] for r in await conn.fetch(_CLAIM_CANDIDATES, self.settings.per_subscription, limit)]
+            if not ids:
+                return []
+            rows = await conn.fetch(_CLAIM, ids, token, self.settings.effective_lease)
+        jobs = [Job(id=r["id"], subscription_id=str(r["subscription_id"]), webhook_id=r["webhook_id"],
+                    body=bytes(r["body"]), attempts=r["attempts"], age=float(r["age"]), url=r["url"],
+                    secrets=list(r["secrets"]), max_age=float(r["max_age_seconds"]), failing=r["failing"],
+                    token=token)
+                for r in rows]
+        return sorted(jobs, key=lambda j: j.id)
+
+    async def _deliver(self, job: Job) -> None:
+        assert self._client is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        headers = {"content-type": "application/json", "user-agent": USER_AGENT,
+                   **sign_headers(job.secrets, job.webhook_id, int(time.time()), job.body)}
+        status: int | None = None
+        retry_after: str | None = None
+        error: str | None = None
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                response = await self._client.post(job.url, content=job.body, headers=headers,
+                                                   timeout=self.settings.timeout)
+            status = response.status_code
+            retry_after = response.headers.get("retry-after")
+        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            error = describe(exc)
+        elapsed = loop.time() - started
+        outcome = decide(status, retry_after, error, attempts=job.attempts + 1, age=job.age + elapsed,
+                         max_age=job.max_age, min_backoff=self.settings.min_backoff,
+                         max_backoff=self.settings.max_backoff, max_retry_after=self.settings.max_retry_after,
+                         now=time.time(), rng=self._rng)
+        metrics.record_attempt("dead_letter" if outcome.state == "dead" else outcome.state, elapsed)
+        await self._record(job, outcome, status)
+
+    async def _record(self, job: Job, outcome: Outcome, status: int | None) -> None:
+        sub = uuid.UUID(job.subscription_id)
+        if outcome.state == "delivered":
+            latency = await self.pool.fetchval(_DELIVERED, job.id, job.token, status)
+            if latency is None:
+                self._lost(job)
+                return
+            self.stats.delivered += 1
+            metrics.record_latency(float(latency))
+            if job.failing and await self.pool.fetchval(_MARK_RECOVERED, sub) is not None:
+                log.info("webhook subscription recovered", subscription=job.subscription_id)
+                await self._call(self.on_subscription_recovered, job.subscription_id, "delivering again")
+            return
+        if outcome.state == "retry":
+            if await self.pool.fetchval(_RETRY, job.id, job.token, status, outcome.reason, outcome.delay) is None:
+                self._lost(job)
+                return
+            self.stats.retried += 1
+            log.info("webhook delivery will be retried", subscription=job.subscription_id,
+                     webhook_id=job.webhook_id, attempt=job.attempts + 1, reason=outcome.reason,
+                     delay=round(outcome.delay, 3))
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await conn.fetchval(_DEAD, job.id, job.token, status, outcome.reason) is None:
+                self._lost(job)
+                return
+            turned_failing = await conn.fetchval(_MARK_FAILING, sub, outcome.reason) is not None
+        self.stats.dead_lettered += 1
+        log.warning("webhook delivery dead-lettered", subscription=job.subscription_id, webhook_id=job.webhook_id,
+                    attempts=job.attempts + 1, reason=outcome.reason)
+        if turned_failing:
+            await self._call(self.on_subscription_failing, job.subscription_id, outcome.reason)
+
+    def _lost(self, job: Job) -> None:
+        self.stats.lost_claims += 1
+        log.warning("webhook delivery outcome not recorded: the claim expired and was taken again",
+                    subscription=job.subscription_id, webhook_id=job.webhook_id)
+
+    @staticmethod
+    async def _call(hook: SubscriptionHook | None, subscription_id: str, reason: str) -> None:
+        if hook is None:
+            return
+        try:
+            await hook(subscription_id, reason)
+        except Exception as exc:
+            log.error("webhook subscription hook failed", subscription=subscription_id, error=describe(exc))

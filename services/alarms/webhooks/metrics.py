@@ -1,0 +1,58 @@
+"""Prometheus metrics of webhook delivery (conventions of ``services.core.metrics``).
+
+* ``roost_webhook_deliveries_total{outcome}``: HTTP attempts by what became of the delivery:
+  ``delivered`` (2xx), ``retry`` (network error, timeout, 5xx, 429, 408: tried again later),
+  ``dead_letter`` (other 4xx, or the max age passed); a fixed set.
+* ``roost_webhook_delivery_duration_seconds``: one HTTP attempt, request to response (or error).
+* ``roost_webhook_delivery_latency_seconds``: from enqueue (the alarm change's commit) to the 2xx.
+* ``roost_webhook_queue_depth_messages{subscription}``: pending deliveries per subscription id.  The
+  label is a subscription id: subscriptions are registered by operators and are few (tens), and a
+  deleted subscription's series is removed at the next refresh, so the cardinality stays bounded.
+  Every dispatcher replica reports the same (database-wide) number: aggregate with ``max``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Final
+
+from prometheus_client import Counter, Gauge, Histogram
+
+OUTCOMES: Final = frozenset({"delivered", "retry", "dead_letter"})
+ATTEMPT_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+                          1800.0, 3600.0, 21600.0, 86400.0)
+
+DELIVERIES = Counter("roost_webhook_deliveries", "Webhook delivery attempts, by outcome", ["outcome"])
+ATTEMPT_DURATION = Histogram("roost_webhook_delivery_duration_seconds",
+                             "Duration of one webhook HTTP attempt", buckets=ATTEMPT_BUCKETS)
+LATENCY = Histogram("roost_webhook_delivery_latency_seconds",
+                    "Time from enqueue to the subscriber's 2xx", buckets=LATENCY_BUCKETS)
+QUEUE_DEPTH = Gauge("roost_webhook_queue_depth_messages", "Webhook deliveries pending, per subscription",
+                    ["subscription"])
+
+for _outcome in OUTCOMES:
+    DELIVERIES.labels(_outcome)
+
+_reported: set[str] = set()
+
+
+def record_attempt(outcome: str, seconds: float) -> None:
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown webhook outcome {outcome!r}")
+    DELIVERIES.labels(outcome).inc()
+    ATTEMPT_DURATION.observe(max(0.0, seconds))
+
+
+def record_latency(seconds: float) -> None:
+    LATENCY.observe(max(0.0, seconds))
+
+
+def set_queue_depth(depth: Mapping[str, int]) -> None:
+    """Set the gauge for every subscription in ``depth``; drop the series of the ones gone."""
+    for subscription, pending in depth.items():
+        QUEUE_DEPTH.labels(subscription).set(pending)
+    for gone in _reported - set(depth):
+        QUEUE_DEPTH.remove(gone)
+    _reported.clear()
+    _reported.update(depth)
