@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.alarms.catalogue import (
@@ -30,6 +30,7 @@ from services.alarms.catalogue import (
 )
 
 STARLINGX_EVENTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "starlingx-fault" / "events.yaml"
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])   # a loaded 2-core machine
 ROOST_GROUP = "950"
 
 
@@ -239,6 +240,7 @@ def test_not_a_catalogue() -> None:
 # -- ids ------------------------------------------------------------------------------------------------
 
 
+@PROPERTY
 @given(st.integers(0, 999), st.integers(0, 999))
 def test_float_ids_normalise_back(group: int, event: int) -> None:
     text = f"{group:03d}.{event:03d}"

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -45,6 +45,7 @@ from services.alarms.model import (
 )
 
 STARLINGX_EVENTS = Path(__file__).resolve().parents[2] / ".." / "shared" / "starlingx-fault" / "events.yaml"
+PROPERTY = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])   # a loaded 2-core machine
 NOW = datetime(2026, 11, 21, 6, 0, tzinfo=UTC)
 ROOST = roost_catalogue()
 
@@ -128,11 +129,13 @@ ENTITIES = st.lists(st.tuples(KEYS, VALUES), min_size=1, max_size=4).map(
     lambda segs: EntityInstanceId(tuple(segs)))
 
 
+@PROPERTY
 @given(ENTITIES)
 def test_any_entity_prints_and_parses_back(entity: EntityInstanceId) -> None:
     assert EntityInstanceId.parse(str(entity)) == entity
 
 
+@PROPERTY
 @given(ENTITIES, ENTITIES)
 def test_prefix_matching_is_segment_wise(a: EntityInstanceId, b: EntityInstanceId) -> None:
     text_a, text_b = str(a), str(b)
@@ -237,6 +240,7 @@ REQUESTS = st.builds(
     st.sampled_from(list(ROOST.alarms())), ENTITIES, st.sampled_from(["", "down", "still down"]), st.data())
 
 
+@PROPERTY
 @given(REQUESTS)
 def test_set_is_idempotent(request: SetRequest) -> None:
     first = decide_set(None, request, ROOST, NOW)
@@ -279,6 +283,7 @@ def _target(data: st.DataObject, active: list[Alarm]) -> EntityInstanceId:
     return data.draw(ENTITIES)
 
 
+@PROPERTY
 @given(ALARMS, st.sampled_from([d.id for d in ROOST.alarms()]), st.data())
 def test_exact_clear_never_touches_another_entity(active: list[Alarm], alarm_id: str, data: st.DataObject) -> None:
     entity = _target(data, active)
@@ -292,6 +297,7 @@ def test_exact_clear_never_touches_another_entity(active: list[Alarm], alarm_id:
     assert all(a.entity_instance_id == str(entity) for a in everything.cleared)
 
 
+@PROPERTY
 @given(ALARMS, st.data())
 def test_prefix_clear_takes_exactly_the_entity_tree(active: list[Alarm], data: st.DataObject) -> None:
     entity = _target(data, active)
@@ -312,7 +318,7 @@ def _owned(owner: str) -> st.SearchStrategy[list[SetRequest]]:
         lambda reqs: list({r.key: r for r in reqs}.values()))
 
 
-@settings(max_examples=150)
+@settings(PROPERTY, max_examples=150)
 @given(_owned("a"), _owned("a"), _owned("b"))
 def test_reassert_makes_the_owner_s_alarms_the_asserted_set(before_a: list[SetRequest], asserted: list[SetRequest],
                                                              before_b: list[SetRequest]) -> None:
