@@ -415,7 +415,10 @@ async def test_two_dispatchers_deliver_each_once_in_order(pool: asyncpg.Pool) ->
         notes = [n for parts in zip(*(lifecycle("200.004", f"host=compute-{i}") for i in range(10)), strict=True)
                  for n in parts]
         await enqueue(pool, notes)
-        first, second = WebhookDispatcher(pool, FAST), WebhookDispatcher(pool, FAST)
+        # two requests in flight each at most: neither replica can take every head at once
+        narrow = DispatcherSettings(timeout=1.0, lease=1.5, max_in_flight=2, min_backoff=0.05, max_backoff=0.2,
+                                    poll_interval=0.2)
+        first, second = WebhookDispatcher(pool, narrow), WebhookDispatcher(pool, narrow)
         first.start()
         second.start()
         try:
@@ -430,3 +433,73 @@ async def test_two_dispatchers_deliver_each_once_in_order(pool: asyncpg.Pool) ->
                                                           for i in range(10)}
     assert await states(pool) == {"delivered": 80}
     assert a.id != b.id
+
+
+async def test_garbage_answer_is_retried_and_others_unaffected(pool: asyncpg.Pool) -> None:
+    garbage = {"left": 2}
+
+    async def route(request: Request) -> Reply:
+        if request.path == "/garbage" and garbage["left"] > 0:
+            garbage["left"] -= 1
+            return Reply(raw=b"\x00\xffnot http at all\r\n\r\n")
+        return Reply()
+
+    async with HttpReceiver(route) as receiver:
+        bad, _ = await store.create_subscription(pool, receiver.url("/garbage"))
+        good, _ = await store.create_subscription(pool, receiver.url("/ok"))
+        await enqueue(pool, lifecycle("200.004", "host=controller-0"))
+        dispatcher = WebhookDispatcher(pool, FAST)
+        dispatcher.start()
+        try:
+            await until(lambda: dispatcher.stats.delivered == 8, what="all 8 delivered")
+        finally:
+            await dispatcher.stop()
+    assert dispatcher.stats.retried == 2
+    assert versions_by_instance(receiver.on("/ok")) == {"200.004|host=controller-0": [1, 2, 3, 4]}
+    assert [data(r)["version"] for r in receiver.on("/garbage")] == [1, 1, 1, 2, 3, 4]
+    assert await states(pool, bad.id) == await states(pool, good.id) == {"delivered": 4}
+
+
+async def test_waiting_behind_a_retry_does_not_spin(pool: asyncpg.Pool) -> None:
+    answers = [Reply(503, {"Retry-After": "2"})]
+
+    async def answer(_: Request) -> Reply:
+        return answers.pop() if answers else Reply()
+
+    async with HttpReceiver(answer) as receiver:
+        await store.create_subscription(pool, receiver.url("/hook"))
+        await enqueue(pool, lifecycle("200.004", "host=controller-0")[:3])  # two wait behind the first
+        dispatcher = WebhookDispatcher(pool, DispatcherSettings(timeout=1.0, lease=1.5, poll_interval=5.0))
+        dispatcher.start()
+        try:
+            await until(lambda: dispatcher.stats.retried == 1)
+            cycles = dispatcher.stats.cycles
+            await receiver.wait_for(lambda: len(receiver.requests) == 2, what="the retry after 2 s")
+            assert dispatcher.stats.cycles - cycles < 10
+            await until(lambda: dispatcher.stats.delivered == 3)
+        finally:
+            await dispatcher.stop()
+    assert [data(r)["version"] for r in receiver.requests] == [1, 1, 2, 3]
+
+
+async def test_graceful_stop_releases_claims_for_an_immediate_resend(pool: asyncpg.Pool) -> None:
+    async def first_hangs(request: Request) -> Reply:
+        return await hang() if request is receiver.requests[0] else Reply()
+
+    receiver = HttpReceiver(first_hangs)
+    async with receiver:
+        await store.create_subscription(pool, receiver.url("/hook"))
+        await enqueue(pool, [notification()])
+        settings = DispatcherSettings(timeout=30.0, lease=60.0, grace=0.1, poll_interval=0.2)
+        first = WebhookDispatcher(pool, settings)
+        first.start()
+        await receiver.wait_for(lambda: len(receiver.requests) == 1)
+        await first.stop()
+        assert await pool.fetchval("SELECT claimed_until FROM alarms.webhook_deliveries") is None
+        second = WebhookDispatcher(pool, settings)
+        second.start()
+        try:
+            await until(lambda: second.stats.delivered == 1, timeout=10, what="sent again well within the lease")
+        finally:
+            await second.stop()
+    assert receiver.requests[0].headers["webhook-id"] == receiver.requests[1].headers["webhook-id"]

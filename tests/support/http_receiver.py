@@ -33,6 +33,7 @@ class Reply:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes = b"ok"
+    raw: bytes | None = None    # written as is instead of a response, then the connection is closed
 
 
 Handler = Callable[[Request], Awaitable[Reply]]
@@ -145,6 +146,10 @@ class HttpReceiver:
                 reply = answer.result()
                 reason = HTTPStatus(reply.status).phrase if reply.status in HTTPStatus._value2member_map_ else "X"
                 extra = "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
+                if reply.raw is not None:
+                    writer.write(reply.raw)
+                    await writer.drain()
+                    return
                 if reply.status in (204, 304):  # no body, no length
                     writer.write(f"HTTP/1.1 {reply.status} {reason}\r\n{extra}\r\n".encode("latin-1"))
                 else:

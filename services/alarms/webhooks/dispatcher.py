@@ -33,9 +33,10 @@ dispatcher sends those rows again with the same ``webhook-id``: receivers drop t
 ``stop()`` is the graceful path: it lets requests in flight finish for ``grace`` seconds, then cancels
 the rest and releases their claims so they go again at once.
 
-Waking: ``LISTEN roost_webhooks_alarms`` (``enqueue`` and ``replay`` notify at commit), the end of any
-request (the next row of that alarm may go), and the next due retry or lease expiry, with
-``poll_interval`` as the longest sleep (a notification can be missed).
+Waking: ``LISTEN roost_webhooks_alarms`` (``enqueue`` and ``replay`` notify at commit, and so does a
+delivery that has a later row of its alarm waiting, so every replica looks), the end of any of our
+requests, and the next due retry or lease expiry, with ``poll_interval`` as the longest sleep (a
+notification can be missed).
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ class DispatcherStats:
     retried: int = 0
     dead_lettered: int = 0
     lost_claims: int = 0                 # outcomes not written: the lease had expired and was taken
+    cycles: int = 0                      # claim cycles run (the loop wakes on work, not on a timer)
 
 
 _CLAIM_CANDIDATES = f"""
@@ -211,17 +213,29 @@ _CLAIM = f"""
               extract(epoch FROM clock_timestamp() - d.created_at)::float8 AS age,
               s.url, s.secrets, s.max_age_seconds, s.failing"""
 
+# When to look again without being woken: the next retry that comes due or lease that runs out.  Rows due
+# now but not claimed wait behind an earlier row of their alarm or a full subscription: the end of that
+# request wakes us (another replica's: the poll).  Counting them here would make the loop spin.
 _NEXT_DUE = f"""
     SELECT extract(epoch FROM least(
-        (SELECT min(available_at) FROM {DELIVERIES} WHERE state = 'pending' AND claimed_until IS NULL),
+        (SELECT min(available_at) FROM {DELIVERIES}
+         WHERE state = 'pending' AND claimed_until IS NULL AND available_at > now()),
         (SELECT min(claimed_until) FROM {DELIVERIES} WHERE state = 'pending' AND claimed_until IS NOT NULL)
     ) - clock_timestamp())::float8"""
 
+# Delivered: the next row of this alarm (if any) may go now; NOTIFY so every replica looks, not only us.
 _DELIVERED = f"""
-    UPDATE {DELIVERIES} SET state = 'delivered', delivered_at = clock_timestamp(), attempts = attempts + 1,
-                            last_status = $3, last_error = NULL, claim_token = NULL, claimed_until = NULL
-    WHERE id = $1 AND claim_token = $2 AND state = 'pending'
-    RETURNING extract(epoch FROM delivered_at - created_at)::float8"""
+    WITH upd AS (
+        UPDATE {DELIVERIES} SET state = 'delivered', delivered_at = clock_timestamp(), attempts = attempts + 1,
+                                last_status = $3, last_error = NULL, claim_token = NULL, claimed_until = NULL
+        WHERE id = $1 AND claim_token = $2 AND state = 'pending'
+        RETURNING id, subscription_id, ordering_key, extract(epoch FROM delivered_at - created_at)::float8 AS latency)
+    SELECT u.latency,
+           CASE WHEN EXISTS (SELECT 1 FROM {DELIVERIES} d
+                             WHERE d.subscription_id = u.subscription_id AND d.ordering_key = u.ordering_key
+                               AND d.state = 'pending' AND d.id <> u.id)
+                THEN pg_notify($4, '') END
+    FROM upd u"""
 
 _RETRY = f"""
     UPDATE {DELIVERIES} SET attempts = attempts + 1, last_status = $3, last_error = $4,
@@ -303,6 +317,7 @@ class WebhookDispatcher:
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
+                self.stats.cycles += 1
                 await self._ensure_listening()
                 sleep = self.settings.poll_interval
                 try:
@@ -430,7 +445,7 @@ class WebhookDispatcher:
     async def _record(self, job: Job, outcome: Outcome, status: int | None) -> None:
         sub = uuid.UUID(job.subscription_id)
         if outcome.state == "delivered":
-            latency = await self.pool.fetchval(_DELIVERED, job.id, job.token, status)
+            latency = await self.pool.fetchval(_DELIVERED, job.id, job.token, status, NOTIFY_CHANNEL)
             if latency is None:
                 self._lost(job)
                 return
