@@ -503,3 +503,32 @@ async def test_graceful_stop_releases_claims_for_an_immediate_resend(pool: async
         finally:
             await second.stop()
     assert receiver.requests[0].headers["webhook-id"] == receiver.requests[1].headers["webhook-id"]
+
+
+async def test_subscription_management(pool: asyncpg.Pool) -> None:
+    secret = generate_secret()
+    sub, returned = await store.create_subscription(pool, "https://example.invalid/hook", secret=secret,
+                                                    name="noc", max_age=60)
+    assert returned == secret and sub.name == "noc" and sub.max_age == 60 and sub.secret_count == 1
+    assert not hasattr(sub, "secrets")
+    assert [s.id for s in await store.list_subscriptions(pool)] == [sub.id]
+    updated = await store.update_filters(pool, sub.id, severities=["critical"], entity_prefix="host=controller-0")
+    assert updated.filters == store.Filters(frozenset({"critical"}), frozenset(), "host=controller-0")
+    await enqueue(pool, [notification("200.004", "host=controller-0"), notification("200.004", "host=compute-0")])
+    assert await store.queue_depth(pool) == {sub.id: 1}
+    await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'delivered', "
+                       "delivered_at = now() - interval '2 hours'")
+    assert await store.purge_delivered(pool, 3600) == 1
+    assert await store.queue_depth(pool) == {sub.id: 0}
+    assert await store.delete_subscription(pool, sub.id)
+    assert not await store.delete_subscription(pool, sub.id)
+    with pytest.raises(store.UnknownSubscription):
+        await store.get_subscription(pool, sub.id)
+    with pytest.raises(store.UnknownSubscription):
+        await store.replay(pool, "not-a-uuid")
+    with pytest.raises(store.UnknownSubscription):
+        await store.add_secret(pool, sub.id)
+    with pytest.raises(store.SubscriptionError, match="bytes"):
+        await store.create_subscription(pool, "https://example.invalid/", secret="whsec_c2hvcnQ=")
+    with pytest.raises(store.SubscriptionError, match="entity prefix"):
+        await store.create_subscription(pool, "https://example.invalid/", entity_prefix="host=controller-1.")

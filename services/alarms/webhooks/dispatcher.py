@@ -59,6 +59,7 @@ import structlog
 from services.alarms.webhooks import metrics
 from services.alarms.webhooks.signing import sign_headers
 from services.alarms.webhooks.store import DELIVERIES, NOTIFY_CHANNEL, SUBSCRIPTIONS, queue_depth
+from services.core.logging import register_secret
 
 log = structlog.get_logger("roost.alarms.webhooks")
 
@@ -410,6 +411,9 @@ class WebhookDispatcher:
             if not ids:
                 return []
             rows = await conn.fetch(_CLAIM, ids, token, self.settings.effective_lease)
+        for secrets in {tuple(r["secrets"]) for r in rows}:
+            for secret in secrets:
+                register_secret(secret)  # this process may not have seen it yet: mask it in any log line
         jobs = [Job(id=r["id"], subscription_id=str(r["subscription_id"]), webhook_id=r["webhook_id"],
                     body=bytes(r["body"]), attempts=r["attempts"], age=float(r["age"]), url=r["url"],
                     secrets=list(r["secrets"]), max_age=float(r["max_age_seconds"]), failing=r["failing"],

@@ -27,7 +27,7 @@ from datetime import datetime
 import asyncpg
 
 from services.alarms.webhooks.formats import SEVERITIES, Format, Notification, render
-from services.alarms.webhooks.signing import check_secret, generate_secret
+from services.alarms.webhooks.signing import WebhookSecretError, check_secret, generate_secret
 from services.core.db.pool import AnyConnection
 from services.core.logging import register_secret
 
@@ -126,6 +126,20 @@ def _check_filters(severities: Iterable[str], alarm_ids: Iterable[str], entity_p
     return Filters(sev, frozenset(alarm_ids), entity_prefix)
 
 
+def _checked_secret(secret: str | None) -> str:
+    """``secret`` (or a new one) if usable, registered for masking; else ``SubscriptionError`` (no secret in it)."""
+    if secret is None:
+        secret = generate_secret()
+    else:
+        register_secret(secret)
+        try:
+            check_secret(secret)
+        except WebhookSecretError as exc:
+            raise SubscriptionError(str(exc)) from None
+    register_secret(secret)
+    return secret
+
+
 def _uuid(subscription_id: str) -> uuid.UUID:
     try:
         return uuid.UUID(str(subscription_id))
@@ -145,8 +159,7 @@ async def create_subscription(conn: Executor, url: str, *, secret: str | None = 
         raise SubscriptionError(f"unknown format {format!r}: expected roost or alertmanager") from None
     if not max_age > 0:
         raise SubscriptionError("max_age must be positive")
-    secret = check_secret(secret) if secret is not None else generate_secret()
-    register_secret(secret)
+    secret = _checked_secret(secret)
     sub_id = uuid.uuid4()
     row = await conn.fetchrow(
         f"""INSERT INTO {SUBSCRIPTIONS} (id, name, url, secrets, severities, alarm_ids, entity_prefix, format,
@@ -178,8 +191,7 @@ async def delete_subscription(conn: Executor, subscription_id: str) -> bool:
 
 async def add_secret(conn: Executor, subscription_id: str, secret: str | None = None) -> str:
     """Start a rotation: ``secret`` (or a new one, returned) signs alongside the current ones."""
-    secret = check_secret(secret) if secret is not None else generate_secret()
-    register_secret(secret)
+    secret = _checked_secret(secret)
     status = await conn.execute(
         f"""UPDATE {SUBSCRIPTIONS} SET secrets = array_append(array_remove(secrets, $2), $2), updated_at = now()
             WHERE id = $1""", _uuid(subscription_id), secret)
