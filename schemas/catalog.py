@@ -14,6 +14,7 @@ from schemas.registry import REGISTRY, Registry
 
 SCHEMA_MODULES: tuple[str, ...] = (
     "schemas.core",
+    "schemas.alarms",
 )
 
 

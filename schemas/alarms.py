@@ -1,0 +1,194 @@
+"""Messages of fault management (owner ``alarms``).
+
+Inputs, published by any service (events, so they go through the publisher's transactional outbox; the
+raising service is the envelope's ``source``, which the broker's permissions restrict):
+
+* ``roost.fault.set``: raise an alarm, or re-raise it with another severity or reason;
+* ``roost.fault.clear``: clear one alarm id (or every id) on exactly one entity, or with ``prefix`` on
+  the entity and its children (``host=controller-1`` never matches ``host=controller-10``);
+* ``roost.fault.log``: record a customer log (an operator command, an event worth keeping);
+* ``roost.fault.reassert``: after a restart, the complete set of alarms a service has within its scope;
+  the alarms service clears that owner's alarms in the scope that are not in the set.
+
+Outputs, published by the alarms service (entity events: ``entity_id`` is the alarm instance's uuid, the
+``version`` grows by one per raise, change and clear of that instance):
+
+* ``roost.alarm.raised`` / ``roost.alarm.changed`` (with what changed, old -> new) /
+  ``roost.alarm.cleared``, carrying the alarm in StarlingX FM's shape (same field names);
+* ``roost.alarm.logged``: a customer log was recorded (``entity_id`` is the log record's uuid).
+
+The field names are FM's.  What the catalogue says about an id (type, cause, repair action, flags) and
+whether a severity fits it, or an entity id is well formed (``key=value[.key=value...]``), is checked
+by the alarms service against its catalogue; a message that fails is dead-lettered with the reason.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+
+from schemas.envelope import EntityEvent
+from schemas.registry import REGISTRY, Registry
+
+OWNER = "alarms"
+
+TEXT_MAX = 255
+"""FM's limit on ``reason_text`` and ``proposed_repair_action``."""
+REASSERT_MAX = 10_000
+"""The most alarms one re-assertion may carry."""
+
+AlarmIdText = Annotated[str, Field(pattern=r"^[0-9]{3}\.[0-9]{3}$", description="GGG.EEE, e.g. 200.010")]
+EntityInstanceIdText = Annotated[str, Field(min_length=1, max_length=255,
+                                            description="key=value[.key=value...], e.g. host=controller-0")]
+EntityTypeIdText = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
+                                        description="the entity's keys, e.g. host.port")]
+SeverityName = Literal["critical", "major", "minor", "warning"]
+Text = Annotated[str, Field(max_length=TEXT_MAX)]
+ShortText = Annotated[str, Field(min_length=1, max_length=64)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# -- inputs ----------------------------------------------------------------------------------------------
+
+
+class FaultSet(_Model):
+    """Raise an alarm on an entity, or re-raise it (same uuid) with a new severity or reason."""
+
+    alarm_id: AlarmIdText
+    entity_instance_id: EntityInstanceIdText
+    severity: SeverityName
+    reason_text: Text = ""
+    entity_type_id: EntityTypeIdText | None = Field(default=None, description="default: the entity's keys")
+    proposed_repair_action: Text | None = Field(default=None, description="default: the catalogue's text")
+    alarm_type: ShortText | None = Field(default=None, description="one the catalogue lists; default its first")
+    probable_cause: ShortText | None = Field(default=None, description="one the catalogue lists; default its first")
+    timestamp: AwareDatetime | None = Field(default=None, description="when it was detected; default: when applied")
+
+
+class FaultClear(_Model):
+    """Clear ``alarm_id`` (none: every alarm id) on exactly ``entity_instance_id``, or with ``prefix`` on
+    the entity and its children, by whole ``key=value`` segments."""
+
+    alarm_id: AlarmIdText | None = None
+    entity_instance_id: EntityInstanceIdText
+    prefix: bool = False
+
+
+class FaultLog(_Model):
+    """Record a customer log: history only, no active state."""
+
+    log_id: AlarmIdText
+    entity_instance_id: EntityInstanceIdText
+    severity: SeverityName
+    reason_text: Text = ""
+    entity_type_id: EntityTypeIdText | None = Field(default=None, description="default: the entity's keys")
+    timestamp: AwareDatetime | None = Field(default=None, description="when it happened; default: when recorded")
+
+
+class FaultReassert(_Model):
+    """The whole set of alarms the sending service has now within ``scope`` (an entity and its children;
+    none: everything it owns).  Its alarms in the scope that are not in ``alarms`` are cleared; an alarm
+    outside the scope is refused."""
+
+    scope: EntityInstanceIdText | None = None
+    alarms: list[FaultSet] = Field(default_factory=list, max_length=REASSERT_MAX)
+
+
+# -- outputs ---------------------------------------------------------------------------------------------
+
+
+class AlarmRecord(_Model):
+    """An alarm as StarlingX FM shows it (same field names)."""
+
+    uuid: str = Field(min_length=1, max_length=64)
+    alarm_id: AlarmIdText
+    alarm_state: Literal["set", "clear"]
+    entity_type_id: EntityTypeIdText
+    entity_instance_id: EntityInstanceIdText
+    timestamp: AwareDatetime
+    severity: SeverityName
+    reason_text: Text
+    alarm_type: ShortText
+    probable_cause: ShortText
+    proposed_repair_action: Text
+    service_affecting: bool
+    suppression: bool
+    inhibit_alarms: bool
+    mgmt_affecting: bool
+    degrade_affecting: bool
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class FieldChange(_Model):
+    field: Literal["severity", "reason_text"]
+    old: Text
+    new: Text
+
+
+class _AlarmEvent(EntityEvent):
+    """``entity_id``: the alarm's uuid.  ``owner``: the service that raised it."""
+
+    owner: str = Field(min_length=1, max_length=256)
+    alarm: AlarmRecord
+
+
+class AlarmRaised(_AlarmEvent):
+    """A new active alarm (``version`` 1)."""
+
+
+class AlarmChanged(_AlarmEvent):
+    """An active alarm was re-raised with another severity or reason; same uuid."""
+
+    changes: list[FieldChange] = Field(min_length=1, max_length=2)
+
+
+class AlarmCleared(_AlarmEvent):
+    """An active alarm was cleared; ``alarm`` is its last state, with ``alarm_state`` clear."""
+
+    cause: Literal["cleared", "reasserted", "entity_deleted", "operator"] = Field(
+        description="cleared by its raiser, missing from its owner's re-assertion, its entity was deleted, "
+                    "or cleared by an operator")
+
+
+class EventLogRecord(_Model):
+    """A customer log as FM's event log shows it."""
+
+    uuid: str = Field(min_length=1, max_length=64)
+    event_log_id: AlarmIdText
+    state: Literal["log"]
+    entity_type_id: EntityTypeIdText
+    entity_instance_id: EntityInstanceIdText
+    timestamp: AwareDatetime
+    severity: SeverityName
+    reason_text: Text
+    event_log_type: ShortText
+    probable_cause: ShortText
+    service_affecting: bool
+
+
+class AlarmLogged(EntityEvent):
+    """A customer log was recorded.  ``entity_id``: the log record's uuid (``version`` 1)."""
+
+    owner: str = Field(min_length=1, max_length=256)
+    log: EventLogRecord
+
+
+def register(registry: Registry) -> None:
+    """Register alarms' messages in ``registry`` (done for ``REGISTRY`` when this module is imported)."""
+    registry.event("roost.fault.set", OWNER, FaultSet, "Raise or re-raise an alarm (any service)")
+    registry.event("roost.fault.clear", OWNER, FaultClear, "Clear an alarm, exactly or by entity prefix (any service)")
+    registry.event("roost.fault.log", OWNER, FaultLog, "Record a customer log (any service)")
+    registry.event("roost.fault.reassert", OWNER, FaultReassert,
+                   "A service's complete current set of alarms in its scope (after a restart)")
+    registry.event("roost.alarm.raised", OWNER, AlarmRaised, "An alarm was raised")
+    registry.event("roost.alarm.changed", OWNER, AlarmChanged, "An active alarm changed severity or reason")
+    registry.event("roost.alarm.cleared", OWNER, AlarmCleared, "An alarm was cleared")
+    registry.event("roost.alarm.logged", OWNER, AlarmLogged, "A customer log was recorded")
+
+
+register(REGISTRY)
