@@ -66,6 +66,7 @@ log = structlog.get_logger("roost.alarms.webhooks")
 SubscriptionHook = Callable[[str, str], Awaitable[None]]
 State = Literal["delivered", "retry", "dead"]
 USER_AGENT = "roost-webhooks/1"
+MAX_ANSWER_BYTES = 64 * 1024
 
 
 # -- pure policy ----------------------------------------------------------------------------------
@@ -431,11 +432,17 @@ class WebhookDispatcher:
         retry_after: str | None = None
         error: str | None = None
         try:
-            async with asyncio.timeout(self.settings.timeout):
-                response = await self._client.post(job.url, content=job.body, headers=headers,
-                                                   timeout=self.settings.timeout)
-            status = response.status_code
-            retry_after = response.headers.get("retry-after")
+            async with asyncio.timeout(self.settings.timeout), self._client.stream(
+                    "POST", job.url, content=job.body, headers=headers, timeout=self.settings.timeout) as response:
+                status = response.status_code
+                retry_after = response.headers.get("retry-after")
+                # The answer's body means nothing to us: read a little (so a small one keeps the connection
+                # reusable), never all of it (a receiver answering with endless garbage costs no memory).
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read >= MAX_ANSWER_BYTES:
+                        break
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             error = describe(exc)
         elapsed = loop.time() - started
