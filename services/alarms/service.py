@@ -1,0 +1,198 @@
+"""The alarms service: applies the faults every service publishes, durably and exactly once.
+
+It consumes ``roost.fault.>`` as consumer group ``alarms``.  Each message is applied in ONE transaction:
+the inbox row (a redelivery of the same envelope id is dropped), the active alarm row, the history
+record, the ``roost.alarm.*`` event in the outbox and the webhook deliveries
+(:class:`services.alarms.store.AlarmStore`).  The raising service, the owner of what it sets, is the
+envelope's ``source`` (which broker permissions restrict).
+
+Input the catalogue refuses (an unknown alarm id, a severity the id does not allow, a malformed entity
+id, a log id used as an alarm, an alarm outside a re-assertion's scope) raises ``Reject`` with the reason:
+the bus dead-letters the message with it, so nothing is lost and an operator can replay it once fixed.
+(A reason over 255 characters, or a severity that is no severity at all, is already refused by the
+message's schema, and dead-lettered the same way.)
+
+The catalogue is roost's own plus the files named in ``ROOST_ALARM_CATALOGUES`` (``os.pathsep``-separated,
+e.g. StarlingX's ``events.yaml``), merged at start; or exactly the paths given to the constructor.
+
+The history is kept for ``history_retention`` (30 days by default): one replica at a time (a PostgreSQL
+advisory lock) deletes older records every ``retention_interval`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import structlog
+from fastapi import APIRouter
+from pydantic import ValidationError
+
+from schemas import alarms as msg
+from schemas.catalog import load as load_registry
+from services.alarms.catalogue import ROOST_CATALOGUE, AlarmError, AlarmType, Catalogue, load_catalogues
+from services.alarms.model import ClearRequest, EntityInstanceId, LogRequest, SetRequest
+from services.alarms.store import AlarmStore, Cleared, Origin
+from services.core.bus.bus import Message, Reject
+from services.core.db.inbox import Inbox
+from services.core.host import ServiceContext
+
+log = structlog.get_logger("roost.alarms")
+
+NAME = "alarms"
+GROUP = "alarms"
+FAULTS = "roost.fault.>"
+INBOX_CONSUMER = "alarms-faults"
+CATALOGUES_ENV = "ROOST_ALARM_CATALOGUES"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_RETENTION_LOCK = 0x616C61726D73   # "alarms": one purge at a time across replicas
+
+
+def default_catalogue_paths(environ: dict[str, str] | None = None) -> list[Path]:
+    """roost's own catalogue, then every existing file named in ``ROOST_ALARM_CATALOGUES``."""
+    env = os.environ if environ is None else environ
+    paths = [ROOST_CATALOGUE]
+    for part in env.get(CATALOGUES_ENV, "").split(os.pathsep):
+        if not part.strip():
+            continue
+        path = Path(part.strip())
+        if path.is_file():
+            paths.append(path)
+        else:
+            log.warning("alarm catalogue not found; skipped", path=str(path), variable=CATALOGUES_ENV)
+    return paths
+
+
+def set_request(fault: msg.FaultSet) -> SetRequest:
+    """The model's request for a ``roost.fault.set``; ``AlarmError`` saying what is wrong."""
+    EntityInstanceId.parse(fault.entity_instance_id)
+    try:
+        return SetRequest(alarm_id=fault.alarm_id, entity_instance_id=fault.entity_instance_id,
+                          severity=fault.severity, reason_text=fault.reason_text, entity_type_id=fault.entity_type_id,
+                          alarm_type=AlarmType(fault.alarm_type) if fault.alarm_type is not None else None,
+                          probable_cause=fault.probable_cause, timestamp=fault.timestamp)
+    except ValueError as exc:
+        raise AlarmError(_first_error(exc)) from None
+
+
+def _first_error(exc: ValueError) -> str:
+    if isinstance(exc, ValidationError):
+        err = exc.errors()[0]
+        return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+    return str(exc)
+
+
+class AlarmsService:
+    """The ``alarms`` component: fault inputs in, active alarms, history, events and webhooks out."""
+
+    name = NAME
+    migrations: Path | None = MIGRATIONS
+
+    def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
+                 history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
+                 webhooks: bool = True) -> None:
+        self.catalogue_paths = list(catalogue_paths) if catalogue_paths is not None else None
+        self.history_retention = history_retention
+        self.retention_interval = retention_interval
+        self.webhooks = webhooks
+        self._ctx: ServiceContext | None = None
+        self._store: AlarmStore | None = None
+        self._inbox = Inbox(NAME)
+        self._retention: asyncio.Task[None] | None = None
+
+    @property
+    def store(self) -> AlarmStore:
+        if self._store is None:
+            raise RuntimeError("the alarms service has not started")
+        return self._store
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._ctx is None:
+            raise RuntimeError("the alarms service has not started")
+        return self._ctx.pool
+
+    async def start(self, ctx: ServiceContext) -> None:
+        paths = self.catalogue_paths if self.catalogue_paths is not None else default_catalogue_paths()
+        catalogue: Catalogue = await asyncio.to_thread(load_catalogues, *paths)
+        self._ctx = ctx
+        self._store = AlarmStore(catalogue, ctx.outbox, load_registry(), webhooks=self.webhooks)
+        log.info("alarm catalogue loaded", ids=len(catalogue), files=[str(p) for p in paths])
+        self._retention = asyncio.create_task(self._retain(), name="alarms-history-retention")
+        await ctx.bus.subscribe(FAULTS, GROUP, self.handle)
+
+    async def stop(self) -> None:
+        if self._retention is not None:
+            self._retention.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retention
+            self._retention = None
+
+    def routers(self) -> Sequence[APIRouter]:
+        return []
+
+    # -- the consumer ---------------------------------------------------------------------------------
+
+    async def handle(self, message: Message) -> None:
+        """Apply one ``roost.fault.*`` message, once, in one transaction; ``Reject`` what can never apply."""
+        envelope = message.envelope
+        origin = Origin.of(envelope)
+        data = message.data
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                if not await self._inbox.first_time(conn, INBOX_CONSUMER, envelope.id):
+                    log.info("duplicate fault message dropped", message_id=envelope.id)
+                    return
+                if isinstance(data, msg.FaultSet):
+                    await self.store.set(conn, set_request(data), origin, repair_action=data.proposed_repair_action)
+                elif isinstance(data, msg.FaultClear):
+                    EntityInstanceId.parse(data.entity_instance_id)
+                    await self.store.clear(conn, ClearRequest(alarm_id=data.alarm_id,
+                                                              entity_instance_id=data.entity_instance_id,
+                                                              prefix=data.prefix), origin)
+                elif isinstance(data, msg.FaultLog):
+                    EntityInstanceId.parse(data.entity_instance_id)
+                    await self.store.log(conn, LogRequest(log_id=data.log_id,
+                                                          entity_instance_id=data.entity_instance_id,
+                                                          severity=data.severity, reason_text=data.reason_text,
+                                                          entity_type_id=data.entity_type_id,
+                                                          timestamp=data.timestamp), origin)
+                elif isinstance(data, msg.FaultReassert):
+                    await self.store.reassert(conn, data.scope, [set_request(f) for f in data.alarms], origin)
+                else:
+                    raise Reject(f"{envelope.type} is not a fault message the alarms service applies")
+        except AlarmError as exc:
+            raise Reject(str(exc)) from None
+
+    # -- other inputs ---------------------------------------------------------------------------------
+
+    async def host_deleted(self, hostname: str, *, owner: str = "roost/inventory") -> tuple[Cleared, ...]:
+        """Clear every alarm of a deleted host and of its children (``host=<hostname>`` and below).
+
+        Inventory's host-deleted event is not on the bus yet; its consumer will call this.
+        """
+        entity = str(EntityInstanceId.parse(f"host={hostname}"))
+        async with self.pool.acquire() as conn, conn.transaction():
+            return await self.store.clear_entity(conn, entity, Origin(owner))
+
+    async def purge_history(self) -> int:
+        """Delete the history records older than the retention, unless another replica is at it."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RETENTION_LOCK):
+                return 0
+            return await self.store.purge_history(conn, self.history_retention)
+
+    async def _retain(self) -> None:
+        while True:
+            try:
+                purged = await self.purge_history()
+                if purged:
+                    log.info("alarm history purged", records=purged)
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("alarm history purge failed; will retry", error=str(exc))
+            await asyncio.sleep(self.retention_interval)

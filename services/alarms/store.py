@@ -1,0 +1,429 @@
+"""Active alarms, the event log and suppression in PostgreSQL schema ``alarms``; every change announced.
+
+:class:`AlarmStore` applies what :mod:`services.alarms.model` decides, inside the caller's transaction,
+and with it, in the same transaction: the history record (``alarms.event_log``), the ``roost.alarm.*``
+event in the outbox, and the webhook deliveries (``services.alarms.webhooks.store.enqueue``).  Either all
+of it commits or none of it does.
+
+Concurrency: an alarm instance's row is read ``FOR UPDATE`` before deciding; a new one is inserted with
+``ON CONFLICT DO NOTHING`` on the unique ``(alarm_id, entity_instance_id)``, and when a concurrent
+transaction inserted it first the decision is taken again on its row, so two racing sets never violate
+the key and the second one is a change (or nothing) on the first one's uuid.
+
+A clear selects its candidates by text (the entity, or the entity and ``entity.`` children for a prefix
+clear) and lets :func:`~services.alarms.model.decide_clear` keep those that match segment-wise, so
+clearing ``host=controller-1`` never touches ``host=controller-10``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid as uuidlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg
+
+from schemas import alarms as msg
+from schemas.envelope import Envelope, Principal, utcnow
+from schemas.registry import Registry
+from services.alarms.catalogue import AlarmError, Catalogue
+from services.alarms.model import (
+    Alarm,
+    AlarmKey,
+    AlarmState,
+    Change,
+    ClearOutcome,
+    ClearRequest,
+    EntityInstanceId,
+    LogRequest,
+    SetOutcome,
+    SetRequest,
+    check_log,
+    decide_clear,
+    decide_reassert,
+    decide_set,
+)
+from services.alarms.webhooks import store as webhooks
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification
+from services.core.db.outbox import Outbox
+from services.core.db.pool import AnyConnection
+
+SCHEMA = "alarms"
+SOURCE = "roost/alarms"
+ClearCause = Literal["cleared", "reasserted", "entity_deleted", "operator"]
+
+_ALARM_COLUMNS = ("uuid, alarm_id, alarm_state, entity_type_id, entity_instance_id, timestamp, severity, reason_text, "
+                  "alarm_type, probable_cause, proposed_repair_action, service_affecting, suppression, "
+                  "inhibit_alarms, mgmt_affecting, degrade_affecting, created_at, updated_at")
+_SELECT = f"SELECT {_ALARM_COLUMNS}, owner, version FROM {SCHEMA}.active_alarms"
+
+
+class NotInScope(AlarmError):
+    """A re-assertion names an alarm outside the scope it re-asserts."""
+
+
+@dataclass(frozen=True)
+class Origin:
+    """What caused a change: the service that asked (the owner of what it sets) and the message."""
+
+    owner: str
+    correlationid: str | None = None
+    causationid: str | None = None
+    principal: Principal | None = None
+
+    @classmethod
+    def of(cls, envelope: Envelope) -> Origin:
+        return cls(envelope.source, envelope.correlationid, envelope.id, envelope.principal)
+
+
+@dataclass(frozen=True)
+class StoredAlarm:
+    """An active alarm with what roost keeps beside FM's fields."""
+
+    alarm: Alarm
+    owner: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Cleared:
+    """One alarm a clear removed: its last state (``alarm_state`` clear) and the version of the clear."""
+
+    alarm: Alarm
+    owner: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Applied:
+    """What applying a set did: the decision and, when it wrote, the alarm's new version."""
+
+    outcome: SetOutcome
+    version: int | None = None
+
+
+@dataclass(frozen=True)
+class Reasserted:
+    set: tuple[Applied, ...] = ()
+    cleared: tuple[Cleared, ...] = ()
+
+
+@dataclass(frozen=True)
+class HistoryRecord:
+    """One row of the event log."""
+
+    uuid: uuidlib.UUID
+    seq: int
+    event_log_id: str
+    state: str
+    change: str
+    changes: list[dict[str, str]]
+    cause: str | None
+    alarm_uuid: uuidlib.UUID | None
+    entity_type_id: str
+    entity_instance_id: str
+    timestamp: datetime
+    severity: str
+    reason_text: str
+    event_log_type: str
+    probable_cause: str
+    proposed_repair_action: str
+    service_affecting: bool
+    suppression: bool
+    owner: str
+    version: int | None
+    recorded_at: datetime
+
+
+def _stored(row: asyncpg.Record) -> StoredAlarm:
+    data = dict(row)
+    owner, version = data.pop("owner"), data.pop("version")
+    return StoredAlarm(Alarm.model_validate(data), owner, int(version))
+
+
+def _record(alarm: Alarm, state: Literal["set", "clear"] | None = None) -> msg.AlarmRecord:
+    data = alarm.model_dump(mode="json")
+    data["uuid"] = str(alarm.uuid)
+    if state is not None:
+        data["alarm_state"] = state
+    return msg.AlarmRecord.model_validate(data)
+
+
+def _in_transaction(conn: AnyConnection) -> None:
+    if not conn.is_in_transaction():
+        raise RuntimeError("the alarm store needs the caller's transaction: call it inside "
+                           "`async with conn.transaction():`")
+
+
+class AlarmStore:
+    """Applies sets, clears, re-assertions and logs in the caller's transaction, with their history,
+    their ``roost.alarm.*`` events (outbox) and their webhook deliveries."""
+
+    def __init__(self, catalogue: Catalogue, outbox: Outbox, registry: Registry, *, source: str = SOURCE,
+                 webhooks: bool = True, clock: Callable[[], datetime] = utcnow) -> None:
+        self.catalogue = catalogue
+        self.outbox = outbox
+        self.registry = registry
+        self.source = source
+        self.webhooks = webhooks
+        self.clock = clock
+
+    # -- set ------------------------------------------------------------------------------------------
+
+    async def set(self, conn: AnyConnection, request: SetRequest, origin: Origin, *,
+                  repair_action: str | None = None) -> Applied:
+        """Raise, change or leave ``request``'s alarm; raises an ``AlarmError`` for a request the
+        catalogue refuses.  ``repair_action`` replaces the catalogue's text."""
+        _in_transaction(conn)
+        while True:
+            row = await conn.fetchrow(f"{_SELECT} WHERE alarm_id = $1 AND entity_instance_id = $2 FOR UPDATE",
+                                      request.alarm_id, request.entity_instance_id)
+            current = _stored(row) if row is not None else None
+            outcome = decide_set(current.alarm if current else None, request, self.catalogue, self.clock())
+            alarm = outcome.alarm
+            if outcome.writes and repair_action is not None:
+                alarm = alarm.model_copy(update={"proposed_repair_action": repair_action})
+                outcome = SetOutcome(outcome.change, alarm, outcome.previous, outcome.changes)
+            if outcome.change is Change.UNCHANGED:
+                return Applied(outcome)
+            if outcome.change is Change.RAISED:
+                version = await conn.fetchval(
+                    f"""INSERT INTO {SCHEMA}.active_alarms ({_ALARM_COLUMNS}, owner, version)
+                        VALUES ($1, $2, 'set', $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                                $18, 1)
+                        ON CONFLICT ON CONSTRAINT active_alarms_instance DO NOTHING RETURNING version""",
+                    alarm.uuid, alarm.alarm_id, alarm.entity_type_id, alarm.entity_instance_id, alarm.timestamp,
+                    alarm.severity.value, alarm.reason_text, alarm.alarm_type.value, alarm.probable_cause,
+                    alarm.proposed_repair_action, alarm.service_affecting, alarm.suppression, alarm.inhibit_alarms,
+                    alarm.mgmt_affecting, alarm.degrade_affecting, alarm.created_at, alarm.updated_at, origin.owner)
+                if version is None:        # a concurrent set inserted it first: decide again on its row
+                    continue
+            else:
+                version = await conn.fetchval(
+                    f"""UPDATE {SCHEMA}.active_alarms
+                        SET entity_type_id = $2, timestamp = $3, severity = $4, reason_text = $5, alarm_type = $6,
+                            probable_cause = $7, proposed_repair_action = $8, service_affecting = $9,
+                            suppression = $10, inhibit_alarms = $11, mgmt_affecting = $12, degrade_affecting = $13,
+                            updated_at = $14, owner = $15, version = version + 1
+                        WHERE uuid = $1 RETURNING version""",
+                    alarm.uuid, alarm.entity_type_id, alarm.timestamp, alarm.severity.value, alarm.reason_text,
+                    alarm.alarm_type.value, alarm.probable_cause, alarm.proposed_repair_action,
+                    alarm.service_affecting, alarm.suppression, alarm.inhibit_alarms, alarm.mgmt_affecting,
+                    alarm.degrade_affecting, alarm.updated_at, origin.owner)
+            version = int(version)
+            changes = [{"field": c.field, "old": c.old, "new": c.new} for c in outcome.changes]
+            change = "raised" if outcome.change is Change.RAISED else "changed"
+            await self._history(conn, alarm, state="set", change=change, changes=changes, owner=origin.owner,
+                                version=version)
+            record = _record(alarm)
+            event: msg.AlarmRaised | msg.AlarmChanged
+            if outcome.change is Change.RAISED:
+                event = msg.AlarmRaised(entity_id=str(alarm.uuid), version=version, owner=origin.owner,
+                                        alarm=record)
+            else:
+                event = msg.AlarmChanged(entity_id=str(alarm.uuid), version=version, owner=origin.owner,
+                                         alarm=record, changes=[msg.FieldChange.model_validate(c) for c in changes])
+            await self._announce(conn, f"roost.alarm.{change}", event, origin, alarm, version,
+                                 EventKind.RAISED if change == "raised" else EventKind.CHANGED)
+            return Applied(outcome, version)
+
+    # -- clear ----------------------------------------------------------------------------------------
+
+    async def clear(self, conn: AnyConnection, request: ClearRequest, origin: Origin, *,
+                    cause: ClearCause = "cleared") -> tuple[Cleared, ...]:
+        """Clear what ``request`` matches (exact entity, or with ``prefix`` the entity and its children)."""
+        _in_transaction(conn)
+        if request.prefix:
+            rows = await conn.fetch(
+                f"""{_SELECT} WHERE (entity_instance_id = $1 OR starts_with(entity_instance_id, $1 || '.'))
+                      AND ($2::text IS NULL OR alarm_id = $2)
+                    ORDER BY alarm_id, entity_instance_id FOR UPDATE""",
+                request.entity_instance_id, request.alarm_id)
+        else:
+            rows = await conn.fetch(
+                f"""{_SELECT} WHERE entity_instance_id = $1 AND ($2::text IS NULL OR alarm_id = $2)
+                    ORDER BY alarm_id, entity_instance_id FOR UPDATE""",
+                request.entity_instance_id, request.alarm_id)
+        stored = {s.alarm.key: s for s in map(_stored, rows)}
+        outcome: ClearOutcome = decide_clear((s.alarm for s in stored.values()), request, self.catalogue)
+        return await self._clear_rows(conn, [stored[a.key] for a in outcome.cleared], origin, cause)
+
+    async def clear_entity(self, conn: AnyConnection, entity_instance_id: str, origin: Origin, *,
+                           cause: ClearCause = "entity_deleted") -> tuple[Cleared, ...]:
+        """Clear every alarm of an entity and of its children (a deleted host's)."""
+        return await self.clear(conn, ClearRequest(entity_instance_id=entity_instance_id, prefix=True), origin,
+                                cause=cause)
+
+    async def _clear_rows(self, conn: AnyConnection, rows: Sequence[StoredAlarm], origin: Origin,
+                          cause: ClearCause) -> tuple[Cleared, ...]:
+        if not rows:
+            return ()
+        deleted = await conn.fetch(
+            f"DELETE FROM {SCHEMA}.active_alarms WHERE uuid = ANY($1::uuid[]) RETURNING uuid, version",
+            [s.alarm.uuid for s in rows])
+        versions = {r["uuid"]: int(r["version"]) + 1 for r in deleted}
+        now = self.clock()
+        done: list[Cleared] = []
+        for s in rows:
+            if s.alarm.uuid not in versions:
+                continue
+            version = versions[s.alarm.uuid]
+            alarm = s.alarm.model_copy(update={"alarm_state": AlarmState.CLEAR, "timestamp": now, "updated_at": now})
+            await self._history(conn, alarm, state="clear", change="cleared", changes=[], owner=s.owner,
+                                version=version, cause=cause)
+            event = msg.AlarmCleared(entity_id=str(alarm.uuid), version=version, owner=s.owner,
+                                     alarm=_record(alarm, "clear"), cause=cause)
+            await self._announce(conn, "roost.alarm.cleared", event, origin, alarm, version, EventKind.CLEARED)
+            done.append(Cleared(alarm, s.owner, version))
+        return tuple(done)
+
+    # -- re-assertion ---------------------------------------------------------------------------------
+
+    async def reassert(self, conn: AnyConnection, scope: str | None, requests: Iterable[SetRequest],
+                       origin: Origin) -> Reasserted:
+        """``origin.owner`` has exactly ``requests`` within ``scope`` (an entity and its children; None:
+        everywhere): apply them, and clear that owner's alarms in the scope that are not among them."""
+        _in_transaction(conn)
+        asserted = list(requests)
+        target = EntityInstanceId.parse(scope) if scope is not None else None
+        for request in asserted:
+            if target is not None and not target.matches(EntityInstanceId.parse(request.entity_instance_id),
+                                                         prefix=True):
+                raise NotInScope(f"alarm {request.alarm_id} on {request.entity_instance_id} is outside the "
+                                 f"re-asserted scope {scope}")
+        rows = await conn.fetch(f"{_SELECT} WHERE owner = $1 ORDER BY alarm_id, entity_instance_id FOR UPDATE",
+                                origin.owner)
+        mine = [s for s in map(_stored, rows)
+                if target is None or target.matches(s.alarm.entity, prefix=True)]
+        decision = decide_reassert((s.alarm for s in mine), asserted, self.catalogue)
+        applied = [await self.set(conn, r, origin) for r in decision.to_set]
+        gone: set[AlarmKey] = set(decision.to_clear)
+        cleared = await self._clear_rows(conn, [s for s in mine if s.alarm.key in gone], origin, "reasserted")
+        return Reasserted(tuple(applied), cleared)
+
+    # -- customer logs --------------------------------------------------------------------------------
+
+    async def log(self, conn: AnyConnection, request: LogRequest, origin: Origin) -> msg.EventLogRecord:
+        """Record a customer log in the history and announce it."""
+        _in_transaction(conn)
+        definition = check_log(request, self.catalogue)
+        now = self.clock()
+        record = msg.EventLogRecord(
+            uuid=str(uuidlib.uuid4()), event_log_id=definition.id, state="log",
+            entity_type_id=request.entity_type_id or EntityInstanceId.parse(request.entity_instance_id).entity_type_id,
+            entity_instance_id=request.entity_instance_id, timestamp=request.timestamp or now,
+            severity=request.severity.value, reason_text=request.reason_text,
+            event_log_type=definition.alarm_type.value, probable_cause=definition.probable_cause,
+            service_affecting=definition.service_affecting_for(request.severity))
+        await conn.execute(
+            f"""INSERT INTO {SCHEMA}.event_log (uuid, event_log_id, state, change, entity_type_id, entity_instance_id,
+                    timestamp, severity, reason_text, event_log_type, probable_cause, service_affecting, owner,
+                    version)
+                VALUES ($1, $2, 'log', 'logged', $3, $4, $5, $6, $7, $8, $9, $10, $11, 1)""",
+            uuidlib.UUID(record.uuid), record.event_log_id, record.entity_type_id, record.entity_instance_id,
+            record.timestamp, record.severity, record.reason_text, record.event_log_type, record.probable_cause,
+            record.service_affecting, origin.owner)
+        event = msg.AlarmLogged(entity_id=record.uuid, version=1, owner=origin.owner, log=record)
+        await self.outbox.add(conn, self._envelope("roost.alarm.logged", event, origin, f"log/{record.uuid}"))
+        return record
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    @staticmethod
+    async def active(conn: AnyConnection | asyncpg.Pool) -> list[StoredAlarm]:
+        """Every active alarm, by (alarm_id, entity_instance_id)."""
+        return [_stored(r) for r in await conn.fetch(f"{_SELECT} ORDER BY alarm_id, entity_instance_id")]
+
+    @staticmethod
+    async def get(conn: AnyConnection | asyncpg.Pool, alarm_uuid: uuidlib.UUID | str) -> StoredAlarm | None:
+        row = await conn.fetchrow(f"{_SELECT} WHERE uuid = $1", uuidlib.UUID(str(alarm_uuid)))
+        return _stored(row) if row is not None else None
+
+    @staticmethod
+    async def history(conn: AnyConnection | asyncpg.Pool, *, alarm_uuid: uuidlib.UUID | str | None = None,
+                      event_log_id: str | None = None, limit: int = 100) -> list[HistoryRecord]:
+        """The newest history records first (of one alarm instance, or one id, when asked)."""
+        rows = await conn.fetch(
+            f"""SELECT uuid, seq, event_log_id, state, change, changes::text AS changes, cause, alarm_uuid,
+                       entity_type_id, entity_instance_id, timestamp, severity, reason_text, event_log_type,
+                       probable_cause, proposed_repair_action, service_affecting, suppression, owner, version,
+                       recorded_at
+                FROM {SCHEMA}.event_log
+                WHERE ($1::uuid IS NULL OR alarm_uuid = $1) AND ($2::text IS NULL OR event_log_id = $2)
+                ORDER BY seq DESC LIMIT $3""",
+            uuidlib.UUID(str(alarm_uuid)) if alarm_uuid is not None else None, event_log_id, limit)
+        records = []
+        for r in rows:
+            data = dict(r)
+            data["changes"] = json.loads(data["changes"])
+            records.append(HistoryRecord(**data))
+        return records
+
+    # -- retention and suppression --------------------------------------------------------------------
+
+    @staticmethod
+    async def purge_history(conn: AnyConnection | asyncpg.Pool, older_than: timedelta) -> int:
+        """Delete history records written more than ``older_than`` ago; returns how many."""
+        status = await conn.execute(
+            f"DELETE FROM {SCHEMA}.event_log WHERE recorded_at < now() - $1::interval", older_than)
+        return int(status.split()[-1])
+
+    @staticmethod
+    async def suppressed_ids(conn: AnyConnection | asyncpg.Pool) -> frozenset[str]:
+        rows = await conn.fetch(f"SELECT alarm_id FROM {SCHEMA}.suppression WHERE suppressed")
+        return frozenset(r["alarm_id"] for r in rows)
+
+    async def set_suppressed(self, conn: AnyConnection | asyncpg.Pool, alarm_id: str, suppressed: bool, *,
+                             by: str | None = None) -> None:
+        """Operator suppression of an alarm id (its alarms stay active and recorded)."""
+        definition = self.catalogue.alarm(alarm_id)
+        await conn.execute(
+            f"""INSERT INTO {SCHEMA}.suppression (alarm_id, suppressed, updated_by) VALUES ($1, $2, $3)
+                ON CONFLICT (alarm_id) DO UPDATE SET suppressed = $2, updated_by = $3, updated_at = now()""",
+            definition.id, suppressed, by)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    async def _history(self, conn: AnyConnection, alarm: Alarm, *, state: str, change: str,
+                       changes: list[dict[str, str]], owner: str, version: int, cause: str | None = None) -> None:
+        await conn.execute(
+            f"""INSERT INTO {SCHEMA}.event_log (uuid, event_log_id, state, change, changes, cause, alarm_uuid,
+                    entity_type_id, entity_instance_id, timestamp, severity, reason_text, event_log_type,
+                    probable_cause, proposed_repair_action, service_affecting, suppression, owner, version)
+                VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
+                        $18, $19)""",
+            uuidlib.uuid4(), alarm.alarm_id, state, change, json.dumps(changes), cause, alarm.uuid,
+            alarm.entity_type_id, alarm.entity_instance_id, alarm.timestamp, alarm.severity.value,
+            alarm.reason_text, alarm.alarm_type.value, alarm.probable_cause, alarm.proposed_repair_action,
+            alarm.service_affecting, alarm.suppression, owner, version)
+
+    def _envelope(self, type: str, data: Any, origin: Origin, subject: str) -> Envelope:
+        attrs: dict[str, Any] = {"subject": subject, "causationid": origin.causationid,
+                                 "principal": origin.principal}
+        if origin.correlationid is not None:
+            attrs["correlationid"] = origin.correlationid
+        return self.registry.envelope(type, data, source=self.source, **attrs)
+
+    async def _announce(self, conn: AnyConnection, type: str, event: Any, origin: Origin, alarm: Alarm,
+                        version: int, kind: EventKind) -> None:
+        envelope = self._envelope(type, event, origin, f"alarm/{alarm.uuid}")
+        await self.outbox.add(conn, envelope)
+        if not self.webhooks:
+            return
+        fields = alarm.model_dump(mode="json")
+        fields.update(uuid=str(alarm.uuid), mgmt_affecting=str(alarm.mgmt_affecting),
+                      degrade_affecting=str(alarm.degrade_affecting),
+                      alarm_state="clear" if kind is EventKind.CLEARED else "set",
+                      suppression_status="suppressed" if await self._suppressed(conn, alarm.alarm_id)
+                      else "unsuppressed")
+        notification = Notification(id=f"msg_{uuidlib.UUID(envelope.id).hex}", event=kind, version=version,
+                                    occurred_at=envelope.time, alarm=AlarmFields.model_validate(fields))
+        await webhooks.enqueue(conn, notification)
+
+    @staticmethod
+    async def _suppressed(conn: AnyConnection, alarm_id: str) -> bool:
+        return bool(await conn.fetchval(
+            f"SELECT suppressed FROM {SCHEMA}.suppression WHERE alarm_id = $1", alarm_id))
