@@ -131,10 +131,12 @@ def test_from_attributes() -> None:
             self.entity_instance_id = "host=compute-0"
             self.timestamp = T0
             self.severity = "minor"
+            self.mgmt_affecting = True
             self.something_else = 1
 
     fields = AlarmFields.model_validate(Row(), from_attributes=True)
     assert fields.alarm_id == "100.101" and fields.severity == "minor"
+    assert fields.mgmt_affecting == "True" and fields.degrade_affecting == ""
 
 
 @pytest.mark.parametrize(("prefix", "entity", "expected"), [

@@ -90,6 +90,12 @@ class AlarmFields(BaseModel):
     def _uuid_text(cls, value: Any) -> Any:
         return str(value) if isinstance(value, uuid_module.UUID) else value
 
+    @field_validator("mgmt_affecting", "degrade_affecting", mode="before")
+    @classmethod
+    def _fm_flag_text(cls, value: Any) -> Any:
+        """FM shows these as the strings "True" / "False"; a bool is accepted and written that way."""
+        return str(value) if isinstance(value, bool) else value
+
 
 class Notification(BaseModel):
     """One raise, change or clear of one alarm instance, for every matching subscriber."""
