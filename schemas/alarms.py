@@ -17,6 +17,9 @@ Outputs, published by the alarms service (entity events: ``entity_id`` is the al
   ``roost.alarm.cleared``, carrying the alarm in StarlingX FM's shape (same field names);
 * ``roost.alarm.logged``: a customer log was recorded (``entity_id`` is the log record's uuid).
 
+Operator commands, served by the alarms service: ``roost.cmd.alarm.list|show|summary`` (reader) and
+``roost.cmd.alarm.clear|suppress|unsuppress`` (admin; each recorded as a customer log).
+
 The field names are FM's.  What the catalogue says about an id (type, cause, repair action, flags) and
 whether a severity fits it, or an entity id is well formed (``key=value[.key=value...]``), is checked
 by the alarms service against its catalogue; a message that fails is dead-lettered with the reason.
@@ -28,7 +31,7 @@ from typing import Annotated, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
-from schemas.envelope import EntityEvent
+from schemas.envelope import EntityEvent, Role
 from schemas.registry import REGISTRY, Registry
 
 OWNER = "alarms"
@@ -178,6 +181,77 @@ class AlarmLogged(EntityEvent):
     log: EventLogRecord
 
 
+# -- operator commands -----------------------------------------------------------------------------------
+
+
+class ActiveAlarm(AlarmRecord):
+    """An active alarm as ``roost alarm list|show`` shows it: FM's record, its operator suppression
+    status, whether an inhibiting alarm masks it, the service that raised it and its version."""
+
+    suppression_status: Literal["suppressed", "unsuppressed"]
+    masked: bool
+    owner: str = Field(min_length=1, max_length=256)
+    version: int = Field(ge=1)
+
+
+class AlarmList(_Model):
+    """List the active alarms, most severe first.  Operator-suppressed ones only with ``include_suppress``;
+    alarms masked by an inhibiting alarm (host locked) only with ``include_masked``."""
+
+    include_suppress: bool = False
+    include_masked: bool = False
+    alarm_id: AlarmIdText | None = None
+    severity: SeverityName | None = None
+    entity_prefix: EntityInstanceIdText | None = Field(default=None,
+                                                       description="this entity and its children (whole segments)")
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class AlarmListResult(_Model):
+    items: list[ActiveAlarm] = Field(default_factory=list, max_length=10_000)
+
+
+class AlarmShow(_Model):
+    """Show one active alarm by its uuid."""
+
+    uuid: str = Field(min_length=1, max_length=64)
+
+
+class AlarmSummary(_Model):
+    """Count the active alarms by severity, as FM's summary does."""
+
+    include_suppress: bool = False
+
+
+class AlarmSummaryResult(_Model):
+    critical: int = Field(ge=0)
+    major: int = Field(ge=0)
+    minor: int = Field(ge=0)
+    warnings: int = Field(ge=0)
+    status: Literal["OK", "degraded", "critical"]
+
+
+class AlarmClear(_Model):
+    """Clear one active alarm by its uuid (an operator's delete; recorded as a customer log)."""
+
+    uuid: str = Field(min_length=1, max_length=64)
+
+
+class AlarmClearResult(_Model):
+    cleared: bool
+
+
+class AlarmSuppress(_Model):
+    """Suppress (or unsuppress) an alarm id: its alarms stay active and recorded, hidden from lists."""
+
+    alarm_id: AlarmIdText
+
+
+class AlarmSuppressResult(_Model):
+    alarm_id: AlarmIdText
+    suppression_status: Literal["suppressed", "unsuppressed"]
+
+
 def register(registry: Registry) -> None:
     """Register alarms' messages in ``registry`` (done for ``REGISTRY`` when this module is imported)."""
     registry.event("roost.fault.set", OWNER, FaultSet, "Raise or re-raise an alarm (any service)")
@@ -189,6 +263,18 @@ def register(registry: Registry) -> None:
     registry.event("roost.alarm.changed", OWNER, AlarmChanged, "An active alarm changed severity or reason")
     registry.event("roost.alarm.cleared", OWNER, AlarmCleared, "An alarm was cleared")
     registry.event("roost.alarm.logged", OWNER, AlarmLogged, "A customer log was recorded")
+    registry.command("roost.cmd.alarm.list", OWNER, AlarmList, "List the active alarms",
+                     min_role=Role.READER, result_model=AlarmListResult)
+    registry.command("roost.cmd.alarm.show", OWNER, AlarmShow, "Show one active alarm",
+                     min_role=Role.READER, result_model=ActiveAlarm)
+    registry.command("roost.cmd.alarm.summary", OWNER, AlarmSummary, "Count the active alarms by severity",
+                     min_role=Role.READER, result_model=AlarmSummaryResult)
+    registry.command("roost.cmd.alarm.clear", OWNER, AlarmClear, "Clear one active alarm (operator)",
+                     min_role=Role.ADMIN, result_model=AlarmClearResult)
+    registry.command("roost.cmd.alarm.suppress", OWNER, AlarmSuppress, "Suppress an alarm id",
+                     min_role=Role.ADMIN, result_model=AlarmSuppressResult)
+    registry.command("roost.cmd.alarm.unsuppress", OWNER, AlarmSuppress, "Unsuppress an alarm id",
+                     min_role=Role.ADMIN, result_model=AlarmSuppressResult)
 
 
 register(REGISTRY)

@@ -12,6 +12,11 @@ the bus dead-letters the message with it, so nothing is lost and an operator can
 (A reason over 255 characters, or a severity that is no severity at all, is already refused by the
 message's schema, and dead-lettered the same way.)
 
+Operator commands (``roost.cmd.alarm.>``, group ``alarms``): ``list`` / ``show`` / ``summary`` for readers
+(operator-suppressed alarms only with ``include_suppress``, alarms masked by an inhibiting alarm such as
+host locked only with ``include_masked``), ``clear`` (by uuid) / ``suppress`` / ``unsuppress`` for admins,
+each recorded as a customer log (950.501 / 950.502) in the same transaction.
+
 The catalogue is roost's own plus the files named in ``ROOST_ALARM_CATALOGUES`` (``os.pathsep``-separated,
 e.g. StarlingX's ``events.yaml``), merged at start; or exactly the paths given to the constructor.
 
@@ -24,22 +29,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import uuid as uuidlib
 from collections.abc import Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Literal
 
 import asyncpg
 import structlog
 from fastapi import APIRouter
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from schemas import alarms as msg
 from schemas.catalog import load as load_registry
-from services.alarms.catalogue import ROOST_CATALOGUE, AlarmError, AlarmType, Catalogue, load_catalogues
-from services.alarms.model import ClearRequest, EntityInstanceId, LogRequest, SetRequest
-from services.alarms.store import AlarmStore, Cleared, Origin
+from schemas.envelope import Envelope
+from services.alarms.catalogue import (
+    ROOST_CATALOGUE,
+    AlarmError,
+    AlarmType,
+    Catalogue,
+    Severity,
+    load_catalogues,
+)
+from services.alarms.model import AlarmKey, ClearRequest, EntityInstanceId, LogRequest, SetRequest, masked_keys
+from services.alarms.store import AlarmStore, Cleared, Origin, StoredAlarm
 from services.core.bus.bus import Message, Reject
 from services.core.db.inbox import Inbox
+from services.core.db.pool import AnyConnection
 from services.core.host import ServiceContext
 
 log = structlog.get_logger("roost.alarms")
@@ -47,6 +63,10 @@ log = structlog.get_logger("roost.alarms")
 NAME = "alarms"
 GROUP = "alarms"
 FAULTS = "roost.fault.>"
+COMMANDS = "roost.cmd.alarm.>"
+SYSTEM_ENTITY = "system=roost"
+OPERATOR_LOG = "950.501"
+SUPPRESSION_LOG = "950.502"
 INBOX_CONSUMER = "alarms-faults"
 CATALOGUES_ENV = "ROOST_ALARM_CATALOGUES"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
@@ -78,6 +98,21 @@ def set_request(fault: msg.FaultSet) -> SetRequest:
                           probable_cause=fault.probable_cause, timestamp=fault.timestamp)
     except ValueError as exc:
         raise AlarmError(_first_error(exc)) from None
+
+
+def _uuid(text: str) -> uuidlib.UUID:
+    try:
+        return uuidlib.UUID(text)
+    except ValueError:
+        raise AlarmError(f"{text!r} is not an alarm uuid") from None
+
+
+def _active(stored: StoredAlarm, suppressed: frozenset[str], masked: frozenset[AlarmKey]) -> msg.ActiveAlarm:
+    data = stored.alarm.model_dump(mode="json")
+    data.update(uuid=str(stored.alarm.uuid), owner=stored.owner, version=stored.version,
+                masked=stored.alarm.key in masked,
+                suppression_status="suppressed" if stored.alarm.alarm_id in suppressed else "unsuppressed")
+    return msg.ActiveAlarm.model_validate(data)
 
 
 def _first_error(exc: ValueError) -> str:
@@ -125,6 +160,7 @@ class AlarmsService:
         log.info("alarm catalogue loaded", ids=len(catalogue), files=[str(p) for p in paths])
         self._retention = asyncio.create_task(self._retain(), name="alarms-history-retention")
         await ctx.bus.subscribe(FAULTS, GROUP, self.handle)
+        await ctx.bus.serve(COMMANDS, GROUP, self.command)
 
     async def stop(self) -> None:
         if self._retention is not None:
@@ -168,6 +204,95 @@ class AlarmsService:
                     raise Reject(f"{envelope.type} is not a fault message the alarms service applies")
         except AlarmError as exc:
             raise Reject(str(exc)) from None
+
+    # -- operator commands ----------------------------------------------------------------------------
+
+    async def command(self, message: Message) -> BaseModel:
+        """``roost.cmd.alarm.*``: list, show and summary for readers; clear, suppress, unsuppress for admins
+        (each recorded as a customer log in the same transaction)."""
+        data = message.data
+        try:
+            if isinstance(data, msg.AlarmList):
+                return msg.AlarmListResult(items=await self.list_alarms(data))
+            if isinstance(data, msg.AlarmShow):
+                return await self.show(data.uuid)
+            if isinstance(data, msg.AlarmSummary):
+                return await self.summary(include_suppress=data.include_suppress)
+            if isinstance(data, msg.AlarmClear):
+                return msg.AlarmClearResult(cleared=await self.operator_clear(data.uuid, message.envelope))
+            if isinstance(data, msg.AlarmSuppress):
+                suppress = message.envelope.type == "roost.cmd.alarm.suppress"
+                return await self.suppress(data.alarm_id, suppress, message.envelope)
+        except AlarmError as exc:
+            raise Reject(str(exc)) from None
+        raise Reject(f"{message.envelope.type} is not an alarm command")
+
+    async def list_alarms(self, query: msg.AlarmList) -> list[msg.ActiveAlarm]:
+        """The active alarms a list shows, most severe first, then newest first."""
+        active = await self.store.active(self.pool)
+        suppressed = await self.store.suppressed_ids(self.pool)
+        masked = masked_keys((s.alarm for s in active), self.store.catalogue)
+        prefix = EntityInstanceId.parse(query.entity_prefix) if query.entity_prefix is not None else None
+        shown = [s for s in active
+                 if (query.include_suppress or s.alarm.alarm_id not in suppressed)
+                 and (query.include_masked or s.alarm.key not in masked)
+                 and (query.alarm_id is None or s.alarm.alarm_id == query.alarm_id)
+                 and (query.severity is None or s.alarm.severity.value == query.severity)
+                 and (prefix is None or prefix.matches(s.alarm.entity, prefix=True))]
+        shown.sort(key=lambda s: (-s.alarm.severity.rank, -s.alarm.timestamp.timestamp(), s.alarm.key))
+        return [_active(s, suppressed, masked) for s in shown[:query.limit]]
+
+    async def show(self, alarm_uuid: str) -> msg.ActiveAlarm:
+        stored = await self.store.get(self.pool, _uuid(alarm_uuid))
+        if stored is None:
+            raise AlarmError(f"no active alarm {alarm_uuid}")
+        active = await self.store.active(self.pool)
+        masked = masked_keys((s.alarm for s in active), self.store.catalogue)
+        return _active(stored, await self.store.suppressed_ids(self.pool), masked)
+
+    async def summary(self, *, include_suppress: bool = False) -> msg.AlarmSummaryResult:
+        """FM's summary: the active alarms a list shows, counted by severity."""
+        items = await self.list_alarms(msg.AlarmList(include_suppress=include_suppress, limit=10_000))
+        counts = {sev: sum(1 for a in items if a.severity == sev) for sev in ("critical", "major", "minor", "warning")}
+        status: Literal["OK", "degraded", "critical"] = (
+            "critical" if counts["critical"] else "degraded" if counts["major"] or counts["minor"] else "OK")
+        return msg.AlarmSummaryResult(critical=counts["critical"], major=counts["major"], minor=counts["minor"],
+                                      warnings=counts["warning"], status=status)
+
+    async def operator_clear(self, alarm_uuid: str, envelope: Envelope) -> bool:
+        """An operator deletes an active alarm; False when there was none with that uuid."""
+        origin = Origin.of(envelope)
+        async with self.pool.acquire() as conn, conn.transaction():
+            stored = await self.store.get(conn, _uuid(alarm_uuid))
+            if stored is None:
+                return False
+            alarm = stored.alarm
+            cleared = await self.store.clear(conn, ClearRequest(alarm_id=alarm.alarm_id,
+                                                                entity_instance_id=alarm.entity_instance_id),
+                                             origin, cause="operator")
+            if cleared:
+                await self._operator_log(conn, OPERATOR_LOG, SYSTEM_ENTITY, envelope,
+                                         f"cleared alarm {alarm.alarm_id} on {alarm.entity_instance_id}")
+            return bool(cleared)
+
+    async def suppress(self, alarm_id: str, suppressed: bool, envelope: Envelope) -> msg.AlarmSuppressResult:
+        """Operator suppression of an alarm id, recorded as a customer log."""
+        by = envelope.principal.name if envelope.principal is not None else envelope.source
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self.store.set_suppressed(conn, alarm_id, suppressed, by=by)
+            definition = self.store.catalogue.alarm(alarm_id)
+            await self._operator_log(conn, SUPPRESSION_LOG, f"{SYSTEM_ENTITY}.alarm={definition.id}", envelope,
+                                     f"{'suppressed' if suppressed else 'unsuppressed'} alarm {definition.id}")
+        return msg.AlarmSuppressResult(alarm_id=definition.id,
+                                       suppression_status="suppressed" if suppressed else "unsuppressed")
+
+    async def _operator_log(self, conn: AnyConnection, log_id: str, entity: str, envelope: Envelope,
+                            what: str) -> None:
+        who = envelope.principal.name if envelope.principal is not None else envelope.source
+        text = f"{who}: {what}: ok"
+        await self.store.log(conn, LogRequest(log_id=log_id, entity_instance_id=entity, severity=Severity.WARNING,
+                                              reason_text=text if len(text) <= 255 else text[:254] + "…"),
+                             Origin.of(envelope))
 
     # -- other inputs ---------------------------------------------------------------------------------
 

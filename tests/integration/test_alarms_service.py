@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from schemas.envelope import Envelope
+from schemas.envelope import CommandReply, Envelope, ReplyStatus
 from services.alarms import store as alarm_store
 from services.alarms.catalogue import ROOST_CATALOGUE
 from services.alarms.model import SetRequest
@@ -310,3 +310,69 @@ def test_default_catalogues_add_the_configured_files(tmp_path: Path) -> None:
     paths = default_catalogue_paths({CATALOGUES_ENV: f"{STARLINGX}{os.pathsep}{missing}"})
     assert paths == [ROOST_CATALOGUE, STARLINGX]
     assert default_catalogue_paths({}) == [ROOST_CATALOGUE]
+
+
+async def command(site: Site, type: str, data: dict[str, Any], *, role: str = "admin") -> CommandReply:
+    client = await site.bus("roost/cli")
+    token = site.auth.issue(f"{role}-user", role)
+    return await client.request(Envelope.command(type, data, source="roost/cli"), token=token, timeout=10)
+
+
+async def test_operators_list_show_and_summarise_with_suppression_and_masking(site: Site) -> None:
+    await site.send("roost.fault.set", fault("950.002", "host=compute-6", "critical"))
+    await site.send("roost.fault.set", fault("950.003", "host=compute-7.network=mgmt", "major"))
+    await site.send("roost.fault.set", fault("950.006", "host=compute-7", "minor"))
+
+    listed = await command(site, "roost.cmd.alarm.list", {}, role="reader")
+    assert listed.status is ReplyStatus.COMPLETED, listed
+    assert [(i["alarm_id"], i["severity"]) for i in listed.result["items"]] == [
+        ("950.002", "critical"), ("950.003", "major"), ("950.006", "minor")]
+    uuid = listed.result["items"][1]["uuid"]
+    shown = await command(site, "roost.cmd.alarm.show", {"uuid": uuid}, role="reader")
+    assert shown.result["entity_instance_id"] == "host=compute-7.network=mgmt" and shown.result["version"] == 1
+    assert shown.result["owner"] == "roost/inventory" and shown.result["masked"] is False
+    summary = await command(site, "roost.cmd.alarm.summary", {}, role="reader")
+    assert summary.result == {"critical": 1, "major": 1, "minor": 1, "warnings": 0, "status": "critical"}
+
+    denied = await command(site, "roost.cmd.alarm.suppress", {"alarm_id": "950.003"}, role="reader")
+    assert denied.status is ReplyStatus.REJECTED
+    done = await command(site, "roost.cmd.alarm.suppress", {"alarm_id": "950.003"})
+    assert done.result == {"alarm_id": "950.003", "suppression_status": "suppressed"}
+    hidden = await command(site, "roost.cmd.alarm.list", {}, role="reader")
+    assert [i["alarm_id"] for i in hidden.result["items"]] == ["950.002", "950.006"]
+    shown_all = await command(site, "roost.cmd.alarm.list", {"include_suppress": True}, role="reader")
+    assert [i["suppression_status"] for i in shown_all.result["items"]] == ["unsuppressed", "suppressed",
+                                                                           "unsuppressed"]
+    [log] = await site.service.store.history(site.pool, event_log_id="950.502")
+    assert log.reason_text == "admin-user: suppressed alarm 950.003: ok"
+    assert log.entity_instance_id == "system=roost.alarm=950.003"
+    await command(site, "roost.cmd.alarm.unsuppress", {"alarm_id": "950.003"})
+
+    # host locked (950.001 inhibits) masks the suppressible alarms of host=compute-7 and its children
+    await site.send("roost.fault.set", fault("950.001", "host=compute-7", "warning"))
+    masked = await command(site, "roost.cmd.alarm.list", {"entity_prefix": "host=compute-7"}, role="reader")
+    visible = {i["alarm_id"] for i in masked.result["items"]}
+    assert "950.001" in visible and "950.003" not in visible
+    every = await command(site, "roost.cmd.alarm.list", {"entity_prefix": "host=compute-7", "include_masked": True},
+                          role="reader")
+    assert {i["alarm_id"]: i["masked"] for i in every.result["items"]}["950.003"] is True
+
+    bad = await command(site, "roost.cmd.alarm.suppress", {"alarm_id": "999.999"})
+    assert bad.status is ReplyStatus.REJECTED and "unknown alarm id" in (bad.reason or "")
+
+
+async def test_an_operator_clears_an_alarm_by_uuid_and_it_is_logged(site: Site) -> None:
+    await site.send("roost.fault.set", fault("950.002", "host=compute-8", "critical"))
+    [stored] = (await site.active()).values()
+    reply = await command(site, "roost.cmd.alarm.clear", {"uuid": str(stored.alarm.uuid)})
+    assert reply.result == {"cleared": True}
+    assert await site.active() == {}
+    cleared = [e for e in await site.events() if e["type"] == "roost.alarm.cleared"]
+    assert [c["data"]["cause"] for c in cleared] == ["operator"]
+    assert cleared[0]["principal"]["name"] == "admin-user"
+    [log] = await site.service.store.history(site.pool, event_log_id="950.501")
+    assert log.reason_text == "admin-user: cleared alarm 950.002 on host=compute-8: ok"
+    again = await command(site, "roost.cmd.alarm.clear", {"uuid": str(stored.alarm.uuid)})
+    assert again.result == {"cleared": False}
+    nonsense = await command(site, "roost.cmd.alarm.show", {"uuid": "not-a-uuid"}, role="reader")
+    assert nonsense.status is ReplyStatus.REJECTED and "not an alarm uuid" in (nonsense.reason or "")
