@@ -375,8 +375,16 @@ class WebhookDispatcher:
             log.error("webhook delivery task failed", error=describe(task.exception()))  # type: ignore[arg-type]
         self._wake.set()
 
+    def _listening(self) -> bool:
+        if self._listener is None:
+            return False
+        try:
+            return not self._listener.is_closed()
+        except asyncpg.InterfaceError:  # the pool took the broken connection back
+            return False
+
     async def _ensure_listening(self) -> None:
-        if self._listener is not None and not self._listener.is_closed():
+        if self._listening():
             return
         await self._unlisten()
         try:
@@ -451,7 +459,12 @@ class WebhookDispatcher:
                          max_backoff=self.settings.max_backoff, max_retry_after=self.settings.max_retry_after,
                          now=time.time(), rng=self._rng)
         metrics.record_attempt("dead_letter" if outcome.state == "dead" else outcome.state, elapsed)
-        await self._record(job, outcome, status)
+        try:
+            await self._record(job, outcome, status)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            log.warning("webhook delivery outcome not recorded (database trouble): it is sent again when its "
+                        "lease runs out", subscription=job.subscription_id, webhook_id=job.webhook_id,
+                        outcome=outcome.state, error=describe(exc))
 
     async def _record(self, job: Job, outcome: Outcome, status: int | None) -> None:
         sub = uuid.UUID(job.subscription_id)
