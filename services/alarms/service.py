@@ -20,6 +20,9 @@ each recorded as a customer log (950.501 / 950.502) in the same transaction.
 The catalogue is roost's own plus the files named in ``ROOST_ALARM_CATALOGUES`` (``os.pathsep``-separated,
 e.g. StarlingX's ``events.yaml``), merged at start; or exactly the paths given to the constructor.
 
+Metrics (``services.alarms.metrics``): sets and clears counted after their commit, active alarms by
+severity refreshed every ``metrics_interval`` seconds.
+
 The history is kept for ``history_retention`` (30 days by default): one replica at a time (a PostgreSQL
 advisory lock) deletes older records every ``retention_interval`` seconds.
 """
@@ -43,6 +46,7 @@ from pydantic import BaseModel, ValidationError
 from schemas import alarms as msg
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
+from services.alarms import metrics
 from services.alarms.catalogue import (
     ROOST_CATALOGUE,
     AlarmError,
@@ -52,7 +56,7 @@ from services.alarms.catalogue import (
     load_catalogues,
 )
 from services.alarms.model import AlarmKey, ClearRequest, EntityInstanceId, LogRequest, SetRequest, masked_keys
-from services.alarms.store import AlarmStore, Cleared, Origin, StoredAlarm
+from services.alarms.store import AlarmStore, Applied, Cleared, Origin, Reasserted, StoredAlarm
 from services.core.bus.bus import Message, Reject
 from services.core.db.inbox import Inbox
 from services.core.db.pool import AnyConnection
@@ -115,6 +119,25 @@ def _active(stored: StoredAlarm, suppressed: frozenset[str], masked: frozenset[A
     return msg.ActiveAlarm.model_validate(data)
 
 
+_Done = Applied | tuple[Cleared, ...] | Reasserted | msg.EventLogRecord
+
+
+def _count(done: _Done) -> None:
+    """Count what a committed transaction did."""
+    if isinstance(done, Applied):
+        if done.outcome.writes:
+            metrics.record_set(done.outcome.change.value)
+    elif isinstance(done, Reasserted):
+        for applied in done.set:
+            _count(applied)
+        _count(done.cleared)
+    elif isinstance(done, msg.EventLogRecord):
+        metrics.record_log()
+    else:
+        for cleared in done:
+            metrics.record_clears(cleared.cause)
+
+
 def _first_error(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
@@ -130,7 +153,7 @@ class AlarmsService:
 
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
-                 webhooks: bool = True) -> None:
+                 metrics_interval: float = 10.0, webhooks: bool = True) -> None:
         self.catalogue_paths = list(catalogue_paths) if catalogue_paths is not None else None
         self.history_retention = history_retention
         self.retention_interval = retention_interval
@@ -138,7 +161,8 @@ class AlarmsService:
         self._ctx: ServiceContext | None = None
         self._store: AlarmStore | None = None
         self._inbox = Inbox(NAME)
-        self._retention: asyncio.Task[None] | None = None
+        self.metrics_interval = metrics_interval
+        self._tasks: list[asyncio.Task[None]] = []
 
     @property
     def store(self) -> AlarmStore:
@@ -158,16 +182,18 @@ class AlarmsService:
         self._ctx = ctx
         self._store = AlarmStore(catalogue, ctx.outbox, load_registry(), webhooks=self.webhooks)
         log.info("alarm catalogue loaded", ids=len(catalogue), files=[str(p) for p in paths])
-        self._retention = asyncio.create_task(self._retain(), name="alarms-history-retention")
+        self._tasks = [asyncio.create_task(self._retain(), name="alarms-history-retention"),
+                       asyncio.create_task(self._gauge(), name="alarms-active-gauge")]
         await ctx.bus.subscribe(FAULTS, GROUP, self.handle)
         await ctx.bus.serve(COMMANDS, GROUP, self.command)
 
     async def stop(self) -> None:
-        if self._retention is not None:
-            self._retention.cancel()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._retention
-            self._retention = None
+                await task
 
     def routers(self) -> Sequence[APIRouter]:
         return []
@@ -184,26 +210,28 @@ class AlarmsService:
                 if not await self._inbox.first_time(conn, INBOX_CONSUMER, envelope.id):
                     log.info("duplicate fault message dropped", message_id=envelope.id)
                     return
-                if isinstance(data, msg.FaultSet):
-                    await self.store.set(conn, set_request(data), origin, repair_action=data.proposed_repair_action)
-                elif isinstance(data, msg.FaultClear):
-                    EntityInstanceId.parse(data.entity_instance_id)
-                    await self.store.clear(conn, ClearRequest(alarm_id=data.alarm_id,
-                                                              entity_instance_id=data.entity_instance_id,
-                                                              prefix=data.prefix), origin)
-                elif isinstance(data, msg.FaultLog):
-                    EntityInstanceId.parse(data.entity_instance_id)
-                    await self.store.log(conn, LogRequest(log_id=data.log_id,
-                                                          entity_instance_id=data.entity_instance_id,
-                                                          severity=data.severity, reason_text=data.reason_text,
-                                                          entity_type_id=data.entity_type_id,
-                                                          timestamp=data.timestamp), origin)
-                elif isinstance(data, msg.FaultReassert):
-                    await self.store.reassert(conn, data.scope, [set_request(f) for f in data.alarms], origin)
-                else:
-                    raise Reject(f"{envelope.type} is not a fault message the alarms service applies")
+                done = await self._apply(conn, data, origin, envelope.type)
         except AlarmError as exc:
             raise Reject(str(exc)) from None
+        _count(done)        # committed
+
+    async def _apply(self, conn: AnyConnection, data: BaseModel, origin: Origin, type: str) -> _Done:
+        if isinstance(data, msg.FaultSet):
+            return await self.store.set(conn, set_request(data), origin, repair_action=data.proposed_repair_action)
+        if isinstance(data, msg.FaultClear):
+            EntityInstanceId.parse(data.entity_instance_id)
+            return await self.store.clear(conn, ClearRequest(alarm_id=data.alarm_id,
+                                                             entity_instance_id=data.entity_instance_id,
+                                                             prefix=data.prefix), origin)
+        if isinstance(data, msg.FaultLog):
+            EntityInstanceId.parse(data.entity_instance_id)
+            return await self.store.log(conn, LogRequest(log_id=data.log_id, entity_instance_id=data.entity_instance_id,
+                                                         severity=data.severity, reason_text=data.reason_text,
+                                                         entity_type_id=data.entity_type_id,
+                                                         timestamp=data.timestamp), origin)
+        if isinstance(data, msg.FaultReassert):
+            return await self.store.reassert(conn, data.scope, [set_request(f) for f in data.alarms], origin)
+        raise Reject(f"{type} is not a fault message the alarms service applies")
 
     # -- operator commands ----------------------------------------------------------------------------
 
@@ -273,7 +301,10 @@ class AlarmsService:
             if cleared:
                 await self._operator_log(conn, OPERATOR_LOG, SYSTEM_ENTITY, envelope,
                                          f"cleared alarm {alarm.alarm_id} on {alarm.entity_instance_id}")
-            return bool(cleared)
+        _count(cleared)
+        if cleared:
+            metrics.record_log()
+        return bool(cleared)
 
     async def suppress(self, alarm_id: str, suppressed: bool, envelope: Envelope) -> msg.AlarmSuppressResult:
         """Operator suppression of an alarm id, recorded as a customer log."""
@@ -283,6 +314,7 @@ class AlarmsService:
             definition = self.store.catalogue.alarm(alarm_id)
             await self._operator_log(conn, SUPPRESSION_LOG, f"{SYSTEM_ENTITY}.alarm={definition.id}", envelope,
                                      f"{'suppressed' if suppressed else 'unsuppressed'} alarm {definition.id}")
+        metrics.record_log()
         return msg.AlarmSuppressResult(alarm_id=definition.id,
                                        suppression_status="suppressed" if suppressed else "unsuppressed")
 
@@ -303,7 +335,9 @@ class AlarmsService:
         """
         entity = str(EntityInstanceId.parse(f"host={hostname}"))
         async with self.pool.acquire() as conn, conn.transaction():
-            return await self.store.clear_entity(conn, entity, Origin(owner))
+            cleared = await self.store.clear_entity(conn, entity, Origin(owner))
+        _count(cleared)
+        return cleared
 
     async def purge_history(self) -> int:
         """Delete the history records older than the retention, unless another replica is at it."""
@@ -311,6 +345,18 @@ class AlarmsService:
             if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RETENTION_LOCK):
                 return 0
             return await self.store.purge_history(conn, self.history_retention)
+
+    async def refresh_metrics(self) -> None:
+        """Set ``roost_alarms_active{severity}`` from the database."""
+        metrics.set_active(await self.store.active_counts(self.pool))
+
+    async def _gauge(self) -> None:
+        while True:
+            try:
+                await self.refresh_metrics()
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("active alarm gauge not refreshed", error=str(exc))
+            await asyncio.sleep(self.metrics_interval)
 
     async def _retain(self) -> None:
         while True:

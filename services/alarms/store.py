@@ -90,11 +90,12 @@ class StoredAlarm:
 
 @dataclass(frozen=True)
 class Cleared:
-    """One alarm a clear removed: its last state (``alarm_state`` clear) and the version of the clear."""
+    """One alarm a clear removed: its last state (``alarm_state`` clear), the version of the clear, why."""
 
     alarm: Alarm
     owner: str
     version: int
+    cause: ClearCause = "cleared"
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ class AlarmStore:
             event = msg.AlarmCleared(entity_id=str(alarm.uuid), version=version, owner=s.owner,
                                      alarm=_record(alarm, "clear"), cause=cause)
             await self._announce(conn, "roost.alarm.cleared", event, origin, alarm, version, EventKind.CLEARED)
-            done.append(Cleared(alarm, s.owner, version))
+            done.append(Cleared(alarm, s.owner, version, cause))
         return tuple(done)
 
     # -- re-assertion ---------------------------------------------------------------------------------
@@ -361,6 +362,12 @@ class AlarmStore:
             data["changes"] = json.loads(data["changes"])
             records.append(HistoryRecord(**data))
         return records
+
+    @staticmethod
+    async def active_counts(conn: AnyConnection | asyncpg.Pool) -> dict[str, int]:
+        """Active alarms by severity."""
+        rows = await conn.fetch(f"SELECT severity, count(*) AS n FROM {SCHEMA}.active_alarms GROUP BY severity")
+        return {r["severity"]: int(r["n"]) for r in rows}
 
     # -- retention and suppression --------------------------------------------------------------------
 

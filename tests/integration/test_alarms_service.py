@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from prometheus_client import REGISTRY as PROMETHEUS
 
 from schemas.envelope import CommandReply, Envelope, ReplyStatus
 from services.alarms import store as alarm_store
@@ -23,10 +24,11 @@ from services.alarms.store import Origin
 from services.alarms.webhooks import store as webhooks
 from services.core.auth import InMemoryAuthenticator
 from services.core.bus.abc import H_DLQ_REASON, OutgoingMessage
-from services.core.bus.bus import Bus
+from services.core.bus.bus import Bus, Message
 from services.core.bus.memory import InMemoryBroker, InMemoryTransport
 from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
+from services.core.db.relay import OutboxRelay
 from services.core.host import ServiceContext
 from services.core.settings import load_settings
 from tests.support.postgres import fresh_database, pool_on
@@ -376,3 +378,55 @@ async def test_an_operator_clears_an_alarm_by_uuid_and_it_is_logged(site: Site) 
     assert again.result == {"cleared": False}
     nonsense = await command(site, "roost.cmd.alarm.show", {"uuid": "not-a-uuid"}, role="reader")
     assert nonsense.status is ReplyStatus.REJECTED and "not an alarm uuid" in (nonsense.reason or "")
+
+
+def sample(name: str, **labels: str) -> float:
+    return PROMETHEUS.get_sample_value(name, labels) or 0.0
+
+
+async def test_metrics_count_what_committed_and_the_active_alarms(site: Site) -> None:
+    before = {"raised": sample("roost_alarm_sets_total", change="raised"),
+              "changed": sample("roost_alarm_sets_total", change="changed"),
+              "reasserted": sample("roost_alarm_clears_total", cause="reasserted"),
+              "deleted": sample("roost_alarm_clears_total", cause="entity_deleted")}
+    await site.send("roost.fault.set", fault("950.006", "host=compute-9", "minor"))
+    await site.send("roost.fault.set", fault("950.006", "host=compute-9", "minor"))
+    await site.send("roost.fault.set", fault("950.006", "host=compute-9", "major"))
+    await site.send("roost.fault.set", fault("950.002", "host=compute-9", "critical"))
+    await site.send("roost.fault.set", fault("999.999", "host=compute-9", "critical"))
+    await site.service.refresh_metrics()
+    assert sample("roost_alarms_active", severity="major") == 1
+    assert sample("roost_alarms_active", severity="critical") == 1
+    assert sample("roost_alarms_active", severity="warning") == 0
+    await site.send("roost.fault.reassert", {"scope": "host=compute-9", "alarms": [
+        fault("950.002", "host=compute-9", "critical")]})
+    await site.service.host_deleted("compute-9")
+    assert sample("roost_alarm_sets_total", change="raised") - before["raised"] == 2
+    assert sample("roost_alarm_sets_total", change="changed") - before["changed"] == 1
+    assert sample("roost_alarm_clears_total", cause="reasserted") - before["reasserted"] == 1
+    assert sample("roost_alarm_clears_total", cause="entity_deleted") - before["deleted"] == 1
+    await site.service.refresh_metrics()
+    assert sample("roost_alarms_active", severity="critical") == 0
+
+
+async def test_the_outbox_relay_publishes_the_alarm_events_in_order(site: Site) -> None:
+    relay_bus = await site.bus("roost/alarms")
+    relay = OutboxRelay(site.pool, relay_bus.transport, "alarms")
+    task = asyncio.create_task(relay.run())
+    seen: list[tuple[str, int]] = []
+
+    async def watch(m: Message) -> None:
+        seen.append((m.envelope.type, m.envelope.data["version"]))
+
+    watcher = await site.bus("roost/test")
+    await watcher.subscribe("roost.alarm.>", "test-watch", watch)
+    try:
+        await site.send("roost.fault.set", fault("950.006", "host=compute-11", "minor"))
+        await site.send("roost.fault.set", fault("950.006", "host=compute-11", "major"))
+        await site.send("roost.fault.clear", {"alarm_id": "950.006", "entity_instance_id": "host=compute-11"})
+        await wait_until(lambda: len(seen) == 3, what="three alarm events published")
+        assert seen == [("roost.alarm.raised", 1), ("roost.alarm.changed", 2), ("roost.alarm.cleared", 3)]
+    finally:
+        await relay.stop(flush=False, timeout=5)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
