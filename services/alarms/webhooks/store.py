@@ -28,7 +28,7 @@ import asyncpg
 
 from services.alarms.webhooks.formats import SEVERITIES, Format, Notification, render
 from services.alarms.webhooks.signing import WebhookSecretError, check_secret, generate_secret
-from services.core.db.pool import AnyConnection
+from services.core.db.pool import AnyConnection, redact_url
 from services.core.logging import register_secret
 
 # Where a function needs no transaction of its own: a connection of the caller's or the pool.
@@ -71,7 +71,8 @@ class Filters:
 
 @dataclass(frozen=True, slots=True)
 class Subscription:
-    """A subscription as list APIs show it: no secrets (``secret_count`` says how many sign)."""
+    """A subscription as list APIs show it: no secrets (``secret_count`` says how many sign), and a
+    password in the URL (``https://user:password@host/``) shown as ``***``."""
 
     id: str
     name: str
@@ -104,7 +105,7 @@ _SUB_COLUMNS = ("id, name, url, format, severities, alarm_ids, entity_prefix, ma
 
 def _subscription(row: asyncpg.Record) -> Subscription:
     return Subscription(
-        id=str(row["id"]), name=row["name"], url=row["url"], format=Format(row["format"]),
+        id=str(row["id"]), name=row["name"], url=redact_url(row["url"]), format=Format(row["format"]),
         filters=Filters(frozenset(row["severities"]), frozenset(row["alarm_ids"]), row["entity_prefix"]),
         max_age=float(row["max_age_seconds"]), secret_count=row["secret_count"], failing=row["failing"],
         failing_reason=row["failing_reason"], created_at=row["created_at"])
