@@ -430,3 +430,24 @@ async def test_the_outbox_relay_publishes_the_alarm_events_in_order(site: Site) 
         await relay.stop(flush=False, timeout=5)
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_two_replicas_apply_racing_and_duplicated_sets_once_each(site: Site) -> None:
+    other = AlarmsService([ROOST_CATALOGUE])
+    await other.start(ServiceContext("alarms", load_settings(), site.pool, await site.bus("roost/alarms"),
+                                     Outbox("alarms")))
+    try:
+        assert site.raiser is not None
+        envelopes = [site.raiser.envelope("roost.fault.set", fault("950.006", "host=compute-12",
+                                                                  "major" if i % 2 else "minor", f"reading {i}"))
+                     for i in range(40)]
+        for envelope in envelopes + envelopes[::4]:
+            await site.raiser.publish(envelope)
+        await wait_until(site.settled, what="every set settled by one of the two replicas")
+    finally:
+        await other.stop()
+    assert list(await site.active()) == [("950.006", "host=compute-12")]
+    versions = sorted(e["data"]["version"] for e in await site.events())
+    assert versions == list(range(1, 41)), "every distinct set wrote once, versions without gap or repeat"
+    assert len(await site.service.store.history(site.pool, limit=1000)) == 40
+    assert await site.pool.fetchval("SELECT count(*) FROM alarms.inbox") == 40
