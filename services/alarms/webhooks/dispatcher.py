@@ -357,7 +357,7 @@ class WebhookDispatcher:
     async def _finish_gracefully(self) -> None:
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=self.settings.grace)
-        left = list(self._inflight.items())
+        left = [(task, job) for task, job in self._inflight.items() if not task.done()]
         for task, _ in left:
             task.cancel()
         if left:
