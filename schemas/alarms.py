@@ -17,7 +17,7 @@ Outputs, published by the alarms service (entity events: ``entity_id`` is the al
   ``roost.alarm.cleared``, carrying the alarm in StarlingX FM's shape (same field names);
 * ``roost.alarm.logged``: a customer log was recorded (``entity_id`` is the log record's uuid).
 
-Operator commands, served by the alarms service: ``roost.cmd.alarm.list|show|summary`` (reader) and
+Operator commands, served by the alarms service: ``roost.cmd.alarm.list|show|summary|history`` (reader) and
 ``roost.cmd.alarm.clear|suppress|unsuppress`` (admin; each recorded as a customer log).
 
 The field names are FM's.  What the catalogue says about an id (type, cause, repair action, flags) and
@@ -252,6 +252,51 @@ class AlarmSuppressResult(_Model):
     suppression_status: Literal["suppressed", "unsuppressed"]
 
 
+class AlarmHistory(_Model):
+    """The event log, newest first: alarm records (set, change, clear) and/or customer logs.  Records of
+    operator-suppressed ids only with ``include_suppress``.  ``marker``: the previous page's
+    ``next_marker``."""
+
+    alarms: bool = True
+    logs: bool = True
+    event_log_id: AlarmIdText | None = None
+    entity_prefix: EntityInstanceIdText | None = Field(default=None,
+                                                       description="this entity and its children (whole segments)")
+    include_suppress: bool = False
+    marker: int | None = Field(default=None, ge=1)
+    limit: int = Field(default=100, ge=1, le=1000)
+
+
+class EventLogEntry(_Model):
+    """One history record: FM's event log fields, and what roost adds (what changed, why it cleared,
+    the alarm instance, the raising service, the alarm's version)."""
+
+    uuid: str = Field(min_length=1, max_length=64)
+    event_log_id: AlarmIdText
+    state: Literal["set", "clear", "log"]
+    entity_type_id: EntityTypeIdText
+    entity_instance_id: EntityInstanceIdText
+    timestamp: AwareDatetime
+    severity: SeverityName
+    reason_text: Text
+    event_log_type: ShortText
+    probable_cause: ShortText
+    proposed_repair_action: Text
+    service_affecting: bool
+    suppression: bool
+    change: Literal["raised", "changed", "cleared", "logged"]
+    changes: list[FieldChange] = Field(default_factory=list, max_length=2)
+    cause: Literal["cleared", "reasserted", "entity_deleted", "operator"] | None = None
+    alarm_uuid: str | None = Field(default=None, max_length=64)
+    owner: str = Field(min_length=1, max_length=256)
+    version: int | None = Field(default=None, ge=1)
+
+
+class AlarmHistoryResult(_Model):
+    items: list[EventLogEntry] = Field(default_factory=list, max_length=1000)
+    next_marker: int | None = Field(default=None, description="pass as marker for the next (older) page")
+
+
 def register(registry: Registry) -> None:
     """Register alarms' messages in ``registry`` (done for ``REGISTRY`` when this module is imported)."""
     registry.event("roost.fault.set", OWNER, FaultSet, "Raise or re-raise an alarm (any service)")
@@ -269,6 +314,8 @@ def register(registry: Registry) -> None:
                      min_role=Role.READER, result_model=ActiveAlarm)
     registry.command("roost.cmd.alarm.summary", OWNER, AlarmSummary, "Count the active alarms by severity",
                      min_role=Role.READER, result_model=AlarmSummaryResult)
+    registry.command("roost.cmd.alarm.history", OWNER, AlarmHistory, "List the event log (alarm history, logs)",
+                     min_role=Role.READER, result_model=AlarmHistoryResult)
     registry.command("roost.cmd.alarm.clear", OWNER, AlarmClear, "Clear one active alarm (operator)",
                      min_role=Role.ADMIN, result_model=AlarmClearResult)
     registry.command("roost.cmd.alarm.suppress", OWNER, AlarmSuppress, "Suppress an alarm id",

@@ -12,7 +12,8 @@ the bus dead-letters the message with it, so nothing is lost and an operator can
 (A reason over 255 characters, or a severity that is no severity at all, is already refused by the
 message's schema, and dead-lettered the same way.)
 
-Operator commands (``roost.cmd.alarm.>``, group ``alarms``): ``list`` / ``show`` / ``summary`` for readers
+Operator commands (``roost.cmd.alarm.>``, group ``alarms``): ``list`` / ``show`` / ``summary`` / ``history`` (the
+event log) for readers
 (operator-suppressed alarms only with ``include_suppress``, alarms masked by an inhibiting alarm such as
 host locked only with ``include_masked``), ``clear`` (by uuid) / ``suppress`` / ``unsuppress`` for admins,
 each recorded as a customer log (950.501 / 950.502) in the same transaction.
@@ -244,6 +245,8 @@ class AlarmsService:
                 return msg.AlarmListResult(items=await self.list_alarms(data))
             if isinstance(data, msg.AlarmShow):
                 return await self.show(data.uuid)
+            if isinstance(data, msg.AlarmHistory):
+                return await self.history(data)
             if isinstance(data, msg.AlarmSummary):
                 return await self.summary(include_suppress=data.include_suppress)
             if isinstance(data, msg.AlarmClear):
@@ -286,6 +289,18 @@ class AlarmsService:
             "critical" if counts["critical"] else "degraded" if counts["major"] or counts["minor"] else "OK")
         return msg.AlarmSummaryResult(critical=counts["critical"], major=counts["major"], minor=counts["minor"],
                                       warnings=counts["warning"], status=status)
+
+    async def history(self, query: msg.AlarmHistory) -> msg.AlarmHistoryResult:
+        """A page of the event log, newest first."""
+        records = await self.store.history(
+            self.pool, event_log_id=query.event_log_id, alarms=query.alarms, logs=query.logs,
+            entity_prefix=query.entity_prefix, include_suppress=query.include_suppress, before=query.marker,
+            limit=query.limit + 1)
+        page = records[:query.limit]
+        items = [msg.EventLogEntry.model_validate({
+            **{f: getattr(r, f) for f in msg.EventLogEntry.model_fields if f not in ("uuid", "alarm_uuid")},
+            "uuid": str(r.uuid), "alarm_uuid": str(r.alarm_uuid) if r.alarm_uuid else None}) for r in page]
+        return msg.AlarmHistoryResult(items=items, next_marker=page[-1].seq if len(records) > query.limit else None)
 
     async def operator_clear(self, alarm_uuid: str, envelope: Envelope) -> bool:
         """An operator deletes an active alarm; False when there was none with that uuid."""

@@ -345,22 +345,36 @@ class AlarmStore:
 
     @staticmethod
     async def history(conn: AnyConnection | asyncpg.Pool, *, alarm_uuid: uuidlib.UUID | str | None = None,
-                      event_log_id: str | None = None, limit: int = 100) -> list[HistoryRecord]:
-        """The newest history records first (of one alarm instance, or one id, when asked)."""
+                      event_log_id: str | None = None, alarms: bool = True, logs: bool = True,
+                      entity_prefix: str | None = None, include_suppress: bool = True, before: int | None = None,
+                      limit: int = 100) -> list[HistoryRecord]:
+        """The newest history records first: of one alarm instance or one id when asked, alarm records
+        (set / clear) and/or customer logs, on an entity and its children, without the records of
+        operator-suppressed ids unless ``include_suppress``, older than the record ``seq`` ``before``
+        (the marker of the previous page)."""
+        prefix = EntityInstanceId.parse(entity_prefix) if entity_prefix is not None else None
         rows = await conn.fetch(
             f"""SELECT uuid, seq, event_log_id, state, change, changes::text AS changes, cause, alarm_uuid,
                        entity_type_id, entity_instance_id, timestamp, severity, reason_text, event_log_type,
                        probable_cause, proposed_repair_action, service_affecting, suppression, owner, version,
                        recorded_at
-                FROM {SCHEMA}.event_log
+                FROM {SCHEMA}.event_log e
                 WHERE ($1::uuid IS NULL OR alarm_uuid = $1) AND ($2::text IS NULL OR event_log_id = $2)
-                ORDER BY seq DESC LIMIT $3""",
-            uuidlib.UUID(str(alarm_uuid)) if alarm_uuid is not None else None, event_log_id, limit)
+                  AND ($3 OR state <> 'log') AND ($4 OR state = 'log')
+                  AND ($5::text IS NULL OR entity_instance_id = $5 OR starts_with(entity_instance_id, $5 || '.'))
+                  AND ($6 OR NOT EXISTS (SELECT 1 FROM {SCHEMA}.suppression s
+                                         WHERE s.alarm_id = e.event_log_id AND s.suppressed))
+                  AND ($7::bigint IS NULL OR seq < $7)
+                ORDER BY seq DESC LIMIT $8""",
+            uuidlib.UUID(str(alarm_uuid)) if alarm_uuid is not None else None, event_log_id, logs, alarms,
+            str(prefix) if prefix is not None else None, include_suppress, before, limit)
         records = []
         for r in rows:
             data = dict(r)
             data["changes"] = json.loads(data["changes"])
-            records.append(HistoryRecord(**data))
+            record = HistoryRecord(**data)
+            if prefix is None or prefix.matches(EntityInstanceId.parse(record.entity_instance_id), prefix=True):
+                records.append(record)
         return records
 
     @staticmethod

@@ -451,3 +451,36 @@ async def test_two_replicas_apply_racing_and_duplicated_sets_once_each(site: Sit
     assert versions == list(range(1, 41)), "every distinct set wrote once, versions without gap or repeat"
     assert len(await site.service.store.history(site.pool, limit=1000)) == 40
     assert await site.pool.fetchval("SELECT count(*) FROM alarms.inbox") == 40
+
+
+async def test_the_event_log_pages_and_filters_alarms_and_logs(site: Site) -> None:
+    for i in range(3):
+        await site.send("roost.fault.set", fault("950.006", "host=compute-13", "minor", f"reading {i}"))
+    await site.send("roost.fault.clear", {"entity_instance_id": "host=compute-13"})
+    await site.send("roost.fault.set", fault("950.002", "host=compute-130", "critical"))
+    await site.send("roost.fault.log", {"log_id": "950.503", "entity_instance_id": "host=compute-13",
+                                        "severity": "warning", "reason_text": "admin locked compute-13: ok"})
+
+    first = await command(site, "roost.cmd.alarm.history", {"limit": 4, "entity_prefix": "host=compute-13"},
+                          role="reader")
+    assert first.status is ReplyStatus.COMPLETED, first
+    assert [(i["state"], i["change"]) for i in first.result["items"]] == [
+        ("log", "logged"), ("clear", "cleared"), ("set", "changed"), ("set", "changed")]
+    assert first.result["items"][2]["changes"] == [{"field": "reason_text", "old": "reading 1", "new": "reading 2"}]
+    assert first.result["items"][1]["cause"] == "cleared" and first.result["items"][1]["version"] == 4
+    second = await command(site, "roost.cmd.alarm.history", {"limit": 4, "entity_prefix": "host=compute-13",
+                                                            "marker": first.result["next_marker"]}, role="reader")
+    assert [i["change"] for i in second.result["items"]] == ["raised"] and second.result["next_marker"] is None
+
+    logs = await command(site, "roost.cmd.alarm.history", {"alarms": False}, role="reader")
+    assert [i["event_log_id"] for i in logs.result["items"]] == ["950.503"]
+    alarms = await command(site, "roost.cmd.alarm.history", {"logs": False, "event_log_id": "950.002"},
+                           role="reader")
+    assert [i["entity_instance_id"] for i in alarms.result["items"]] == ["host=compute-130"]
+
+    await command(site, "roost.cmd.alarm.suppress", {"alarm_id": "950.006"})
+    hidden = await command(site, "roost.cmd.alarm.history", {"entity_prefix": "host=compute-13"}, role="reader")
+    assert [i["event_log_id"] for i in hidden.result["items"]] == ["950.503"]
+    shown = await command(site, "roost.cmd.alarm.history", {"entity_prefix": "host=compute-13",
+                                                           "include_suppress": True}, role="reader")
+    assert len(shown.result["items"]) == 5
