@@ -532,3 +532,31 @@ async def test_subscription_management(pool: asyncpg.Pool) -> None:
         await store.create_subscription(pool, "https://example.invalid/", secret="whsec_c2hvcnQ=")
     with pytest.raises(store.SubscriptionError, match="entity prefix"):
         await store.create_subscription(pool, "https://example.invalid/", entity_prefix="host=controller-1.")
+
+
+
+async def test_failing_endpoint_is_paused_for_every_alarm(pool: asyncpg.Pool) -> None:
+    """Circuit breaker: a 503 with Retry-After on one alarm's delivery holds the whole endpoint back."""
+    answers = [Reply(503, {"Retry-After": "1"})]
+
+    async def answer(_: Request) -> Reply:
+        return answers.pop() if answers else Reply()
+
+    async with HttpReceiver(answer) as receiver:
+        sub, _ = await store.create_subscription(pool, receiver.url("/hook"))
+        await enqueue(pool, [notification("200.004", f"host=compute-{i}") for i in range(10)])
+        settings = DispatcherSettings(timeout=1.0, lease=1.5, per_subscription=1, min_backoff=0.05,
+                                      max_backoff=0.2, poll_interval=0.2)
+        dispatcher = WebhookDispatcher(pool, settings)
+        dispatcher.start()
+        try:
+            await until(lambda: dispatcher.stats.retried == 1)
+            assert await pool.fetchval("SELECT consecutive_failures FROM alarms.webhook_subscriptions "
+                                       "WHERE id = $1 AND paused_until > now()", sub.id) == 1
+            await until(lambda: dispatcher.stats.delivered == 10, what="everything after the pause")
+        finally:
+            await dispatcher.stop()
+    first, *rest = receiver.requests
+    assert len(rest) == 10
+    assert all(r.at - first.at >= 0.95 for r in rest)  # no other alarm's delivery during the pause
+    assert await pool.fetchval("SELECT consecutive_failures FROM alarms.webhook_subscriptions") == 0

@@ -4,6 +4,9 @@
 -- rotation; never returned by list APIs, never logged), the filters (empty array / NULL = any), the
 -- rendering format and how long a delivery may keep retrying (max_age_seconds).  `failing` is set when a
 -- delivery is dead-lettered and cleared by a later success once no dead letter is left.
+-- consecutive_failures / paused_until: the endpoint's circuit breaker.  A retryable failure (network
+-- error, timeout, 5xx, 429) pauses the whole subscription for the retry delay, growing with the count; a
+-- 2xx resets both.  While paused no delivery of the subscription is claimed.
 --
 -- webhook_deliveries: one row per (notification, matching subscription), written in the alarm change's
 -- own transaction.  `id` orders the rows of one (subscription_id, ordering_key = alarm instance); only
@@ -22,6 +25,8 @@ CREATE TABLE IF NOT EXISTS webhook_subscriptions (
     entity_prefix   text,
     format          text        NOT NULL DEFAULT 'roost' CHECK (format IN ('roost', 'alertmanager')),
     max_age_seconds float8      NOT NULL DEFAULT 86400 CHECK (max_age_seconds > 0),
+    consecutive_failures integer NOT NULL DEFAULT 0,
+    paused_until    timestamptz,
     failing         boolean     NOT NULL DEFAULT false,
     failing_reason  text,
     failing_since   timestamptz,

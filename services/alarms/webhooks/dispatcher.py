@@ -21,6 +21,10 @@ if the claim still holds:
   (seconds or an HTTP date, capped by ``max_retry_after``), else exponential backoff with full jitter
   (``uniform(0, min(max_backoff, min_backoff * 2**(attempt-1)))``), the last attempt at the max age;
 * any other 4xx: dead-lettered at once (the receiver refuses this request; a retry would not help);
+* circuit breaker: a retryable failure also pauses the whole subscription for that delay
+  (``paused_until``) and counts a failure in a row for the endpoint; the backoff of its next failure
+  grows with that count, so a dead endpoint is probed ``per_subscription`` requests at a time at a
+  falling rate instead of once per queued alarm; a 2xx resets the count;
 * a retryable failure once the delivery is older than the subscription's ``max_age``: dead-lettered.
 
 A dead letter marks the subscription failing and calls ``on_subscription_failing(subscription_id,
@@ -111,7 +115,8 @@ def decide(status: int | None, retry_after: str | None, error: str | None, *, at
            max_age: float, min_backoff: float, max_backoff: float, max_retry_after: float, now: float,
            rng: random.Random) -> Outcome:
     """What to do after an attempt: ``status`` (None when ``error`` says why there is no answer),
-    ``attempts`` made so far (this one included), ``age`` of the delivery in seconds; pure given ``rng``."""
+    ``attempts``: failures so far, this one included (of the row, or of its endpoint in a row, whichever
+    is more), ``age`` of the delivery in seconds; pure given ``rng``."""
     if status is not None and 200 <= status < 300:
         return Outcome("delivered")
     if status is not None and not retryable(status):
@@ -177,6 +182,7 @@ class Job:
     max_age: float
     failing: bool
     token: uuid.UUID
+    endpoint_failures: int = 0           # the subscription's consecutive retryable failures at claim time
 
 
 @dataclass
@@ -198,6 +204,7 @@ _CLAIM_CANDIDATES = f"""
         FROM {DELIVERIES} d LEFT JOIN busy b USING (subscription_id)
         WHERE d.state = 'pending' AND d.available_at <= now()
           AND (d.claimed_until IS NULL OR d.claimed_until <= now())
+          AND NOT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} p WHERE p.id = d.subscription_id AND p.paused_until > now())
           AND NOT EXISTS (SELECT 1 FROM {DELIVERIES} e
                           WHERE e.subscription_id = d.subscription_id AND e.ordering_key = d.ordering_key
                             AND e.state = 'pending' AND e.id < d.id))
@@ -213,7 +220,7 @@ _CLAIM = f"""
       AND s.id = d.subscription_id
     RETURNING d.id, d.subscription_id, d.webhook_id, d.body, d.attempts,
               extract(epoch FROM clock_timestamp() - d.created_at)::float8 AS age,
-              s.url, s.secrets, s.max_age_seconds, s.failing"""
+              s.url, s.secrets, s.max_age_seconds, s.failing, s.consecutive_failures"""
 
 # When to look again without being woken: the next retry that comes due or lease that runs out.  Rows due
 # now but not claimed wait behind an earlier row of their alarm or a full subscription: the end of that
@@ -222,7 +229,8 @@ _NEXT_DUE = f"""
     SELECT extract(epoch FROM least(
         (SELECT min(available_at) FROM {DELIVERIES}
          WHERE state = 'pending' AND claimed_until IS NULL AND available_at > now()),
-        (SELECT min(claimed_until) FROM {DELIVERIES} WHERE state = 'pending' AND claimed_until IS NOT NULL)
+        (SELECT min(claimed_until) FROM {DELIVERIES} WHERE state = 'pending' AND claimed_until IS NOT NULL),
+        (SELECT min(paused_until) FROM {SUBSCRIPTIONS} WHERE paused_until > now())
     ) - clock_timestamp())::float8"""
 
 # Delivered: the next row of this alarm (if any) may go now; NOTIFY so every replica looks, not only us.
@@ -239,11 +247,24 @@ _DELIVERED = f"""
                 THEN pg_notify($4, '') END
     FROM upd u"""
 
+# Retry: the row waits ``delay``, and so does its whole subscription (circuit breaker: an endpoint that
+# fails is not tried with every other alarm's delivery meanwhile).
 _RETRY = f"""
-    UPDATE {DELIVERIES} SET attempts = attempts + 1, last_status = $3, last_error = $4,
-                            available_at = clock_timestamp() + make_interval(secs => $5),
-                            claim_token = NULL, claimed_until = NULL
-    WHERE id = $1 AND claim_token = $2 AND state = 'pending' RETURNING id"""
+    WITH d AS (
+        UPDATE {DELIVERIES} SET attempts = attempts + 1, last_status = $3, last_error = $4,
+                                available_at = clock_timestamp() + make_interval(secs => $5),
+                                claim_token = NULL, claimed_until = NULL
+        WHERE id = $1 AND claim_token = $2 AND state = 'pending' RETURNING id, subscription_id),
+    s AS (
+        UPDATE {SUBSCRIPTIONS} AS s
+        SET consecutive_failures = s.consecutive_failures + 1,
+            paused_until = greatest(s.paused_until, clock_timestamp() + make_interval(secs => $5))
+        FROM d WHERE s.id = d.subscription_id RETURNING s.id)
+    SELECT id FROM d"""
+
+_RESET_BREAKER = f"""
+    UPDATE {SUBSCRIPTIONS} SET consecutive_failures = 0, paused_until = NULL
+    WHERE id = $1 AND (consecutive_failures > 0 OR paused_until IS NOT NULL)"""
 
 _DEAD = f"""
     UPDATE {DELIVERIES} SET state = 'dead', dead_at = clock_timestamp(), attempts = attempts + 1,
@@ -426,7 +447,7 @@ class WebhookDispatcher:
         jobs = [Job(id=r["id"], subscription_id=str(r["subscription_id"]), webhook_id=r["webhook_id"],
                     body=bytes(r["body"]), attempts=r["attempts"], age=float(r["age"]), url=r["url"],
                     secrets=list(r["secrets"]), max_age=float(r["max_age_seconds"]), failing=r["failing"],
-                    token=token)
+                    token=token, endpoint_failures=r["consecutive_failures"])
                 for r in rows]
         return sorted(jobs, key=lambda j: j.id)
 
@@ -454,7 +475,9 @@ class WebhookDispatcher:
         except (httpx.HTTPError, OSError, TimeoutError) as exc:
             error = describe(exc)
         elapsed = loop.time() - started
-        outcome = decide(status, retry_after, error, attempts=job.attempts + 1, age=job.age + elapsed,
+        # the backoff grows with this row's attempts or the endpoint's failures in a row, whichever is more
+        attempts = max(job.attempts, job.endpoint_failures) + 1
+        outcome = decide(status, retry_after, error, attempts=attempts, age=job.age + elapsed,
                          max_age=job.max_age, min_backoff=self.settings.min_backoff,
                          max_backoff=self.settings.max_backoff, max_retry_after=self.settings.max_retry_after,
                          now=time.time(), rng=self._rng)
@@ -475,6 +498,8 @@ class WebhookDispatcher:
                 return
             self.stats.delivered += 1
             metrics.record_latency(float(latency))
+            if job.endpoint_failures:
+                await self.pool.execute(_RESET_BREAKER, sub)
             if job.failing and await self.pool.fetchval(_MARK_RECOVERED, sub) is not None:
                 log.info("webhook subscription recovered", subscription=job.subscription_id)
                 await self._call(self.on_subscription_recovered, job.subscription_id, "delivering again")
