@@ -20,6 +20,7 @@ import asyncpg
 import click
 
 from schemas.envelope import Role
+from services.alarms.service import AlarmsService
 from services.cli.client import OPERATOR_TOKEN_SECRET, CliError, Runtime
 from services.core.auth import PgAuthenticator, create_token, ensure_bootstrap_admin, revoke, verify
 from services.core.brokerauth import OPERATOR_NAME, roost_policy
@@ -40,7 +41,7 @@ from services.core.system import CoreService
 
 def components() -> list[Component]:
     """Every service this build runs.  The domain services join this list as they are built."""
-    return [CoreService()]
+    return [CoreService(), AlarmsService()]
 
 
 async def run_up(data_dir: Path | None, config: Path | None) -> None:

@@ -131,6 +131,7 @@ _USER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # A host name as an agent's identity: one RFC 1123 label, lower case (it is a subject token).
 _HOSTNAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?$")
 _LIFECYCLE = ("roost.system.service_started", "roost.system.service_stopping")
+FAULTS = "roost.fault.>"           # alarms raised and cleared by any service (services.alarms consumes them)
 
 
 # -- patterns ------------------------------------------------------------------------------------
@@ -250,10 +251,11 @@ def service(name: str, *, events: Iterable[str] = (), serves: Iterable[str] = ()
     """A service: the event domains it owns (``host`` or a full pattern), the commands it serves (a
     command domain ``host`` -> ``roost.cmd.host.>``, or a pattern), the event patterns it reads, the
     commands it sends.  ``serves`` and ``reads`` are consumed by ``group`` (default: the service's
-    name); other groups go in ``consumers``.  Every service may announce its own start and stop."""
+    name); other groups go in ``consumers``.  Every service may announce its own start and stop, and
+    raise and clear alarms (``roost.fault.>``, consumed by the alarms service)."""
     grp = group or name
     published = [_domain_pattern(e, "roost") for e in events]
-    published += [s for s in _LIFECYCLE if not any(overlaps(s, p) for p in published)]
+    published += [s for s in (*_LIFECYCLE, FAULTS) if not any(overlaps(s, p) for p in published)]
     consumes = [Consumer(grp, _domain_pattern(s, COMMAND_PREFIX)) for s in serves]
     consumes += [Consumer(grp, p) for p in reads]
     consumes += list(consumers)
@@ -336,7 +338,7 @@ _SERVICES = (
     _CORE,
     service("inventory", events=("host",), serves=("host",), reads=("roost.agent.>",)),
     service("heartbeat", events=("heartbeat",), serves=("heartbeat",)),
-    service("alarms", events=("alarm",), serves=("alarm",)),
+    service("alarms", events=("alarm",), serves=("alarm",), reads=(FAULTS,)),
     service("orchestrator", events=("strategy",), serves=("strategy",),
             sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>")),
     service("dcsync", events=("sync", "subcloud"), serves=("sync", "subcloud")),
