@@ -262,4 +262,6 @@ def token_revoke(obj: Context, name: str) -> None:
 
 
 def main() -> None:
+    import services.cli.alarms  # noqa: F401 - registers `roost alarm` and `roost event`
+
     cli(prog_name="roost")
