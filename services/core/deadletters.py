@@ -4,7 +4,8 @@ Every transport dead-letters to ``roost.dlq.<group>`` on the broker (a durable s
 nothing is lost while the keeper is down).  The keeper drains those subjects into
 ``core.dead_letters`` in PostgreSQL, where ``roost dlq list|show|replay|purge`` reach them through the
 ``roost.cmd.dlq.*`` commands, whatever the broker.  When the number waiting passes a threshold it
-announces ``roost.system.dead_letters_high`` once (and ``..._normal`` when it falls back).
+announces ``roost.system.dead_letters_high`` once and raises alarm 950.301 (``..._normal`` and a clear
+when it falls back to half the threshold).
 
 A replay publishes the original message again on its original subject with a fresh broker message id
 (the envelope and its id are unchanged).  Every group bound to that subject sees it again; groups that
@@ -54,6 +55,8 @@ from services.core.bus.subjects import backoff
 log = structlog.get_logger("roost.deadletters")
 
 KEEPER_GROUP = "dlq-keeper"
+DEPTH_ALARM_ID = "950.301"                          # roost's catalogue: dead letters above threshold
+DEPTH_ALARM_ENTITY = "system=roost.dead_letters=all"
 COMMAND_GROUP = "core-dlq"
 _DLQ_HEADERS = (H_DLQ_REASON, H_DLQ_SUBJECT, H_DLQ_GROUP, H_DLQ_ATTEMPTS, H_DLQ_TIME, H_ATTEMPT)
 
@@ -164,9 +167,15 @@ class DeadLetterKeeper:
             await self.bus.publish(self.bus.envelope(
                 "roost.system.dead_letters_high",
                 DeadLettersHigh(depth=total, threshold=self.alarm.threshold, groups=groups)))
+            await self.bus.publish(self.bus.envelope("roost.fault.set", {
+                "alarm_id": DEPTH_ALARM_ID, "entity_instance_id": DEPTH_ALARM_ENTITY, "severity": "major",
+                "reason_text": f"{total} dead letters waiting (threshold {self.alarm.threshold}): "
+                               + ", ".join(f"{g} {n}" for g, n in sorted(groups.items()))[:180]}))
         elif change == "normal":
             await self.bus.publish(self.bus.envelope(
                 "roost.system.dead_letters_normal", DeadLettersNormal(depth=total, threshold=self.alarm.threshold)))
+            await self.bus.publish(self.bus.envelope("roost.fault.clear", {
+                "alarm_id": DEPTH_ALARM_ID, "entity_instance_id": DEPTH_ALARM_ENTITY}))
 
     # -- operator commands ----------------------------------------------------------------
 

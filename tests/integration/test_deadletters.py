@@ -68,11 +68,17 @@ async def test_a_dead_letter_is_kept_listed_replayed_and_purged(site: Site) -> N
     announced: list[str] = []
     watcher = await site.bus()
 
+    faults: list[str] = []
+
     async def on_system(m: Message) -> None:
         if "dead_letters" in m.envelope.type:
             announced.append(m.envelope.type)
 
+    async def on_fault(m: Message) -> None:
+        faults.append(f"{m.envelope.type} {m.envelope.data['alarm_id']} {m.envelope.data['entity_instance_id']}")
+
     await watcher.subscribe("roost.system.>", "test-watch", on_system)
+    await watcher.subscribe("roost.fault.>", "test-faults", on_fault)
 
     broken = True
     handled: list[int] = []
@@ -116,6 +122,9 @@ async def test_a_dead_letter_is_kept_listed_replayed_and_purged(site: Site) -> N
     purged = await site.command("roost.cmd.dlq.purge", {"group": "fragile"})
     assert purged.result == {"purged": 1}
     await wait_until(lambda: "roost.system.dead_letters_normal" in announced, what="back to normal")
+    await wait_until(lambda: len(faults) == 2, what="the alarm raised and cleared")
+    assert faults == ["roost.fault.set 950.301 system=roost.dead_letters=all",
+                      "roost.fault.clear 950.301 system=roost.dead_letters=all"]
     assert (await site.command("roost.cmd.dlq.list", {})).result["items"] == []
     assert REGISTRY.get_sample_value("roost_dead_letters_waiting_messages", {"group": "fragile"}) == 0
 
