@@ -348,7 +348,7 @@ async def rabbit_raw(setup: Setup, count: int, index: int) -> RunResult:
 
 
 async def rabbit_version() -> str:
-    connection = await aio_pika.connect(RABBIT_URL)
+    connection = await aio_pika.connect(RABBIT_URL, timeout=10)
     try:
         props = connection.transport.connection.server_properties   # type: ignore[union-attr]
         return f"{_text(props.get('product', 'RabbitMQ'))} {_text(props.get('version', '?'))}"
@@ -469,7 +469,10 @@ def summarise(report: BrokerReport) -> None:
         rates = sorted(r.rate for r in results)
         print(f"  {kind:9} {report.median(kind):8,.0f} msg/s   median of {len(results)} "
               f"(runs {rates[0]:,.0f}-{rates[-1]:,.0f}); client CPU {report.median(kind, 'cpu_us'):5.1f} us/msg")
-    print(f"  ratio roost/raw = {ratio:.2f}   target >= {target:.1f}: {'met' if ratio >= target else 'NOT met'}")
+    pairs = statistics.median(a.rate / b.rate for a, b in zip(report.results["roost"], report.results["raw"],
+                                                              strict=True))
+    print(f"  ratio roost/raw = {ratio:.2f}   target >= {target:.1f}: {'met' if ratio >= target else 'NOT met'}   "
+          f"(median of the per-run ratios, each roost run against the raw run next to it: {pairs:.2f})")
     print(f"  roost overhead  = {(1 / roost - 1 / raw) * 1e6:+.1f} us/message ((1/roost - 1/raw) * 1e6); client "
           f"CPU {report.median('roost', 'cpu_us') - report.median('raw', 'cpu_us'):+.1f} us/message")
     if "transport" in report.results:
@@ -561,7 +564,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
             server = NatsServer(Path(store) / "nats", ready_timeout=20.0)
             await server.start()
             try:
-                nc = await nats.connect(server.url)
+                nc = await nats.connect(server.url, connect_timeout=5, allow_reconnect=False)
                 v = nc.connected_server_version
                 await nc.close()
                 description = (f"nats-server {v.major}.{v.minor}.{v.patch} started by the bench (-js, store in a "
@@ -583,5 +586,16 @@ async def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def run() -> int:
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:                    # one line, not a traceback: a broker down, a run stuck
+        print(f"\nbench failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))
+    sys.exit(run())
