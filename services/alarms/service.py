@@ -48,6 +48,7 @@ from schemas import alarms as msg
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
 from services.alarms import metrics
+from services.alarms.api import build_router
 from services.alarms.catalogue import (
     ROOST_CATALOGUE,
     AlarmError,
@@ -164,6 +165,7 @@ class AlarmsService:
         self._inbox = Inbox(NAME)
         self.metrics_interval = metrics_interval
         self._tasks: list[asyncio.Task[None]] = []
+        self._router: APIRouter | None = None
 
     @property
     def store(self) -> AlarmStore:
@@ -197,7 +199,10 @@ class AlarmsService:
                 await task
 
     def routers(self) -> Sequence[APIRouter]:
-        return []
+        """The FM-shaped REST API (``services.alarms.api``); it answers 503 until ``start``."""
+        if self._router is None:
+            self._router = build_router(self)
+        return [self._router]
 
     # -- the consumer ---------------------------------------------------------------------------------
 
