@@ -60,6 +60,7 @@ LIMIT_MAX = 2000
 TEXT_MAX = msg.TEXT_MAX
 _ALARM_ID = re.compile(r"^[0-9]{3}\.[0-9]{3}$")
 _SUPPRESSION_NS = uuidlib.UUID("8f0b7f3e-4a55-5c3b-9d1e-726f6f737400")
+_NO_SUPPRESSION = "no alarm id with this uuid or id in the catalogue"
 _RANK = {s.value: s.rank for s in Severity}
 
 # -- authentication: bearer or X-Auth-Token -------------------------------------------------------------
@@ -445,9 +446,11 @@ def build_router(service: "AlarmsService") -> APIRouter:
                 summary="Show one active alarm")
     async def show_alarm(alarm_uuid: str, _: Reader, svc: Service) -> AlarmOut:
         wanted = _uuid_path(alarm_uuid)
-        if await svc.store.get(svc.pool, wanted) is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no active alarm with this uuid")
-        return _alarm_out(await svc.show(wanted), expand=True)
+        try:
+            alarm = await svc.show(wanted)
+        except AlarmError:          # none active with this uuid (the only error left once it parsed)
+            raise HTTPException(status.HTTP_404_NOT_FOUND, "no active alarm with this uuid") from None
+        return _alarm_out(alarm, expand=True)
 
     @router.delete("/alarms/{alarm_uuid}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                    summary="Clear one active alarm (operator; recorded as a customer log)")
@@ -530,7 +533,7 @@ def build_router(service: "AlarmsService") -> APIRouter:
             wanted = _uuid_path(ident)
             alarm_id = next((i for i in definitions if suppression_uuid(i) == wanted), "")
         if alarm_id not in definitions:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, "no alarm id with this uuid or id in the catalogue")
+            raise HTTPException(status.HTTP_404_NOT_FOUND, _NO_SUPPRESSION)
         if isinstance(patch, list):
             if not patch:
                 raise _bad("the patch is empty")
@@ -539,7 +542,10 @@ def build_router(service: "AlarmsService") -> APIRouter:
             wanted_status = patch.suppression_status
         suppress = wanted_status == "suppressed"
         type = "roost.cmd.alarm.suppress" if suppress else "roost.cmd.alarm.unsuppress"
-        await svc.suppress(alarm_id, suppress, _envelope(type, who, {"alarm_id": alarm_id}))
+        try:
+            await svc.suppress(alarm_id, suppress, _envelope(type, who, {"alarm_id": alarm_id}))
+        except AlarmError:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, _NO_SUPPRESSION) from None
         return SuppressionOut(uuid=suppression_uuid(alarm_id), alarm_id=alarm_id,
                               description=_description(definitions[alarm_id]), suppression_status=wanted_status)
 

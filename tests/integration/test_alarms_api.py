@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -331,3 +332,44 @@ async def test_bad_suppression_patches(api: Api, ident: str, body: Any, code: in
     assert r.status_code == code, r.text
     assert reason in str(r.json()["detail"])
     assert "s3cr3t" not in r.text
+
+
+async def test_summary_status_follows_the_worst_severity(api: Api) -> None:
+    assert (await api.get("/v1/alarms/summary")).json() == {"critical": 0, "major": 0, "minor": 0, "warnings": 0,
+                                                            "status": "OK"}
+    await api.raise_("950.006", "host=compute-20", "minor")
+    await api.raise_("950.001", "host=compute-21", "warning")
+    assert (await api.get("/v1/alarms/summary")).json() == {"critical": 0, "major": 0, "minor": 1, "warnings": 1,
+                                                            "status": "degraded"}
+
+
+GARBAGE = ["", " ", "x", "'; DROP TABLE alarms.active_alarms; --", "\x00", "%", "é" * 10, "9" * 40, "-1",
+           "2026-13-45T99:99", "host=", "=x", "host=a..b", "None", "null", "[]", "{}", "ge", "critical "]
+
+
+async def test_garbage_queries_are_never_a_server_error(api: Api) -> None:
+    """Every q field and op with odd values, and odd markers, sort keys and ids: a 2xx or a 4xx, never a 5xx."""
+    await api.raise_("950.002", "host=compute-30", "critical")
+    fields = {"/v1/alarms": ["uuid", "alarm_id", "alarm_type", "entity_type_id", "entity_instance_id", "severity",
+                             "probable_cause", "suppression_status", "timestamp", "created_at", "updated_at"],
+              "/v1/event_log": ["uuid", "event_log_id", "entity_type_id", "entity_instance_id", "severity", "state",
+                                "event_log_type", "timestamp", "start", "end"],
+              "/v1/event_suppression": ["uuid", "alarm_id", "suppression_status"]}
+    for path, names in fields.items():
+        for field in names:
+            for op in ("eq", "ne", "lt", "le", "gt", "ge"):
+                for value in GARBAGE:
+                    r = await api.get(path, {"q.field": field, "q.op": op, "q.value": value})
+                    assert r.status_code < 500, (path, field, op, value, r.text)
+        for value in GARBAGE:
+            for name in ("marker", "sort_key", "sort_dir", "limit", "include_suppress", "expand"):
+                r = await api.get(path, {name: value})
+                assert r.status_code < 500, (path, name, value, r.text)
+    for value in (quote(v, safe="") for v in GARBAGE[1:]):
+        for path in ("/v1/alarms/", "/v1/event_log/"):
+            assert (await api.get(path + value)).status_code < 500, (path, value)
+        r = await api.client.patch("/v1/event_suppression/" + value, json={"suppression_status": "suppressed"},
+                                   headers=api.auth("admin"))
+        assert r.status_code < 500, (value, r.text)
+        r = await api.client.delete("/v1/alarms/" + value, headers=api.auth("admin"))
+        assert r.status_code < 500, (value, r.text)
