@@ -59,6 +59,7 @@ from services.alarms.catalogue import (
 )
 from services.alarms.model import AlarmKey, ClearRequest, EntityInstanceId, LogRequest, SetRequest, masked_keys
 from services.alarms.store import AlarmStore, Applied, Cleared, Origin, Reasserted, StoredAlarm
+from services.alarms.webhooks import WebhookDispatcher
 from services.core.bus.bus import Message, Reject
 from services.core.db.inbox import Inbox
 from services.core.db.pool import AnyConnection
@@ -147,6 +148,8 @@ def _first_error(exc: ValueError) -> str:
     return str(exc)
 
 
+WEBHOOK_FAILING = "950.201"          # roost's catalogue: a webhook subscriber is failing
+
 class AlarmsService:
     """The ``alarms`` component: fault inputs in, active alarms, history, events and webhooks out."""
 
@@ -166,6 +169,7 @@ class AlarmsService:
         self.metrics_interval = metrics_interval
         self._tasks: list[asyncio.Task[None]] = []
         self._router: APIRouter | None = None
+        self._dispatcher: WebhookDispatcher | None = None
 
     @property
     def store(self) -> AlarmStore:
@@ -189,8 +193,27 @@ class AlarmsService:
                        asyncio.create_task(self._gauge(), name="alarms-active-gauge")]
         await ctx.bus.subscribe(FAULTS, GROUP, self.handle)
         await ctx.bus.serve(COMMANDS, GROUP, self.command)
+        if self.webhooks:
+            self._dispatcher = WebhookDispatcher(ctx.pool, on_subscription_failing=self._webhook_failing,
+                                                 on_subscription_recovered=self._webhook_recovered)
+            self._dispatcher.start()
+
+    async def _webhook_failing(self, subscription_id: str, reason: str) -> None:
+        """A subscriber turned failing: raise 950.201 on it (through the bus, like any service's fault)."""
+        assert self._ctx is not None
+        await self._ctx.bus.publish(self._ctx.bus.envelope("roost.fault.set", {
+            "alarm_id": WEBHOOK_FAILING, "entity_instance_id": f"webhook={subscription_id}",
+            "severity": "major", "reason_text": f"webhook subscriber {subscription_id}: {reason}"[:255]}))
+
+    async def _webhook_recovered(self, subscription_id: str, reason: str) -> None:
+        assert self._ctx is not None
+        await self._ctx.bus.publish(self._ctx.bus.envelope("roost.fault.clear", {
+            "alarm_id": WEBHOOK_FAILING, "entity_instance_id": f"webhook={subscription_id}"}))
 
     async def stop(self) -> None:
+        if self._dispatcher is not None:
+            await self._dispatcher.stop()
+            self._dispatcher = None
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -484,3 +484,45 @@ async def test_the_event_log_pages_and_filters_alarms_and_logs(site: Site) -> No
     shown = await command(site, "roost.cmd.alarm.history", {"entity_prefix": "host=compute-13",
                                                            "include_suppress": True}, role="reader")
     assert len(shown.result["items"]) == 5
+
+
+async def test_a_failing_webhook_subscriber_raises_its_alarm_and_recovery_clears_it(site: Site) -> None:
+    from tests.support.http_receiver import HttpReceiver, Reply, Request
+
+    answer = {"status": 400}
+
+    async def receiver_handler(request: Request) -> Reply:
+        return Reply(status=answer["status"])
+
+    receiver = await HttpReceiver(receiver_handler).start()
+    try:
+        subscription, _secret = await webhooks.create_subscription(site.pool, receiver.url("/hook"))
+        await site.send("roost.fault.set", fault("950.004", "host=worker-3", "major", "BMC silent"))
+        failing = ("950.201", f"webhook={subscription.id}")
+
+        async def active_keys() -> set[tuple[str, str]]:
+            return set(await site.active())
+
+        keys: set[tuple[str, str]] = set()
+
+        async def refresh() -> None:
+            keys.clear()
+            keys.update(await active_keys())
+
+        for _ in range(300):                       # the dispatcher dead-letters the 400, the hook raises 950.201
+            await refresh()
+            if failing in keys:
+                break
+            await asyncio.sleep(0.05)
+        assert failing in keys, "a subscriber answering 400 is failing, and its alarm is active"
+
+        answer["status"] = 200
+        assert await webhooks.replay(site.pool, subscription.id) >= 1
+        for _ in range(300):                       # the replay succeeds: the recovered hook clears 950.201
+            await refresh()
+            if failing not in keys:
+                break
+            await asyncio.sleep(0.05)
+        assert failing not in keys, "once a delivery succeeds again the alarm clears"
+    finally:
+        await receiver.stop()
