@@ -11,6 +11,7 @@ from urllib.parse import quote
 import asyncpg
 import httpx
 import pytest
+from fastapi import FastAPI
 
 from services.alarms.api import suppression_uuid
 from services.alarms.catalogue import ROOST_CATALOGUE
@@ -23,7 +24,7 @@ from services.core.bus.memory import InMemoryBroker, InMemoryTransport
 from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
 from services.core.host import ServiceContext
-from services.core.http import create_app
+from services.core.http import HttpServer, create_app
 from services.core.settings import load_settings
 from tests.support.postgres import fresh_database, pool_on
 
@@ -34,8 +35,8 @@ T0 = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 
 class Api:
     def __init__(self, pool: asyncpg.Pool, service: AlarmsService, client: httpx.AsyncClient,
-                 admin: str, reader: str) -> None:
-        self.pool, self.service, self.client = pool, service, client
+                 admin: str, reader: str, app: FastAPI) -> None:
+        self.pool, self.service, self.client, self.app = pool, service, client, app
         self.admin, self.reader = admin, reader
 
     def auth(self, role: str = "reader") -> dict[str, str]:
@@ -76,7 +77,7 @@ async def api() -> AsyncIterator[Api]:
             assert not_started.status_code == 503
             await service.start(ServiceContext("alarms", load_settings(), pool, bus, Outbox("alarms")))
             try:
-                yield Api(pool, service, client, auth.issue("admin-user", "admin"), auth.issue("ops", "reader"))
+                yield Api(pool, service, client, auth.issue("admin-user", "admin"), auth.issue("ops", "reader"), app)
             finally:
                 await service.stop()
                 await bus.close()
@@ -373,3 +374,21 @@ async def test_garbage_queries_are_never_a_server_error(api: Api) -> None:
         assert r.status_code < 500, (value, r.text)
         r = await api.client.delete("/v1/alarms/" + value, headers=api.auth("admin"))
         assert r.status_code < 500, (value, r.text)
+
+
+async def test_over_real_http_with_the_starlingx_header(api: Api) -> None:
+    """uvicorn on a free loopback port: what an fmclient sends (X-Auth-Token, q.* parameters) works."""
+    uuid = await api.raise_("950.003", "host=controller-0.network=oam", "major", "hb lost on oam")
+    server = HttpServer(api.app)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            r = await http.get("/v1/alarms", params={"q.field": "severity", "q.op": "eq", "q.type": "",
+                                                     "q.value": "major"}, headers={"X-Auth-Token": api.reader})
+            assert r.status_code == 200 and [a["uuid"] for a in r.json()["alarms"]] == [uuid]
+            gone = await http.delete(f"/v1/alarms/{uuid}", headers={"X-Auth-Token": api.admin})
+            assert gone.status_code == 204
+            assert (await http.get(f"/v1/alarms/{uuid}", headers={"X-Auth-Token": api.reader})).status_code == 404
+            assert (await http.get("/v1/alarms")).status_code == 401
+    finally:
+        await server.stop()
