@@ -297,6 +297,73 @@ class AlarmHistoryResult(_Model):
     next_marker: int | None = Field(default=None, description="pass as marker for the next (older) page")
 
 
+# -- webhook subscribers (operator commands) ------------------------------------------------------------
+
+
+class WebhookAdd(_Model):
+    """Register a webhook subscriber: every raise, change and clear that matches its filters reaches it,
+    signed per Standard Webhooks with the secret this command returns once."""
+
+    url: str = Field(min_length=8, max_length=2048, pattern=r"^https?://", description="http:// or https://")
+    name: str | None = Field(default=None, min_length=1, max_length=128)
+    severities: list[SeverityName] = Field(default_factory=list, max_length=4, description="none: every severity")
+    alarm_ids: list[AlarmIdText] = Field(default_factory=list, max_length=1000, description="none: every id")
+    entity_prefix: EntityInstanceIdText | None = Field(default=None, description="this entity and its children")
+    format: Literal["roost", "alertmanager"] = "roost"
+    max_age_seconds: float = Field(default=86_400.0, gt=0, le=30 * 86_400.0,
+                                   description="retry this long, then dead-letter")
+
+
+class WebhookSubscriber(_Model):
+    """A subscriber as lists show it: never its secrets, a password in its URL masked."""
+
+    id: str = Field(min_length=1, max_length=64)
+    name: str = Field(max_length=128)
+    url: str = Field(max_length=2048)
+    format: Literal["roost", "alertmanager"]
+    severities: list[str] = Field(max_length=4)
+    alarm_ids: list[str] = Field(max_length=1000)
+    entity_prefix: str | None = Field(default=None, max_length=255)
+    max_age_seconds: float
+    failing: bool
+    failing_reason: str | None = Field(default=None, max_length=1000)
+    pending: int = Field(ge=0, description="deliveries waiting in its queue")
+    created_at: AwareDatetime
+
+
+class WebhookAdded(_Model):
+    subscriber: WebhookSubscriber
+    secret: str = Field(min_length=1, max_length=256, description="whsec_…: shown in this reply only")
+
+
+class WebhookList(_Model):
+    """List webhook subscribers (never their secrets)."""
+
+
+class WebhookListResult(_Model):
+    items: list[WebhookSubscriber] = Field(default_factory=list, max_length=10_000)
+
+
+class WebhookRemove(_Model):
+    """Remove a subscriber and its queued deliveries."""
+
+    id: str = Field(min_length=1, max_length=64)
+
+
+class WebhookRemoved(_Model):
+    removed: bool
+
+
+class WebhookReplay(_Model):
+    """Queue a subscriber's dead-lettered deliveries again (same webhook-id)."""
+
+    id: str = Field(min_length=1, max_length=64)
+
+
+class WebhookReplayed(_Model):
+    replayed: int = Field(ge=0)
+
+
 def register(registry: Registry) -> None:
     """Register alarms' messages in ``registry`` (done for ``REGISTRY`` when this module is imported)."""
     registry.event("roost.fault.set", OWNER, FaultSet, "Raise or re-raise an alarm (any service)")
@@ -322,6 +389,15 @@ def register(registry: Registry) -> None:
                      min_role=Role.ADMIN, result_model=AlarmSuppressResult)
     registry.command("roost.cmd.alarm.unsuppress", OWNER, AlarmSuppress, "Unsuppress an alarm id",
                      min_role=Role.ADMIN, result_model=AlarmSuppressResult)
+    registry.command("roost.cmd.alarm.webhook.add", OWNER, WebhookAdd, "Register a webhook subscriber",
+                     min_role=Role.ADMIN, result_model=WebhookAdded, reply_has_secrets=True)
+    registry.command("roost.cmd.alarm.webhook.list", OWNER, WebhookList, "List webhook subscribers",
+                     min_role=Role.ADMIN, result_model=WebhookListResult)
+    registry.command("roost.cmd.alarm.webhook.remove", OWNER, WebhookRemove, "Remove a webhook subscriber",
+                     min_role=Role.ADMIN, result_model=WebhookRemoved)
+    registry.command("roost.cmd.alarm.webhook.replay", OWNER, WebhookReplay,
+                     "Queue a subscriber's dead-lettered deliveries again", min_role=Role.ADMIN,
+                     result_model=WebhookReplayed)
 
 
 register(REGISTRY)

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ValidationError
 from schemas import alarms as msg
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
-from services.alarms import metrics
+from services.alarms import metrics, webhooks
 from services.alarms.api import build_router
 from services.alarms.catalogue import (
     ROOST_CATALOGUE,
@@ -282,9 +282,34 @@ class AlarmsService:
             if isinstance(data, msg.AlarmSuppress):
                 suppress = message.envelope.type == "roost.cmd.alarm.suppress"
                 return await self.suppress(data.alarm_id, suppress, message.envelope)
-        except AlarmError as exc:
+            if isinstance(data, msg.WebhookAdd | msg.WebhookList | msg.WebhookRemove | msg.WebhookReplay):
+                return await self.webhook_command(data)
+        except (AlarmError, webhooks.SubscriptionError) as exc:
             raise Reject(str(exc)) from None
         raise Reject(f"{message.envelope.type} is not an alarm command")
+
+    async def webhook_command(self, data: msg.WebhookAdd | msg.WebhookList | msg.WebhookRemove | msg.WebhookReplay,
+                              ) -> BaseModel:
+        """``roost.cmd.alarm.webhook.*``: register, list, remove subscribers and replay their dead letters."""
+        if isinstance(data, msg.WebhookAdd):
+            subscription, secret = await webhooks.create_subscription(
+                self.pool, data.url, name=data.name, severities=data.severities, alarm_ids=data.alarm_ids,
+                entity_prefix=data.entity_prefix, format=data.format, max_age=data.max_age_seconds)
+            return msg.WebhookAdded(subscriber=await self._subscriber(subscription), secret=secret)
+        if isinstance(data, msg.WebhookList):
+            subscriptions = await webhooks.list_subscriptions(self.pool)
+            depth = await webhooks.queue_depth(self.pool)
+            return msg.WebhookListResult(items=[await self._subscriber(s, depth) for s in subscriptions])
+        if isinstance(data, msg.WebhookRemove):
+            return msg.WebhookRemoved(removed=await webhooks.delete_subscription(self.pool, data.id))
+        return msg.WebhookReplayed(replayed=await webhooks.replay(self.pool, data.id))
+
+    async def _subscriber(self, s: webhooks.Subscription, depth: dict[str, int] | None = None) -> msg.WebhookSubscriber:
+        pending = (depth if depth is not None else await webhooks.queue_depth(self.pool)).get(s.id, 0)
+        return msg.WebhookSubscriber(
+            id=s.id, name=s.name, url=s.url, format=s.format.value, severities=sorted(s.filters.severities),
+            alarm_ids=sorted(s.filters.alarm_ids), entity_prefix=s.filters.entity_prefix, max_age_seconds=s.max_age,
+            failing=s.failing, failing_reason=s.failing_reason, pending=pending, created_at=s.created_at)
 
     async def list_alarms(self, query: msg.AlarmList) -> list[msg.ActiveAlarm]:
         """The active alarms a list shows, most severe first, then newest first."""

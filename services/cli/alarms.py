@@ -110,3 +110,56 @@ def event_list(obj: Context, alarms: bool, logs: bool, event_log_id: str | None,
         return text
 
     show_reply(reply, render, as_json)
+
+
+@cli.group()
+def webhook() -> None:
+    """Webhook subscribers of the alarms (admin only)."""
+
+
+@webhook.command("add")
+@click.argument("url")
+@click.option("--name")
+@click.option("--severity", "severities", multiple=True, type=click.Choice(["critical", "major", "minor", "warning"]),
+              help="Only these severities (repeat); default: all.")
+@click.option("--alarm-id", "alarm_ids", multiple=True, help="Only these alarm ids (repeat); default: all.")
+@click.option("--entity", "entity_prefix", help="Only this entity and its children.")
+@click.option("--format", "format_", type=click.Choice(["roost", "alertmanager"]), default="roost", show_default=True)
+@click.option("--max-age", "max_age_seconds", type=click.FloatRange(min=1), default=86_400.0, show_default=True,
+              help="Seconds a notification is retried before it is dead-lettered.")
+@click.pass_obj
+def webhook_add(obj: Context, url: str, name: str | None, severities: tuple[str, ...], alarm_ids: tuple[str, ...],
+                entity_prefix: str | None, format_: str, max_age_seconds: float) -> None:
+    """Register URL; prints the subscriber's signing secret once."""
+    data: dict[str, Any] = {"url": url, "name": name, "severities": list(severities), "alarm_ids": list(alarm_ids),
+                            "entity_prefix": entity_prefix, "format": format_, "max_age_seconds": max_age_seconds}
+    reply = run(obj.command("roost.cmd.alarm.webhook.add", data))
+    show_reply(reply, lambda r: f"{r['subscriber']['id']}\n{r['secret']}\n(the signing secret: shown this once)")
+
+
+@webhook.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def webhook_list(obj: Context, as_json: bool) -> None:
+    """Subscribers, their filters, whether they are failing and how much waits for them."""
+    reply = run(obj.command("roost.cmd.alarm.webhook.list", {}))
+    show_reply(reply, lambda r: table(r.get("items", []), ["id", "name", "url", "format", "failing", "pending",
+                                                           "severities", "entity_prefix"]), as_json)
+
+
+@webhook.command("remove")
+@click.argument("id")
+@click.pass_obj
+def webhook_remove(obj: Context, id: str) -> None:
+    """Remove a subscriber and what waits for it."""
+    reply = run(obj.command("roost.cmd.alarm.webhook.remove", {"id": id}))
+    show_reply(reply, lambda r: "removed" if r.get("removed") else f"no subscriber {id}")
+
+
+@webhook.command("replay")
+@click.argument("id")
+@click.pass_obj
+def webhook_replay(obj: Context, id: str) -> None:
+    """Send a subscriber's dead-lettered notifications again (same webhook-id)."""
+    reply = run(obj.command("roost.cmd.alarm.webhook.replay", {"id": id}))
+    show_reply(reply, lambda r: f"replayed {r.get('replayed', 0)}")

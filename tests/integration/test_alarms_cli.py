@@ -1,17 +1,20 @@
 """Alarms through a running `roost up` (embedded NATS with its broker policy, embedded PostgreSQL): a service
 raises a fault with its own broker credentials, the operator sees it with `roost alarm` and `roost event`,
-suppresses it, clears it."""
+suppresses it, clears it, and a subscriber registered with `roost webhook add` receives signed deliveries."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from services.alarms.webhooks import verify
 from tests.integration.test_roost_up import Up, clean_env, data_dir, roost
 
 pytestmark = pytest.mark.slow
@@ -54,10 +57,37 @@ def until(condition_output: str, *args: str, data_dir: Path, timeout: float = 30
         time.sleep(0.2)
 
 
+class Receiver(ThreadingHTTPServer):
+    """A webhook receiver on loopback that records what it is sent."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[dict[str, str], bytes]] = []
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["content-length"]))
+                receiver.received.append(({k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
 def test_a_fault_raised_by_a_service_is_listed_suppressed_and_cleared(data_dir: Path) -> None:
     up = Up(data_dir, clean_env())
+    receiver = Receiver()
     try:
         up.wait_ready()
+        added = roost(data_dir, "webhook", "add", f"http://127.0.0.1:{receiver.server_address[1]}/hook",
+                      "--severity", "major")
+        assert added.returncode == 0, added.stderr
+        subscriber, secret = added.stdout.splitlines()[:2]
+        assert secret.startswith("whsec_")
         raised = subprocess.run([sys.executable, "-c", RAISE_AS_A_SERVICE, str(data_dir)], env=clean_env(),
                                 capture_output=True, text=True, timeout=60)
         assert raised.returncode == 0, raised.stderr
@@ -78,9 +108,22 @@ def test_a_fault_raised_by_a_service_is_listed_suppressed_and_cleared(data_dir: 
 
         history = until("950.501", "event", "list", data_dir=data_dir)
         assert "950.004" in history and "clear" in history, "sets, the clear and the operator's action are logged"
+        deadline = time.monotonic() + 30
+        while len(receiver.received) < 3:                # two raised, one cleared
+            assert time.monotonic() < deadline, f"webhooks delivered: {len(receiver.received)}"
+            time.sleep(0.1)
+        for headers, body in receiver.received:
+            verify(headers, body, secret)                 # raises when the signature does not hold
+        events = [json.loads(body)["type"] for _, body in receiver.received]
+        assert sorted(events) == ["alarm.cleared", "alarm.raised", "alarm.raised"], events
+        listed_hooks = json.loads(roost(data_dir, "webhook", "list", "--json").stdout)["result"]["items"]
+        assert [(h["id"], h["failing"]) for h in listed_hooks] == [(subscriber, False)]
+        assert roost(data_dir, "webhook", "remove", subscriber).stdout.strip() == "removed"
+
         denied = roost(data_dir, "--token", "roost_not-a-token", "alarm", "list")
         assert denied.returncode == 1 and "unauthenticated" in denied.stderr
         assert up.interrupt() == 0, up.stderr.read_text()[-3000:]
     finally:
+        receiver.shutdown()
         if up.process.poll() is None:
             up.process.kill()
