@@ -57,6 +57,10 @@ log = structlog.get_logger("roost.alarms.api")
 API_SOURCE = "roost/alarms-api"
 LIMIT_MAX = 2000
 """FM's ``limit_max``."""
+SCAN_BATCH = 500
+SCAN_MAX = 20_000
+"""The most history records one event log request reads: a filter matching few records answers a short (or
+empty) page with ``next`` pointing where the scan stopped rather than reading the whole retention."""
 TEXT_MAX = msg.TEXT_MAX
 _ALARM_ID = re.compile(r"^[0-9]{3}\.[0-9]{3}$")
 _SUPPRESSION_NS = uuidlib.UUID("8f0b7f3e-4a55-5c3b-9d1e-726f6f737400")
@@ -477,22 +481,36 @@ def build_router(service: "AlarmsService") -> APIRouter:
             if before is None:
                 raise _bad("marker is not a record of the event log")
         want_alarms, want_logs = (alarms or not logs), (logs or not alarms)
-        event_log_id = next((c.value for c in conditions if c.field == "event_log_id" and c.op == "eq"), None)
+        eq = {c.field: c.value for c in conditions if c.op == "eq"}
+        if "uuid" in eq:            # one record at most: start the scan right at it
+            seq = await svc.pool.fetchval(f"SELECT seq FROM {SCHEMA}.event_log WHERE uuid = $1",
+                                          uuidlib.UUID(eq["uuid"]))
+            if seq is None or (before is not None and seq >= before):
+                return EventLogCollection(event_log=[])
+            before = seq + 1
         page: list[HistoryRecord] = []
-        exhausted = False
-        while len(page) <= limit and not exhausted:
-            batch = await svc.store.history(svc.pool, event_log_id=event_log_id, alarms=want_alarms,
+        scanned, exhausted, last = 0, False, None
+        while len(page) <= limit and not exhausted and scanned < SCAN_MAX:
+            batch = await svc.store.history(svc.pool, event_log_id=eq.get("event_log_id"),
+                                            entity_prefix=eq.get("entity_instance_id"), alarms=want_alarms,
                                             logs=want_logs, include_suppress=include_suppress, before=before,
-                                            limit=500)
-            exhausted = len(batch) < 500
+                                            limit=SCAN_BATCH)
+            exhausted = len(batch) < SCAN_BATCH
+            scanned += len(batch)
             if batch:
-                before = batch[-1].seq
+                before, last = batch[-1].seq, batch[-1]
             page.extend(r for r in batch if all(c.holds(r) for c in conditions))
         more = len(page) > limit
         page = page[:limit]
         suppressed = await svc.store.suppressed_ids(svc.pool)
+        if more:
+            next_marker: str | None = str(page[-1].uuid)
+        elif not exhausted and last is not None:    # scan bound reached: carry on from where it stopped
+            next_marker = str(last.uuid)
+        else:
+            next_marker = None
         return EventLogCollection(event_log=[_event_out(r, suppressed, expand) for r in page],
-                                  next=_next_url(request, str(page[-1].uuid)) if more else None)
+                                  next=_next_url(request, next_marker) if next_marker else None)
 
     @router.get("/event_log/{event_uuid}", response_model=EventLogOut, response_model_exclude_none=True,
                 summary="Show one event log record")

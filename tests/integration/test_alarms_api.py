@@ -13,6 +13,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from services.alarms import api as alarms_api
 from services.alarms.api import suppression_uuid
 from services.alarms.catalogue import ROOST_CATALOGUE
 from services.alarms.model import LogRequest, SetRequest
@@ -392,3 +393,27 @@ async def test_over_real_http_with_the_starlingx_header(api: Api) -> None:
             assert (await http.get("/v1/alarms")).status_code == 401
     finally:
         await server.stop()
+
+
+async def test_a_sparse_event_log_filter_reads_a_bounded_slice_per_request(api: Api,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    await api.raise_("950.002", "host=compute-40", "critical")
+    for i in range(5):
+        await api.log("950.503", f"host=compute-4{i}", f"log {i}")
+    monkeypatch.setattr(alarms_api, "SCAN_BATCH", 2)
+    monkeypatch.setattr(alarms_api, "SCAN_MAX", 2)
+    found: list[str] = []
+    pages = 0
+    r = await api.get("/v1/event_log", {"q.field": "severity", "q.value": "critical", "limit": 10})
+    while True:
+        pages += 1
+        body = r.json()
+        found.extend(e["event_log_id"] for e in body["event_log"])
+        if "next" not in body:
+            break
+        r = await api.client.get(body["next"], headers=api.auth())
+    assert found == ["950.002"] and pages >= 3
+
+    [record] = await api.service.store.history(api.pool, event_log_id="950.002")
+    only = await api.get("/v1/event_log", {"q.field": "uuid", "q.value": str(record.uuid)})
+    assert [e["uuid"] for e in only.json()["event_log"]] == [str(record.uuid)] and "next" not in only.json()
