@@ -18,7 +18,9 @@
   entity_type_id, entity_instance_id, severity, state, event_log_type, timestamp`` (and FM's ``start`` /
   ``end``), ``include_suppress``, ``expand``, ``limit``, ``marker``;
 * ``GET /v1/event_log/{uuid}``: one record;
-* ``GET /v1/event_suppression``: one entry per alarm id of the catalogue, ``{"event_suppression": [...]}``;
+* ``GET /v1/event_suppression``: one entry per alarm id of the catalogue, ``{"event_suppression": [...]}``
+  (``uuid``: a stable uuid of the alarm id), ``q`` on ``uuid, alarm_id, suppression_status``;
+* ``GET /v1/event_suppression/{uuid or alarm_id}``: one entry;
 * ``PATCH /v1/event_suppression/{uuid or alarm_id}`` (admin): FM's JSON patch
   ``[{"op": "replace", "path": "/suppression_status", "value": "suppressed"}]`` (or the plain object
   ``{"suppression_status": ...}``), recorded as a customer log (950.502).
@@ -538,20 +540,31 @@ def build_router(service: "AlarmsService") -> APIRouter:
         items = [s for s in await _suppressions(svc) if all(c.holds(s) for c in conditions)]
         return SuppressionCollection(event_suppression=items)
 
-    @router.patch("/event_suppression/{ident}", response_model=SuppressionOut,
-                  summary="Suppress or unsuppress an alarm id (by its entry's uuid or the alarm id)")
-    async def patch_suppression(ident: str, who: Admin, svc: Service,
-                                patch: Annotated[list[PatchOp] | SuppressionPatch, Body()]) -> SuppressionOut:
+    def _alarm_id_of(ident: str, svc: "AlarmsService") -> str:
         if len(ident) > TEXT_MAX:
             raise _bad(f"the id is longer than {TEXT_MAX} characters")
-        definitions = {d.id: d for d in svc.store.catalogue.alarms()}
+        ids = {d.id for d in svc.store.catalogue.alarms()}
         if _ALARM_ID.match(ident):
             alarm_id = ident
         else:
             wanted = _uuid_path(ident)
-            alarm_id = next((i for i in definitions if suppression_uuid(i) == wanted), "")
-        if alarm_id not in definitions:
+            alarm_id = next((i for i in ids if suppression_uuid(i) == wanted), "")
+        if alarm_id not in ids:
             raise HTTPException(status.HTTP_404_NOT_FOUND, _NO_SUPPRESSION)
+        return alarm_id
+
+    @router.get("/event_suppression/{ident}", response_model=SuppressionOut,
+                summary="The operator suppression status of one alarm id (by its entry's uuid or the alarm id)")
+    async def show_suppression(ident: str, _: Reader, svc: Service) -> SuppressionOut:
+        alarm_id = _alarm_id_of(ident, svc)
+        return next(s for s in await _suppressions(svc) if s.alarm_id == alarm_id)
+
+    @router.patch("/event_suppression/{ident}", response_model=SuppressionOut,
+                  summary="Suppress or unsuppress an alarm id (by its entry's uuid or the alarm id)")
+    async def patch_suppression(ident: str, who: Admin, svc: Service,
+                                patch: Annotated[list[PatchOp] | SuppressionPatch, Body()]) -> SuppressionOut:
+        alarm_id = _alarm_id_of(ident, svc)
+        definition = svc.store.catalogue.alarm(alarm_id)
         if isinstance(patch, list):
             if not patch:
                 raise _bad("the patch is empty")
@@ -565,6 +578,6 @@ def build_router(service: "AlarmsService") -> APIRouter:
         except AlarmError:
             raise HTTPException(status.HTTP_404_NOT_FOUND, _NO_SUPPRESSION) from None
         return SuppressionOut(uuid=suppression_uuid(alarm_id), alarm_id=alarm_id,
-                              description=_description(definitions[alarm_id]), suppression_status=wanted_status)
+                              description=_description(definition), suppression_status=wanted_status)
 
     return router

@@ -183,6 +183,10 @@ async def test_operator_suppression_and_hierarchical_masking(api: Api) -> None:
                                headers={"X-Auth-Token": api.admin})
     assert r.status_code == 200 and r.json()["suppression_status"] == "unsuppressed"
     assert len((await api.get("/v1/alarms")).json()["alarms"]) == 2
+    by_uuid = await api.get(f"/v1/event_suppression/{suppression_uuid('950.003')}")
+    assert by_uuid.json() == {**entries["950.003"], "suppression_status": "unsuppressed"}
+    assert (await api.get("/v1/event_suppression/950.003")).json() == by_uuid.json()
+    assert (await api.get("/v1/event_suppression/999.999")).status_code == 404
 
     # host locked (950.001 inhibits) masks the suppressible alarms of host=compute-7 and its children
     locked = await api.raise_("950.001", "host=compute-7", "warning")
@@ -368,7 +372,7 @@ async def test_garbage_queries_are_never_a_server_error(api: Api) -> None:
                 r = await api.get(path, {name: value})
                 assert r.status_code < 500, (path, name, value, r.text)
     for value in (quote(v, safe="") for v in GARBAGE[1:]):
-        for path in ("/v1/alarms/", "/v1/event_log/"):
+        for path in ("/v1/alarms/", "/v1/event_log/", "/v1/event_suppression/"):
             assert (await api.get(path + value)).status_code < 500, (path, value)
         r = await api.client.patch("/v1/event_suppression/" + value, json={"suppression_status": "suppressed"},
                                    headers=api.auth("admin"))
