@@ -33,6 +33,7 @@ repeat what the client sent.
 """
 
 import re
+import sys
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -431,8 +432,10 @@ def build_router(service: "AlarmsService") -> APIRouter:
         conditions = parse_query(q_field, q_op, q_value, ALARM_FIELDS, svc)
         if sort_key is not None and sort_key not in ALARM_SORT_KEYS:
             raise _bad(f"sort_key must be one of {', '.join(ALARM_SORT_KEYS)}")
-        items = await svc.list_alarms(msg.AlarmList(include_suppress=include_suppress,
-                                                    include_masked=include_masked, limit=10_000))
+        # every visible alarm (the bus command's model caps its limit at 10,000; paging here is by marker)
+        items = await svc.list_alarms(msg.AlarmList.model_construct(
+            include_suppress=include_suppress, include_masked=include_masked, alarm_id=None, severity=None,
+            entity_prefix=None, limit=sys.maxsize))
         items = [a for a in items if all(c.holds(a) for c in conditions)]
         if sort_key is not None:
             kind = ALARM_FIELDS.get(sort_key, "text")
