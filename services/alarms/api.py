@@ -42,15 +42,14 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import structlog
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import alarms as msg
-from schemas.envelope import Envelope, Principal, Role
+from schemas.envelope import Envelope, Principal
 from services.alarms.catalogue import AlarmError, EventDefinition, Severity, UnknownAlarmId
 from services.alarms.model import EntityInstanceId
 from services.alarms.store import SCHEMA, HistoryRecord
-from services.core.auth import Authenticator, AuthUnavailable
+from services.core.http import AdminPrincipal, ReaderPrincipal
 
 if TYPE_CHECKING:
     from services.alarms.service import AlarmsService
@@ -70,46 +69,8 @@ _SUPPRESSION_NS = uuidlib.UUID("8f0b7f3e-4a55-5c3b-9d1e-726f6f737400")
 _NO_SUPPRESSION = "no alarm id with this uuid or id in the catalogue"
 _RANK = {s.value: s.rank for s in Severity}
 
-# -- authentication: bearer or X-Auth-Token -------------------------------------------------------------
-# services.core.http.require_role accepts the bearer header only; this dependency should move there.
-
-_bearer = HTTPBearer(auto_error=False, scheme_name="roostToken",
-                     description="an API token (`roost token create`): `Authorization: Bearer roost_…`")
-_x_auth_token = APIKeyHeader(name="X-Auth-Token", auto_error=False, scheme_name="xAuthToken",
-                             description="the same API token in the header StarlingX clients send")
-
-
-def _require(role: Role) -> Callable[..., Any]:
-    async def authenticated(
-        request: Request,
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-        x_auth_token: Annotated[str | None, Depends(_x_auth_token)],
-    ) -> Principal:
-        authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
-        if authenticator is None:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "authentication is not configured")
-        token = credentials.credentials if credentials is not None else x_auth_token
-        if not token:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a token is required (bearer or X-Auth-Token)",
-                                headers={"WWW-Authenticate": "Bearer"})
-        try:
-            principal = await authenticator.authenticate(token)
-        except AuthUnavailable:
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check tokens right now") from None
-        if principal is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "invalid or revoked token",
-                                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        if not principal.role.allows(role):
-            raise HTTPException(status.HTTP_403_FORBIDDEN,
-                                f"{principal.name} ({principal.role.value}) may not do this: needs {role.value}")
-        structlog.contextvars.bind_contextvars(principal=principal.name)
-        return principal
-
-    return authenticated
-
-
-Reader = Annotated[Principal, Depends(_require(Role.READER))]
-Admin = Annotated[Principal, Depends(_require(Role.ADMIN))]
+Reader = ReaderPrincipal        # services.core.http: bearer or X-Auth-Token
+Admin = AdminPrincipal
 
 
 # -- response models ------------------------------------------------------------------------------------

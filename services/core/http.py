@@ -42,7 +42,7 @@ import uvicorn
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import REGISTRY
 from prometheus_client.exposition import choose_encoder
 
@@ -191,24 +191,31 @@ def database_check(pool: _Pingable, *, name: str = "database", timeout: float = 
 
 _bearer = HTTPBearer(auto_error=False, scheme_name="roostToken",
                      description="an API token (`roost token create`): `Authorization: Bearer roost_…`")
+_x_auth_token = APIKeyHeader(name="X-Auth-Token", auto_error=False, scheme_name="xAuthToken",
+                             description="the same API token in the header StarlingX clients send")
 
 
 @cache
 def require_role(role: Role) -> Callable[..., Awaitable[Principal]]:
-    """A FastAPI dependency: the caller's ``Principal`` when its token's role allows ``role``."""
+    """A FastAPI dependency: the caller's ``Principal`` when its token's role allows ``role``.
+
+    The token comes as ``Authorization: Bearer …`` or in ``X-Auth-Token`` (what StarlingX clients send).
+    """
 
     async def authenticated(
         request: Request,
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        x_auth_token: Annotated[str | None, Depends(_x_auth_token)],
     ) -> Principal:
         authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
         if authenticator is None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "authentication is not configured")
-        if credentials is None:
-            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a bearer token is required",
+        token = credentials.credentials if credentials is not None else x_auth_token
+        if not token:
+            raise HTTPException(status.HTTP_401_UNAUTHORIZED, "a token is required (bearer or X-Auth-Token)",
                                 headers={"WWW-Authenticate": "Bearer"})
         try:
-            principal = await authenticator.authenticate(credentials.credentials)
+            principal = await authenticator.authenticate(token)
         except AuthUnavailable:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check tokens right now") from None
         if principal is None:
