@@ -339,17 +339,19 @@ async def test_a_retry_longer_than_the_longest_ttl_queue_is_not_early(scope: Sco
     transport = await scope.transport()
     subject, group = scope.subject("long"), scope.group("long")
     seen: list[tuple[float, int]] = []
+    parked_once: list[bool] = []
 
     async def later(delivery: RawDelivery) -> None:
         seen.append((time.time(), delivery.attempt))
         if delivery.body == b"an hour":
             await delivery.retry(3600)
+            parked_once.append(True)           # its TTL queue exists and holds the copy now
         else:
             await delivery.ack()
 
     await scope.subscribe(transport, subject, group, later)
     await transport.publish(msg(subject, b"an hour"))
-    await wait_until(lambda: len(seen) == 1, what="the first delivery")
+    await wait_until(lambda: bool(parked_once), what="the first delivery parked for an hour")
     parked = await raw.declare_queue(retry_queue_name(durable_name(group, subject), 3600), passive=True)
     copy = await parked.get(no_ack=True, timeout=5)
     due = float(copy.headers[H_NOT_BEFORE])
