@@ -33,6 +33,7 @@ import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from datetime import date, datetime
 from enum import Enum
 from pathlib import PurePath
@@ -209,21 +210,41 @@ def message_fields(source: Envelope | Mapping[str, Any] | None) -> dict[str, Any
     return fields
 
 
+# One context variable holds the fields of the message in hand; ``merge_message_context`` expands them
+# into a log line only when one is written.  (Binding each field as its own structlog context variable
+# cost ~10 µs per message on the bus's hot path, logged or not.)
+_MESSAGE: ContextVar[Mapping[str, Any] | None] = ContextVar("roost_message", default=None)
+
+
 @contextmanager
 def message_context(source: Envelope | Mapping[str, Any] | None = None, **extra: Any) -> Iterator[None]:
     """Bind the ids of the message in hand (and ``extra``, e.g. ``group``, ``attempt``) for the logs.
 
     Every message key is bound, ``None`` when the message has none, so a message handled inside
-    another's handler never shows the outer one's ids.  On exit the previous values (or their
-    absence) are restored, whatever the handler did.
+    another's handler never shows the outer one's ids.  On exit the previous message (or none) is
+    restored, whatever the handler did.
     """
     fields = message_fields(source)
     fields.update(extra)
-    tokens = structlog.contextvars.bind_contextvars(**fields)
+    token = _MESSAGE.set(fields)
     try:
         yield
     finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+        _MESSAGE.reset(token)
+
+
+def current_message_fields() -> dict[str, Any]:
+    """The fields ``message_context`` has bound in this context (empty outside one)."""
+    return dict(_MESSAGE.get() or {})
+
+
+def merge_message_context(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Processor: the message in hand's fields, under what the log call itself passes."""
+    fields = _MESSAGE.get()
+    if fields:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+    return event_dict
 
 
 # -- configuration ------------------------------------------------------------------------------
@@ -261,6 +282,7 @@ def configure_logging(format: LogFormat = "auto", level: str | int = "INFO", *,
     timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
     shared: list[Processor] = [
         structlog.contextvars.merge_contextvars,
+        merge_message_context,
         structlog.stdlib.add_logger_name,
         structlog.stdlib.add_log_level,
         timestamper,

@@ -16,6 +16,7 @@ import structlog
 from schemas.envelope import Envelope
 from services.core.logging import (
     configure_logging,
+    current_message_fields,
     is_sensitive_key,
     message_context,
     redact_text,
@@ -117,12 +118,12 @@ def test_message_context_resets_on_error_and_restores_an_outer_message(output: i
 
 
 def test_message_context_accepts_fields() -> None:
-    before = structlog.contextvars.get_contextvars()
+    before = current_message_fields()
     with message_context({"id": "m-1", "type": "roost.a.b", "correlationid": "c-1"}, attempt=2):
-        assert structlog.contextvars.get_contextvars() == {
+        assert current_message_fields() == {
             "message_id": "m-1", "message_type": "roost.a.b", "correlation_id": "c-1", "causation_id": None,
             "attempt": 2, **before}
-    assert structlog.contextvars.get_contextvars() == before
+    assert current_message_fields() == before
 
 
 async def test_concurrent_tasks_never_see_each_others_ids(output: io.StringIO) -> None:
