@@ -517,12 +517,16 @@ async def test_a_failing_webhook_subscriber_raises_its_alarm_and_recovery_clears
         assert failing in keys, "a subscriber answering 400 is failing, and its alarm is active"
 
         answer["status"] = 200
-        assert await webhooks.replay(site.pool, subscription.id) >= 1
-        for _ in range(300):                       # the replay succeeds: the recovered hook clears 950.201
+        # Replay until nothing is dead-lettered any more: the notification of 950.201 itself also went to
+        # this subscriber and may have been dead-lettered after an earlier replay.
+        replayed = 0
+        for _ in range(300):                       # the replays succeed: the recovered hook clears 950.201
+            replayed += await webhooks.replay(site.pool, subscription.id)
             await refresh()
             if failing not in keys:
                 break
             await asyncio.sleep(0.05)
+        assert replayed >= 1
         assert failing not in keys, "once a delivery succeeds again the alarm clears"
     finally:
         await receiver.stop()
