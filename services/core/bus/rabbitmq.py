@@ -334,6 +334,9 @@ class RabbitTransport(Transport):
                 raise _Returned(routing_key) from None
             except aiormq.exceptions.DeliveryError as exc:
                 raise PublishFailed(f"RabbitMQ refused {routing_key!r}: {exc}") from None
+            except aiormq.exceptions.ChannelAccessRefused:
+                # The broker's permissions refuse this user the routing key: final, not an outage.
+                raise PublishFailed(f"RabbitMQ refused {routing_key!r} to this user (ACCESS_REFUSED)") from None
             except TimeoutError:
                 raise PublishFailed(f"{routing_key!r} not confirmed by RabbitMQ within {timeout:g}s") from None
             except CONNECTION_ERRORS as exc:
