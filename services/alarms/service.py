@@ -187,6 +187,8 @@ class AlarmsService:
         paths = self.catalogue_paths if self.catalogue_paths is not None else default_catalogue_paths()
         catalogue: Catalogue = await asyncio.to_thread(load_catalogues, *paths)
         self._ctx = ctx
+        if ctx.settings.alarm_history_retention_days is not None:
+            self.history_retention = timedelta(days=ctx.settings.alarm_history_retention_days)
         self._store = AlarmStore(catalogue, ctx.outbox, load_registry(), webhooks=self.webhooks)
         log.info("alarm catalogue loaded", ids=len(catalogue), files=[str(p) for p in paths])
         self._tasks = [asyncio.create_task(self._retain(), name="alarms-history-retention"),

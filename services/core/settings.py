@@ -183,6 +183,8 @@ class RoostSettings(BaseSettings):
     dlq_alarm_threshold: int = Field(default=100, ge=1,
                                      description="dead letters waiting before it is announced")
     outbox_retention_days: float = Field(default=7.0, gt=0, description="sent outbox rows are kept this long")
+    alarm_history_retention_days: float | None = Field(
+        default=None, gt=0, description="the alarm event log is kept this long (unset: the alarms service's 30)")
     inbox_retention_days: float = Field(default=14.0, gt=0,
                                         description="inbox entries (the duplicate filter) are kept this long")
 

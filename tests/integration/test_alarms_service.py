@@ -64,9 +64,9 @@ class Site:
         self.buses.append(bus)
         return bus
 
-    async def start(self) -> None:
+    async def start(self, **settings: Any) -> None:
         bus = await self.bus("roost/alarms")
-        await self.service.start(ServiceContext("alarms", load_settings(), self.pool, bus, Outbox("alarms")))
+        await self.service.start(ServiceContext("alarms", load_settings(**settings), self.pool, bus, Outbox("alarms")))
         self.raiser = await self.bus("roost/inventory")
 
     def settled(self) -> bool:
@@ -295,6 +295,21 @@ async def test_history_is_kept_for_the_retention_only(site: Site) -> None:
                             "WHERE change = 'raised'")
     assert await site.service.purge_history() == 1
     assert [h.change for h in await site.service.store.history(site.pool)] == ["cleared"]
+
+
+async def test_the_history_retention_is_a_setting(pool: asyncpg.Pool) -> None:
+    site = Site(pool)
+    await site.start(alarm_history_retention_days=60)
+    try:
+        await site.send("roost.fault.set", fault("950.002", "host=compute-5", "critical"))
+        await site.pool.execute("UPDATE alarms.event_log SET recorded_at = now() - interval '31 days'")
+        assert await site.service.purge_history() == 0, "31 days is within ROOST_ALARM_HISTORY_RETENTION_DAYS=60"
+        await site.pool.execute("UPDATE alarms.event_log SET recorded_at = now() - interval '61 days'")
+        assert await site.service.purge_history() == 1
+    finally:
+        await site.service.stop()
+        for bus in site.buses:
+            await bus.close()
 
 
 async def test_operator_suppression_is_recorded_per_alarm_id(site: Site) -> None:
