@@ -242,22 +242,20 @@ class RabbitTransport(Transport):
         self._retry_queues.clear()
 
     async def close(self) -> None:
-        self._closing = True
-        for sub in list(self._subscriptions):
-            await sub.stop()
-        self._fail_requests(NotConnected("the transport was closed"))
-        await self._liveness.stop()
-        connection = self._connection
-        self._reset()
-        if connection is not None:
-            with contextlib.suppress(*CONNECTION_ERRORS, TimeoutError):
-                await asyncio.wait_for(connection.close(), 10)
+        await self._shut_down(kill=False)
 
     async def abort(self) -> None:
+        await self._shut_down(kill=True)
+
+    async def _shut_down(self, *, kill: bool) -> None:
+        """close: subscriptions stop and finish in-flight callbacks; abort: they are dropped unsettled."""
         self._closing = True
         for sub in list(self._subscriptions):
-            await sub.kill(close_channel=False)
-        self._fail_requests(NotConnected("the transport was aborted"))
+            if kill:
+                await sub.kill(close_channel=False)
+            else:
+                await sub.stop()
+        self._fail_requests(NotConnected(f"the transport was {'aborted' if kill else 'closed'}"))
         await self._liveness.stop()
         connection = self._connection
         self._reset()
