@@ -515,33 +515,23 @@ async def test_a_failing_webhook_subscriber_raises_its_alarm_and_recovery_clears
         await site.send("roost.fault.set", fault("950.004", "host=worker-3", "major", "BMC silent"))
         failing = ("950.201", f"webhook={subscription.id}")
 
-        async def active_keys() -> set[tuple[str, str]]:
-            return set(await site.active())
+        async def failing_is_active() -> bool:
+            return failing in await site.active()
 
-        keys: set[tuple[str, str]] = set()
-
-        async def refresh() -> None:
-            keys.clear()
-            keys.update(await active_keys())
-
-        for _ in range(300):                       # the dispatcher dead-letters the 400, the hook raises 950.201
-            await refresh()
-            if failing in keys:
-                break
-            await asyncio.sleep(0.05)
-        assert failing in keys, "a subscriber answering 400 is failing, and its alarm is active"
+        # The dispatcher dead-letters the 400, the subscription turns failing, the hook raises 950.201.
+        await wait_until(failing_is_active, what="a subscriber answering 400 has its alarm active")
 
         answer["status"] = 200
-        # Replay until nothing is dead-lettered any more: the notification of 950.201 itself also went to
-        # this subscriber and may have been dead-lettered after an earlier replay.
         replayed = 0
-        for _ in range(300):                       # the replays succeed: the recovered hook clears 950.201
+
+        async def replayed_and_recovered() -> bool:
+            # Replay until nothing is dead-lettered any more: the notification of 950.201 itself also went
+            # to this subscriber and may have been dead-lettered after an earlier replay.
+            nonlocal replayed
             replayed += await webhooks.replay(site.pool, subscription.id)
-            await refresh()
-            if failing not in keys:
-                break
-            await asyncio.sleep(0.05)
+            return not await failing_is_active()
+
+        await wait_until(replayed_and_recovered, what="the alarm cleared once deliveries succeed again")
         assert replayed >= 1
-        assert failing not in keys, "once a delivery succeeds again the alarm clears"
     finally:
         await receiver.stop()

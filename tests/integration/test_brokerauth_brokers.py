@@ -62,17 +62,10 @@ from services.core.bus.rabbitmq_topology import (
 )
 from services.core.embedded.nats_server import NatsServer
 from services.core.secrets import SecretStore
+from tests.support.waiting import wait_until as wait_for
 
 BROKER = URL(os.environ.get("ROOST_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/"))
 FAST = RabbitSettings(connect_timeout=5.0, reconnect_interval=0.3, settle_timeout=5.0)
-
-
-async def wait_for(condition: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "it") -> None:
-    deadline = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 # == NATS =====================================================================================

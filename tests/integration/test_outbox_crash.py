@@ -21,7 +21,6 @@ import os
 import re
 import signal
 import sys
-import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
@@ -40,25 +39,12 @@ from services.core.db.inbox import Inbox
 from services.core.db.outbox import Outbox
 from services.core.embedded.nats_server import NatsServer
 from tests.support.postgres import fresh_database, pool_on
+from tests.support.waiting import wait_until as until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 BROKER_URL = os.environ.get("ROOST_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def until(condition: Callable[[], object], timeout: float = 30.0, what: str = "condition") -> None:
-    """Poll a condition until it holds (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 class RelayProcess:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from services.core.db.migrations import migrate
 from services.core.logging import redact_text
 from tests.support.http_receiver import HttpReceiver, Reply, Request, hang
 from tests.support.postgres import fresh_database, pool_on
+from tests.support.waiting import wait_until as until
 from tests.unit.test_webhook_formats import validate_alertmanager_v4
 
 pytestmark = pytest.mark.postgres
@@ -87,21 +88,6 @@ async def states(pool: asyncpg.Pool, subscription_id: str | None = None) -> dict
     rows = await pool.fetch("SELECT state, count(*) AS n FROM alarms.webhook_deliveries "
                             "WHERE $1::uuid IS NULL OR subscription_id = $1::uuid GROUP BY state", subscription_id)
     return {r["state"]: r["n"] for r in rows}
-
-
-async def until(condition: Callable[[], Any], timeout: float = 15.0, what: str = "") -> None:
-    """Bounded poll for a (possibly async) condition."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"not true after {timeout}s: {what}")
-        await asyncio.sleep(0.02)
 
 
 def sample(name: str, **labels: str) -> float:
