@@ -15,6 +15,9 @@ from schemas.registry import REGISTRY, Registry
 SCHEMA_MODULES: tuple[str, ...] = (
     "schemas.core",
     "schemas.alarms",
+    "schemas.inventory",
+    "schemas.heartbeat",
+    "schemas.orchestrator",
 )
 
 

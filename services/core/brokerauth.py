@@ -132,6 +132,7 @@ _USER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _HOSTNAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?$")
 _LIFECYCLE = ("roost.system.service_started", "roost.system.service_stopping")
 FAULTS = "roost.fault.>"           # alarms raised and cleared by any service (services.alarms consumes them)
+DEGRADES = "roost.degrade.>"       # reasons a host is degraded, from any service (services.inventory consumes them)
 
 
 # -- patterns ------------------------------------------------------------------------------------
@@ -252,10 +253,11 @@ def service(name: str, *, events: Iterable[str] = (), serves: Iterable[str] = ()
     command domain ``host`` -> ``roost.cmd.host.>``, or a pattern), the event patterns it reads, the
     commands it sends.  ``serves`` and ``reads`` are consumed by ``group`` (default: the service's
     name); other groups go in ``consumers``.  Every service may announce its own start and stop, and
-    raise and clear alarms (``roost.fault.>``, consumed by the alarms service)."""
+    raise and clear alarms (``roost.fault.>``, consumed by the alarms service) and report why a host is
+    degraded (``roost.degrade.>``, consumed by inventory)."""
     grp = group or name
     published = [_domain_pattern(e, "roost") for e in events]
-    published += [s for s in (*_LIFECYCLE, FAULTS) if not any(overlaps(s, p) for p in published)]
+    published += [s for s in (*_LIFECYCLE, FAULTS, DEGRADES) if not any(overlaps(s, p) for p in published)]
     consumes = [Consumer(grp, _domain_pattern(s, COMMAND_PREFIX)) for s in serves]
     consumes += [Consumer(grp, p) for p in reads]
     consumes += list(consumers)
@@ -336,10 +338,12 @@ _CORE = service(
 # the commands it sends here when it lands.
 _SERVICES = (
     _CORE,
-    service("inventory", events=("host",), serves=("host",), reads=("roost.agent.>",)),
+    service("inventory", events=("host",), serves=("host",),
+            reads=("roost.agent.>", DEGRADES, "roost.heartbeat.host_health", "roost.heartbeat.active_controller"),
+            sends=(f"{COMMAND_PREFIX}.hostservices.>", f"{COMMAND_PREFIX}.heartbeat.>", f"{COMMAND_PREFIX}.agent.>")),
     service("heartbeat", events=("heartbeat",), serves=("heartbeat",)),
-    service("alarms", events=("alarm",), serves=("alarm",), reads=(FAULTS,)),
-    service("orchestrator", events=("strategy",), serves=("strategy",),
+    service("alarms", events=("alarm",), serves=("alarm",), reads=(FAULTS, "roost.host.deleted")),
+    service("orchestrator", events=("strategy",), serves=("strategy", "hostservices"),
             sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>")),
     service("dcsync", events=("sync", "subcloud"), serves=("sync", "subcloud")),
 )
