@@ -47,6 +47,7 @@ from pydantic import BaseModel, ValidationError
 from schemas import alarms as msg
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
+from schemas.inventory import HostDeleted
 from services.alarms import metrics, webhooks
 from services.alarms.api import build_router
 from services.alarms.catalogue import (
@@ -75,6 +76,8 @@ SYSTEM_ENTITY = "system=roost"
 OPERATOR_LOG = "950.501"
 SUPPRESSION_LOG = "950.502"
 INBOX_CONSUMER = "alarms-faults"
+INBOX_HOSTS = "alarms-hosts"
+HOST_DELETED = "roost.host.deleted"
 CATALOGUES_ENV = "ROOST_ALARM_CATALOGUES"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _RETENTION_LOCK = 0x616C61726D73   # "alarms": one purge at a time across replicas
@@ -194,6 +197,7 @@ class AlarmsService:
         self._tasks = [asyncio.create_task(self._retain(), name="alarms-history-retention"),
                        asyncio.create_task(self._gauge(), name="alarms-active-gauge")]
         await ctx.bus.subscribe(FAULTS, GROUP, self.handle)
+        await ctx.bus.subscribe(HOST_DELETED, GROUP, self.on_host_deleted)
         await ctx.bus.serve(COMMANDS, GROUP, self.command)
         if self.webhooks:
             self._dispatcher = WebhookDispatcher(ctx.pool, on_subscription_failing=self._webhook_failing,
@@ -398,16 +402,32 @@ class AlarmsService:
 
     # -- other inputs ---------------------------------------------------------------------------------
 
-    async def host_deleted(self, hostname: str, *, owner: str = "roost/inventory") -> tuple[Cleared, ...]:
-        """Clear every alarm of a deleted host and of its children (``host=<hostname>`` and below).
-
-        Inventory's host-deleted event is not on the bus yet; its consumer will call this.
-        """
-        entity = str(EntityInstanceId.parse(f"host={hostname}"))
+    async def on_host_deleted(self, message: Message) -> None:
+        """``roost.host.deleted``: clear the host's alarms and its children's, once per event."""
+        data = message.data
+        if not isinstance(data, HostDeleted):
+            raise Reject(f"{message.envelope.type} is not a host deletion")
+        name = data.hostname or data.entity_id
         async with self.pool.acquire() as conn, conn.transaction():
-            cleared = await self.store.clear_entity(conn, entity, Origin(owner))
+            if not await self._inbox.first_time(conn, INBOX_HOSTS, message.envelope.id):
+                return
+            cleared = await self._clear_host(conn, name, Origin.of(message.envelope))
+        _count(cleared)
+        log.info("alarms of a deleted host cleared", host=name, cleared=len(cleared))
+
+    async def host_deleted(self, hostname: str, *, owner: str = "roost/inventory") -> tuple[Cleared, ...]:
+        """Clear every alarm of a deleted host and of its children (``host=<hostname>`` and below)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            cleared = await self._clear_host(conn, hostname, Origin(owner))
         _count(cleared)
         return cleared
+
+    async def _clear_host(self, conn: AnyConnection, hostname: str, origin: Origin) -> tuple[Cleared, ...]:
+        try:
+            entity = str(EntityInstanceId.parse(f"host={hostname}"))
+        except AlarmError as exc:
+            raise Reject(str(exc)) from None
+        return await self.store.clear_entity(conn, entity, origin)
 
     async def purge_history(self) -> int:
         """Delete the history records older than the retention, unless another replica is at it."""

@@ -47,6 +47,15 @@ from services.core.logging import message_context
 log = structlog.get_logger("roost.bus")
 
 
+UNHANDLED = "no service handles {type}"
+"""The reason of the rejected reply ``Bus.request`` makes up when no service consumes a command."""
+
+
+def is_unhandled(reply: CommandReply) -> bool:
+    """Whether ``reply`` says that no service handles the command (rather than a service refusing it)."""
+    return reply.status is ReplyStatus.REJECTED and reply.reason == UNHANDLED.format(type=reply.command_type)
+
+
 class RetryLater(Exception):
     """Raised by a handler: not now, deliver it again after ``delay`` seconds."""
 
@@ -253,7 +262,7 @@ class Bus:
             raw = await self.transport.request(codec.encode(command, subject=subject, headers=headers),
                                                timeout=timeout)
         except Unroutable:
-            return CommandReply(status=ReplyStatus.REJECTED, reason=f"no service handles {command.type}",
+            return CommandReply(status=ReplyStatus.REJECTED, reason=UNHANDLED.format(type=command.type),
                                 command_id=command.id, command_type=command.type)
         return CommandReply.model_validate(codec.decode(raw.body).data)
 
