@@ -122,7 +122,7 @@ def encrypt_password(key: bytes | SecretBytes, host_uuid: str, password: str | S
 
 def decrypt_password(key: bytes | SecretBytes, host_uuid: str, ciphertext: bytes) -> SecretStr:
     """The password ``encrypt_password`` encrypted for ``host_uuid``; ``DecryptionFailed`` otherwise."""
-    if len(ciphertext) <= NONCE_BYTES + 16:
+    if len(ciphertext) < NONCE_BYTES + 16:
         raise DecryptionFailed(f"the BMC password of host {host_uuid} is not a ciphertext (too short)")
     try:
         plain = AESGCM(_key_bytes(key)).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:],
@@ -216,7 +216,7 @@ def unseal(key: bytes | SecretBytes, host_uuid: str, sealed: str) -> BmcEndpoint
         blob = base64.b64decode(sealed.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError, ValueError):
         raise SealBroken(f"the sealed BMC access of host {host_uuid} is not base64") from None
-    if len(blob) <= NONCE_BYTES + 16:
+    if len(blob) < NONCE_BYTES + 16:
         raise SealBroken(f"the sealed BMC access of host {host_uuid} is too short")
     try:
         plain = AESGCM(_key_bytes(key)).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], _aad(_SEAL_AAD, host_uuid))
