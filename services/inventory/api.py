@@ -51,7 +51,17 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import structlog
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SerializerFunctionWrapHandler,
+    Tag,
+    ValidationError,
+    model_serializer,
+)
 
 from schemas import inventory as msg
 from schemas.envelope import Envelope, Principal
@@ -140,6 +150,13 @@ class HostPatched(HostOut):
 class HostCollection(_Out):
     ihosts: list[HostOut]
     next: str | None = Field(default=None, description="the URL of the next page; absent on the last")
+
+    @model_serializer(mode="wrap")
+    def _without_next_on_the_last_page(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("next") is None:
+            out.pop("next", None)
+        return out
 
 
 class CpuOut(_Out):
@@ -364,6 +381,22 @@ def _ref(host_id: Annotated[str, Path(description="the host's uuid or hostname")
     return host_id
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _check_text(model: BaseModel) -> None:
+    """PostgreSQL text cannot hold NUL: refuse it here rather than fail in the database."""
+    if _has_nul(model.model_dump(mode="json")):
+        raise _bad("text fields must not contain NUL characters")
+
+
 def _envelope(type: str, principal: Principal, data: dict[str, Any]) -> Envelope:
     return Envelope(source=API_SOURCE, type=type, principal=principal, data=data)
 
@@ -438,6 +471,7 @@ def build_router(service: "InventoryService") -> APIRouter:
                  responses={409: {"description": "another host has this hostname or management MAC"}},
                  summary="Add a host (or give a discovered, unprovisioned one with this MAC its identity)")
     async def add_host(body: Annotated[msg.HostAdd, Body()], who: Admin, svc: Service) -> HostOut:
+        _check_text(body)
         envelope = _envelope("roost.cmd.host.add", who, body.model_dump(mode="json", exclude={"bmc"}))
         host = await execute(svc, body, envelope)
         assert isinstance(host, msg.Host)
@@ -465,6 +499,7 @@ def build_router(service: "InventoryService") -> APIRouter:
             update = msg.HostUpdate.model_validate({"host": host_id, **fields})
         except ValidationError as exc:
             raise _invalid(exc) from None
+        _check_text(update)
         envelope = _envelope("roost.cmd.host.update", who, {"host": host_id, "fields": sorted(fields)})
         host = await execute(svc, update, envelope)
         assert isinstance(host, msg.Host)
