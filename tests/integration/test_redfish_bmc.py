@@ -11,8 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -38,7 +40,7 @@ from services.inventory.bmc.audit import (
     decide,
 )
 from services.inventory.bmc.redfish import RedfishBmc
-from tests.support.sushy import FakeSystem, SushyEmulator, closed_port, running_sushy
+from tests.support.sushy import FakeSystem, RewritingProxy, SushyEmulator, closed_port, running_sushy
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -62,13 +64,21 @@ TO_REBOOT = FakeSystem(uuid(5), "worker-3", "On", ("52:54:00:00:00:05",))
 TO_REINSTALL = FakeSystem(uuid(6), "worker-4", "On", ("52:54:00:00:00:06",))
 TO_RESET_TWICE = FakeSystem(uuid(7), "worker-5", "On", ("52:54:00:00:00:07",))
 TO_FORCE_OFF = FakeSystem(uuid(8), "worker-6", "On", ("52:54:00:00:00:08",))
-SYSTEMS = (CONTROLLER, TO_POWER_OFF, TO_POWER_ON, TO_RESET, TO_REBOOT, TO_REINSTALL, TO_RESET_TWICE, TO_FORCE_OFF)
+BEHIND_PROXY = FakeSystem(uuid(9), "worker-7", "Off", ("52:54:00:00:00:09",))
+SYSTEMS = (CONTROLLER, TO_POWER_OFF, TO_POWER_ON, TO_RESET, TO_REBOOT, TO_REINSTALL, TO_RESET_TWICE, TO_FORCE_OFF,
+           BEHIND_PROXY)
 LONELY = FakeSystem("22222222-0000-4000-8000-000000000001", "storage-0", "Off", ("52:54:00:00:02:01",))
 
 
 @pytest.fixture(scope="module")
 def sushy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SushyEmulator]:
     with running_sushy(tmp_path_factory.mktemp("sushy"), SYSTEMS, credentials=(USER, PASSWORD)) as emulator:
+        yield emulator
+
+
+@pytest.fixture(scope="module")
+def tls_sushy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SushyEmulator]:
+    with running_sushy(tmp_path_factory.mktemp("sushy-tls"), (LONELY,), tls=True) as emulator:
         yield emulator
 
 
@@ -233,6 +243,33 @@ async def test_unreachable_bmc_fails_quickly() -> None:
         await bmc.perform("power-on")
 
 
+async def test_a_bmc_that_accepts_and_never_answers_times_out() -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)                      # connections complete in the kernel; nothing ever answers
+        bmc = RedfishBmc(BmcEndpoint(address=f"http://127.0.0.1:{silent.getsockname()[1]}", username=USER,
+                                     password=SecretStr(PASSWORD), timeout=0.5))
+        started = time.monotonic()
+        with pytest.raises(BmcUnreachable, match=r"does not answer: no answer within 0\.5s"):
+            await bmc.check()
+        assert time.monotonic() - started < 4
+
+
+@pytest.mark.filterwarnings("ignore:Unverified HTTPS request")
+async def test_tls_is_verified_unless_told_not_to(tls_sushy: SushyEmulator,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    assert tls_sushy.url.startswith("https://") and tls_sushy.certificate is not None
+    with pytest.raises(BmcUnreachable, match="its TLS certificate is not trusted"):
+        await RedfishBmc(endpoint(tls_sushy)).check()
+    unverified = RedfishBmc(replace(endpoint(tls_sushy), verify_tls=False))
+    assert (await unverified.check()).system_id == LONELY.uuid
+    await unverified.close()
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_sushy.certificate))     # a site CA bundle
+    trusted = RedfishBmc(endpoint(tls_sushy))
+    assert (await trusted.check()).system_id == LONELY.uuid
+    await trusted.close()
+
+
 async def test_unsupported_reset_types(sushy: SushyEmulator) -> None:
     bmc = RedfishBmc(endpoint(sushy, CONTROLLER))
     with pytest.raises(BmcUnsupported, match="does not offer reset type PowerCycle"):
@@ -241,6 +278,44 @@ async def test_unsupported_reset_types(sushy: SushyEmulator) -> None:
         await bmc.send_reset("Nmi")                        # advertised, answered 501 by the fake driver
     assert await bmc.power_state() == "on"
     await bmc.close()
+
+
+RESET_INFO = f"/redfish/v1/Systems/{BEHIND_PROXY.uuid}/ResetActionInfo"
+
+
+def offers_less(path: str, document: dict[str, Any]) -> dict[str, Any] | None:
+    """Only ForceOn and GracefulRestart, listed in an ActionInfo rather than inline; no Boot."""
+    if path.rstrip("/") != f"/redfish/v1/Systems/{BEHIND_PROXY.uuid}":
+        return None
+    reset = document["Actions"]["#ComputerSystem.Reset"]
+    del reset["ResetType@Redfish.AllowableValues"]
+    reset["@Redfish.ActionInfo"] = RESET_INFO
+    del document["Boot"]
+    return document
+
+
+async def test_a_bmc_that_offers_less(sushy: SushyEmulator) -> None:
+    info = {"@odata.id": RESET_INFO, "Id": "ResetActionInfo", "Name": "Reset Action Info",
+            "Parameters": [{"Name": "ResetType", "Required": True, "DataType": "String",
+                            "AllowableValues": ["ForceOn", "GracefulRestart"]}]}
+    made: list[RedfishBmc] = []
+    with RewritingProxy(sushy.url, offers_less, {RESET_INFO: info}) as proxy:
+        def bmc() -> RedfishBmc:                 # a fresh one each time: each action stays in progress
+            made.append(RedfishBmc(replace(endpoint(sushy, BEHIND_PROXY), address=proxy.url)))
+            return made[-1]
+
+        assert (await bmc().check()).reset_types == ("ForceOn", "GracefulRestart")
+        assert (await bmc().perform("power-on")).sent == ("ForceOn",), "On is not offered: its pair"
+        assert (await bmc().perform("reset")).sent == ("GracefulRestart",), "ForceRestart is not offered"
+        assert (await bmc().perform("reboot")).sent == ("GracefulRestart",)
+        with pytest.raises(BmcUnsupported, match="does not offer reset type ForceOff"):
+            await bmc().send_reset("ForceOff")
+        refused = bmc()
+        with pytest.raises(BmcUnsupported, match="no Boot settings"):
+            await refused.perform("reinstall")
+        assert refused.action_in_progress is None, "nothing was sent"
+        for each in made:
+            await each.close()
 
 
 async def test_hardware_is_what_the_bmc_offers(sushy: SushyEmulator) -> None:
@@ -273,11 +348,12 @@ async def test_the_audit_over_real_bmcs(sushy: SushyEmulator) -> None:
     assert results[0].system is not None and results[0].system.system_id == CONTROLLER.uuid
 
 
+@pytest.mark.filterwarnings("ignore:Service incorrectly responded with HTTP 401")
 async def test_the_password_is_never_logged_or_shown(sushy: SushyEmulator, caplog: pytest.LogCaptureFixture,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     caplog.set_level(logging.DEBUG)
-    for name in ("redfish", "redfish.rest.v1", "urllib3"):
-        logging.getLogger(name).setLevel(logging.DEBUG)
+    for name in ("redfish", "urllib3"):
+        caplog.set_level(logging.DEBUG, logger=name)
     shown: list[str] = []
     with structlog.testing.capture_logs() as ours:
         good = RedfishBmc(endpoint(sushy, CONTROLLER))

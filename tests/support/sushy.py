@@ -18,22 +18,31 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
+import http.server
+import ipaddress
 import json
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import bcrypt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,7 @@ class SushyEmulator:
     username: str = "admin"
     password: str = ""
     log_path: Path = field(default_factory=Path)
+    certificate: Path | None = None            # the self-signed certificate when it serves HTTPS
 
     @property
     def port(self) -> int:
@@ -77,7 +87,8 @@ class SushyEmulator:
         if self.password:
             token = base64.b64encode(f"{self.username}:{self.password}".encode()).decode()
             request.add_header("Authorization", f"Basic {token}")
-        with urllib.request.urlopen(request, timeout=5) as response:
+        context = ssl.create_default_context(cafile=str(self.certificate)) if self.certificate else None
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
             result: dict[str, Any] = json.loads(response.read())
             return result
 
@@ -106,7 +117,28 @@ def closed_port() -> int:
     return free_port()
 
 
-def _config(directory: Path, systems: Sequence[FakeSystem], auth_file: Path | None) -> str:
+def self_signed_certificate(directory: Path, host: str = "127.0.0.1") -> tuple[Path, Path]:
+    """A self-signed certificate (its own CA) for ``host``: (certificate, key) PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"bmc {host}")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(minutes=5))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(host))]),
+                                  critical=False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "bmc-cert.pem", directory / "bmc-key.pem"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _config(directory: Path, systems: Sequence[FakeSystem], auth_file: Path | None,
+            tls: tuple[Path, Path] | None = None) -> str:
     storage: dict[str, list[dict[str, Any]]] = {}
     drives: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for system in systems:
@@ -126,12 +158,15 @@ def _config(directory: Path, systems: Sequence[FakeSystem], auth_file: Path | No
     ]
     if auth_file is not None:
         lines.append(f"SUSHY_EMULATOR_AUTH_FILE = {str(auth_file)!r}")
+    if tls is not None:
+        lines += [f"SUSHY_EMULATOR_SSL_CERT = {str(tls[0])!r}", f"SUSHY_EMULATOR_SSL_KEY = {str(tls[1])!r}"]
     return "\n".join(lines) + "\n"
 
 
-def _answers(url: str) -> bool:
+def _answers(url: str, cafile: Path | None = None) -> bool:
+    context = ssl.create_default_context(cafile=str(cafile)) if cafile is not None else None
     try:
-        with urllib.request.urlopen(url + "/redfish/v1/", timeout=1) as response:
+        with urllib.request.urlopen(url + "/redfish/v1/", timeout=1, context=context) as response:
             return bool(response.status == 200)
     except (urllib.error.URLError, OSError):
         return False
@@ -149,9 +184,10 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def running_sushy(directory: Path, systems: Sequence[FakeSystem], *,
-                  credentials: tuple[str, str] | None = None, ready_timeout: float = 30.0,
+                  credentials: tuple[str, str] | None = None, tls: bool = False, ready_timeout: float = 30.0,
                   extra_env: Mapping[str, str] | None = None) -> Iterator[SushyEmulator]:
-    """Run the emulator with ``systems`` (and basic auth for ``credentials``) until the block ends."""
+    """Run the emulator with ``systems`` (and basic auth for ``credentials``; HTTPS with a self-signed
+    certificate, ``SushyEmulator.certificate``, for ``tls``) until the block ends."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "state").mkdir(exist_ok=True)
     auth_file = None
@@ -162,7 +198,10 @@ def running_sushy(directory: Path, systems: Sequence[FakeSystem], *,
         digest = bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=4)).decode()
         auth_file.write_text(f"{user}:{digest}\n")
     config = directory / "emulator.conf"
-    config.write_text(_config(directory, systems, auth_file))
+    certificate = self_signed_certificate(directory) if tls else None
+    config.write_text(_config(directory, systems, auth_file, certificate))
+    scheme = "https" if tls else "http"
+    cafile = certificate[0] if certificate else None
     env = {**os.environ, **(extra_env or {})}
     env.pop("SUSHY_EMULATOR_CONFIG", None)
     command = emulator_command()
@@ -173,14 +212,15 @@ def running_sushy(directory: Path, systems: Sequence[FakeSystem], *,
         with log_path.open("wb") as log_file:
             process = subprocess.Popen([command, "--config", str(config), "--fake", "-i", "127.0.0.1", "-p", str(port)],
                                        stdout=log_file, stderr=subprocess.STDOUT, env=env, cwd=directory)
-        url = f"http://127.0.0.1:{port}"
+        url = f"{scheme}://127.0.0.1:{port}"
         deadline = time.monotonic() + ready_timeout
-        while process.poll() is None and not _answers(url) and time.monotonic() < deadline:
+        while process.poll() is None and not _answers(url, cafile) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if process.poll() is None and _answers(url):
+        if process.poll() is None and _answers(url, cafile):
             emulator = SushyEmulator(url=url, process=process, directory=directory, systems=tuple(systems),
                                      username=credentials[0] if credentials else "admin",
-                                     password=credentials[1] if credentials else "", log_path=log_path)
+                                     password=credentials[1] if credentials else "", log_path=log_path,
+                                     certificate=cafile)
             try:
                 yield emulator
             finally:
@@ -192,3 +232,67 @@ def running_sushy(directory: Path, systems: Sequence[FakeSystem], *,
             break
     pytest.fail(f"sushy-emulator did not answer GET /redfish/v1/ within {ready_timeout}s; its log:\n{last_log[-3000:]}",
                 pytrace=False)
+
+
+Rewrite = Callable[[str, dict[str, Any]], dict[str, Any] | None]
+
+
+class RewritingProxy:
+    """A BMC that differs from sushy's: an HTTP proxy in front of the emulator that passes every request
+    on and lets ``rewrite(path, document)`` change (or, returning None, leave) each JSON document a GET
+    answers; ``extra`` serves documents sushy does not have (e.g. an ActionInfo).  For what the fake
+    driver cannot be configured to do: advertise fewer reset types, have no boot override."""
+
+    def __init__(self, upstream: str, rewrite: Rewrite, extra: Mapping[str, dict[str, Any]] | None = None) -> None:
+        self.upstream = upstream
+        self.rewrite = rewrite
+        self.extra = dict(extra or {})
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                if self.command == "GET" and self.path in proxy.extra:
+                    self._answer(200, json.dumps(proxy.extra[self.path]).encode(), "application/json")
+                    return
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else None
+                headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
+                request = urllib.request.Request(proxy.upstream + self.path, data=body, headers=headers,
+                                                 method=self.command)
+                try:
+                    with urllib.request.urlopen(request, timeout=10) as response:
+                        status, data = response.status, response.read()
+                        kind = response.headers.get("Content-Type", "application/json")
+                except urllib.error.HTTPError as error:
+                    status, data = error.code, error.read()
+                    kind = error.headers.get("Content-Type", "application/json")
+                if self.command == "GET" and status == 200 and data:
+                    changed = proxy.rewrite(self.path, json.loads(data))
+                    if changed is not None:
+                        data = json.dumps(changed).encode()
+                self._answer(status, data, kind)
+
+            def _answer(self, status: int, data: bytes, kind: str) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PATCH = do_DELETE = _forward
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, name="redfish-proxy", daemon=True)
+
+    def __enter__(self) -> RewritingProxy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(10)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import os
 import re
 import time
@@ -111,6 +112,10 @@ FAILURES: Final = Counter(
 
 # verify_tls=False is the operator's explicit choice (logged once per BMC); not a warning per request.
 warnings.filterwarnings("ignore", message="Unverified HTTPS request", module="urllib3")
+# The library logs every request ("Attempt 1 of /redfish/v1/…", response times) at INFO: keep that out of
+# the services' logs unless someone asked for the library's logger explicitly.
+if logging.getLogger("redfish").level == logging.NOTSET:
+    logging.getLogger("redfish").setLevel(logging.WARNING)
 
 
 def _power_state(value: object) -> PowerState:
@@ -359,7 +364,14 @@ class RedfishBmc:
         state = view.power_state
 
         async def send(reset_type: str) -> None:
-            await self._post_reset(view, reset_type)
+            try:
+                await self._post_reset(view, reset_type)
+            except BmcUnreachable:
+                # no answer is not "not done": the BMC may have carried it out, so the action stays in
+                # progress (refusing another) until its outcome is seen or settle_timeout passes
+                sent.append(reset_type)
+                progress.sent = tuple(sent)
+                raise
             sent.append(reset_type)
             progress.sent = tuple(sent)
             log.info("bmc reset sent", bmc=self.address, action=action, reset_type=reset_type)
@@ -421,7 +433,8 @@ class RedfishBmc:
         assert target is not None
 
         def post(client: Any) -> None:
-            response = client.post(target, body={"ResetType": reset_type})
+            # never retried: a reset whose answer was lost may have been carried out
+            response = client.post(target, body={"ResetType": reset_type}, max_retry=0)
             self._raise_for(response, f"reset {reset_type}")
 
         await self._run("reset", post)
@@ -434,12 +447,16 @@ class RedfishBmc:
         if isinstance(allowed, list) and "Pxe" not in allowed:
             raise BmcUnsupported(f"BMC {self.address}: the system cannot boot from the network once "
                                  f"(boot override targets: {', '.join(map(str, allowed))})")
+        enabled = boot.get("BootSourceOverrideEnabled@Redfish.AllowableValues")
+        if isinstance(enabled, list) and "Once" not in enabled:
+            raise BmcUnsupported(f"BMC {self.address}: the system has no one-time boot override "
+                                 f"(BootSourceOverrideEnabled: {', '.join(map(str, enabled))})")
         path = self._system_path
         assert path is not None
+        body = {"Boot": {"BootSourceOverrideTarget": "Pxe", "BootSourceOverrideEnabled": "Once"}}
 
         def patch(client: Any) -> None:
-            response = client.patch(path, body={"Boot": {"BootSourceOverrideTarget": "Pxe",
-                                                         "BootSourceOverrideEnabled": "Once"}})
+            response = client.patch(path, body=body, max_retry=0)
             self._raise_for(response, "boot override")
 
         await self._run("boot", patch)
@@ -672,7 +689,11 @@ class RedfishBmc:
             client = redfish.redfish_client(base_url=self.address, username=endpoint.username,
                                             password=endpoint.password.get_secret_value(), cafile=cafile,
                                             timeout=endpoint.timeout, max_retry=1)
-            client.login(auth="basic")
+            try:
+                client.login(auth="basic")
+            except BaseException:
+                _close_client(client)
+                raise
             self._client = client
         return self._client
 
