@@ -21,9 +21,10 @@ import click
 
 from schemas.envelope import Role
 from services.alarms.service import AlarmsService
+from services.cli.agent import local_policy
 from services.cli.client import OPERATOR_TOKEN_SECRET, CliError, Runtime
 from services.core.auth import PgAuthenticator, create_token, ensure_bootstrap_admin, revoke, verify
-from services.core.brokerauth import OPERATOR_NAME, roost_policy
+from services.core.brokerauth import OPERATOR_NAME
 from services.core.brokerauth_apply import apply_nats, ensure_broker_passwords
 from services.core.bus.abc import NotConnected
 from services.core.bus.factory import UnsupportedBusUrl, transport_from_url
@@ -119,7 +120,7 @@ async def _bus(settings: RoostSettings, data: Path, stack: contextlib.AsyncExitS
         return BusPlan(url, mask_url(url))
     # The embedded NATS enforces the broker policy: each service, and the `roost` command, is its own
     # user and may publish and consume only what services.core.brokerauth allows it.
-    policy = roost_policy()
+    policy = local_policy(data)         # ... and every agent enrolled with `roost agent enroll`
     passwords = ensure_broker_passwords(secrets, policy)
     config = apply_nats(policy, passwords, data / "nats" / "auth.conf", server_name="roost")
     server = NatsServer(data / "nats", server_name="roost", config_file=config)
