@@ -13,8 +13,8 @@ subjects:
 
 A broker that is away is not fatal: the first connection is retried with a growing pause, and once
 connected the transport reconnects by itself; a publish that fails is logged and tried again on the next
-tick.  ``stop()`` (or SIGTERM / SIGINT with ``run_until_signalled``) ends the loop after the tick under way;
-the components stop, then the connection closes.
+tick.  ``stop()`` (or SIGTERM / SIGINT with ``run_until_signalled``) ends the loop (a tick under way gets
+``stop_grace`` seconds to finish, then is abandoned); the components stop, then the connection closes.
 
 Extension points for the heartbeat and orchestrator issues: ``components`` (``AgentComponent``: started
 once connected, stopped before the connection closes; they get the agent, so its ``bus``, ``name``,
@@ -97,7 +97,8 @@ class HostAgent:
                  interval: float = 30.0, root: Path | str = "/", inventory_every: int = 10,
                  include_virtual_ports: bool = False, ssl_context: ssl.SSLContext | None = None,
                  components: Sequence[AgentComponent] = (), publish_timeout: float = 10.0,
-                 connect_backoff: tuple[float, float] = (1.0, 30.0), transport: Transport | None = None,
+                 connect_backoff: tuple[float, float] = (1.0, 30.0), stop_grace: float = 2.0,
+                 transport: Transport | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.user = agent_user(name)                    # PolicyError (a ValueError) for a bad name
         self.name = name
@@ -111,6 +112,7 @@ class HostAgent:
         self.include_virtual_ports = include_virtual_ports
         self.components: list[AgentComponent] = list(components)
         self.connect_backoff = connect_backoff
+        self.stop_grace = stop_grace
         self._clock = clock
         self._url = self._login_url(bus_url, password)
         if transport is None:
@@ -170,7 +172,7 @@ class HostAgent:
                 await component.start(self)
             while not self._stop.is_set():
                 started = time.monotonic()
-                await self.tick()
+                await self._tick_or_stop()
                 await self._sleep(self.interval - (time.monotonic() - started))
         finally:
             await self._shutdown()
@@ -193,6 +195,22 @@ class HostAgent:
     def _on_signal(self, signum: signal.Signals) -> None:
         log.info("agent stopping", agent=self.name, signal=signum.name)
         self.stop()
+
+    async def _tick_or_stop(self) -> None:
+        """One tick; a stop asked meanwhile waits ``stop_grace`` seconds for it, then cancels it (a report
+        the broker is slow to take, e.g. while its stream is missing, must not hold up a SIGTERM)."""
+        tick = asyncio.create_task(self.tick(), name=f"agent-{self.name}-tick")
+        stopped = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({tick, stopped}, return_when=asyncio.FIRST_COMPLETED)
+            if not tick.done():
+                await asyncio.wait({tick}, timeout=self.stop_grace)
+        finally:
+            stopped.cancel()
+            if not tick.done():
+                tick.cancel()
+                log.info("agent report abandoned: stopping", agent=self.name)
+            await asyncio.gather(tick, stopped, return_exceptions=True)
 
     async def _sleep(self, seconds: float) -> None:
         if seconds <= 0:
