@@ -12,9 +12,11 @@ field names).
   reboot, reset, power-on, power-off, reinstall, swact, force-swact`` (and ``none``); an action is alone in
   its patch.  Updates: ``/hostname``, ``/personality``, ``/subfunctions`` (while unprovisioned),
   ``/location`` (text, or sysinv's ``{"locn": text}``), ``/serial`` (or ``/serialid``), ``/labels`` (replaces
-  them), ``/bmc`` (an object with the password, which is stored sealed and never shown), ``/addresses``
-  (replaces them).  The answer is the host with ``detail``: what the action did, in words (for example
-  that no orchestrator is running, so a lock did not wait for services to be disabled);
+  them), ``/bmc`` (an object with the password, which is stored sealed and never shown), or sysinv's
+  ``/bm_type`` (none, redfish, dynamic), ``/bm_ip`` (``https://`` is assumed), ``/bm_username``,
+  ``/bm_password`` applied to the BMC the host has, ``/addresses`` (replaces them).  The answer is the host
+  with ``detail``: what the action did, in words (for example that no orchestrator is running, so a lock
+  did not wait for services to be disabled);
 * ``DELETE /v1/ihosts/{id}`` (admin): delete a locked host, 204;
 * ``GET /v1/ihosts/{id}/icpus``, ``/imemorys``, ``/idisks``, ``/ports``: the hardware its agent (or BMC)
   reported, ``{"icpus": [...]}`` and so on.  Each item has a ``uuid`` stable for the host and the item
@@ -290,9 +292,36 @@ class AddressesOp(_Op):
     value: Addresses
 
 
-AnyOp = ActionOp | HostnameOp | PersonalityOp | SubfunctionsOp | LocationOp | SerialOp | LabelsOp | BmcOp | AddressesOp
+BmType = Literal["none", "redfish", "dynamic"]
+"""sysinv's ``bm_type`` values roost drives (``dynamic``: redfish here; sysinv's ``ipmi`` is not supported)."""
+
+
+class BmTypeOp(_Op):
+    path: Literal["/bm_type"]
+    value: BmType
+
+
+class BmIpOp(_Op):
+    path: Literal["/bm_ip"]
+    value: str = Field(max_length=255, description="an IP address or host (https:// is assumed), or a URL")
+
+
+class BmUsernameOp(_Op):
+    path: Literal["/bm_username"]
+    value: str = Field(max_length=64)
+
+
+class BmPasswordOp(_Op):
+    path: Literal["/bm_password"]
+    value: str = Field(max_length=255, repr=False)
+
+
+AnyOp = (ActionOp | HostnameOp | PersonalityOp | SubfunctionsOp | LocationOp | SerialOp | LabelsOp | BmcOp | AddressesOp
+         | BmTypeOp | BmIpOp | BmUsernameOp | BmPasswordOp)
 PATHS = ("/action", "/hostname", "/personality", "/subfunctions", "/location", "/serial", "/serialid", "/labels",
-         "/bmc", "/addresses")
+         "/bmc", "/addresses", "/bm_type", "/bm_ip", "/bm_username", "/bm_password")
+BM_FIELDS = {"bm_type": "type", "bm_ip": "address", "bm_username": "username", "bm_password": "password"}
+"""sysinv's BMC fields (``system host-update HOST bm_ip=… bm_username=… bm_password=…``) and roost's names."""
 
 
 def _op_path(value: Any) -> str | None:
@@ -306,7 +335,9 @@ PatchOp = Annotated[
     Annotated[ActionOp, Tag("/action")] | Annotated[HostnameOp, Tag("/hostname")]
     | Annotated[PersonalityOp, Tag("/personality")] | Annotated[SubfunctionsOp, Tag("/subfunctions")]
     | Annotated[LocationOp, Tag("/location")] | Annotated[SerialOp, Tag("/serial")]
-    | Annotated[LabelsOp, Tag("/labels")] | Annotated[BmcOp, Tag("/bmc")] | Annotated[AddressesOp, Tag("/addresses")],
+    | Annotated[LabelsOp, Tag("/labels")] | Annotated[BmcOp, Tag("/bmc")] | Annotated[AddressesOp, Tag("/addresses")]
+    | Annotated[BmTypeOp, Tag("/bm_type")] | Annotated[BmIpOp, Tag("/bm_ip")]
+    | Annotated[BmUsernameOp, Tag("/bm_username")] | Annotated[BmPasswordOp, Tag("/bm_password")],
     Discriminator(_op_path, custom_error_type="patch_path",
                   custom_error_message=f"path must be one of {', '.join(PATHS)}")]
 
@@ -325,6 +356,10 @@ class HostPatch(BaseModel):
     labels: Labels | None = None
     bmc: msg.BmcSettings | None = None
     addresses: Addresses | None = None
+    bm_type: BmType | None = None
+    bm_ip: str | None = Field(default=None, max_length=255)
+    bm_username: str | None = Field(default=None, max_length=64)
+    bm_password: str | None = Field(default=None, max_length=255, repr=False)
 
 
 def _patch_form(value: Any) -> str:
@@ -495,6 +530,11 @@ def build_router(service: "InventoryService") -> APIRouter:
             return await _act(svc, host_id, action, who)
         if not fields:
             return HostPatched(**host_out(await shown(svc, host_id)).model_dump())
+        sysinv_bmc = {k: fields.pop(k) for k in BM_FIELDS if k in fields}
+        if sysinv_bmc:
+            if "bmc" in fields:
+                raise _bad("give the BMC as /bmc or as sysinv's bm_* fields, not both")
+            fields["bmc"] = _merged_bmc((await shown(svc, host_id)).bmc, sysinv_bmc)
         try:
             update = msg.HostUpdate.model_validate({"host": host_id, **fields})
         except ValidationError as exc:
@@ -561,6 +601,33 @@ def build_router(service: "InventoryService") -> APIRouter:
             for p in hw.hardware.ports])
 
     return router
+
+
+def _bm_address(value: str) -> str:
+    """sysinv's ``bm_ip`` is an address; roost's BMC address is the Redfish service's URL."""
+    if not value or "://" in value:
+        return value
+    return f"https://[{value}]" if ":" in value else f"https://{value}"
+
+
+def _merged_bmc(current: msg.BmcInfo | None, given: dict[str, Any]) -> msg.BmcSettings:
+    """The host's BMC with sysinv's ``bm_*`` fields applied (the stored password stays unless one is given)."""
+    if given.get("bm_type") == "none":
+        return msg.BmcSettings(type="none")
+    settings: dict[str, Any] = {"type": "redfish"}
+    if current is not None:
+        settings.update(address=current.address, username=current.username, system_id=current.system_id,
+                        verify_tls=current.verify_tls)
+    for name, value in given.items():
+        if name != "bm_type":
+            settings[BM_FIELDS[name]] = _bm_address(value) if name == "bm_ip" else value
+    try:
+        return msg.BmcSettings.model_validate(settings)
+    except ValidationError as exc:
+        roost_to_sysinv = {v: k for k, v in BM_FIELDS.items()}
+        raise RequestValidationError([
+            {"loc": ("body", *(roost_to_sysinv.get(str(p), p) for p in e["loc"])), "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False, include_input=False)]) from None
 
 
 def _patch_fields(patch: list[AnyOp] | HostPatch) -> dict[str, Any]:

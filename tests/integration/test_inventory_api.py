@@ -387,6 +387,31 @@ async def test_the_bmc_password_is_never_returned(api: Api) -> None:
     assert invalid.status_code == 422
     removed = await api.patch("worker-1", {"bmc": {"type": "none"}})
     assert removed.status_code == 200 and removed.json()["bmc"] is None and removed.json()["bm_type"] == "none"
+
+    # what `system host-update worker-1 bm_type=redfish bm_ip=… bm_username=… [bm_password=…]` sends
+    sysinv = [{"op": "replace", "path": "/bm_type", "value": "dynamic"},
+              {"op": "replace", "path": "/bm_ip", "value": "10.10.10.7"},
+              {"op": "replace", "path": "/bm_username", "value": "root"}]
+    r = await api.patch("worker-1", sysinv)
+    assert r.status_code == 200, r.text
+    assert (r.json()["bm_type"], r.json()["bm_ip"], r.json()["bm_username"]) == ("redfish", "https://10.10.10.7",
+                                                                                 "root")
+    v6 = await api.patch("worker-1", {"bm_ip": "fd00::7"})
+    assert v6.status_code == 200 and v6.json()["bm_ip"] == "https://[fd00::7]" and v6.json()["bm_username"] == "root"
+    with_password = await api.patch("worker-1", [{"op": "replace", "path": "/bm_password", "value": SECRET}])
+    assert with_password.status_code in (200, 400), with_password.text
+    if with_password.status_code == 400:
+        assert "BMC password" in with_password.json()["detail"]
+    else:
+        assert with_password.json()["bmc"]["password_set"] is True
+    bad_ip = await api.patch("worker-1", {"bm_ip": "10.0.0.1 x", "bm_password": SECRET})
+    assert bad_ip.status_code == 422 and ["body", "bm_ip"] in [e["loc"] for e in bad_ip.json()["detail"]]
+    both = await api.patch("worker-1", {"bm_ip": "10.0.0.1", "bmc": bmc})
+    assert both.status_code == 400 and "not both" in both.json()["detail"]
+    ipmi = await api.patch("worker-1", {"bm_type": "ipmi"})
+    assert ipmi.status_code == 422
+    gone = await api.patch("worker-1", [{"op": "replace", "path": "/bm_type", "value": "none"}])
+    assert gone.status_code == 200 and gone.json()["bmc"] is None
     for path in ("/v1/ihosts", "/v1/ihosts/worker-1"):
         await api.get(path)
     # the fixture checks every response body of the test for the password
