@@ -48,7 +48,7 @@ from services.core.db.inbox import Inbox
 from services.core.db.pool import AnyConnection
 from services.core.host import ServiceContext
 from services.core.versions import advance
-from services.inventory import faults, machine, store
+from services.inventory import faults, machine, metrics, store
 from services.inventory.machine import Accepted, Refused
 from services.inventory.store import DuplicateHost, HostRow, Snapshot
 
@@ -64,7 +64,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 AGENT_SILENT_INTERVALS = 3
 NAMED_HOSTS = ("controller", "storage")
 
-_VERBS = {"roost.cmd.host.lock": "lock", "roost.cmd.host.unlock": "unlock", "roost.cmd.host.reboot": "reboot",
+_VERBS = {"roost.cmd.host.add": "add", "roost.cmd.host.update": "update", "roost.cmd.host.lock": "lock",
+          "roost.cmd.host.unlock": "unlock", "roost.cmd.host.reboot": "reboot",
           "roost.cmd.host.reset": "reset", "roost.cmd.host.power_on": "power-on",
           "roost.cmd.host.power_off": "power-off", "roost.cmd.host.reinstall": "reinstall",
           "roost.cmd.host.swact": "swact", "roost.cmd.host.delete": "delete"}
@@ -118,7 +119,8 @@ class InventoryService:
 
     def __init__(self, *, lock_timeout: float = 120.0, go_enabled_timeout: float = 60.0,
                  agent_check_interval: float = 5.0, bmc_audit_interval: float = 60.0,
-                 power_wait: float = 30.0) -> None:
+                 power_wait: float = 30.0, metrics_interval: float = 10.0) -> None:
+        self.metrics_interval = metrics_interval
         self.lock_timeout = lock_timeout
         self.go_enabled_timeout = go_enabled_timeout
         self.agent_check_interval = agent_check_interval
@@ -152,7 +154,8 @@ class InventoryService:
         await ctx.bus.serve(COMMANDS, GROUP, self.command, options=commands)
         for pattern in EVENT_PATTERNS:
             await ctx.bus.subscribe(pattern, GROUP, self.handle)
-        self._loops = [asyncio.create_task(self._watch_agents(), name="inventory-agent-liveness")]
+        self._loops = [asyncio.create_task(self._watch_agents(), name="inventory-agent-liveness"),
+                       asyncio.create_task(self._gauge(), name="inventory-hosts-gauge")]
 
     async def stop(self) -> None:
         loops, self._loops = self._loops, []
@@ -395,10 +398,14 @@ class InventoryService:
     # -- commands -------------------------------------------------------------------------------------
 
     async def command(self, message: Message) -> BaseModel:
+        verb = _VERBS.get(message.envelope.type) or message.envelope.type.rsplit(".", 1)[-1]
         try:
-            return await self.execute(message.data, message.envelope)
+            result = await self.execute(message.data, message.envelope)
         except (HostNotFound, HostCommandRefused, DuplicateHost) as exc:
+            metrics.record_command(verb, False)
             raise Reject(str(exc)) from None
+        metrics.record_command(verb, True)
+        return result
 
     async def execute(self, data: BaseModel, envelope: Envelope) -> BaseModel:
         """Run one ``roost.cmd.host.*`` command (from the bus or the REST API).
@@ -696,6 +703,19 @@ class InventoryService:
             if changed:
                 await self._event(conn, "roost.host.inventory_updated", msg.HostInventoryUpdated(
                     entity_id=now.uuid, version=now.version, hostname=now.hostname, hardware=data.hardware), None)
+
+    async def refresh_metrics(self) -> None:
+        """Set ``roost_hosts`` from the database."""
+        snap = await store.read_snapshot(self.pool)
+        metrics.set_hosts((r.personality, r.administrative, r.operational, r.availability) for r in snap.rows.values())
+
+    async def _gauge(self) -> None:
+        while True:
+            try:
+                await self.refresh_metrics()
+            except (asyncpg.PostgresError, OSError) as exc:
+                log.warning("host gauge not refreshed", error=str(exc))
+            await asyncio.sleep(self.metrics_interval)
 
     async def _watch_agents(self) -> None:
         """Mark agents silent for three of their intervals offline."""
