@@ -5,7 +5,7 @@
   ``services/cli/up.py``, with a ``run/roost.json`` naming this process): enrolling reloads the running
   server, the agent logs in with the credentials file, the inventory service's user receives its hello and
   hardware on ``roost.agent.<name>.*``; the broker refuses the agent's publishes on another agent's subject
-  and on ``roost.host.>``; revoking shuts it out;
+  and on ``roost.host.>``; revoking closes its connection and shuts it out;
 * the real `roost up` (embedded NATS and PostgreSQL): an agent enrolled before the start and one enrolled
   while it runs both log in with `roost agent run`, and stop cleanly on SIGTERM.
 """
@@ -173,6 +173,7 @@ async def test_an_enrolled_agent_reports_on_its_own_subjects_and_nowhere_else(si
         revoked = await roost(site.data, "agent", "revoke", "worker-1")
         assert revoked.returncode == 0 and "reloaded" in revoked.stdout, revoked.stdout + revoked.stderr
         assert not path.exists()
+        await wait_until(lambda: not agent.bus.transport.connected, 10, "the server closing the revoked connection")
         late = HostAgent("worker-1", site.server.url, password=SecretStr(password))
         with pytest.raises(NotConnected, match="authorization violation"):
             await late.bus.connect()
