@@ -306,6 +306,51 @@ async def test_controller_rules_and_power_actions_are_refused_with_the_reason(ap
     assert mixed.status_code == 400 and "cannot be combined" in mixed.json()["detail"]
 
 
+async def enabled(api: Api, **fields: Any) -> dict[str, Any]:
+    """A host added, its agent alive and inventoried, unlocked and through its in-test checks."""
+    host = await api.add(**fields)
+    agent = f"agent-{host['id']}"
+    await api.agent_hello(agent, [host["mgmt_mac"]])
+    await api.agent_inventory(agent, msg.Hardware(memory=msg.Memory(total_mib=1024)))
+
+    async def ready() -> bool:
+        shown = await api.host(host["uuid"])
+        return bool(shown["availability"] == "online" and shown["inv_state"] == "inventoried")
+
+    await wait_until(ready, what=f"{host['hostname']} online and inventoried")
+    r = await api.action(host["uuid"], "unlock")
+    assert r.status_code == 200, r.text
+
+    async def available() -> bool:
+        return (await api.host(host["uuid"]))["availability"] == "available"
+
+    await wait_until(available, what=f"{host['hostname']} enabled")
+    return await api.host(host["uuid"])
+
+
+async def test_the_active_controller_cannot_be_locked_and_swact_needs_the_heartbeat_service(api: Api) -> None:
+    c0 = await enabled(api, personality="controller", mgmt_mac="52:54:00:00:00:01")
+    assert c0["hostname"] == "controller-0" and c0["active"] is True, "the first enabled controller is active"
+    c1 = await enabled(api, personality="controller", mgmt_mac="52:54:00:00:00:02")
+    assert c1["active"] is False
+    for action in ("lock", "force-lock"):
+        r = await api.action("controller-0", action)
+        assert r.status_code == 400 and "active controller" in r.json()["detail"], (action, r.text)
+    standby = await api.action("controller-1", "swact")
+    assert standby.status_code == 400 and "not the active controller" in standby.json()["detail"]
+    swact = await api.action("controller-0", "swact")
+    assert swact.status_code == 400 and "heartbeat service" in swact.json()["detail"], swact.text
+    after = await api.host("controller-0")
+    assert (after["active"], after["task"], after["action"], after["administrative"]) == (True, "", "none", "unlocked")
+
+    locked = await api.action("controller-1", "lock")
+    assert locked.status_code == 200 and locked.json()["administrative"] == "locked", locked.text
+    last = await api.action("controller-0", "force-lock")
+    assert last.status_code == 400 and "active controller" in last.json()["detail"]
+    listed = {h["hostname"]: h for h in (await api.get("/v1/ihosts")).json()["ihosts"]}
+    assert (listed["controller-0"]["active"], listed["controller-1"]["active"]) == (True, False)
+
+
 async def test_updates_with_json_patch_and_plain_object(api: Api) -> None:
     w1 = await api.add(**worker(1))
     r = await api.patch("worker-1", [
