@@ -53,17 +53,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 import structlog
 from fastapi import APIRouter, Body, Depends, HTTPException, Path, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Discriminator,
-    Field,
-    SerializerFunctionWrapHandler,
-    Tag,
-    ValidationError,
-    model_serializer,
-)
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from schemas import inventory as msg
 from schemas.envelope import Envelope, Principal
@@ -151,14 +141,8 @@ class HostPatched(HostOut):
 
 class HostCollection(_Out):
     ihosts: list[HostOut]
-    next: str | None = Field(default=None, description="the URL of the next page; absent on the last")
-
-    @model_serializer(mode="wrap")
-    def _without_next_on_the_last_page(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        out: dict[str, Any] = handler(self)
-        if out.get("next") is None:
-            out.pop("next", None)
-        return out
+    next: str | None = Field(default=None, exclude_if=lambda value: value is None,
+                             description="the URL of the next page; absent on the last")
 
 
 class CpuOut(_Out):

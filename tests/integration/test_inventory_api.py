@@ -151,6 +151,10 @@ async def test_add_list_show_and_page(api: Api) -> None:
             "/v1/ihosts/{host_id}/idisks", "/v1/ihosts/{host_id}/ports"} <= set(schema["paths"])
     assert {"get", "patch", "delete"} <= set(schema["paths"]["/v1/ihosts/{host_id}"])
     assert {"roostToken", "xAuthToken"} <= set(schema["components"]["securitySchemes"])
+    listing = schema["paths"]["/v1/ihosts"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert listing == {"$ref": "#/components/schemas/HostCollection"}
+    assert set(schema["components"]["schemas"]["HostCollection"]["properties"]) == {"ihosts", "next"}
+    assert "password" not in schema["components"]["schemas"]["HostOut"]["properties"]
 
 
 async def test_duplicates_are_409_and_change_nothing(api: Api) -> None:
