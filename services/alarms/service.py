@@ -1,10 +1,21 @@
 """The alarms service: applies the faults every service publishes, durably and exactly once.
 
-It consumes ``roost.fault.>`` as consumer group ``alarms``.  Each message is applied in ONE transaction:
-the inbox row (a redelivery of the same envelope id is dropped), the active alarm row, the history
-record, the ``roost.alarm.*`` event in the outbox and the webhook deliveries
+It consumes ``roost.fault.>`` as consumer group ``alarms``.  Each message is applied in one transaction
+with its effects: the inbox row (a redelivery of the same envelope id is dropped), the active alarm row,
+the history record, the ``roost.alarm.*`` event in the outbox and the webhook deliveries
 (:class:`services.alarms.store.AlarmStore`).  The raising service, the owner of what it sets, is the
 envelope's ``source`` (which broker permissions restrict).
+
+Group commit: the consumer runs ``batch_size`` handlers at once (``ConsumerOptions.concurrency``); each
+queues its message in the order the consumer handed them over and waits; one task at a time takes up to
+``batch_size`` queued messages and applies them in order in ONE transaction (sets and exact clears through
+:meth:`~services.alarms.store.AlarmStore.apply_many`, a few statements for the whole run; the other
+kinds one by one inside it); after the commit every handler returns and its message is acked.  While
+one batch commits the next one gathers, so a quiet service commits each message at once and a busy one
+commits many per transaction.  Should the batch fail for any reason (an input the catalogue refuses, a
+concurrent raise of the same instance, the database), it is rolled back and each of its messages is
+applied alone, in order, in its own transaction, exactly as without batching: a bad message is
+dead-lettered alone and the others commit.  ``batch_size=1`` applies every message alone.
 
 Input the catalogue refuses (an unknown alarm id, a severity the id does not allow, a malformed entity
 id, a log id used as an alarm, an alarm outside a re-assertion's scope) raises ``Reject`` with the reason:
@@ -32,9 +43,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import os
 import uuid as uuidlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Literal
@@ -59,8 +72,19 @@ from services.alarms.catalogue import (
     load_catalogues,
 )
 from services.alarms.model import AlarmKey, ClearRequest, EntityInstanceId, LogRequest, SetRequest, masked_keys
-from services.alarms.store import AlarmStore, Applied, Cleared, Origin, Reasserted, StoredAlarm
+from services.alarms.store import (
+    AlarmStore,
+    Applied,
+    BatchOp,
+    Cleared,
+    ClearOp,
+    Origin,
+    Reasserted,
+    SetOp,
+    StoredAlarm,
+)
 from services.alarms.webhooks import WebhookDispatcher
+from services.core.bus.abc import ConsumerOptions
 from services.core.bus.bus import Message, Reject
 from services.core.db.inbox import Inbox
 from services.core.db.pool import AnyConnection
@@ -144,11 +168,40 @@ def _count(done: _Done) -> None:
             metrics.record_clears(cleared.cause)
 
 
+@dataclass(frozen=True, slots=True)
+class _Queued:
+    """A fault message waiting for its batch, and its handler waiting for the outcome."""
+
+    message: Message
+    outcome: asyncio.Future[None]
+
+
 def _first_error(exc: ValueError) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
     return str(exc)
+
+
+def _batch_op(message: Message) -> BatchOp | None:
+    """The batchable form of a set or an exact clear of one alarm; None for the other kinds."""
+    data = message.data
+    if isinstance(data, msg.FaultSet):
+        return SetOp(set_request(data), Origin.of(message.envelope), data.proposed_repair_action)
+    if isinstance(data, msg.FaultClear) and data.alarm_id is not None and not data.prefix:
+        EntityInstanceId.parse(data.entity_instance_id)
+        return ClearOp(ClearRequest(alarm_id=data.alarm_id, entity_instance_id=data.entity_instance_id),
+                       Origin.of(message.envelope))
+    return None
+
+
+def _settle(outcome: asyncio.Future[None], error: BaseException | None) -> None:
+    if outcome.done():
+        return
+    if error is None:
+        outcome.set_result(None)
+    else:
+        outcome.set_exception(error)
 
 
 WEBHOOK_FAILING = "950.201"          # roost's catalogue: a webhook subscriber is failing
@@ -161,8 +214,13 @@ class AlarmsService:
 
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
-                 metrics_interval: float = 10.0, webhooks: bool = True) -> None:
+                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 64) -> None:
+        if batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
         self.catalogue_paths = list(catalogue_paths) if catalogue_paths is not None else None
+        self.batch_size = batch_size
+        self._queued: list[_Queued] = []
+        self._committer: asyncio.Task[None] | None = None
         self.history_retention = history_retention
         self.retention_interval = retention_interval
         self.webhooks = webhooks
@@ -181,6 +239,12 @@ class AlarmsService:
         return self._store
 
     @property
+    def consumer_options(self) -> ConsumerOptions:
+        """How the fault consumer runs: ``batch_size`` handlers at once, so that a batch can gather."""
+        return ConsumerOptions(concurrency=self.batch_size,
+                               prefetch=max(ConsumerOptions().prefetch, 2 * self.batch_size))
+
+    @property
     def pool(self) -> asyncpg.Pool:
         if self._ctx is None:
             raise RuntimeError("the alarms service has not started")
@@ -196,7 +260,7 @@ class AlarmsService:
         log.info("alarm catalogue loaded", ids=len(catalogue), files=[str(p) for p in paths])
         self._tasks = [asyncio.create_task(self._retain(), name="alarms-history-retention"),
                        asyncio.create_task(self._gauge(), name="alarms-active-gauge")]
-        await ctx.bus.subscribe(FAULTS, GROUP, self.handle)
+        await ctx.bus.subscribe(FAULTS, GROUP, self.handle, options=self.consumer_options)
         await ctx.bus.subscribe(HOST_DELETED, GROUP, self.on_host_deleted)
         await ctx.bus.serve(COMMANDS, GROUP, self.command)
         if self.webhooks:
@@ -220,6 +284,9 @@ class AlarmsService:
         if self._dispatcher is not None:
             await self._dispatcher.stop()
             self._dispatcher = None
+        if self._committer is not None:    # batches in hand commit (their handlers wait for them)
+            with contextlib.suppress(Exception):
+                await self._committer
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
@@ -236,7 +303,23 @@ class AlarmsService:
     # -- the consumer ---------------------------------------------------------------------------------
 
     async def handle(self, message: Message) -> None:
-        """Apply one ``roost.fault.*`` message, once, in one transaction; ``Reject`` what can never apply."""
+        """Apply one ``roost.fault.*`` message, once; return after its commit.  ``Reject`` what can never apply.
+
+        The message joins the next batch (in the order handlers were called) and this waits for it.
+        """
+        if self.batch_size == 1:
+            await self.handle_alone(message)
+            return
+        queued = _Queued(message, asyncio.get_running_loop().create_future())
+        self._queued.append(queued)
+        if self._committer is None or self._committer.done():
+            # a context of its own: the committer's logs are about no message in particular
+            self._committer = asyncio.create_task(self._commit_queued(), name="alarms-faults-committer",
+                                                  context=contextvars.Context())
+        await queued.outcome
+
+    async def handle_alone(self, message: Message) -> None:
+        """Apply one ``roost.fault.*`` message in a transaction of its own."""
         envelope = message.envelope
         origin = Origin.of(envelope)
         data = message.data
@@ -249,6 +332,79 @@ class AlarmsService:
         except AlarmError as exc:
             raise Reject(str(exc)) from None
         _count(done)        # committed
+
+    async def _commit_queued(self) -> None:
+        """Commit the queued messages, ``batch_size`` at a time, until none is left."""
+        batch: list[_Queued] = []
+        try:
+            while self._queued:
+                batch = self._queued[:self.batch_size]
+                del self._queued[:len(batch)]
+                await self.apply_batch(batch)
+            batch = []
+        finally:
+            if batch:       # cancelled mid-batch: its handlers and the queued ones fail; the bus delivers again
+                left, self._queued = [*batch, *self._queued], []
+                for queued in left:
+                    _settle(queued.outcome, RuntimeError("the alarms service stopped before applying it"))
+
+    async def apply_batch(self, batch: Sequence[_Queued]) -> None:
+        """Apply ``batch`` in one transaction and settle each handler's outcome; should that fail, apply
+        each message alone, in order (its own outcome: applied, ``Reject``, or an error to retry)."""
+        try:
+            done = await self._apply_together([q.message for q in batch])
+        except Exception as exc:
+            if len(batch) > 1:
+                log.info("fault batch not applied as one; applying its messages one by one",
+                         messages=len(batch), error=f"{type(exc).__name__}: {exc}"[:300])
+            for queued in batch:
+                try:
+                    await self.handle_alone(queued.message)
+                except Exception as one:
+                    _settle(queued.outcome, one)
+                else:
+                    _settle(queued.outcome, None)
+            return
+        for queued, result in zip(batch, done, strict=True):
+            if result is not None:
+                _count(result)          # committed
+            _settle(queued.outcome, None)
+
+    async def _apply_together(self, messages: Sequence[Message]) -> list[_Done | None]:
+        """Every message in one transaction, in order; None for a duplicate."""
+        results: list[_Done | None] = [None] * len(messages)
+        run: list[tuple[int, BatchOp]] = []
+
+        async def flush(conn: AnyConnection) -> None:
+            if run:
+                for (i, _), result in zip(run, await self.store.apply_many(conn, [op for _, op in run]), strict=True):
+                    results[i] = result
+                run.clear()
+
+        async with self.pool.acquire() as conn, conn.transaction():
+            fresh = await self._first_times(conn, [m.envelope.id for m in messages])
+            for i, message in enumerate(messages):
+                envelope = message.envelope
+                if envelope.id not in fresh:
+                    log.info("duplicate fault message dropped", message_id=envelope.id)
+                    continue
+                fresh.discard(envelope.id)      # a second copy in this batch is a duplicate too
+                op = _batch_op(message)
+                if op is not None:
+                    run.append((i, op))
+                    continue
+                await flush(conn)
+                results[i] = await self._apply(conn, message.data, Origin.of(envelope), envelope.type)
+            await flush(conn)
+        return results
+
+    async def _first_times(self, conn: AnyConnection, message_ids: Sequence[str]) -> set[str]:
+        """The inbox (``Inbox.first_time``) for many messages in one statement: the ids new to it."""
+        rows = await conn.fetch(
+            f"""INSERT INTO {self._inbox.schema}.inbox (consumer, message_id)
+                SELECT $1, m FROM unnest($2::text[]) AS m ON CONFLICT DO NOTHING RETURNING message_id""",
+            INBOX_CONSUMER, list(dict.fromkeys(message_ids)))
+        return {r["message_id"] for r in rows}
 
     async def _apply(self, conn: AnyConnection, data: BaseModel, origin: Origin, type: str) -> _Done:
         if isinstance(data, msg.FaultSet):

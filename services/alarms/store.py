@@ -13,6 +13,15 @@ the key and the second one is a change (or nothing) on the first one's uuid.
 A clear selects its candidates by text (the entity, or the entity and ``entity.`` children for a prefix
 clear) and lets :func:`~services.alarms.model.decide_clear` keep those that match segment-wise, so
 clearing ``host=controller-1`` never touches ``host=controller-10``.
+
+Batches: :meth:`AlarmStore.apply_many` applies a run of sets and exact clears (``SetOp`` / ``ClearOp``) in
+the caller's transaction with a fixed number of statements whatever the run's length: it locks the
+instances' rows ``FOR UPDATE`` in key order, takes the same decisions as :meth:`AlarmStore.set` and
+:meth:`AlarmStore.clear` one after the other on them in memory, then writes the rows, one history record
+per set and clear, the events (``Outbox.add_many``) and the webhook deliveries in a few bulk statements.
+The outcome is the one the ops applied one by one in that order would have had.  When a concurrent
+transaction inserted an instance the batch raises, it raises :class:`BatchConflict`: roll back and apply
+the ops one by one.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from services.alarms.model import (
     decide_set,
 )
 from services.alarms.webhooks import store as webhooks
-from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Format, Notification, render
 from services.core.db.outbox import Outbox
 from services.core.db.pool import AnyConnection
 
@@ -113,6 +122,44 @@ class Reasserted:
 
 
 @dataclass(frozen=True)
+class SetOp:
+    """A set in a batch (:meth:`AlarmStore.apply_many`)."""
+
+    request: SetRequest
+    origin: Origin
+    repair_action: str | None = None
+
+    @property
+    def key(self) -> AlarmKey:
+        return self.request.key
+
+
+@dataclass(frozen=True)
+class ClearOp:
+    """An exact clear of one alarm instance in a batch: ``request`` names the alarm id, no prefix."""
+
+    request: ClearRequest
+    origin: Origin
+
+    def __post_init__(self) -> None:
+        if self.request.alarm_id is None or self.request.prefix:
+            raise ValueError("a batched clear names one alarm instance: an alarm id and no prefix")
+
+    @property
+    def key(self) -> AlarmKey:
+        assert self.request.alarm_id is not None
+        return AlarmKey(self.request.alarm_id, self.request.entity_instance_id)
+
+
+BatchOp = SetOp | ClearOp
+
+
+class BatchConflict(Exception):
+    """A batch cannot be applied as one (a concurrent transaction raised one of its alarm instances first):
+    roll back and apply its ops one by one."""
+
+
+@dataclass(frozen=True)
 class HistoryRecord:
     """One row of the event log."""
 
@@ -153,6 +200,114 @@ def _record(alarm: Alarm, state: Literal["set", "clear"] | None = None) -> msg.A
     return msg.AlarmRecord.model_validate(data)
 
 
+def _with_repair_action(outcome: SetOutcome, repair_action: str | None) -> SetOutcome:
+    """``outcome`` with the sender's repair action instead of the catalogue's, when it writes; pure."""
+    if not outcome.writes or repair_action is None:
+        return outcome
+    alarm = outcome.alarm.model_copy(update={"proposed_repair_action": repair_action})
+    return SetOutcome(outcome.change, alarm, outcome.previous, outcome.changes)
+
+
+def _set_event(outcome: SetOutcome, alarm: Alarm, version: int, owner: str,
+               ) -> tuple[str, list[dict[str, str]], msg.AlarmRaised | msg.AlarmChanged, EventKind]:
+    """What a raise or change records and announces: (change, changes, event, webhook kind); pure."""
+    changes = [{"field": c.field, "old": c.old, "new": c.new} for c in outcome.changes]
+    record = _record(alarm)
+    if outcome.change is Change.RAISED:
+        return ("raised", changes, msg.AlarmRaised(entity_id=str(alarm.uuid), version=version, owner=owner,
+                                                   alarm=record), EventKind.RAISED)
+    return ("changed", changes,
+            msg.AlarmChanged(entity_id=str(alarm.uuid), version=version, owner=owner, alarm=record,
+                             changes=[msg.FieldChange.model_validate(c) for c in changes]),
+            EventKind.CHANGED)
+
+
+def _clear_event(stored: StoredAlarm, version: int, cause: ClearCause, now: datetime,
+                 ) -> tuple[Alarm, msg.AlarmCleared]:
+    """The last state of a cleared alarm and its ``roost.alarm.cleared`` event; pure."""
+    alarm = stored.alarm.model_copy(update={"alarm_state": AlarmState.CLEAR, "timestamp": now, "updated_at": now})
+    return alarm, msg.AlarmCleared(entity_id=str(alarm.uuid), version=version, owner=stored.owner,
+                                   alarm=_record(alarm, "clear"), cause=cause)
+
+
+def _history_values(alarm: Alarm, *, state: str, change: str, changes: list[dict[str, str]], owner: str,
+                    version: int, cause: str | None = None) -> tuple[Any, ...]:
+    """One ``event_log`` row of an alarm record, in ``_HISTORY_COLUMNS`` order."""
+    return (uuidlib.uuid4(), alarm.alarm_id, state, change, json.dumps(changes), cause, alarm.uuid,
+            alarm.entity_type_id, alarm.entity_instance_id, alarm.timestamp, alarm.severity.value,
+            alarm.reason_text, alarm.alarm_type.value, alarm.probable_cause, alarm.proposed_repair_action,
+            alarm.service_affecting, alarm.suppression, owner, version)
+
+
+_HISTORY_COLUMNS = ("uuid, event_log_id, state, change, changes, cause, alarm_uuid, entity_type_id, "
+                    "entity_instance_id, timestamp, severity, reason_text, event_log_type, probable_cause, "
+                    "proposed_repair_action, service_affecting, suppression, owner, version")
+_HISTORY_TYPES = ("uuid", "text", "text", "text", "text", "text", "uuid", "text", "text", "timestamptz", "text",
+                  "text", "text", "text", "text", "bool", "bool", "text", "bigint")
+_INSERT_HISTORY = f"""
+    INSERT INTO {SCHEMA}.event_log ({_HISTORY_COLUMNS})
+    VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"""
+_INSERT_HISTORY_MANY = f"""
+    INSERT INTO {SCHEMA}.event_log ({_HISTORY_COLUMNS})
+    SELECT c1, c2, c3, c4, c5::jsonb, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c19
+    FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_HISTORY_TYPES, 1))}) WITH ORDINALITY
+         AS t(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c19, n)
+    ORDER BY n"""
+
+# The active rows a batch writes, in _ALARM_COLUMNS order then owner, version.
+_ALARM_TYPES = ("uuid", "text", "text", "text", "text", "timestamptz", "text", "text", "text", "text", "text",
+                "bool", "bool", "bool", "bool", "bool", "timestamptz", "timestamptz", "text", "bigint")
+_INSERT_ACTIVE_MANY = f"""
+    WITH ins AS (
+        INSERT INTO {SCHEMA}.active_alarms ({_ALARM_COLUMNS}, owner, version)
+        SELECT * FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_ALARM_TYPES, 1))})
+        ON CONFLICT ON CONSTRAINT active_alarms_instance DO NOTHING
+        RETURNING 1)
+    SELECT count(*) FROM ins"""
+_LOCK_MANY = f"""
+    {_SELECT} WHERE (alarm_id, entity_instance_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
+    ORDER BY alarm_id, entity_instance_id FOR UPDATE"""
+# Deliveries fanned out in the database: each body travels once, each delivery is two small integers
+# (its notification, its subscription); rows are inserted in the order given.
+_ENQUEUE_MANY = f"""
+    WITH ins AS (
+        INSERT INTO {webhooks.DELIVERIES} (subscription_id, webhook_id, ordering_key, event_type, body)
+        SELECT s.id, n.w, n.k, n.e, b.b
+        FROM unnest($1::int[], $2::int[], $3::int[]) WITH ORDINALITY AS d(ni, si, bi, ord)
+        JOIN unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS n(w, k, e, ni) USING (ni)
+        JOIN unnest($7::uuid[]) WITH ORDINALITY AS s(id, si) USING (si)
+        JOIN unnest($8::bytea[]) WITH ORDINALITY AS b(b, bi) USING (bi)
+        ORDER BY d.ord
+        ON CONFLICT (subscription_id, webhook_id) DO NOTHING
+        RETURNING 1)
+    SELECT count(*) FROM ins"""
+
+
+def _active_values(stored: StoredAlarm) -> tuple[Any, ...]:
+    a = stored.alarm
+    return (a.uuid, a.alarm_id, a.alarm_state.value, a.entity_type_id, a.entity_instance_id, a.timestamp,
+            a.severity.value, a.reason_text, a.alarm_type.value, a.probable_cause, a.proposed_repair_action,
+            a.service_affecting, a.suppression, a.inhibit_alarms, a.mgmt_affecting, a.degrade_affecting,
+            a.created_at, a.updated_at, stored.owner, stored.version)
+
+
+def _columns(rows: Sequence[tuple[Any, ...]], width: int) -> list[list[Any]]:
+    """Rows to per-column lists (what ``unnest`` takes); pure."""
+    return [[row[i] for row in rows] for i in range(width)]
+
+
+def _notification(envelope: Envelope, alarm: Alarm, version: int, kind: EventKind, suppressed: bool,
+                  ) -> Notification:
+    """What the webhook subscribers get for an announced change (its id is the event's); pure."""
+    fields = alarm.model_dump(mode="json")
+    fields.update(uuid=str(alarm.uuid), mgmt_affecting=str(alarm.mgmt_affecting),
+                  degrade_affecting=str(alarm.degrade_affecting),
+                  alarm_state="clear" if kind is EventKind.CLEARED else "set",
+                  suppression_status="suppressed" if suppressed else "unsuppressed")
+    return Notification(id=f"msg_{uuidlib.UUID(envelope.id).hex}", event=kind, version=version,
+                        occurred_at=envelope.time, alarm=AlarmFields.model_validate(fields))
+
+
 def _in_transaction(conn: AnyConnection) -> None:
     if not conn.is_in_transaction():
         raise RuntimeError("the alarm store needs the caller's transaction: call it inside "
@@ -184,10 +339,8 @@ class AlarmStore:
                                       request.alarm_id, request.entity_instance_id)
             current = _stored(row) if row is not None else None
             outcome = decide_set(current.alarm if current else None, request, self.catalogue, self.clock())
+            outcome = _with_repair_action(outcome, repair_action)
             alarm = outcome.alarm
-            if outcome.writes and repair_action is not None:
-                alarm = alarm.model_copy(update={"proposed_repair_action": repair_action})
-                outcome = SetOutcome(outcome.change, alarm, outcome.previous, outcome.changes)
             if outcome.change is Change.UNCHANGED:
                 return Applied(outcome)
             if outcome.change is Change.RAISED:
@@ -215,20 +368,10 @@ class AlarmStore:
                     alarm.service_affecting, alarm.suppression, alarm.inhibit_alarms, alarm.mgmt_affecting,
                     alarm.degrade_affecting, alarm.updated_at, origin.owner)
             version = int(version)
-            changes = [{"field": c.field, "old": c.old, "new": c.new} for c in outcome.changes]
-            change = "raised" if outcome.change is Change.RAISED else "changed"
+            change, changes, event, kind = _set_event(outcome, alarm, version, origin.owner)
             await self._history(conn, alarm, state="set", change=change, changes=changes, owner=origin.owner,
                                 version=version)
-            record = _record(alarm)
-            event: msg.AlarmRaised | msg.AlarmChanged
-            if outcome.change is Change.RAISED:
-                event = msg.AlarmRaised(entity_id=str(alarm.uuid), version=version, owner=origin.owner,
-                                        alarm=record)
-            else:
-                event = msg.AlarmChanged(entity_id=str(alarm.uuid), version=version, owner=origin.owner,
-                                         alarm=record, changes=[msg.FieldChange.model_validate(c) for c in changes])
-            await self._announce(conn, f"roost.alarm.{change}", event, origin, alarm, version,
-                                 EventKind.RAISED if change == "raised" else EventKind.CHANGED)
+            await self._announce(conn, f"roost.alarm.{change}", event, origin, alarm, version, kind)
             return Applied(outcome, version)
 
     # -- clear ----------------------------------------------------------------------------------------
@@ -272,11 +415,9 @@ class AlarmStore:
             if s.alarm.uuid not in versions:
                 continue
             version = versions[s.alarm.uuid]
-            alarm = s.alarm.model_copy(update={"alarm_state": AlarmState.CLEAR, "timestamp": now, "updated_at": now})
+            alarm, event = _clear_event(s, version, cause, now)
             await self._history(conn, alarm, state="clear", change="cleared", changes=[], owner=s.owner,
                                 version=version, cause=cause)
-            event = msg.AlarmCleared(entity_id=str(alarm.uuid), version=version, owner=s.owner,
-                                     alarm=_record(alarm, "clear"), cause=cause)
             await self._announce(conn, "roost.alarm.cleared", event, origin, alarm, version, EventKind.CLEARED)
             done.append(Cleared(alarm, s.owner, version, cause))
         return tuple(done)
@@ -304,6 +445,113 @@ class AlarmStore:
         gone: set[AlarmKey] = set(decision.to_clear)
         cleared = await self._clear_rows(conn, [s for s in mine if s.alarm.key in gone], origin, "reasserted")
         return Reasserted(tuple(applied), cleared)
+
+    # -- batches ------------------------------------------------------------------------------------
+
+    async def apply_many(self, conn: AnyConnection, ops: Sequence[BatchOp]) -> list[Applied | tuple[Cleared, ...]]:
+        """Apply sets and exact clears in order, as :meth:`set` and :meth:`clear` one after the other would,
+        in a fixed number of statements.  Returns each op's result (a clear: the alarm it cleared, or
+        nothing).  An ``AlarmError`` for an op the catalogue refuses; :class:`BatchConflict` when a
+        concurrent transaction raised one of the instances first (roll back, apply one by one)."""
+        _in_transaction(conn)
+        if not ops:
+            return []
+        keys = sorted({op.key for op in ops})
+        rows = await conn.fetch(_LOCK_MANY, [k.alarm_id for k in keys], [k.entity_instance_id for k in keys])
+        initial = {s.alarm.key: s for s in map(_stored, rows)}
+        state: dict[AlarmKey, StoredAlarm | None] = dict(initial)
+        touched: set[AlarmKey] = set()
+        history: list[tuple[Any, ...]] = []
+        announced: list[tuple[Envelope, Alarm, int, EventKind]] = []
+        results: list[Applied | tuple[Cleared, ...]] = []
+        for op in ops:
+            current = state.get(op.key)
+            if isinstance(op, SetOp):
+                outcome = _with_repair_action(
+                    decide_set(current.alarm if current else None, op.request, self.catalogue, self.clock()),
+                    op.repair_action)
+                if outcome.change is Change.UNCHANGED:
+                    results.append(Applied(outcome))
+                    continue
+                alarm = outcome.alarm
+                if alarm.key != op.key:
+                    raise BatchConflict(f"alarm {alarm.key} is not the requested {op.key}")
+                version = 1 if current is None else current.version + 1
+                state[op.key] = StoredAlarm(alarm, op.origin.owner, version)
+                change, changes, event, kind = _set_event(outcome, alarm, version, op.origin.owner)
+                history.append(_history_values(alarm, state="set", change=change, changes=changes,
+                                               owner=op.origin.owner, version=version))
+                announced.append((self._envelope(f"roost.alarm.{change}", event, op.origin, f"alarm/{alarm.uuid}"),
+                                  alarm, version, kind))
+                results.append(Applied(outcome, version))
+            else:
+                found = decide_clear([current.alarm] if current else [], op.request, self.catalogue).found
+                if current is None or not found:
+                    results.append(())
+                    continue
+                version = current.version + 1
+                alarm, cleared = _clear_event(current, version, "cleared", self.clock())
+                state[op.key] = None
+                history.append(_history_values(alarm, state="clear", change="cleared", changes=[],
+                                               owner=current.owner, version=version, cause="cleared"))
+                announced.append((self._envelope("roost.alarm.cleared", cleared, op.origin, f"alarm/{alarm.uuid}"),
+                                  alarm, version, EventKind.CLEARED))
+                results.append((Cleared(alarm, current.owner, version, "cleared"),))
+            touched.add(op.key)
+        if not touched:
+            return results
+        # The rows: what was there is deleted, what is there at the end is inserted (a re-set keeps its uuid).
+        gone = [initial[k].alarm.uuid for k in touched if k in initial]
+        if gone:
+            await conn.execute(f"DELETE FROM {SCHEMA}.active_alarms WHERE uuid = ANY($1::uuid[])", gone)
+        final = [_active_values(s) for k in sorted(touched) if (s := state[k]) is not None]
+        if final:
+            inserted = await conn.fetchval(_INSERT_ACTIVE_MANY, *_columns(final, len(_ALARM_TYPES)))
+            if inserted != len(final):
+                raise BatchConflict("a concurrent transaction raised an alarm instance of this batch first")
+        await conn.execute(_INSERT_HISTORY_MANY, *_columns(history, len(_HISTORY_TYPES)))
+        await self.outbox.add_many(conn, [envelope for envelope, *_ in announced])
+        if self.webhooks:
+            await self._enqueue_many(conn, announced)
+        return results
+
+    async def _enqueue_many(self, conn: AnyConnection, announced: Sequence[tuple[Envelope, Alarm, int, EventKind]],
+                            ) -> int:
+        """``webhooks.enqueue`` of every announced change in one statement: the same rows, in the same order
+        (notification by notification, subscription by subscription), each body rendered once per format."""
+        subscriptions = await webhooks.list_subscriptions(conn)
+        if not subscriptions:
+            return 0
+        ids = sorted({alarm.alarm_id for _, alarm, _, _ in announced})
+        suppressed = {r["alarm_id"] for r in await conn.fetch(
+            f"SELECT alarm_id FROM {SCHEMA}.suppression WHERE suppressed AND alarm_id = ANY($1::text[])", ids)}
+        notes: list[tuple[str, str, str]] = []          # webhook id, ordering key, event type
+        bodies: list[bytes] = []
+        rows: list[tuple[int, int, int]] = []           # 1-based: notification, subscription, body
+        for envelope, alarm, version, kind in announced:
+            notification = _notification(envelope, alarm, version, kind, alarm.alarm_id in suppressed)
+            rendered: dict[tuple[Format, str], int] = {}
+            ni = 0
+            for si, sub in enumerate(subscriptions, 1):
+                if not sub.filters.matches(notification):
+                    continue
+                if not ni:
+                    notes.append((notification.id, notification.instance_key, notification.type))
+                    ni = len(notes)
+                # roost's own format does not depend on the receiver; Alertmanager's names it
+                which = (sub.format, sub.name if sub.format is Format.ALERTMANAGER else "")
+                bi = rendered.get(which)
+                if bi is None:
+                    bodies.append(render(notification, sub.format, receiver=sub.name))
+                    bi = rendered[which] = len(bodies)
+                rows.append((ni, si, bi))
+        if not rows:
+            return 0
+        count: int = await conn.fetchval(_ENQUEUE_MANY, *_columns(rows, 3), *_columns(notes, 3),
+                                         [uuidlib.UUID(sub.id) for sub in subscriptions], bodies)
+        if count:
+            await conn.execute("SELECT pg_notify($1, '')", webhooks.NOTIFY_CHANNEL)
+        return count
 
     # -- customer logs --------------------------------------------------------------------------------
 
@@ -410,16 +658,8 @@ class AlarmStore:
 
     async def _history(self, conn: AnyConnection, alarm: Alarm, *, state: str, change: str,
                        changes: list[dict[str, str]], owner: str, version: int, cause: str | None = None) -> None:
-        await conn.execute(
-            f"""INSERT INTO {SCHEMA}.event_log (uuid, event_log_id, state, change, changes, cause, alarm_uuid,
-                    entity_type_id, entity_instance_id, timestamp, severity, reason_text, event_log_type,
-                    probable_cause, proposed_repair_action, service_affecting, suppression, owner, version)
-                VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17,
-                        $18, $19)""",
-            uuidlib.uuid4(), alarm.alarm_id, state, change, json.dumps(changes), cause, alarm.uuid,
-            alarm.entity_type_id, alarm.entity_instance_id, alarm.timestamp, alarm.severity.value,
-            alarm.reason_text, alarm.alarm_type.value, alarm.probable_cause, alarm.proposed_repair_action,
-            alarm.service_affecting, alarm.suppression, owner, version)
+        await conn.execute(_INSERT_HISTORY, *_history_values(alarm, state=state, change=change, changes=changes,
+                                                             owner=owner, version=version, cause=cause))
 
     def _envelope(self, type: str, data: Any, origin: Origin, subject: str) -> Envelope:
         attrs: dict[str, Any] = {"subject": subject, "causationid": origin.causationid,
@@ -434,15 +674,8 @@ class AlarmStore:
         await self.outbox.add(conn, envelope)
         if not self.webhooks:
             return
-        fields = alarm.model_dump(mode="json")
-        fields.update(uuid=str(alarm.uuid), mgmt_affecting=str(alarm.mgmt_affecting),
-                      degrade_affecting=str(alarm.degrade_affecting),
-                      alarm_state="clear" if kind is EventKind.CLEARED else "set",
-                      suppression_status="suppressed" if await self._suppressed(conn, alarm.alarm_id)
-                      else "unsuppressed")
-        notification = Notification(id=f"msg_{uuidlib.UUID(envelope.id).hex}", event=kind, version=version,
-                                    occurred_at=envelope.time, alarm=AlarmFields.model_validate(fields))
-        await webhooks.enqueue(conn, notification)
+        suppressed = await self._suppressed(conn, alarm.alarm_id)
+        await webhooks.enqueue(conn, _notification(envelope, alarm, version, kind, suppressed))
 
     @staticmethod
     async def _suppressed(conn: AnyConnection, alarm_id: str) -> bool:

