@@ -26,8 +26,10 @@ PERSONALITIES = ["controller", "worker", "storage"]
 SUBFUNCTIONS = ["controller", "worker", "storage", "lowlatency"]
 NETWORKS = ["mgmt", "cluster-host", "oam"]
 
-timeout_option = click.option("--timeout", type=click.FloatRange(min=1), show_default=True,
-                              help="Seconds to wait for the answer.")
+long_timeout = click.option("--timeout", type=click.FloatRange(min=1), default=LONG_TIMEOUT, show_default=True,
+                            help="Seconds to wait for the answer (a lock waits for the host to be drained).")
+short_timeout = click.option("--timeout", type=click.FloatRange(min=1), default=SHORT_TIMEOUT, show_default=True,
+                             help="Seconds to wait for the answer.")
 json_option = click.option("--json", "as_json", is_flag=True, help="The whole reply, as JSON.")
 
 
@@ -234,50 +236,54 @@ def host_delete(obj: Context, host_ref: str, as_json: bool) -> None:
 
 
 def _action(obj: Context, type: str, data: dict[str, Any], timeout: float, as_json: bool) -> None:
+    if not as_json:
+        verb = type.rsplit(".", 1)[-1].replace("_", "-")
+        click.echo(f"{verb} {data['host']}{' (force)' if data.get('force') else ''}: waiting for the answer "
+                   f"(at most {timeout:g} s)...", err=True)
     answer(run(obj.command(type, data, timeout=timeout)), _acted, as_json)
 
 
 @host.command("lock")
 @click.argument("host_ref", metavar="HOST")
 @click.option("--force", is_flag=True, help="Do not wait for its services to be disabled (drained).")
-@timeout_option
+@long_timeout
 @json_option
 @click.pass_obj
-def host_lock(obj: Context, host_ref: str, force: bool, timeout: float | None, as_json: bool) -> None:
+def host_lock(obj: Context, host_ref: str, force: bool, timeout: float, as_json: bool) -> None:
     """Lock a host: its services are disabled first (the orchestrator drains it) unless forced."""
-    _action(obj, "roost.cmd.host.lock", {"host": host_ref, "force": force}, timeout or LONG_TIMEOUT, as_json)
+    _action(obj, "roost.cmd.host.lock", {"host": host_ref, "force": force}, timeout, as_json)
 
 
 @host.command("unlock")
 @click.argument("host_ref", metavar="HOST")
 @click.option("--force", is_flag=True, help="Even when it is not online or not yet inventoried.")
-@timeout_option
+@long_timeout
 @json_option
 @click.pass_obj
-def host_unlock(obj: Context, host_ref: str, force: bool, timeout: float | None, as_json: bool) -> None:
+def host_unlock(obj: Context, host_ref: str, force: bool, timeout: float, as_json: bool) -> None:
     """Unlock a host: it goes through its in-test checks to enabled."""
-    _action(obj, "roost.cmd.host.unlock", {"host": host_ref, "force": force}, timeout or LONG_TIMEOUT, as_json)
+    _action(obj, "roost.cmd.host.unlock", {"host": host_ref, "force": force}, timeout, as_json)
 
 
 @host.command("swact")
 @click.argument("host_ref", metavar="HOST")
 @click.option("--force", is_flag=True, help="Even when the other controller is degraded.")
-@timeout_option
+@long_timeout
 @json_option
 @click.pass_obj
-def host_swact(obj: Context, host_ref: str, force: bool, timeout: float | None, as_json: bool) -> None:
+def host_swact(obj: Context, host_ref: str, force: bool, timeout: float, as_json: bool) -> None:
     """Move the active controller role from HOST to the other controller."""
-    _action(obj, "roost.cmd.host.swact", {"host": host_ref, "force": force}, timeout or LONG_TIMEOUT, as_json)
+    _action(obj, "roost.cmd.host.swact", {"host": host_ref, "force": force}, timeout, as_json)
 
 
 def _power_command(verb: str, summary: str) -> None:
     @host.command(verb, help=summary)
     @click.argument("host_ref", metavar="HOST")
-    @timeout_option
+    @short_timeout
     @json_option
     @click.pass_obj
-    def command(obj: Context, host_ref: str, timeout: float | None, as_json: bool) -> None:
-        _action(obj, f"roost.cmd.host.{verb.replace('-', '_')}", {"host": host_ref}, timeout or SHORT_TIMEOUT,
+    def command(obj: Context, host_ref: str, timeout: float, as_json: bool) -> None:
+        _action(obj, f"roost.cmd.host.{verb.replace('-', '_')}", {"host": host_ref}, timeout,
                 as_json)
 
 
