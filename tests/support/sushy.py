@@ -5,13 +5,15 @@ systems, a state directory of its own: the fake driver keeps its systems in a SQ
 would otherwise survive into the next run, and optionally an htpasswd file with a bcrypt entry so that
 wrong credentials are refused), starts ``sushy-emulator --config … --fake -i 127.0.0.1 -p <free port>``,
 waits until ``GET /redfish/v1/`` answers (polling against a deadline; the emulator's log is shown if it
-dies or never answers) and stops it at the end.  sushy-tools is a test dependency: when it is missing
+dies or never answers) and stops it at the end; ``tls=True`` serves HTTPS with a self-signed
+certificate.  ``RewritingProxy`` sits in front of it to play a BMC that differs (fewer reset types, an
+ActionInfo, no boot override).  sushy-tools is a test dependency: when it is missing
 the test fails saying so, it never skips.
 
 What the fake driver does (sushy-tools 2.2.0): power changes land 1 to 11 seconds after the reset is
 accepted (``*Restart`` shows ``Off`` at once, ``On`` later); ``PowerCycle`` and ``Nmi`` answer 501; the
 systems collection lists UUIDs and ``/Systems/<name>`` redirects (307) to the UUID; NIC ids are MACs;
-no CPU count, no memory size, no processors; ``Storage`` only for systems named in ``storage``.
+no CPU count, no memory size, no processors; ``Storage`` only for the systems given ``drives``.
 """
 
 from __future__ import annotations
@@ -240,13 +242,15 @@ Rewrite = Callable[[str, dict[str, Any]], dict[str, Any] | None]
 class RewritingProxy:
     """A BMC that differs from sushy's: an HTTP proxy in front of the emulator that passes every request
     on and lets ``rewrite(path, document)`` change (or, returning None, leave) each JSON document a GET
-    answers; ``extra`` serves documents sushy does not have (e.g. an ActionInfo).  For what the fake
-    driver cannot be configured to do: advertise fewer reset types, have no boot override."""
+    answers; ``extra`` serves documents sushy does not have (e.g. an ActionInfo); ``requests`` records
+    every (method, path, body) passed on.  For what the fake driver cannot be configured to do: advertise
+    fewer reset types, have no boot override, ignore a graceful shutdown."""
 
     def __init__(self, upstream: str, rewrite: Rewrite, extra: Mapping[str, dict[str, Any]] | None = None) -> None:
         self.upstream = upstream
         self.rewrite = rewrite
         self.extra = dict(extra or {})
+        self.requests: list[tuple[str, str, bytes]] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -259,6 +263,7 @@ class RewritingProxy:
                     return
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else None
+                proxy.requests.append((self.command, self.path, body or b""))
                 headers = {k: v for k, v in self.headers.items() if k.lower() in ("authorization", "content-type")}
                 request = urllib.request.Request(proxy.upstream + self.path, data=body, headers=headers,
                                                  method=self.command)

@@ -31,7 +31,7 @@ type was sent.
 **A power action during a power action** (a reset during a reset): refused with ``BmcBusy`` naming the
 action in progress.  An action is in progress from the moment ``perform`` starts until the power state
 it leads to is observed (by its own ``wait``, or by any later ``power_state()`` / ``check()`` /
-``perform`` on this ``RedfishBmc``), or ``settle_timeout`` seconds after its last reset was sent.  It is
+``perform`` on this ``RedfishBmc``), at most ``settle_timeout`` seconds after ``perform`` returned.  It is
 not coalesced: a second reset could cut short the boot the first one started, and the caller (the host
 state machine) should see that its command did not run.  Keep one ``RedfishBmc`` per BMC for this to
 hold.
@@ -187,8 +187,8 @@ class _InProgress:
 
     def describe(self) -> str:
         age = time.monotonic() - self.started
-        what = f"sent {', '.join(self.sent)} {age:.1f}s ago" if self.sent else f"started {age:.1f}s ago"
-        return f"a {self.action} is in progress ({what}, waiting for power {self.leads_to})"
+        what = f"started {age:.1f}s ago" + (f", sent {', '.join(self.sent)}" if self.sent else "")
+        return f"a {self.action} is in progress ({what}; waiting for power {self.leads_to})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,7 +311,11 @@ class RedfishBmc:
 
     async def send_reset(self, reset_type: str) -> None:
         """Send one reset type as it is (e.g. ``PowerCycle``, ``Nmi``) if the system advertises it:
-        ``BmcUnsupported`` when it does not, or answers 501.  Not tracked as a power action."""
+        ``BmcUnsupported`` when it does not, or answers 501; ``BmcBusy`` while a power action is in
+        progress.  Not itself tracked as a power action."""
+        progress = self._current_action()
+        if progress is not None:
+            raise BmcBusy(f"BMC {self.address}: {progress.describe()}; {reset_type} refused")
         view = await self._read_system("reset")
         self._require(view, reset_type)
         await self._post_reset(view, reset_type)
