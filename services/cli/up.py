@@ -38,11 +38,12 @@ from services.core.runner import ServiceRunner, run_services
 from services.core.secrets import SecretStore, SecretStoreError
 from services.core.settings import ConfigError, RoostSettings, load_settings, mask_url, url_with_credentials
 from services.core.system import CoreService
+from services.inventory.service import InventoryService
 
 
 def components() -> list[Component]:
     """Every service this build runs.  The domain services join this list as they are built."""
-    return [CoreService(), AlarmsService()]
+    return [CoreService(), AlarmsService(), InventoryService()]
 
 
 async def run_up(data_dir: Path | None, config: Path | None) -> None:

@@ -47,8 +47,14 @@ from services.core.bus.bus import Message, Reject, is_unhandled
 from services.core.db.inbox import Inbox
 from services.core.db.pool import AnyConnection
 from services.core.host import ServiceContext
+from services.core.secrets import SecretStore
 from services.core.versions import advance
 from services.inventory import faults, machine, metrics, store
+from services.inventory.bmc import audit
+from services.inventory.bmc.abc import BmcActionName, BmcError, BmcFactory
+from services.inventory.bmc.audit import AuditResult
+from services.inventory.bmc.vault import FencingSealer, PasswordVault, VaultError
+from services.inventory.bmcs import BmcManager
 from services.inventory.machine import Accepted, Refused
 from services.inventory.store import DuplicateHost, HostRow, Snapshot
 
@@ -62,6 +68,7 @@ EVENT_PATTERNS = ("roost.agent.>", "roost.degrade.>", "roost.heartbeat.host_heal
 INBOX_CONSUMER = "inventory-facts"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 AGENT_SILENT_INTERVALS = 3
+_AUDIT_LOCK = 0x696E76626D63   # "invbmc": one BMC audit round at a time across replicas
 NAMED_HOSTS = ("controller", "storage")
 
 _VERBS = {"roost.cmd.host.add": "add", "roost.cmd.host.update": "update", "roost.cmd.host.lock": "lock",
@@ -119,8 +126,14 @@ class InventoryService:
 
     def __init__(self, *, lock_timeout: float = 120.0, go_enabled_timeout: float = 60.0,
                  agent_check_interval: float = 5.0, bmc_audit_interval: float = 60.0,
-                 power_wait: float = 30.0, metrics_interval: float = 10.0) -> None:
+                 power_wait: float = 30.0, metrics_interval: float = 10.0, secrets: SecretStore | None = None,
+                 bmc_factory: BmcFactory | None = None, bmc_request_timeout: float = 5.0) -> None:
         self.metrics_interval = metrics_interval
+        self.secrets = secrets
+        self.bmc_factory = bmc_factory
+        self.bmc_request_timeout = bmc_request_timeout
+        self._bmcs: BmcManager | None = None
+        self._audit_previous: dict[str, AuditResult] = {}
         self.lock_timeout = lock_timeout
         self.go_enabled_timeout = go_enabled_timeout
         self.agent_check_interval = agent_check_interval
@@ -145,8 +158,17 @@ class InventoryService:
     def pool(self) -> asyncpg.Pool:
         return self.ctx.pool
 
+    @property
+    def bmcs(self) -> BmcManager:
+        if self._bmcs is None:
+            raise RuntimeError("the inventory service has not started")
+        return self._bmcs
+
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        secrets = self.secrets or SecretStore.in_data_dir(ctx.settings.data_dir)
+        self._bmcs = BmcManager(PasswordVault.from_store(secrets), FencingSealer.from_store(secrets),
+                                self.bmc_factory, request_timeout=self.bmc_request_timeout)
         await self._recover()
         await self.reassert_alarms()
         from services.core.bus.abc import ConsumerOptions
@@ -155,7 +177,8 @@ class InventoryService:
         for pattern in EVENT_PATTERNS:
             await ctx.bus.subscribe(pattern, GROUP, self.handle)
         self._loops = [asyncio.create_task(self._watch_agents(), name="inventory-agent-liveness"),
-                       asyncio.create_task(self._gauge(), name="inventory-hosts-gauge")]
+                       asyncio.create_task(self._gauge(), name="inventory-hosts-gauge"),
+                       asyncio.create_task(self._audit_loop(), name="inventory-bmc-audit")]
 
     async def stop(self) -> None:
         loops, self._loops = self._loops, []
@@ -165,6 +188,8 @@ class InventoryService:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        if self._bmcs is not None:
+            await self._bmcs.close()
 
     def routers(self) -> Sequence[APIRouter]:
         if self._router is None:
@@ -203,6 +228,12 @@ class InventoryService:
         """Send the whole set of alarms inventory owns, so that those that no longer stand are cleared."""
         snap = await store.read_snapshot(self.pool)
         alarms = [c.data for row in snap.rows.values() for c in faults.host_alarms(row.state())]
+        for row in snap.rows.values():
+            if row.bmc_provisioned and row.bmc_outcome in ("unreachable", "auth-failed"):
+                known = audit.AuditResult(host_uuid=row.uuid, hostname=row.hostname or row.uuid,
+                                          address=row.bmc_address, outcome=row.bmc_outcome,  # type: ignore[arg-type]
+                                          message=row.bmc_last_error or "")
+                alarms += [alarm.payload() for alarm in audit.decide(known).sets]
         async with self.pool.acquire() as conn, conn.transaction():
             await self.ctx.outbox.add(conn, self.ctx.bus.envelope("roost.fault.reassert", {"alarms": alarms}))
 
@@ -375,7 +406,69 @@ class InventoryService:
         return _now() - row.agent_seen_at <= silent
 
     async def _bmc_action(self, uuid: str, action: str) -> None:
-        await self._fact(machine.ActionFailed(uuid, "no BMC driver is configured"), cause=f"bmc {action}")
+        """Carry out a power action on the host's BMC; its outcome comes back as facts."""
+        row = (await store.read_snapshot(self.pool)).rows.get(uuid)
+        if row is None:
+            return
+        name: BmcActionName
+        if action not in ("power-on", "power-off", "reset", "reboot", "reinstall"):
+            await self._fact(machine.ActionFailed(uuid, f"unknown BMC action {action}"), cause=f"bmc {action}")
+            return
+        name = action  # type: ignore[assignment]
+        try:
+            report = await self.bmcs.perform(row, name, wait=self.power_wait)
+        except (BmcError, VaultError, TimeoutError) as exc:
+            log.warning("bmc action failed", host=row.hostname or uuid, action=action, reason=str(exc))
+            await self._fact(machine.ActionFailed(uuid, f"BMC {action} failed: {exc}"), cause=f"bmc {action} failed")
+            return
+        log.info("bmc action done", host=row.hostname or uuid, action=action, sent=list(report.sent),
+                 power=report.power_state)
+        await self._fact(machine.PowerObserved(uuid, report.power_state), cause=f"bmc {action}: power "
+                                                                                  f"{report.power_state}")
+        await self._fact(machine.ActionDone(uuid), cause=f"bmc {action} done ({', '.join(report.sent)})")
+
+    async def audit_bmcs(self) -> None:
+        """One round of the BMC reachability and credential audit: alarms raised and cleared, each host's
+        verdict recorded, and the power state the BMC reports folded in."""
+        snap = await store.read_snapshot(self.pool)
+        rows = [r for r in snap.rows.values() if r.bmc_provisioned]
+        results = await self.bmcs.audit(rows)
+        decisions, self._audit_previous = audit.decide_all(results, self._audit_previous)
+        async with self.pool.acquire() as conn, conn.transaction():
+            current = await store.lock_site(conn)
+            for result in results:
+                row = current.rows.get(result.host_uuid)
+                if row is None:
+                    continue
+                last_error = None if result.reachable else (result.message or result.outcome)[:255]
+                if (row.bmc_reachable, row.bmc_outcome, row.bmc_last_error) != (
+                        result.reachable, result.outcome, last_error):
+                    saved = await store.save(conn, _replace(row, bmc_reachable=result.reachable,
+                                                            bmc_outcome=result.outcome, bmc_last_error=last_error))
+                    await self._event(conn, "roost.host.updated", msg.HostEvent(
+                        entity_id=saved.uuid, version=saved.version,
+                        host=saved.view(active=saved.uuid == current.active)), None)
+            for decision in decisions.values():
+                for type, data in decision.payloads():
+                    await self._fault(conn, faults.FaultChange(type, data), None)
+        for result in results:
+            row = snap.rows[result.host_uuid]
+            if result.system is not None and result.system.power_state != row.power_state:
+                await self._fact(machine.PowerObserved(row.uuid, result.system.power_state),
+                                 cause=f"bmc audit: power {result.system.power_state}")
+
+    async def _audit_loop(self) -> None:
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    if await conn.fetchval("SELECT pg_try_advisory_lock($1)", _AUDIT_LOCK):
+                        try:
+                            await self.audit_bmcs()
+                        finally:
+                            await conn.execute("SELECT pg_advisory_unlock($1)", _AUDIT_LOCK)
+            except (asyncpg.PostgresError, OSError, VaultError) as exc:
+                log.warning("bmc audit round failed; will retry", error=str(exc))
+            await asyncio.sleep(self.bmc_audit_interval)
 
     async def _request_swact(self, effect: machine.RequestSwact) -> str:
         snap = await store.read_snapshot(self.pool)
@@ -477,6 +570,7 @@ class InventoryService:
                                          location=data.location, labels=data.labels, addresses=addresses)
             if data.bmc is not None:
                 row = await store.save(conn, self._with_bmc(row, data.bmc))
+                await self._announce_bmc_access(conn, row, envelope)
             await self._event(conn, "roost.host.added", msg.HostEvent(entity_id=row.uuid, version=row.version,
                                                                       host=row.view(active=False)), envelope)
             for change in faults.transition(None, row.state()):
@@ -497,7 +591,8 @@ class InventoryService:
     def _with_bmc(self, row: HostRow, bmc: msg.BmcSettings) -> HostRow:
         if bmc.type == "none":
             return _replace(row, bmc_type="none", bmc_address="", bmc_username="", bmc_password=None,
-                            bmc_key_id=None, bmc_system_id=None, bmc_reachable=None, bmc_last_error=None)
+                            bmc_key_id=None, bmc_system_id=None, bmc_reachable=None, bmc_outcome=None,
+                            bmc_last_error=None)
         if not bmc.address or not bmc.username:
             raise HostCommandRefused("a Redfish BMC needs an address and a username")
         if bmc.username != row.bmc_username and not bmc.password and row.bmc_password is not None:
@@ -507,10 +602,16 @@ class InventoryService:
             password, key_id = self._seal_password(row.uuid, bmc.password)
         return _replace(row, bmc_type=bmc.type, bmc_address=bmc.address, bmc_username=bmc.username,
                         bmc_password=password, bmc_key_id=key_id, bmc_system_id=bmc.system_id,
-                        bmc_verify_tls=bmc.verify_tls, bmc_reachable=None, bmc_last_error=None)
+                        bmc_verify_tls=bmc.verify_tls, bmc_reachable=None, bmc_outcome=None, bmc_last_error=None)
 
     def _seal_password(self, uuid: str, password: str) -> tuple[bytes, str]:
-        raise HostCommandRefused("BMC passwords cannot be stored yet")
+        return self.bmcs.encrypt(uuid, password)
+
+    async def _announce_bmc_access(self, conn: AnyConnection, row: HostRow, origin: Envelope | None) -> None:
+        """A controller's BMC access, sealed for the heartbeat service, whenever it changes."""
+        access = self.bmcs.sealed_access(row)
+        if access is not None:
+            await self._event(conn, "roost.host.bmc_access", access, origin)
 
     async def update(self, data: msg.HostUpdate, envelope: Envelope) -> msg.Host:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -544,6 +645,8 @@ class InventoryService:
                 return row.view(active=row.uuid == snap.active)
             saved = await store.save(conn, new)
             view = saved.view(active=saved.uuid == snap.active)
+            if data.bmc is not None or "personality" in changes:
+                await self._announce_bmc_access(conn, saved, envelope)
             await self._event(conn, "roost.host.updated", msg.HostEvent(entity_id=saved.uuid, version=saved.version,
                                                                         host=view), envelope)
             for change in faults.transition(row.state(), saved.state()):
@@ -561,6 +664,7 @@ class InventoryService:
         assert snap is not None
         row = snap.find(ref)
         assert row is not None
+        await self.bmcs.forget(row.uuid)
         return msg.HostDeletedResult(uuid=row.uuid, hostname=row.hostname)
 
     # -- reads ----------------------------------------------------------------------------------------
@@ -686,7 +790,8 @@ class InventoryService:
         row = await self._agent_host(data.agent, data.macs)
         async with self.pool.acquire() as conn, conn.transaction():
             await store.touch_agent(conn, row.uuid, _now(), data.interval_seconds, data.boot_id, data.uptime_seconds)
-        if not row.agent_alive:
+        if not row.agent_alive or (row.administrative == "locked" and row.availability == "offline"):
+            # silent until now, or back from a reboot or reset
             await self._fact(machine.AgentOnline(row.uuid), cause=f"agent {data.agent} announced itself")
         self._waiters.wake(row.uuid)
 

@@ -24,7 +24,8 @@ SCHEMA = "inventory"
 _COLUMNS = """uuid, node_id, hostname, personality, subfunctions, administrative, operational, availability, task,
     action, power_state, uptime_seconds, mgmt_mac, serial, location, labels, addresses, degrade_reasons, agent,
     agent_alive, agent_seen_at, agent_interval, agent_boot_id, inventoried, bmc_type, bmc_address, bmc_username,
-    bmc_password, bmc_key_id, bmc_system_id, bmc_verify_tls, bmc_reachable, bmc_last_error, created_at, updated_at,
+    bmc_password, bmc_key_id, bmc_system_id, bmc_verify_tls, bmc_reachable, bmc_outcome, bmc_last_error, created_at,
+    updated_at,
     version"""
 
 
@@ -66,6 +67,7 @@ class HostRow:
     bmc_system_id: str | None
     bmc_verify_tls: bool
     bmc_reachable: bool | None
+    bmc_outcome: str | None
     bmc_last_error: str | None
     created_at: datetime
     updated_at: datetime
@@ -204,7 +206,8 @@ async def save(conn: AnyConnection, row: HostRow) -> HostRow:
                    addresses = $16::jsonb, degrade_reasons = $17::jsonb, agent = $18, agent_alive = $19,
                    agent_seen_at = $20, agent_interval = $21, agent_boot_id = $22, inventoried = $23, bmc_type = $24,
                    bmc_address = $25, bmc_username = $26, bmc_password = $27, bmc_key_id = $28, bmc_system_id = $29,
-                   bmc_verify_tls = $30, bmc_reachable = $31, bmc_last_error = $32, updated_at = now(),
+                   bmc_verify_tls = $30, bmc_reachable = $31, bmc_last_error = $32, bmc_outcome = $33,
+                   updated_at = now(),
                    version = version + 1
                 WHERE uuid = $1 RETURNING {_COLUMNS}""",
             uuidlib.UUID(row.uuid), row.hostname, row.personality, list(row.subfunctions), row.administrative,
@@ -212,7 +215,8 @@ async def save(conn: AnyConnection, row: HostRow) -> HostRow:
             row.mgmt_mac, row.serial, row.location, json.dumps(dict(row.labels)), json.dumps(dict(row.addresses)),
             json.dumps(dict(row.degrade_reasons)), row.agent, row.agent_alive, row.agent_seen_at, row.agent_interval,
             row.agent_boot_id, row.inventoried, row.bmc_type, row.bmc_address, row.bmc_username, row.bmc_password,
-            row.bmc_key_id, row.bmc_system_id, row.bmc_verify_tls, row.bmc_reachable, row.bmc_last_error)
+            row.bmc_key_id, row.bmc_system_id, row.bmc_verify_tls, row.bmc_reachable, row.bmc_last_error,
+            row.bmc_outcome)
     except asyncpg.UniqueViolationError as exc:
         raise DuplicateHost(_duplicate(exc)) from None
     if record is None:

@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS hosts (
     bmc_system_id    text,
     bmc_verify_tls   boolean     NOT NULL DEFAULT true,
     bmc_reachable    boolean,
+    bmc_outcome      text        CHECK (bmc_outcome IN ('ok', 'unreachable', 'auth-failed')),
     bmc_last_error   text,
     created_at       timestamptz NOT NULL DEFAULT now(),
     updated_at       timestamptz NOT NULL DEFAULT now(),
