@@ -264,7 +264,7 @@ async def _check_one(target: AuditTarget, round_: _Round) -> AuditResult:
                              outcome=outcome, message=message, system=system,
                              elapsed=time.monotonic() - started)
         if outcome != "ok":
-            log.info("bmc audit found a fault", host=target.name, bmc=target.endpoint.address, outcome=outcome,
+            log.debug("bmc audit found a fault", host=target.name, bmc=target.endpoint.address, outcome=outcome,
                      reason=message)
         return result
 
