@@ -134,6 +134,7 @@ class InventoryService:
         self.bmc_request_timeout = bmc_request_timeout
         self._bmcs: BmcManager | None = None
         self._audit_previous: dict[str, AuditResult] = {}
+        self._bmc_hardware_read: set[str] = set()
         self.lock_timeout = lock_timeout
         self.go_enabled_timeout = go_enabled_timeout
         self.agent_check_interval = agent_check_interval
@@ -452,10 +453,33 @@ class InventoryService:
                 for type, data in decision.payloads():
                     await self._fault(conn, faults.FaultChange(type, data), None)
         for result in results:
+            if result.reachable and result.host_uuid not in self._bmc_hardware_read:
+                await self._read_bmc_hardware(snap.rows[result.host_uuid])
+        for result in results:
             row = snap.rows[result.host_uuid]
             if result.system is not None and result.system.power_state != row.power_state:
                 await self._fact(machine.PowerObserved(row.uuid, result.system.power_state),
                                  cause=f"bmc audit: power {result.system.power_state}")
+
+    async def _read_bmc_hardware(self, row: HostRow) -> None:
+        """What the BMC says of the host's hardware (once per BMC and service start): it completes what the
+        agent reports (``store.hardware``)."""
+        bmc = await self.bmcs.bmc(row)
+        if bmc is None:
+            return
+        try:
+            hardware = await bmc.hardware()
+        except BmcError as exc:
+            log.info("bmc hardware not read", host=row.hostname or row.uuid, reason=str(exc))
+            return
+        self._bmc_hardware_read.add(row.uuid)
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await store.put_hardware(conn, row.uuid, hardware.model_copy(update={"source": "redfish"})):
+                merged = await store.hardware(conn, row.uuid)
+                version = await store.bump(conn, row.uuid)
+                if version is not None:
+                    await self._event(conn, "roost.host.inventory_updated", msg.HostInventoryUpdated(
+                        entity_id=row.uuid, version=int(version), hostname=row.hostname, hardware=merged), None)
 
     async def _audit_loop(self) -> None:
         while True:
@@ -805,9 +829,12 @@ class InventoryService:
             now = current.rows[row.uuid]
             if not now.inventoried:
                 now = await store.save(conn, _replace(now, inventoried=True))
+            elif changed:
+                now = _replace(now, version=await store.bump(conn, now.uuid) or now.version)
             if changed:
                 await self._event(conn, "roost.host.inventory_updated", msg.HostInventoryUpdated(
-                    entity_id=now.uuid, version=now.version, hostname=now.hostname, hardware=data.hardware), None)
+                    entity_id=now.uuid, version=now.version, hostname=now.hostname,
+                    hardware=await store.hardware(conn, now.uuid)), None)
 
     async def refresh_metrics(self) -> None:
         """Set ``roost_hosts`` from the database."""

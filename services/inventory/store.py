@@ -232,6 +232,13 @@ async def touch_agent(conn: AnyConnection, uuid: str, seen_at: datetime, interva
                        uuidlib.UUID(uuid), seen_at, interval, boot_id, uptime)
 
 
+async def bump(conn: AnyConnection, uuid: str) -> int | None:
+    """A new version for a change that lives outside the host row (its hardware); None: no such host."""
+    version = await conn.fetchval(f"""UPDATE {SCHEMA}.hosts SET version = version + 1, updated_at = now()
+                                      WHERE uuid = $1 RETURNING version""", uuidlib.UUID(uuid))
+    return int(version) if version is not None else None
+
+
 async def delete(conn: AnyConnection, uuid: str) -> None:
     await conn.execute(f"DELETE FROM {SCHEMA}.hosts WHERE uuid = $1", uuidlib.UUID(uuid))
 

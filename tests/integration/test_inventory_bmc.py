@@ -98,6 +98,9 @@ async def test_the_audit_raises_and_clears_bmc_alarms(site: Site, sushy: SushyEm
     clears = [e["data"] for e in await site.outbox("roost.fault.clear") if e["data"].get("alarm_id") == "950.005"]
     assert clears and clears[-1]["entity_instance_id"] == entity
     assert (await site.host("storage-0"))["power_state"] == "off"     # what the BMC reports, folded in
+    hardware = (await site.ok("roost.cmd.host.hardware", {"host": "storage-0"}))["hardware"]
+    assert hardware["source"] == "redfish"                           # no agent has reported: the BMC's view
+    assert [p["mac"] for p in hardware["ports"]] == ["52:54:00:10:00:03"]
 
     await site.ok("roost.cmd.host.update", {"host": "storage-0", "bmc": {**bmc(sushy, STORAGE),
                                                                          "address": "http://127.0.0.1:9"}})
