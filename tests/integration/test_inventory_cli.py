@@ -20,15 +20,17 @@ from schemas.envelope import Role
 from services.core.auth import create_token
 from services.core.embedded.nats_server import NatsServer
 from services.core.host import Connections, ServiceHost
+from services.core.secrets import SecretStore
 from services.core.settings import load_settings
 from services.inventory.service import InventoryService
-from tests.integration.test_roost_up import clean_env
+from tests.integration.test_roost_up import Up, clean_env, data_dir
+from tests.integration.test_roost_up import roost as roost_up
 from tests.support.nats import nats_server
 from tests.support.postgres import fresh_database, pool_on
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats, pytest.mark.postgres]
-__all__ = ["nats_server"]           # the fixture
+__all__ = ["data_dir", "nats_server"]       # the fixtures
 
 SECRET = "s3cr3t-bmc-password-" + "q" * 20
 ROOST = [sys.executable, "-m", "services.cli"]
@@ -72,13 +74,19 @@ async def roost(nats_server: NatsServer, tmp_path: Path) -> AsyncIterator[Roost]
         async with pool.acquire() as conn:
             admin = await create_token(conn, "operator", Role.ADMIN)
             reader = await create_token(conn, "viewer", Role.READER)
-        service = InventoryService(go_enabled_timeout=1.0, lock_timeout=10.0)
+        service = InventoryService(go_enabled_timeout=1.0, lock_timeout=10.0,
+                                   secrets=SecretStore(tmp_path / "secrets"))
         host = ServiceHost(service, load_settings(), Connections(nats_server.url, url), token=None)
         await host.start()
         try:
             yield Roost(nats_server.url, admin, reader, tmp_path / "data", service)
         finally:
             await host.stop(asyncio.get_running_loop().time() + 30)
+
+
+def properties(text: str) -> dict[str, str]:
+    """`roost host show`'s property/value lines."""
+    return dict(line.split(None, 1) for line in text.splitlines()[1:] if len(line.split(None, 1)) == 2)
 
 
 def state(host: dict[str, Any]) -> tuple[str, str, str]:
@@ -107,7 +115,7 @@ async def test_add_list_show_lock_unlock_delete(roost: Roost) -> None:
 
     shown = await roost("host", "show", "worker-1", role="reader")
     assert shown.returncode == 0, shown.stderr
-    props = dict(line.split(None, 1) for line in shown.stdout.splitlines()[1:] if len(line.split(None, 1)) == 2)
+    props = properties(shown.stdout)
     assert props["hostname"] == "worker-1" and props["location"] == "rack 1" and props["addresses"] == "mgmt=10.0.0.5"
     assert props["bm_type"] == "none"
 
@@ -159,28 +167,19 @@ async def test_update_and_the_bmc_password_from_a_file(roost: Roost, tmp_path: P
     password_file.write_text(SECRET + "\n")
     with_bmc = await roost("host", "update", "worker-2", "--bmc-address", "https://10.10.10.3",
                            "--bmc-username", "root", "--bmc-password-file", str(password_file))
-    if with_bmc.returncode == 1:         # the sealed store for BMC passwords is not there yet: a clean refusal
-        assert "BMC password" in with_bmc.stderr, with_bmc.stderr
-        from_stdin = await roost("host", "add", "--hostname", "worker-3", "--personality", "worker",
-                                 "--mgmt-mac", "52:54:00:aa:00:03", "--bmc-address", "https://10.10.10.4",
-                                 "--bmc-username", "root", "--bmc-password-file", "-", input=SECRET + "\n")
-        assert from_stdin.returncode == 1 and "BMC password" in from_stdin.stderr, from_stdin.stderr
-        without = await roost("host", "update", "worker-2", "--bmc-address", "https://10.10.10.3",
-                              "--bmc-username", "root")
-        assert without.returncode == 0, without.stderr
-        assert "password_set" not in without.stdout and "not set" in without.stdout
-    else:
-        assert with_bmc.returncode == 0, with_bmc.stderr
-        props = with_bmc.stdout
-        assert "https://10.10.10.3" in props and "bm_password" in props and "not set" not in props
+    assert with_bmc.returncode == 0, with_bmc.stderr
+    props = properties(with_bmc.stdout)
+    assert (props["bm_address"], props["bm_username"], props["bm_password"]) == ("https://10.10.10.3", "root", "set")
+    from_stdin = await roost("host", "add", "--hostname", "worker-3", "--personality", "worker",
+                             "--mgmt-mac", "52:54:00:aa:00:03", "--bmc-address", "https://10.10.10.4",
+                             "--bmc-username", "root", "--bmc-password-file", "-", input=SECRET + "\n")
+    assert from_stdin.returncode == 0 and properties(from_stdin.stdout)["bm_password"] == "set", from_stdin.stderr
     prompted = await roost("host", "add", "--hostname", "worker-6", "--personality", "worker", "--mgmt-mac",
                            "52:54:00:aa:00:06", "--bmc-address", "https://10.10.10.6", "--bmc-username", "root",
                            input=f"{SECRET}\n{SECRET}\n")         # asked twice, not echoed
-    assert "BMC password" in prompted.stderr, prompted.stderr
-    if with_bmc.returncode == 1:
-        assert prompted.returncode == 1 and "cannot be stored" in prompted.stderr, prompted.stderr
-    else:
-        assert prompted.returncode == 0, prompted.stderr
+    assert prompted.returncode == 0 and "BMC password" in prompted.stderr, prompted.stderr
+    rotated = await roost.json("host", "update", "worker-6", "--bmc-password-file", str(password_file))
+    assert rotated["result"]["bmc"]["password_set"] is True and rotated["result"]["bmc"]["username"] == "root"
     shown = await roost.json("host", "show", "worker-2")
     assert shown["result"]["bmc"]["address"] == "https://10.10.10.3" and "password" not in shown["result"]["bmc"]
     removed = await roost.json("host", "update", "worker-2", "--no-bmc")
@@ -199,3 +198,29 @@ async def test_update_and_the_bmc_password_from_a_file(roost: Roost, tmp_path: P
     assert invalid.returncode == 1 and "mgmt_mac" in invalid.stderr, invalid.stderr
     listed = {h["hostname"] for h in (await roost.json("host", "list"))["result"]["items"]}
     assert "worker-2" in listed and not {"worker-4", "worker-5"} & listed, "nothing refused was added"
+
+
+def test_through_roost_up(data_dir: Path) -> None:
+    """The real `roost up` (embedded NATS with a broker user per service and one for the `roost` command,
+    embedded PostgreSQL): `roost host` finds the system from the data dir, with the local operator token."""
+    up = Up(data_dir, clean_env())
+    try:
+        up.wait_ready()
+        added = roost_up(data_dir, "host", "add", "--hostname", "worker-1", "--personality", "worker",
+                         "--mgmt-mac", "52:54:00:bb:00:01", "--address", "mgmt=10.0.0.5")
+        assert added.returncode == 0, added.stderr
+        listed = roost_up(data_dir, "host", "list")
+        assert listed.returncode == 0 and listed.stdout.splitlines()[1].split()[1:6] == [
+            "worker-1", "worker", "locked", "disabled", "offline"], listed.stdout + listed.stderr
+        unlock = roost_up(data_dir, "host", "unlock", "worker-1")
+        assert unlock.returncode == 1 and "not online" in unlock.stderr, unlock.stderr
+        assert "Traceback" not in unlock.stderr
+        shown = roost_up(data_dir, "host", "show", "worker-1", "--json")
+        assert json.loads(shown.stdout)["result"]["addresses"] == {"mgmt": "10.0.0.5"}
+        deleted = roost_up(data_dir, "host", "delete", "worker-1")
+        assert deleted.returncode == 0 and deleted.stdout.strip() == "deleted worker-1", deleted.stderr
+        assert roost_up(data_dir, "host", "list").stdout.strip() == "(none)"
+        assert up.interrupt() == 0, up.stderr.read_text()[-3000:]
+    finally:
+        if up.process.poll() is None:
+            up.process.kill()
