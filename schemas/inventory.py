@@ -52,14 +52,25 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    return value
+
+
+Clean = Annotated[str, AfterValidator(_no_nul)]
+"""Text an operator gives, stored as it is: any character but NUL (which PostgreSQL cannot store)."""
+
+
 Hostname = Annotated[str, Field(pattern=HOSTNAME_PATTERN, description="e.g. controller-0, worker-3")]
 AgentName = Annotated[str, Field(pattern=HOSTNAME_PATTERN, description="the enrolled agent's name")]
 Mac = Annotated[str, AfterValidator(_lower), Field(pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$",
                                                    description="aa:bb:cc:dd:ee:ff")]
 HostRef = Annotated[str, Field(min_length=1, max_length=64, description="a host's uuid or hostname")]
 Label = Annotated[str, Field(min_length=1, max_length=63, pattern=r"^[A-Za-z0-9]([A-Za-z0-9._/-]*[A-Za-z0-9])?$")]
-LabelValue = Annotated[str, Field(max_length=63)]
-Text = Annotated[str, Field(max_length=255)]
+LabelValue = Annotated[Clean, Field(max_length=63)]
+Text = Annotated[Clean, Field(max_length=255)]
+FreeText = Annotated[Clean, Field(max_length=255)]
 IpAddress = IPv4Address | IPv6Address
 
 Personality = Literal["controller", "worker", "storage"]
@@ -136,11 +147,11 @@ class BmcSettings(_Model):
     encrypted and no API, event or log returns it."""
 
     type: BmcType = "redfish"
-    address: str = Field(default="", max_length=255, pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$",
+    address: Clean = Field(default="", max_length=255, pattern=r"^(https?://[^\s/]+(/[^\s]*)?)?$",
                          description="the Redfish service, e.g. https://10.10.10.3 (empty when type is none)")
-    username: str = Field(default="", max_length=64, pattern=r"^\S*$")
-    password: str = Field(default="", max_length=255, repr=False)
-    system_id: str | None = Field(default=None, max_length=255,
+    username: Clean = Field(default="", max_length=64, pattern=r"^\S*$")
+    password: Clean = Field(default="", max_length=255, repr=False)
+    system_id: Clean | None = Field(default=None, max_length=255,
                                   description="the Redfish system to drive; default: the BMC's only system")
     verify_tls: bool = True
 
@@ -202,8 +213,8 @@ class HostAdd(_Model):
     personality: Personality
     subfunctions: list[Subfunction] | None = Field(default=None, description="default: the personality")
     mgmt_mac: Mac
-    serial: str = Field(default="", max_length=255)
-    location: str = Field(default="", max_length=255)
+    serial: FreeText = ""
+    location: FreeText = ""
     labels: dict[Label, LabelValue] = Field(default_factory=dict)
     bmc: BmcSettings | None = None
     addresses: dict[Network, IpAddress] = Field(default_factory=dict)
@@ -217,8 +228,8 @@ class HostUpdate(_Model):
     hostname: Hostname | None = None
     personality: Personality | None = None
     subfunctions: list[Subfunction] | None = None
-    serial: str | None = Field(default=None, max_length=255)
-    location: str | None = Field(default=None, max_length=255)
+    serial: FreeText | None = None
+    location: FreeText | None = None
     labels: dict[Label, LabelValue] | None = Field(default=None, description="replaces the labels")
     bmc: BmcSettings | None = None
     addresses: dict[Network, IpAddress] | None = Field(default=None, description="replaces the addresses")

@@ -55,8 +55,9 @@ def show_reply(reply: CommandReply, render: Callable[[dict[str, Any]], str] | No
         click.echo(json.dumps(reply.model_dump(mode="json"), indent=2))
     elif reply.ok:
         click.echo(render(reply.result) if render else json.dumps(reply.result, indent=2))
-    if not reply.ok:
-        raise CliError(f"{reply.command_type} {reply.status}: {reply.reason}", code=1)
+    if not reply.ok:        # outside run(): one line on stderr, not a traceback
+        click.echo(f"roost: {reply.command_type} {reply.status}: {reply.reason}", err=True)
+        sys.exit(1)
 
 
 class Context:

@@ -218,8 +218,6 @@ class InventoryService:
                 event = machine.ServicesDisableFailed(row.uuid, "inventory restarted during the lock")
             elif row.action in ("reboot", "reset", "power-on", "power-off", "reinstall"):
                 event = machine.ActionFailed(row.uuid, "inventory restarted during the action")
-            elif row.action == "swact" and snap.active is not None:
-                event = machine.ActiveChanged(snap.active)
             if event is not None:
                 await self._fact(event, cause="restart recovery")
             if row.availability == "intest":
@@ -339,7 +337,7 @@ class InventoryService:
             elif isinstance(effect, machine.BmcAction):
                 self._spawn(self._bmc_action(effect.uuid, effect.action), f"bmc-{effect.action}-{effect.uuid}")
             elif isinstance(effect, machine.RequestSwact):
-                details.append(await self._request_swact(effect))
+                raise AssertionError("swact is requested by _swact, never through a committed transition")
         return [d for d in details if d]
 
     async def _host_services(self, type: str, uuid: str, action: Literal["lock", "force-lock", "unlock"],
@@ -494,41 +492,61 @@ class InventoryService:
                 log.warning("bmc audit round failed; will retry", error=str(exc))
             await asyncio.sleep(self.bmc_audit_interval)
 
-    async def _request_swact(self, effect: machine.RequestSwact) -> str:
+    async def _swact(self, ref: str, force: bool, envelope: Envelope) -> msg.HostActionResult:
+        """Swact: the rules are checked here, the heartbeat service carries it out and then announces the
+        active controller (``roost.heartbeat.active_controller``), which is when inventory records it.  A
+        refused or failed swact changes nothing here."""
         snap = await store.read_snapshot(self.pool)
-        src, dst = snap.rows.get(effect.from_uuid), snap.rows.get(effect.to_uuid)
-        assert src is not None and dst is not None and src.hostname and dst.hostname
-        request = self.ctx.bus.envelope("roost.cmd.heartbeat.swact", hb.Swact(
-            from_host=src.hostname, to_host=dst.hostname, force=effect.force))
-        try:
-            reply = await self.ctx.bus.request(request, timeout=self.lock_timeout)
-            problem = ("no heartbeat service is running to carry out the swact" if is_unhandled(reply)
-                       else None if reply.ok else reply.reason or "the heartbeat service refused")
-        except RequestTimeout:
-            problem = f"the heartbeat service did not answer within {self.lock_timeout:g} s"
+        row = snap.find(ref)
+        if row is None:
+            raise HostNotFound(ref)
+        verb = "swact --force" if force else "swact"
+        decision = machine.decide(snap.site, machine.Swact(row.uuid, force))
+        problem = decision.reason if isinstance(decision, Refused) else None
+        detail = ""
+        if isinstance(decision, Accepted):
+            [effect] = [e for e in decision.effects if isinstance(e, machine.RequestSwact)]
+            peer = snap.rows[effect.to_uuid]
+            assert row.hostname is not None and peer.hostname is not None
+            request = self.ctx.bus.envelope("roost.cmd.heartbeat.swact", hb.Swact(
+                from_host=row.hostname, to_host=peer.hostname, force=force),
+                causationid=envelope.id, correlationid=envelope.correlationid or envelope.id)
+            try:
+                reply = await self.ctx.bus.request(request, timeout=self.lock_timeout)
+                problem = ("no heartbeat service is running to carry out the swact" if is_unhandled(reply)
+                           else None if reply.ok else reply.reason or "the heartbeat service refused")
+            except RequestTimeout:
+                problem = f"the heartbeat service did not answer within {self.lock_timeout:g} s"
+            detail = f"the heartbeat service moves the active role to {peer.hostname}"
+        async with self.pool.acquire() as conn, conn.transaction():
+            await self._log(conn, envelope, verb, row, f"rejected: {problem}" if problem else f"accepted: {detail}")
         if problem is not None:
-            if snap.active is not None:   # clears the swact task; the active controller stays
-                await self._fact(machine.ActiveChanged(snap.active), cause="swact failed")
             raise HostCommandRefused(problem)
-        return f"swact to {dst.hostname} requested"
+        return msg.HostActionResult(host=await self.show(row.uuid), detail=detail)
 
     # -- commands -------------------------------------------------------------------------------------
 
     async def command(self, message: Message) -> BaseModel:
-        verb = _VERBS.get(message.envelope.type) or message.envelope.type.rsplit(".", 1)[-1]
         try:
-            result = await self.execute(message.data, message.envelope)
+            return await self.execute(message.data, message.envelope)
         except (HostNotFound, HostCommandRefused, DuplicateHost) as exc:
-            metrics.record_command(verb, False)
             raise Reject(str(exc)) from None
-        metrics.record_command(verb, True)
-        return result
 
     async def execute(self, data: BaseModel, envelope: Envelope) -> BaseModel:
         """Run one ``roost.cmd.host.*`` command (from the bus or the REST API).
 
         Raises ``HostNotFound``, ``HostCommandRefused`` or ``DuplicateHost`` with the reason; nothing
         changed then."""
+        verb = _VERBS.get(envelope.type, "")
+        try:
+            result = await self._execute(data, envelope)
+        except (HostNotFound, HostCommandRefused, DuplicateHost):
+            metrics.record_command(verb, False)
+            raise
+        metrics.record_command(verb, True)
+        return result
+
+    async def _execute(self, data: BaseModel, envelope: Envelope) -> BaseModel:
         type = envelope.type
         if isinstance(data, msg.HostList):
             return msg.HostListResult(items=await self.list_hosts(data.personality, data.limit))
@@ -563,6 +581,8 @@ class InventoryService:
                 "reinstall": machine.Reinstall(row.uuid), "swact": machine.Swact(row.uuid, force)}
             return commands[verb]
 
+        if verb == "swact":
+            return await self._swact(ref, force, envelope)
         outcome = await self._transition(ref, build, cause=f"{verb}{' (force)' if force else ''} by {_who(envelope)}",
                                          origin=envelope, verb=verb + (" --force" if force else ""))
         if not outcome.accepted:
@@ -581,9 +601,10 @@ class InventoryService:
         subfunctions = data.subfunctions or [data.personality]
         async with self.pool.acquire() as conn, conn.transaction():
             snap = await store.lock_site(conn)
-            hostname = data.hostname or self._next_name(snap, data.personality)
             discovered = next((r for r in snap.rows.values() if r.mgmt_mac == data.mgmt_mac), None)
-            if discovered is not None and discovered.personality is None and discovered.hostname is None:
+            hostname = data.hostname or (discovered.hostname if discovered is not None else None) \
+                or self._next_name(snap, data.personality)
+            if discovered is not None and discovered.personality is None:
                 row = await store.save(conn, _replace(discovered, hostname=hostname, personality=data.personality,
                                                       subfunctions=tuple(subfunctions), serial=data.serial,
                                                       location=data.location, labels=dict(data.labels),

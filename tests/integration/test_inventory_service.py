@@ -71,6 +71,7 @@ async def test_an_unknown_agent_becomes_an_unprovisioned_host_that_add_adopts(si
     assert [e["data"]["host"]["uuid"] for e in await site.outbox("roost.host.discovered")] == [found["uuid"]]
     refused = await site.command("roost.cmd.host.unlock", {"host": found["uuid"], "force": True})
     assert refused.status is ReplyStatus.REJECTED and "unprovisioned" in (refused.reason or "")
+    await site.ok("roost.cmd.host.update", {"host": found["uuid"], "hostname": "worker-7"})
     adopted = await site.ok("roost.cmd.host.add", {"personality": "worker", "hostname": "worker-7",
                                                    "mgmt_mac": "52:54:00:AA:00:17"})
     assert adopted["uuid"] == found["uuid"] and adopted["provision"] == "provisioned"
@@ -109,6 +110,8 @@ async def test_unlock_passes_through_intest_and_lock_without_orchestrator_says_s
     logs = [e["data"]["reason_text"] for e in await site.outbox("roost.fault.log")]
     assert any(t.startswith("ops-admin: lock worker-0: accepted") for t in logs)
     assert any("lock --force controller-0: rejected" in t for t in logs)
+    nul = await site.command("roost.cmd.host.update", {"host": "worker-0", "location": "rack\x001"}, unchecked=True)
+    assert nul.status is ReplyStatus.REJECTED and "NUL" in (nul.reason or "")
 
 
 async def test_lock_waits_for_the_orchestrator_and_fails_cleanly_when_it_cannot_drain(site: Site) -> None:
@@ -196,9 +199,10 @@ async def test_swact_is_carried_out_by_the_heartbeat_service(site: Site) -> None
     await unlocked(site, "controller-0")
     c1 = await provisioned(site, "controller-1", "controller", "52:54:00:00:00:02")
     await unlocked(site, "controller-1")
+    before = await site.host("controller-0")
     nobody = await site.command("roost.cmd.host.swact", {"host": "controller-0"})
     assert nobody.status is ReplyStatus.REJECTED and "heartbeat" in (nobody.reason or "")
-    assert (await site.host("controller-0"))["task"] == ""
+    assert await site.host("controller-0") == before              # a refused swact changes nothing
     standby = await site.command("roost.cmd.host.swact", {"host": "controller-1"})
     assert standby.status is ReplyStatus.REJECTED
 
