@@ -248,6 +248,16 @@ def test_roost_up_lets_enrolled_agents_in_before_and_after_it_starts(up_data_dir
                    for name in ("worker-1", "worker-2")]
         for agent in agents:
             agent.wait_for('"event": "agent connected"', 30)
+        deadline = time.monotonic() + 60
+        hosts: list[dict[str, object]] = []
+        while {h["agent"] for h in hosts} != {"worker-1", "worker-2"}:      # inventory recorded both
+            assert time.monotonic() < deadline, f"agents not in roost host list: {hosts}"
+            listed = subprocess.run([*ROOST, "--data-dir", str(data), "host", "list", "--json"], env=clean_env(),
+                                    capture_output=True, text=True, timeout=60)
+            assert listed.returncode == 0, listed.stderr
+            hosts = json.loads(listed.stdout)["result"]["items"]
+        assert {(h["provision"], h["availability"], h["inventoried"]) for h in hosts} <= {
+            ("unprovisioned", "online", True), ("unprovisioned", "online", False)}
         for agent in agents:
             agent.send(signal.SIGTERM)
         for agent in agents:
