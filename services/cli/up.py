@@ -18,6 +18,7 @@ from pathlib import Path
 
 import asyncpg
 import click
+import structlog
 
 from schemas.envelope import Role
 from services.alarms.service import AlarmsService
@@ -39,6 +40,8 @@ from services.core.secrets import SecretStore, SecretStoreError
 from services.core.settings import ConfigError, RoostSettings, load_settings, mask_url, url_with_credentials
 from services.core.system import CoreService
 from services.inventory.service import InventoryService
+
+log = structlog.get_logger("roost.up")
 
 
 def components() -> list[Component]:
@@ -124,11 +127,24 @@ async def _bus(settings: RoostSettings, data: Path, stack: contextlib.AsyncExitS
     policy = local_policy(data)         # ... and every agent enrolled with `roost agent enroll`
     passwords = ensure_broker_passwords(secrets, policy)
     config = apply_nats(policy, passwords, data / "nats" / "auth.conf", server_name="roost")
-    server = NatsServer(data / "nats", server_name="roost", config_file=config)
+    # The same port as last time, so that the bus URL in an agent's credentials file stays good across
+    # restarts of roost up; a free one when there was none or it is taken now.
+    port_file = data / "nats" / "port"
+    saved = int(port_file.read_text()) if port_file.is_file() and port_file.read_text().strip().isdigit() else None
+    server = NatsServer(data / "nats", server_name="roost", config_file=config, port=saved)
     try:
         await server.start()
     except NatsServerError as exc:
-        raise CliError(f"cannot start the embedded NATS server: {exc}") from None
+        if saved is None:
+            raise CliError(f"cannot start the embedded NATS server: {exc}") from None
+        log.warning("embedded NATS could not take its previous port; taking a free one", port=saved,
+                    error=str(exc))
+        server = NatsServer(data / "nats", server_name="roost", config_file=config)
+        try:
+            await server.start()
+        except NatsServerError as exc2:
+            raise CliError(f"cannot start the embedded NATS server: {exc2}") from None
+    port_file.write_text(f"{server.port}\n")
     stack.push_async_callback(server.stop)
     return BusPlan(server.url, f"{server.url} (embedded NATS JetStream with a user per service, data in "
                                f"{data / 'nats'})", {user: pw.get_secret_value() for user, pw in passwords.items()})

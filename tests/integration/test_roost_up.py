@@ -130,12 +130,14 @@ def test_up_on_embedded_servers_then_status_ping_dlq_stop_and_restart(data_dir: 
     denied = roost(data_dir, "--token", "roost_not-a-real-token", "dlq", "purge", "--all")
     assert denied.returncode == 1 and "unauthenticated" in denied.stderr
 
+    first_bus = runtime_bus_url(data_dir)
     assert up.interrupt() == 0, up.stderr.read_text()[-3000:]
     assert not (data_dir / "run" / "roost.json").exists()
     assert roost(data_dir, "status").returncode == 1
 
     again = Up(data_dir, clean_env())
     second = again.wait_ready()
+    assert runtime_bus_url(data_dir) == first_bus, "the embedded NATS keeps its port: agents' bus URLs stay good"
     assert "roost_" not in second, "the first admin token is shown once, not on every start"
     ping = roost(data_dir, "--token", token, "ping")
     assert ping.returncode == 0, "the token of the first run still works: the data survived"
