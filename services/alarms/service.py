@@ -89,6 +89,7 @@ from services.core.bus.bus import Message, Reject
 from services.core.db.inbox import Inbox
 from services.core.db.pool import AnyConnection
 from services.core.host import ServiceContext
+from services.core.logging import message_context
 
 log = structlog.get_logger("roost.alarms")
 
@@ -193,6 +194,11 @@ def _batch_op(message: Message) -> BatchOp | None:
         return ClearOp(ClearRequest(alarm_id=data.alarm_id, entity_instance_id=data.entity_instance_id),
                        Origin.of(message.envelope))
     return None
+
+
+def _context(message: Message) -> contextlib.AbstractContextManager[None]:
+    """The message's ids bound for the logs (the committer's own context names no message)."""
+    return message_context(message.envelope, group=message.group, attempt=message.attempt)
 
 
 def _settle(outcome: asyncio.Future[None], error: BaseException | None) -> None:
@@ -340,7 +346,7 @@ class AlarmsService:
             while self._queued:
                 batch = self._queued[:self.batch_size]
                 del self._queued[:len(batch)]
-                await self.apply_batch(batch)
+                await self._apply_batch(batch)
             batch = []
         finally:
             if batch:       # cancelled mid-batch: its handlers and the queued ones fail; the bus delivers again
@@ -348,7 +354,7 @@ class AlarmsService:
                 for queued in left:
                     _settle(queued.outcome, RuntimeError("the alarms service stopped before applying it"))
 
-    async def apply_batch(self, batch: Sequence[_Queued]) -> None:
+    async def _apply_batch(self, batch: Sequence[_Queued]) -> None:
         """Apply ``batch`` in one transaction and settle each handler's outcome; should that fail, apply
         each message alone, in order (its own outcome: applied, ``Reject``, or an error to retry)."""
         try:
@@ -359,7 +365,8 @@ class AlarmsService:
                          messages=len(batch), error=f"{type(exc).__name__}: {exc}"[:300])
             for queued in batch:
                 try:
-                    await self.handle_alone(queued.message)
+                    with _context(queued.message):
+                        await self.handle_alone(queued.message)
                 except Exception as one:
                     _settle(queued.outcome, one)
                 else:
@@ -386,7 +393,8 @@ class AlarmsService:
             for i, message in enumerate(messages):
                 envelope = message.envelope
                 if envelope.id not in fresh:
-                    log.info("duplicate fault message dropped", message_id=envelope.id)
+                    with _context(message):
+                        log.info("duplicate fault message dropped", message_id=envelope.id)
                     continue
                 fresh.discard(envelope.id)      # a second copy in this batch is a duplicate too
                 op = _batch_op(message)

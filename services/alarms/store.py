@@ -264,6 +264,16 @@ _INSERT_ACTIVE_MANY = f"""
         ON CONFLICT ON CONSTRAINT active_alarms_instance DO NOTHING
         RETURNING 1)
     SELECT count(*) FROM ins"""
+_UPDATE_ACTIVE_MANY = f"""
+    UPDATE {SCHEMA}.active_alarms AS a
+    SET entity_type_id = v.entity_type_id, timestamp = v.timestamp, severity = v.severity,
+        reason_text = v.reason_text, alarm_type = v.alarm_type, probable_cause = v.probable_cause,
+        proposed_repair_action = v.proposed_repair_action, service_affecting = v.service_affecting,
+        suppression = v.suppression, inhibit_alarms = v.inhibit_alarms, mgmt_affecting = v.mgmt_affecting,
+        degrade_affecting = v.degrade_affecting, updated_at = v.updated_at, owner = v.owner, version = v.version
+    FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_ALARM_TYPES, 1))})
+         AS v({_ALARM_COLUMNS}, owner, version)
+    WHERE a.uuid = v.uuid"""
 _LOCK_MANY = f"""
     {_SELECT} WHERE (alarm_id, entity_instance_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
     ORDER BY alarm_id, entity_instance_id FOR UPDATE"""
@@ -500,14 +510,25 @@ class AlarmStore:
             touched.add(op.key)
         if not touched:
             return results
-        # The rows: what was there is deleted, what is there at the end is inserted (a re-set keeps its uuid).
-        gone = [initial[k].alarm.uuid for k in touched if k in initial]
+        # The rows, as the ops one by one would leave them: a row still there with its uuid is updated (a
+        # transaction waiting for it sees the new version), one cleared is deleted, a new one inserted.
+        gone: list[uuidlib.UUID] = []
+        updated: list[tuple[Any, ...]] = []
+        inserted: list[tuple[Any, ...]] = []
+        for key in sorted(touched):
+            before, after = initial.get(key), state[key]
+            if before is not None and (after is None or after.alarm.uuid != before.alarm.uuid):
+                gone.append(before.alarm.uuid)
+            if after is not None:
+                same = before is not None and after.alarm.uuid == before.alarm.uuid
+                (updated if same else inserted).append(_active_values(after))
         if gone:
             await conn.execute(f"DELETE FROM {SCHEMA}.active_alarms WHERE uuid = ANY($1::uuid[])", gone)
-        final = [_active_values(s) for k in sorted(touched) if (s := state[k]) is not None]
-        if final:
-            inserted = await conn.fetchval(_INSERT_ACTIVE_MANY, *_columns(final, len(_ALARM_TYPES)))
-            if inserted != len(final):
+        if updated:
+            await conn.execute(_UPDATE_ACTIVE_MANY, *_columns(updated, len(_ALARM_TYPES)))
+        if inserted:
+            count = await conn.fetchval(_INSERT_ACTIVE_MANY, *_columns(inserted, len(_ALARM_TYPES)))
+            if count != len(inserted):
                 raise BatchConflict("a concurrent transaction raised an alarm instance of this batch first")
         await conn.execute(_INSERT_HISTORY_MANY, *_columns(history, len(_HISTORY_TYPES)))
         await self.outbox.add_many(conn, [envelope for envelope, *_ in announced])

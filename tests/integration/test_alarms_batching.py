@@ -280,3 +280,35 @@ async def test_batch_size_one_applies_each_message_alone(pool: asyncpg.Pool) -> 
         await site.close()
     with pytest.raises(ValueError, match="batch_size"):
         AlarmsService(batch_size=0)
+
+
+async def test_a_clear_waiting_for_a_batch_that_changes_the_alarm_clears_it_afterwards(site: Site) -> None:
+    entity = "host=waited"
+    await site.service.handle_alone(message(envelope("roost.fault.set", {
+        "alarm_id": "950.006", "entity_instance_id": entity, "severity": "minor", "reason_text": "first"})))
+    paused, go = asyncio.Event(), asyncio.Event()
+    add_many = site.service.store.outbox.add_many
+
+    async def slow_add_many(conn: Any, envelopes: Any, subject: str | None = None) -> int:
+        paused.set()                 # the batch holds the row, changed, in its open transaction
+        await go.wait()
+        return await add_many(conn, envelopes, subject)
+
+    site.service.store.outbox.add_many = slow_add_many  # type: ignore[method-assign]
+    change = message(envelope("roost.fault.set", {"alarm_id": "950.006", "entity_instance_id": entity,
+                                                  "severity": "major", "reason_text": "second"}))
+    other = message(envelope("roost.fault.set", {"alarm_id": "950.003", "entity_instance_id": "host=x.network=a",
+                                                 "severity": "major"}))
+    batch = asyncio.gather(site.service.handle(change), site.service.handle(other))
+    await asyncio.wait_for(paused.wait(), 10)
+    cleared = asyncio.create_task(site.service.host_deleted("waited"))
+    await lock_waiters(site.pool, 1)
+    go.set()
+    await batch
+    assert [c.alarm.reason_text for c in await cleared] == ["second"], "the clear saw the changed row"
+    history = await site.pool.fetch("SELECT change, reason_text, version FROM alarms.event_log "
+                                    "WHERE entity_instance_id = $1 ORDER BY seq", entity)
+    assert [(r["change"], r["reason_text"], r["version"]) for r in history] == [
+        ("raised", "first", 1), ("changed", "second", 2), ("cleared", "second", 3)]
+    assert await site.pool.fetchval("SELECT count(*) FROM alarms.active_alarms WHERE entity_instance_id = $1",
+                                    entity) == 0
