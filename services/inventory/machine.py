@@ -16,6 +16,24 @@ Invariants (checked by property-based tests over random sequences, ``tests/unit/
 * a locked host is operationally disabled and never available or degraded (never takes workloads);
 * a power effect (power-off, reset, reboot, reinstall) only ever targets a host that is locked;
 * a refused command has a reason and leaves the site as it was.
+
+Where StarlingX's rules leave a choice, these are made here:
+
+* A host whose heartbeat fails while it is being locked stays being locked (task and action kept): the
+  orchestrator's answer ends the lock (``ServicesDisabled`` locks it; ``ServicesDisableFailed`` fails a plain
+  lock and locks a forced one anyway), and the host does not start recovering while the lock goes on.  Any
+  other action in progress on a failing host (an unlock in test, a swact) ends with the failure.
+* A host recovering from a failure (in test with no action) may be locked; if its in-test checks pass
+  meanwhile it becomes enabled but keeps its lock, and its services are not re-enabled.
+* A controller announced active while it is being locked keeps the role and its lock is abandoned
+  (``EnableServices`` undoes the disabling); an active controller is never locked.
+* A force-lock whose services could not be disabled resets a worker with a BMC as a power action: task
+  ``Resetting``, action ``reset``, availability ``offline``; ``ActionDone`` / ``ActionFailed`` end it.
+* ``ActionFailed`` puts a locked host's availability back to what is known of it (power, then agent):
+  the reboot or reset that would have taken it down did not happen.
+* The last-controller protection counts a controller being locked as gone already, so the two
+  controllers cannot be locked at the same time.
+* ``Accepted.ignored`` marks an event that did not fit (the site comes back equal).
 """
 
 from __future__ import annotations
@@ -257,6 +275,10 @@ class StartGoEnabled:
 
 @dataclass(frozen=True, slots=True)
 class BmcAction:
+    """A power action on the host: through its BMC (a ``reboot`` goes through its agent when it has no BMC;
+    a ``reinstall`` too, when it is online with no BMC).  Its outcome comes back as ``ActionDone`` or
+    ``ActionFailed``."""
+
     uuid: str
     action: str        # "power-on" | "power-off" | "reset" | "reboot" | "reinstall"
 
