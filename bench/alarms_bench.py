@@ -1,7 +1,7 @@
 """The alarms service's speed targets (issue 3), each next to a baseline measured in the same run.
 
-    .venv/bin/python bench/alarms_bench.py            # the default run, about 4.5 minutes
-    .venv/bin/python bench/alarms_bench.py --quick    # a look in about a minute
+    .venv/bin/python bench/alarms_bench.py            # the default run, about 3.5 minutes
+    .venv/bin/python bench/alarms_bench.py --quick    # a look in about 35 seconds
 
 1. **Sustained set / clear rate**, every op persisted (active row, history record, ``roost.alarm.*``
    outbox event, inbox row) and durably queued as webhook deliveries for ``--subscribers`` (10)
@@ -554,7 +554,7 @@ def spread(runs: Sequence[Run]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a look in under a minute (fewer ops, one run, 5 s latency)")
+    p.add_argument("--quick", action="store_true", help="a look in about 35 s (fewer ops, one run, 5 s latency)")
     p.add_argument("--ops", type=int, help="set / clear ops per roost run (20000; quick 4000)")
     p.add_argument("--naive-ops", type=int, help="ops per naive run (3000; quick 500)")
     p.add_argument("--instances", type=int, default=2000, help="alarm instances the ops cycle over (2000)")
