@@ -28,7 +28,7 @@ import binascii
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Final, NamedTuple
 
 from cryptography.exceptions import InvalidTag
@@ -138,16 +138,36 @@ def decrypt_password(key: bytes | SecretBytes, host_uuid: str, ciphertext: bytes
     return SecretStr(text)
 
 
+class KeyRing:
+    """A primary key (encrypts, seals) and older ones (still open what they made), by key id."""
+
+    def __init__(self, primary: bytes | SecretBytes, older: Iterable[bytes | SecretBytes] = ()) -> None:
+        self.primary = _key_bytes(primary)
+        self.keys: dict[str, bytes] = {}
+        for key in (*older, primary):
+            raw = _key_bytes(key)
+            self.keys[key_id(raw)] = raw
+        self.primary_id = key_id(self.primary)
+
+    def __repr__(self) -> str:
+        return f"KeyRing(primary={self.primary_id}, keys={sorted(self.keys)})"
+
+    def get(self, wanted: str, missing: Callable[[str], VaultError]) -> bytes:
+        """The key with id ``wanted``, or ``missing(the ids held)`` raised."""
+        key = self.keys.get(wanted)
+        if key is None:
+            raise missing(", ".join(sorted(self.keys)))
+        return key
+
+
 class PasswordVault:
     """At-rest encryption of BMC passwords with a primary key and any number of older ones."""
 
     def __init__(self, primary: bytes | SecretBytes, older: Iterable[bytes | SecretBytes] = ()) -> None:
-        self._primary = _key_bytes(primary)
-        self._keys: dict[str, bytes] = {}
-        for key in (*older, primary):
-            raw = _key_bytes(key)
-            self._keys[key_id(raw)] = raw
-        self.primary_key_id = key_id(self._primary)
+        self._ring = KeyRing(primary, older)
+        self._primary = self._ring.primary
+        self._keys = self._ring.keys
+        self.primary_key_id = self._ring.primary_id
 
     def __repr__(self) -> str:
         return f"PasswordVault(primary={self.primary_key_id}, keys={sorted(self._keys)})"
@@ -168,10 +188,9 @@ class PasswordVault:
         return Encrypted(encrypt_password(self._primary, host_uuid, password), self.primary_key_id)
 
     def decrypt(self, host_uuid: str, ciphertext: bytes, key_id: str) -> SecretStr:
-        key = self._keys.get(key_id)
-        if key is None:
-            raise UnknownKeyId(f"the BMC password of host {host_uuid} was encrypted with key {key_id!r}, "
-                               f"which this vault does not hold (it has {', '.join(sorted(self._keys))})")
+        key = self._ring.get(key_id, lambda held: UnknownKeyId(
+            f"the BMC password of host {host_uuid} was encrypted with key {key_id!r}, which this vault does "
+            f"not hold (it has {held})"))
         return decrypt_password(key, host_uuid, ciphertext)
 
     def needs_reencryption(self, key_id: str | None) -> bool:
@@ -241,12 +260,9 @@ class FencingSealer:
     fencing key and, for unsealing, older fencing keys by id."""
 
     def __init__(self, primary: bytes | SecretBytes, older: Iterable[bytes | SecretBytes] = ()) -> None:
-        self._primary = _key_bytes(primary)
-        self._keys: dict[str, bytes] = {}
-        for key in (*older, primary):
-            raw = _key_bytes(key)
-            self._keys[key_id(raw)] = raw
-        self.key_id = key_id(self._primary)
+        self._ring = KeyRing(primary, older)
+        self._primary = self._ring.primary
+        self.key_id = self._ring.primary_id
 
     def __repr__(self) -> str:
         return f"FencingSealer(key_id={self.key_id})"
@@ -262,8 +278,7 @@ class FencingSealer:
         return self.key_id, seal(self._primary, host_uuid, endpoint)
 
     def unseal(self, host_uuid: str, key_id: str, sealed: str) -> BmcEndpoint:
-        key = self._keys.get(key_id)
-        if key is None:
-            raise SealBroken(f"the BMC access of host {host_uuid} is sealed with key {key_id!r}, which this "
-                             f"service does not hold (it has {', '.join(sorted(self._keys))})")
+        key = self._ring.get(key_id, lambda held: SealBroken(
+            f"the BMC access of host {host_uuid} is sealed with key {key_id!r}, which this service does not "
+            f"hold (it has {held})"))
         return unseal(key, host_uuid, sealed)
