@@ -29,7 +29,6 @@ import os
 import re
 import ssl
 import sys
-import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -62,6 +61,7 @@ from services.core.brokerauth_apply import (
     ensure_broker_passwords,
     reload_nats_server,
 )
+from services.core.files import write_private
 from services.core.logging import register_secret
 from services.core.secrets import SecretStore, SecretStoreError, generate_password
 
@@ -131,30 +131,9 @@ def local_policy(data_dir: Path) -> Policy:
     return roost_policy(enrolled_agents(data_dir))
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` whole or not at all, mode 0600."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)      # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save_enrolled(data_dir: Path, agents: Mapping[str, EnrolledAgent]) -> None:
     body = {"agents": [{"name": a.name, "enrolled_at": a.enrolled_at} for _, a in sorted(agents.items())]}
-    _write_private(_agents_path(data_dir), json.dumps(body, indent=2) + "\n")
+    write_private(_agents_path(data_dir), json.dumps(body, indent=2) + "\n")
 
 
 @contextlib.contextmanager
@@ -332,7 +311,7 @@ def write_credentials(path: Path, name: str, password: SecretStr, bus_url: str |
     secret = password.get_secret_value()
     body: dict[str, Any] = {"agent": name, "user": user, "password": secret,
                             "bus_url": _with_credentials(bus_url, user, secret) if bus_url else None}
-    _write_private(path, json.dumps(body, indent=2) + "\n")
+    write_private(path, json.dumps(body, indent=2) + "\n")
 
 
 @dataclass(frozen=True, slots=True)

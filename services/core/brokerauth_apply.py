@@ -20,7 +20,6 @@ import importlib
 import json
 import os
 import signal
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from services.core.brokerauth import (
     SetUserTags,
     render_nats_config,
 )
+from services.core.files import write_private
 from services.core.logging import redact_text, register_secret
 from services.core.secrets import SecretStore, generate_password
 
@@ -247,25 +247,7 @@ async def prune_rabbitmq_users(policy: Policy, ctl: RabbitCtl | None = None) -> 
 
 def write_nats_config(path: Path | str, text: str) -> Path:
     """Write ``text`` to ``path`` whole or not at all, readable by its owner only (0600)."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)   # created 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), CONFIG_MODE)
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    target = write_private(path, text)
     log.info("nats config written", path=str(target))
     return target
 
