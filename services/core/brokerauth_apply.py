@@ -61,8 +61,6 @@ __all__ = [
 
 log = structlog.get_logger("roost.brokerauth")
 
-CONFIG_MODE = 0o600
-
 
 class BrokerAuthError(Exception):
     """The policy could not be applied.  The message never holds a password."""
