@@ -36,7 +36,9 @@ Metrics (``services.alarms.metrics``): sets and clears counted after their commi
 severity refreshed every ``metrics_interval`` seconds.
 
 The history is kept for ``history_retention`` (30 days by default): one replica at a time (a PostgreSQL
-advisory lock) deletes older records every ``retention_interval`` seconds.
+advisory lock) deletes older records every ``retention_interval`` seconds.  In the same pass, delivered
+webhook deliveries older than ``webhook_retention`` (7 days) are deleted, and the webhook notifications no
+subscription needs any more (fanned out to all, no delivery pending, no dead letter pointing at them).
 """
 
 from __future__ import annotations
@@ -220,6 +222,7 @@ class AlarmsService:
 
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
+                 webhook_retention: timedelta = timedelta(days=7),
                  metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 64) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
@@ -229,6 +232,7 @@ class AlarmsService:
         self._committer: asyncio.Task[None] | None = None
         self.history_retention = history_retention
         self.retention_interval = retention_interval
+        self.webhook_retention = webhook_retention
         self.webhooks = webhooks
         self._ctx: ServiceContext | None = None
         self._store: AlarmStore | None = None
@@ -600,6 +604,16 @@ class AlarmsService:
                 return 0
             return await self.store.purge_history(conn, self.history_retention)
 
+    async def purge_webhooks(self) -> tuple[int, int]:
+        """Delete delivered webhook deliveries older than the retention, then the notifications nothing needs
+        any more, unless another replica is at it.  Returns (deliveries, notifications) deleted."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if not await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", _RETENTION_LOCK + 1):
+                return 0, 0
+            delivered = await webhooks.purge_delivered(conn, self.webhook_retention.total_seconds())
+            notifications = await webhooks.purge_notifications(conn)
+        return delivered, notifications
+
     async def refresh_metrics(self) -> None:
         """Set ``roost_alarms_active{severity}`` from the database."""
         metrics.set_active(await self.store.active_counts(self.pool))
@@ -618,6 +632,9 @@ class AlarmsService:
                 purged = await self.purge_history()
                 if purged:
                     log.info("alarm history purged", records=purged)
+                deliveries, notifications = await self.purge_webhooks()
+                if deliveries or notifications:
+                    log.info("webhook queue purged", deliveries=deliveries, notifications=notifications)
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("alarm history purge failed; will retry", error=str(exc))
             await asyncio.sleep(self.retention_interval)

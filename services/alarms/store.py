@@ -2,7 +2,8 @@
 
 :class:`AlarmStore` applies what :mod:`services.alarms.model` decides, inside the caller's transaction,
 and with it, in the same transaction: the history record (``alarms.event_log``), the ``roost.alarm.*``
-event in the outbox, and the webhook deliveries (``services.alarms.webhooks.store.enqueue``).  Either all
+event in the outbox, and the webhook notification (``services.alarms.webhooks.store.enqueue``: one row per
+change, which the webhook dispatcher fans out to the subscribers).  Either all
 of it commits or none of it does.
 
 Concurrency: an alarm instance's row is read ``FOR UPDATE`` before deciding; a new one is inserted with
@@ -18,7 +19,7 @@ Batches: :meth:`AlarmStore.apply_many` applies a run of sets and exact clears (`
 the caller's transaction with a fixed number of statements whatever the run's length: it locks the
 instances' rows ``FOR UPDATE`` in key order, takes the same decisions as :meth:`AlarmStore.set` and
 :meth:`AlarmStore.clear` one after the other on them in memory, then writes the rows, one history record
-per set and clear, the events (``Outbox.add_many``) and the webhook deliveries in a few bulk statements.
+per set and clear, the events (``Outbox.add_many``) and the webhook notifications in a few bulk statements.
 The outcome is the one the ops applied one by one in that order would have had.  When a concurrent
 transaction inserted an instance the batch raises, it raises :class:`BatchConflict`: roll back and apply
 the ops one by one.
@@ -56,7 +57,7 @@ from services.alarms.model import (
     decide_set,
 )
 from services.alarms.webhooks import store as webhooks
-from services.alarms.webhooks.formats import AlarmFields, EventKind, Format, Notification, render
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification
 from services.core.db.outbox import Outbox
 from services.core.db.pool import AnyConnection
 
@@ -277,22 +278,6 @@ _UPDATE_ACTIVE_MANY = f"""
 _LOCK_MANY = f"""
     {_SELECT} WHERE (alarm_id, entity_instance_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
     ORDER BY alarm_id, entity_instance_id FOR UPDATE"""
-# Deliveries fanned out in the database: each body travels once, each delivery is two small integers
-# (its notification, its subscription); rows are inserted in the order given.
-_ENQUEUE_MANY = f"""
-    WITH ins AS (
-        INSERT INTO {webhooks.DELIVERIES} (subscription_id, webhook_id, ordering_key, event_type, body)
-        SELECT s.id, n.w, n.k, n.e, b.b
-        FROM unnest($1::int[], $2::int[], $3::int[]) WITH ORDINALITY AS d(ni, si, bi, ord)
-        JOIN unnest($4::text[], $5::text[], $6::text[]) WITH ORDINALITY AS n(w, k, e, ni) USING (ni)
-        JOIN unnest($7::uuid[]) WITH ORDINALITY AS s(id, si) USING (si)
-        JOIN unnest($8::bytea[]) WITH ORDINALITY AS b(b, bi) USING (bi)
-        ORDER BY d.ord
-        ON CONFLICT (subscription_id, webhook_id) DO NOTHING
-        RETURNING 1)
-    SELECT count(*) FROM ins"""
-
-
 def _active_values(stored: StoredAlarm) -> tuple[Any, ...]:
     a = stored.alarm
     return (a.uuid, a.alarm_id, a.alarm_state.value, a.entity_type_id, a.entity_instance_id, a.timestamp,
@@ -538,41 +523,22 @@ class AlarmStore:
 
     async def _enqueue_many(self, conn: AnyConnection, announced: Sequence[tuple[Envelope, Alarm, int, EventKind]],
                             ) -> int:
-        """``webhooks.enqueue`` of every announced change in one statement: the same rows, in the same order
-        (notification by notification, subscription by subscription), each body rendered once per format."""
-        subscriptions = await webhooks.list_subscriptions(conn)
-        if not subscriptions:
-            return 0
+        """``webhooks.enqueue`` of every announced change, in order: one notification row each (its roost body
+        rendered once), in one statement; the dispatcher's fan-out makes the deliveries.  Nothing is
+        written while no subscription exists."""
         ids = sorted({alarm.alarm_id for _, alarm, _, _ in announced})
-        suppressed = {r["alarm_id"] for r in await conn.fetch(
-            f"SELECT alarm_id FROM {SCHEMA}.suppression WHERE suppressed AND alarm_id = ANY($1::text[])", ids)}
-        notes: list[tuple[str, str, str]] = []          # webhook id, ordering key, event type
-        bodies: list[bytes] = []
-        rows: list[tuple[int, int, int]] = []           # 1-based: notification, subscription, body
-        for envelope, alarm, version, kind in announced:
-            notification = _notification(envelope, alarm, version, kind, alarm.alarm_id in suppressed)
-            rendered: dict[tuple[Format, str], int] = {}
-            ni = 0
-            for si, sub in enumerate(subscriptions, 1):
-                if not sub.filters.matches(notification):
-                    continue
-                if not ni:
-                    notes.append((notification.id, notification.instance_key, notification.type))
-                    ni = len(notes)
-                # roost's own format does not depend on the receiver; Alertmanager's names it
-                which = (sub.format, sub.name if sub.format is Format.ALERTMANAGER else "")
-                bi = rendered.get(which)
-                if bi is None:
-                    bodies.append(render(notification, sub.format, receiver=sub.name))
-                    bi = rendered[which] = len(bodies)
-                rows.append((ni, si, bi))
-        if not rows:
+        row = await conn.fetchrow(
+            f"""SELECT EXISTS (SELECT 1 FROM {webhooks.SUBSCRIPTIONS}) AS subscribed,
+                       array(SELECT alarm_id FROM {SCHEMA}.suppression
+                             WHERE suppressed AND alarm_id = ANY($1::text[])) AS suppressed""", ids)
+        assert row is not None
+        if not row["subscribed"]:
             return 0
-        count: int = await conn.fetchval(_ENQUEUE_MANY, *_columns(rows, 3), *_columns(notes, 3),
-                                         [uuidlib.UUID(sub.id) for sub in subscriptions], bodies)
-        if count:
-            await conn.execute("SELECT pg_notify($1, '')", webhooks.NOTIFY_CHANNEL)
-        return count
+        suppressed = set(row["suppressed"])
+        rows = [webhooks.notification_values(
+                    _notification(envelope, alarm, version, kind, alarm.alarm_id in suppressed))
+                for envelope, alarm, version, kind in announced]
+        return await webhooks.insert_notifications(conn, rows)
 
     # -- customer logs --------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ from services.alarms.model import SetRequest
 from services.alarms.service import FAULTS, GROUP, MIGRATIONS, AlarmsService
 from services.alarms.store import Origin
 from services.alarms.webhooks import store as webhooks
+from services.alarms.webhooks.dispatcher import alertmanager_body
 from services.core.auth import InMemoryAuthenticator
 from services.core.bus.bus import Bus, Message, Reject
 from services.core.bus.memory import InMemoryBroker, InMemoryTransport
@@ -116,14 +117,23 @@ async def effects(pool: asyncpg.Pool, host: str) -> dict[str, Any]:
                   proposed_repair_action, owner, version, alarm_uuid FROM alarms.event_log
            WHERE entity_instance_id LIKE $1 ORDER BY seq""", f"host={host}%")
     uuids = {r["alarm_uuid"]: f"alarm-{i}" for i, r in enumerate(history) if r["alarm_uuid"] is not None}
+    await webhooks.fan_out(pool)        # the deliveries, as the dispatcher's fan-out makes them
     events = [json.loads(bytes(r["body"])) for r in await pool.fetch("SELECT body FROM alarms.outbox ORDER BY id")]
     mine = [e for e in events if host in json.dumps(e["data"])]
     deliveries = await pool.fetch(
-        """SELECT d.event_type, d.ordering_key, d.body, s.name FROM alarms.webhook_deliveries d
-           JOIN alarms.webhook_subscriptions s ON s.id = d.subscription_id WHERE d.ordering_key LIKE $1
-           ORDER BY d.id""", f"%host={host}%")
+        """SELECT d.event_type, d.ordering_key, coalesce(d.body, n.body) AS body, d.body IS NULL AS rendered, s.name,
+                  s.format
+           FROM alarms.webhook_deliveries d
+           JOIN alarms.webhook_subscriptions s ON s.id = d.subscription_id
+           LEFT JOIN alarms.webhook_notifications n ON n.seq = d.notification_seq
+           WHERE d.ordering_key LIKE $1 ORDER BY d.id""", f"%host={host}%")
     active = await pool.fetch("""SELECT alarm_id, severity, reason_text, version, owner, uuid FROM alarms.active_alarms
                                  WHERE entity_instance_id LIKE $1 ORDER BY alarm_id""", f"host={host}%")
+
+    def sent(row: asyncpg.Record) -> bytes:
+        """The bytes the dispatcher sends for a delivery row (an Alertmanager body is rendered at sending)."""
+        raw = bytes(row["body"])
+        return alertmanager_body(raw, row["name"]) if row["rendered"] and row["format"] == "alertmanager" else raw
 
     def body(raw: bytes) -> Any:
         data = json.loads(raw)
@@ -141,7 +151,7 @@ async def effects(pool: asyncpg.Pool, host: str) -> dict[str, Any]:
                     "changes": e["data"].get("changes"), "cause": e["data"].get("cause"),
                     "state": (e["data"].get("alarm") or e["data"].get("log") or {}).get("alarm_state")
                     or e["data"]["log"]["state"]} for e in mine],
-        "deliveries": [(r["event_type"], r["ordering_key"], r["name"], body(bytes(r["body"]))) for r in deliveries],
+        "deliveries": [(r["event_type"], r["ordering_key"], r["name"], body(sent(r))) for r in deliveries],
         "active": [{**{k: v for k, v in dict(r).items() if k != "uuid"}, "alarm": uuids.get(r["uuid"])}
                    for r in active],
     })

@@ -360,6 +360,10 @@ async def test_filters_by_severity_alarm_id_and_entity_prefix(pool: asyncpg.Pool
         notification("300.001", "host=compute-0", severity="major"),               # sev, all
     ]
     assert await enqueue(pool, notes) == 3 + 2 + 3 + 2
+    assert await store.queue_depth(pool) == {by_sev.id: 2, by_id.id: 2, by_prefix.id: 2, everything.id: 4}
+    assert await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries") == 0, "made by the fan-out"
+    assert await store.fan_out(pool) == 3 + 2 + 3 + 2
+    assert await store.fan_out(pool) == 0
 
     async def got(sub: store.Subscription) -> list[str]:
         rows = await pool.fetch("SELECT webhook_id FROM alarms.webhook_deliveries WHERE subscription_id = $1 "
@@ -370,6 +374,12 @@ async def test_filters_by_severity_alarm_id_and_entity_prefix(pool: asyncpg.Pool
     assert await got(by_id) == [notes[1].id, notes[2].id]
     assert await got(by_prefix) == [notes[0].id, notes[2].id]
     assert await got(everything) == [n.id for n in notes]
+    # the prefix is text, not a pattern: no LIKE wildcard in it matches anything but itself
+    wild, _ = await store.create_subscription(pool, url, entity_prefix="host=contr_ller-%")
+    odd = [notification("200.004", "host=controller-1"), notification("200.004", "host=contr_ller-%.port=x")]
+    await enqueue(pool, odd)
+    await store.fan_out(pool)
+    assert await got(wild) == [odd[1].id]
     with pytest.raises(store.SubscriptionError, match="severities"):
         await store.create_subscription(pool, url, severities=["fatal"])
     with pytest.raises(store.SubscriptionError, match="URL"):
@@ -388,9 +398,11 @@ async def test_enqueue_is_transactional_and_idempotent(pool: asyncpg.Pool) -> No
             async with conn.transaction():
                 assert await store.enqueue(conn, n) == 1
                 raise ZeroDivisionError
+    assert await store.fan_out(pool) == 0
     assert await states(pool) == {}
     assert await enqueue(pool, [n]) == 1
     assert await enqueue(pool, [n]) == 0
+    assert await store.fan_out(pool) == 1
     assert await states(pool) == {"pending": 1}
 
 
@@ -501,6 +513,8 @@ async def test_subscription_management(pool: asyncpg.Pool) -> None:
     updated = await store.update_filters(pool, sub.id, severities=["critical"], entity_prefix="host=controller-0")
     assert updated.filters == store.Filters(frozenset({"critical"}), frozenset(), "host=controller-0")
     await enqueue(pool, [notification("200.004", "host=controller-0"), notification("200.004", "host=compute-0")])
+    assert await store.queue_depth(pool) == {sub.id: 1}      # not fanned out yet: counted all the same
+    assert await store.fan_out(pool) == 1
     assert await store.queue_depth(pool) == {sub.id: 1}
     await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'delivered', "
                        "delivered_at = now() - interval '2 hours'")

@@ -3,15 +3,17 @@
 What the alarms service calls:
 
 * in the transaction that changes an alarm: ``await enqueue(conn, Notification(event=..., version=...,
-  alarm=AlarmFields.model_validate(alarm, from_attributes=True)))``;
+  alarm=AlarmFields.model_validate(alarm, from_attributes=True)))`` (one notification row; the dispatcher's
+  ``fan_out`` makes a delivery row per matching subscriber);
 * once per process: ``WebhookDispatcher(pool, DispatcherSettings(...), on_subscription_failing=...,
   on_subscription_recovered=...).start()`` and ``await dispatcher.stop()`` at shutdown;
 * for the API / CLI: ``create_subscription``, ``list_subscriptions``, ``get_subscription``,
   ``delete_subscription``, ``update_filters``, ``add_secret`` / ``retire_secret`` (rotation),
-  ``dead_letters``, ``replay``, ``queue_depth``, ``purge_delivered``;
+  ``dead_letters``, ``replay``, ``queue_depth``, ``purge_delivered``, ``purge_notifications``, ``fan_out``;
 * receivers (tests, ``roost webhook listen``): ``verify(headers, body, secrets, tolerance=...)``.
 
-Tables: ``services/alarms/migrations/0100_webhooks.sql`` (``migrate(pool, "alarms", directory)``).
+Tables: ``services/alarms/migrations/0100_webhooks.sql`` and ``0101_webhook_notifications.sql``
+(``migrate(pool, "alarms", directory)``).
 Modules: ``signing`` (Standard Webhooks), ``formats`` (roost JSON, Alertmanager v4), ``store``
 (subscriptions, queue), ``dispatcher`` (sending), ``metrics``.
 """
@@ -36,9 +38,11 @@ from services.alarms.webhooks.store import (
     dead_letters,
     delete_subscription,
     enqueue,
+    fan_out,
     get_subscription,
     list_subscriptions,
     purge_delivered,
+    purge_notifications,
     queue_depth,
     replay,
     retire_secret,
@@ -66,10 +70,12 @@ __all__ = [
     "dead_letters",
     "delete_subscription",
     "enqueue",
+    "fan_out",
     "generate_secret",
     "get_subscription",
     "list_subscriptions",
     "purge_delivered",
+    "purge_notifications",
     "queue_depth",
     "render",
     "replay",

@@ -1,15 +1,24 @@
 """The webhook dispatcher: sends queued deliveries, in order per (subscription, alarm instance), at least once.
 
-One claim cycle, in one short transaction (no lock is held while a request is in flight):
+Each cycle of its loop: (a) the fan-out (``store.fan_out``) when a notification was announced (or at the
+poll), which turns new notifications into delivery rows; (b) the outcomes of the requests that succeeded
+since the last cycle, written in one statement; (c) one claim, in one statement (no lock is held while a
+request is in flight), for as many requests as there are free slots:
 
-1. pick the deliveries that may go now: pending, due (``available_at``), not claimed by a live lease,
-   and the *head* of their (subscription, alarm instance): no earlier pending row of the same pair
-   (one that is in flight elsewhere or waiting for a retry keeps the later ones back: a later
-   notification of an alarm never overtakes an earlier one at a subscriber);
+1. per subscription not paused, only its ``window`` oldest pending rows are looked at (the queue index
+   ``(subscription_id, id)``: the cost does not grow with the backlog); among them, the deliveries
+   that may go now: due (``available_at``), not claimed by a live lease, and the *head* of their
+   (subscription, alarm instance): no earlier pending row of the same pair (one that is in flight
+   elsewhere or waiting for a retry keeps the later ones back: a later notification of an alarm never
+   overtakes an earlier one at a subscriber);
 2. at most ``per_subscription`` in flight per subscription (counted across replicas by live leases),
    so one slow or dead subscriber occupies a few slots and the others keep flowing;
 3. lock those rows ``FOR UPDATE SKIP LOCKED`` (replicas never take the same row) and stamp them with a
    claim token and a lease (``claimed_until``, longer than the request timeout).
+
+The body: a row made by the fan-out points at its notification, whose roost-format body is sent as is,
+or rendered in Alertmanager's format for such a subscriber (the same bytes at every attempt); a row
+queued before the fan-out existed carries its own body.
 
 Each claimed row is then sent by its own task: ``POST`` with the Standard Webhooks headers (signed at
 this attempt with every current secret of the subscription, ``webhook-id`` = the notification id,
@@ -40,7 +49,8 @@ the rest and releases their claims so they go again at once.
 Waking: ``LISTEN roost_webhooks_alarms`` (``enqueue`` and ``replay`` notify at commit, and so does a
 delivery that has a later row of its alarm waiting, so every replica looks), the end of any of our
 requests, and the next due retry or lease expiry, with ``poll_interval`` as the longest sleep (a
-notification can be missed).
+notification can be missed).  Requests that end while the loop is busy are handled together in its next
+cycle: the cost in the database is per cycle, not per request.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import random
 import time
 import uuid
@@ -61,8 +72,16 @@ import httpx
 import structlog
 
 from services.alarms.webhooks import metrics
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Format, Notification, render
 from services.alarms.webhooks.signing import sign_headers
-from services.alarms.webhooks.store import DELIVERIES, NOTIFY_CHANNEL, SUBSCRIPTIONS, queue_depth
+from services.alarms.webhooks.store import (
+    DELIVERIES,
+    NOTIFICATIONS,
+    NOTIFY_CHANNEL,
+    SUBSCRIPTIONS,
+    fan_out,
+    queue_depth,
+)
 from services.core.logging import register_secret
 
 log = structlog.get_logger("roost.alarms.webhooks")
@@ -156,6 +175,7 @@ class DispatcherSettings:
     depth_interval: float = 15.0
     grace: float = 5.0                   # stop(): how long requests in flight may finish
     db_backoff: float = 1.0              # wait after a database error in the claim loop
+    window: int = 256                    # oldest pending rows per subscription a claim looks at
 
     @property
     def effective_lease(self) -> float:
@@ -166,6 +186,8 @@ class DispatcherSettings:
             raise ValueError("webhook dispatcher: need timeout > 0 and lease > timeout")
         if self.per_subscription < 1 or self.max_in_flight < 1:
             raise ValueError("webhook dispatcher: per_subscription and max_in_flight must be at least 1")
+        if self.window < self.per_subscription:
+            raise ValueError("webhook dispatcher: window must be at least per_subscription")
         return self
 
 
@@ -185,6 +207,23 @@ class Job:
     endpoint_failures: int = 0           # the subscription's consecutive retryable failures at claim time
 
 
+@dataclass(slots=True)
+class Done:
+    """A request that got a 2xx, its outcome not written yet (the loop writes many at once)."""
+
+    job: Job
+    status: int
+
+
+def alertmanager_body(roost_body: bytes, receiver: str) -> bytes:
+    """The Alertmanager rendering of a notification from its roost-format body; pure (same bytes each time)."""
+    payload = json.loads(roost_body)
+    data = payload["data"]
+    notification = Notification(id=data["id"], event=EventKind(data["event"]), version=data["version"],
+                                occurred_at=payload["timestamp"], alarm=AlarmFields.model_validate(data["alarm"]))
+    return render(notification, Format.ALERTMANAGER, receiver=receiver)
+
+
 @dataclass
 class DispatcherStats:
     delivered: int = 0
@@ -192,60 +231,73 @@ class DispatcherStats:
     dead_lettered: int = 0
     lost_claims: int = 0                 # outcomes not written: the lease had expired and was taken
     cycles: int = 0                      # claim cycles run (the loop wakes on work, not on a timer)
+    fanned_out: int = 0                  # delivery rows this dispatcher's fan-outs made
 
 
-_CLAIM_CANDIDATES = f"""
-    WITH busy AS (
-        SELECT subscription_id, count(*) AS n FROM {DELIVERIES}
-        WHERE state = 'pending' AND claimed_until > now() GROUP BY subscription_id),
-    heads AS (
-        SELECT d.id, row_number() OVER (PARTITION BY d.subscription_id ORDER BY d.id) AS rank,
-               coalesce(b.n, 0) AS busy
-        FROM {DELIVERIES} d LEFT JOIN busy b USING (subscription_id)
-        WHERE d.state = 'pending' AND d.available_at <= now()
-          AND (d.claimed_until IS NULL OR d.claimed_until <= now())
-          AND NOT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} p WHERE p.id = d.subscription_id AND p.paused_until > now())
-          AND NOT EXISTS (SELECT 1 FROM {DELIVERIES} e
-                          WHERE e.subscription_id = d.subscription_id AND e.ordering_key = d.ordering_key
-                            AND e.state = 'pending' AND e.id < d.id))
-    SELECT id FROM heads WHERE rank + busy <= $1 ORDER BY id LIMIT $2"""
-
+# One claim, one statement: the window of each subscription not paused (its oldest pending rows, by the
+# queue index), the heads of their alarm instances that are due and free, at most per_subscription in flight
+# (live leases in the window), locked SKIP LOCKED and stamped; then one row saying when to look again
+# without being woken: the next retry that comes due or lease that runs out in a window, or pause that ends.
+# Rows due but not claimed wait behind an earlier row of their alarm or a full subscription: the end of that
+# request wakes us (another replica's: the poll).  Counting them would make the loop spin.
 _CLAIM = f"""
-    UPDATE {DELIVERIES} AS d SET claim_token = $2, claimed_until = clock_timestamp() + make_interval(secs => $3)
-    FROM {SUBSCRIPTIONS} AS s
-    WHERE d.id IN (SELECT id FROM {DELIVERIES}
-                   WHERE id = ANY($1::bigint[]) AND state = 'pending'
-                     AND (claimed_until IS NULL OR claimed_until <= now())
-                   FOR UPDATE SKIP LOCKED)
-      AND s.id = d.subscription_id
-    RETURNING d.id, d.subscription_id, d.webhook_id, d.body, d.attempts,
-              extract(epoch FROM clock_timestamp() - d.created_at)::float8 AS age,
-              s.url, s.secrets, s.max_age_seconds, s.failing, s.consecutive_failures"""
+    WITH win AS (
+        SELECT w.id, w.subscription_id, w.available_at, w.claimed_until,
+               row_number() OVER (PARTITION BY w.subscription_id, w.ordering_key ORDER BY w.id) AS key_rank
+        FROM {SUBSCRIPTIONS} s
+        CROSS JOIN LATERAL (
+            SELECT d.id, d.subscription_id, d.ordering_key, d.available_at, d.claimed_until FROM {DELIVERIES} d
+            WHERE d.subscription_id = s.id AND d.state = 'pending' ORDER BY d.id LIMIT $4) w
+        WHERE s.paused_until IS NULL OR s.paused_until <= now()),
+    busy AS (
+        SELECT subscription_id, count(*) FILTER (WHERE claimed_until > now()) AS n FROM win GROUP BY subscription_id),
+    ready AS (
+        SELECT w.id, row_number() OVER (PARTITION BY w.subscription_id ORDER BY w.id) + b.n AS slot
+        FROM win w JOIN busy b USING (subscription_id)
+        WHERE w.key_rank = 1 AND w.available_at <= now() AND (w.claimed_until IS NULL OR w.claimed_until <= now())),
+    pick AS (
+        SELECT d.id FROM {DELIVERIES} d
+        WHERE d.id IN (SELECT id FROM ready WHERE slot <= $1 ORDER BY id LIMIT $2) AND d.state = 'pending'
+          AND (d.claimed_until IS NULL OR d.claimed_until <= now())
+        FOR UPDATE SKIP LOCKED),
+    claimed AS (
+        UPDATE {DELIVERIES} AS d
+        SET claim_token = $3, claimed_until = clock_timestamp() + make_interval(secs => $5)
+        FROM {SUBSCRIPTIONS} AS s
+        WHERE d.id IN (SELECT id FROM pick) AND s.id = d.subscription_id
+        RETURNING d.id, d.subscription_id, d.webhook_id, d.body, d.notification_seq, d.attempts,
+                  extract(epoch FROM clock_timestamp() - d.created_at)::float8 AS age,
+                  s.url, s.secrets, s.max_age_seconds, s.failing, s.consecutive_failures, s.format, s.name)
+    SELECT c.id, c.subscription_id, c.webhook_id, coalesce(c.body, n.body) AS body, c.body IS NULL AS rendered,
+           c.attempts, c.age, c.url, c.secrets, c.max_age_seconds, c.failing, c.consecutive_failures, c.format,
+           c.name, NULL::float8 AS due
+    FROM claimed c LEFT JOIN {NOTIFICATIONS} n ON n.seq = c.notification_seq
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           extract(epoch FROM least(
+               (SELECT min(available_at) FROM win WHERE claimed_until IS NULL AND available_at > now()),
+               (SELECT min(claimed_until) FROM win WHERE claimed_until IS NOT NULL),
+               (SELECT min(paused_until) FROM {SUBSCRIPTIONS} WHERE paused_until > now())
+           ) - clock_timestamp())::float8"""
 
-# When to look again without being woken: the next retry that comes due or lease that runs out.  Rows due
-# now but not claimed wait behind an earlier row of their alarm or a full subscription: the end of that
-# request wakes us (another replica's: the poll).  Counting them here would make the loop spin.
-_NEXT_DUE = f"""
-    SELECT extract(epoch FROM least(
-        (SELECT min(available_at) FROM {DELIVERIES}
-         WHERE state = 'pending' AND claimed_until IS NULL AND available_at > now()),
-        (SELECT min(claimed_until) FROM {DELIVERIES} WHERE state = 'pending' AND claimed_until IS NOT NULL),
-        (SELECT min(paused_until) FROM {SUBSCRIPTIONS} WHERE paused_until > now())
-    ) - clock_timestamp())::float8"""
-
-# Delivered: the next row of this alarm (if any) may go now; NOTIFY so every replica looks, not only us.
-_DELIVERED = f"""
+# Many 2xx at once: delivered; the latency of each; NOTIFY when a later row of one of those alarms is
+# waiting, so that every replica looks, not only us.
+_DELIVERED_MANY = f"""
     WITH upd AS (
-        UPDATE {DELIVERIES} SET state = 'delivered', delivered_at = clock_timestamp(), attempts = attempts + 1,
-                                last_status = $3, last_error = NULL, claim_token = NULL, claimed_until = NULL
-        WHERE id = $1 AND claim_token = $2 AND state = 'pending'
-        RETURNING id, subscription_id, ordering_key, extract(epoch FROM delivered_at - created_at)::float8 AS latency)
-    SELECT u.latency,
-           CASE WHEN EXISTS (SELECT 1 FROM {DELIVERIES} d
-                             WHERE d.subscription_id = u.subscription_id AND d.ordering_key = u.ordering_key
-                               AND d.state = 'pending' AND d.id <> u.id)
-                THEN pg_notify($4, '') END
-    FROM upd u"""
+        UPDATE {DELIVERIES} AS d
+        SET state = 'delivered', delivered_at = clock_timestamp(), attempts = d.attempts + 1, last_status = v.status,
+            last_error = NULL, claim_token = NULL, claimed_until = NULL
+        FROM unnest($1::bigint[], $2::uuid[], $3::int[]) AS v(id, token, status)
+        WHERE d.id = v.id AND d.claim_token = v.token AND d.state = 'pending'
+        RETURNING d.id, d.subscription_id, d.ordering_key,
+                  extract(epoch FROM d.delivered_at - d.created_at)::float8 AS latency),
+    waiting AS (
+        SELECT pg_notify($4, '') FROM upd u
+        WHERE EXISTS (SELECT 1 FROM {DELIVERIES} d
+                      WHERE d.subscription_id = u.subscription_id AND d.ordering_key = u.ordering_key
+                        AND d.state = 'pending' AND d.id <> u.id)
+        LIMIT 1)
+    SELECT u.id, u.latency, (SELECT count(*) FROM waiting) AS notified FROM upd u"""
 
 # Retry: the row waits ``delay``, and so does its whole subscription (circuit breaker: an endpoint that
 # fails is not tried with every other alarm's delivery meanwhile).
@@ -311,6 +363,9 @@ class WebhookDispatcher:
         self._listener: asyncpg.pool.PoolConnectionProxy | None = None
         self._depth_at = -float("inf")
         self._task: asyncio.Task[None] | None = None
+        self._announced = True           # a notification may wait for the fan-out (at start: look)
+        self._delivered: list[Done] = []
+        self._rendered: dict[tuple[str, int], bytes] = {}
 
     # -- lifecycle --
 
@@ -337,6 +392,7 @@ class WebhookDispatcher:
                 follow_redirects=False, trust_env=False,
                 limits=httpx.Limits(max_connections=self.settings.max_in_flight,
                                     max_keepalive_connections=self.settings.max_in_flight))
+        poll_at = -float("inf")
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
@@ -344,21 +400,29 @@ class WebhookDispatcher:
                 await self._ensure_listening()
                 sleep = self.settings.poll_interval
                 try:
+                    if self._announced or loop.time() >= poll_at:
+                        self._announced = False
+                        poll_at = loop.time() + self.settings.poll_interval
+                        self.stats.fanned_out += await fan_out(self.pool)
+                    await self._record_delivered()
                     free = self.settings.max_in_flight - len(self._inflight)
                     if free > 0:
-                        for job in await self._claim(free):
+                        jobs, due = await self._claim(free)
+                        for job in jobs:
                             task = asyncio.create_task(self._deliver(job), name=f"webhook-{job.id}")
                             self._inflight[task] = job
                             task.add_done_callback(self._done)
+                        if due is not None:
+                            sleep = min(sleep, max(0.0, due) + 0.005)
                     if loop.time() - self._depth_at >= self.settings.depth_interval:
                         self._depth_at = loop.time()
                         metrics.set_queue_depth(await queue_depth(self.pool))
-                    due = await self.pool.fetchval(_NEXT_DUE)
-                    if due is not None:
-                        sleep = min(sleep, max(0.0, float(due)) + 0.005)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     log.warning("webhook dispatcher: database trouble, retrying", error=describe(exc))
                     sleep = self.settings.db_backoff
+                    self._announced = True
+                if self._delivered:
+                    sleep = 0.0
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(sleep):
                         await self._wake.wait()
@@ -378,6 +442,8 @@ class WebhookDispatcher:
     async def _finish_gracefully(self) -> None:
         if self._inflight:
             await asyncio.wait(list(self._inflight), timeout=self.settings.grace)
+        with contextlib.suppress(asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            await self._record_delivered()
         left = [(task, job) for task, job in self._inflight.items() if not task.done()]
         for task, _ in left:
             task.cancel()
@@ -420,6 +486,7 @@ class WebhookDispatcher:
         self._listener = conn
 
     def _notified(self, *_: Any) -> None:
+        self._announced = True
         self._wake.set()
 
     async def _unlisten(self) -> None:
@@ -434,22 +501,38 @@ class WebhookDispatcher:
 
     # -- claim, send, record --
 
-    async def _claim(self, limit: int) -> list[Job]:
+    async def _claim(self, limit: int) -> tuple[list[Job], float | None]:
+        """Claim up to ``limit`` deliveries; also when to look again unwoken (seconds, or None)."""
         token = uuid.uuid4()
-        async with self.pool.acquire() as conn, conn.transaction():
-            ids = [r["id"] for r in await conn.fetch(_CLAIM_CANDIDATES, self.settings.per_subscription, limit)]
-            if not ids:
-                return []
-            rows = await conn.fetch(_CLAIM, ids, token, self.settings.effective_lease)
-        for secrets in {tuple(r["secrets"]) for r in rows}:
-            for secret in secrets:
+        rows = await self.pool.fetch(_CLAIM, self.settings.per_subscription, limit, token, self.settings.window,
+                                     self.settings.effective_lease)
+        due: float | None = None
+        jobs: list[Job] = []
+        for r in rows:
+            if r["id"] is None:
+                due = r["due"]
+                continue
+            for secret in r["secrets"]:
                 register_secret(secret)  # this process may not have seen it yet: mask it in any log line
-        jobs = [Job(id=r["id"], subscription_id=str(r["subscription_id"]), webhook_id=r["webhook_id"],
-                    body=bytes(r["body"]), attempts=r["attempts"], age=float(r["age"]), url=r["url"],
-                    secrets=list(r["secrets"]), max_age=float(r["max_age_seconds"]), failing=r["failing"],
-                    token=token, endpoint_failures=r["consecutive_failures"])
-                for r in rows]
-        return sorted(jobs, key=lambda j: j.id)
+            jobs.append(Job(id=r["id"], subscription_id=str(r["subscription_id"]), webhook_id=r["webhook_id"],
+                            body=self._body(r), attempts=r["attempts"], age=float(r["age"]), url=r["url"],
+                            secrets=list(r["secrets"]), max_age=float(r["max_age_seconds"]), failing=r["failing"],
+                            token=token, endpoint_failures=r["consecutive_failures"]))
+        return sorted(jobs, key=lambda j: j.id), due
+
+    def _body(self, row: asyncpg.Record) -> bytes:
+        """The bytes to send: the row's own (queued before the fan-out), or its notification's roost body, or
+        that rendered for an Alertmanager subscriber (kept for the retries of this process)."""
+        body = bytes(row["body"]) if row["body"] is not None else b""
+        if not row["rendered"] or row["format"] != Format.ALERTMANAGER.value:
+            return body
+        key = (str(row["name"]), int(row["id"]))
+        cached = self._rendered.get(key)
+        if cached is None:
+            if len(self._rendered) >= 4096:
+                self._rendered.clear()
+            cached = self._rendered[key] = alertmanager_body(body, row["name"])
+        return cached
 
     async def _deliver(self, job: Job) -> None:
         assert self._client is not None
@@ -489,20 +572,45 @@ class WebhookDispatcher:
                         "lease runs out", subscription=job.subscription_id, webhook_id=job.webhook_id,
                         outcome=outcome.state, error=describe(exc))
 
+    async def _record_delivered(self) -> None:
+        """Write the 2xx outcomes gathered since the last cycle, in one statement."""
+        if not self._delivered:
+            return
+        done, self._delivered = self._delivered, []
+        try:
+            rows = await self.pool.fetch(_DELIVERED_MANY, [d.job.id for d in done], [d.job.token for d in done],
+                                         [d.status for d in done], NOTIFY_CHANNEL)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
+            # kept for the next cycle: written then if the claim still holds (else the row goes again, same id)
+            self._delivered[:0] = done
+            raise
+        written = {r["id"]: float(r["latency"]) for r in rows}
+        reset: set[str] = set()
+        recovered: set[str] = set()
+        for d in done:
+            latency = written.get(d.job.id)
+            if latency is None:
+                self._lost(d.job)
+                continue
+            self.stats.delivered += 1
+            metrics.record_latency(latency)
+            if d.job.endpoint_failures:
+                reset.add(d.job.subscription_id)
+            if d.job.failing:
+                recovered.add(d.job.subscription_id)
+        for sub in sorted(reset):
+            await self.pool.execute(_RESET_BREAKER, uuid.UUID(sub))
+        for sub in sorted(recovered):
+            if await self.pool.fetchval(_MARK_RECOVERED, uuid.UUID(sub)) is not None:
+                log.info("webhook subscription recovered", subscription=sub)
+                await self._call(self.on_subscription_recovered, sub, "delivering again")
+
     async def _record(self, job: Job, outcome: Outcome, status: int | None) -> None:
         sub = uuid.UUID(job.subscription_id)
         if outcome.state == "delivered":
-            latency = await self.pool.fetchval(_DELIVERED, job.id, job.token, status, NOTIFY_CHANNEL)
-            if latency is None:
-                self._lost(job)
-                return
-            self.stats.delivered += 1
-            metrics.record_latency(float(latency))
-            if job.endpoint_failures:
-                await self.pool.execute(_RESET_BREAKER, sub)
-            if job.failing and await self.pool.fetchval(_MARK_RECOVERED, sub) is not None:
-                log.info("webhook subscription recovered", subscription=job.subscription_id)
-                await self._call(self.on_subscription_recovered, job.subscription_id, "delivering again")
+            assert status is not None
+            self._delivered.append(Done(job, status))
+            self._wake.set()
             return
         if outcome.state == "retry":
             if await self.pool.fetchval(_RETRY, job.id, job.token, status, outcome.reason, outcome.delay) is None:

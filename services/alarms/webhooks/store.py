@@ -6,19 +6,34 @@
   ``services.core.logging.register_secret`` whenever they pass through this module, so a log line that
   would quote one shows ``***``.  Rotation: ``add_secret`` (both old and new sign from then on),
   ``retire_secret`` once every receiver has the new one (the last secret cannot be retired).
-* ``enqueue(conn, notification)``: inside the caller's transaction (the alarm change's), one delivery
-  row per matching subscription, body rendered in the subscription's format.  A ``NOTIFY`` at commit
-  wakes the dispatchers.  The same notification id enqueued twice is kept once.
+* ``enqueue(conn, notification)`` (and ``insert_notifications`` for many): inside the caller's
+  transaction (the alarm change's), ONE ``webhook_notifications`` row, its body rendered once in roost's
+  format.  A ``NOTIFY`` at commit wakes the dispatchers.  The same notification id enqueued twice is kept
+  once.  Nothing is written while no subscription exists (a new subscription gets what follows it).
+* ``fan_out(pool)`` (the dispatcher runs it): turns committed notifications into delivery rows, for each
+  subscription whose filters match, inside PostgreSQL (``INSERT ... SELECT``), and moves each
+  subscription's cursor (``fanned_out_seq``) in the same transaction.  Rows are made in notification
+  order, so the order per (subscription, alarm instance) is the order of the alarm changes.  One
+  replica fans out a subscription at a time (its row ``FOR NO KEY UPDATE SKIP LOCKED``).
 * ``replay(conn, subscription_id, ...)``: dead-lettered deliveries become pending again, same
   ``webhook-id`` and body, retry clock restarted.
 
-Filters (``Filters.matches``): severities and alarm ids are sets (empty = any); the entity prefix matches
-whole ``.``-separated segments: ``host=controller-1`` matches ``host=controller-1`` and
-``host=controller-1.port=x``, never ``host=controller-10``.
+Why the fan-out never skips a notification: seqs are handed out in the order writers insert, not in
+the order they commit, so a cursor moved past the highest committed seq could pass a lower one still to
+commit.  Writers therefore take ``pg_advisory_xact_lock_shared(FANOUT_LOCK)`` before they take a seq
+(writers never wait for each other), and the fan-out, having read the last seq handed out, takes the
+same key exclusively for an instant (an autocommit ``pg_try_advisory_xact_lock``, retried): once it has
+it, every transaction that took a seq up to that one has committed or rolled back.
+
+Filters (``Filters.matches``, and the same rule in SQL in the fan-out): severities and alarm ids are sets
+(empty = any); the entity prefix matches whole ``.``-separated segments: ``host=controller-1`` matches
+``host=controller-1`` and ``host=controller-1.port=x``, never ``host=controller-10``.  The fan-out applies
+a subscription's filters as they are when it runs (milliseconds after the change, normally).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -39,6 +54,17 @@ NOTIFY_CHANNEL = "roost_webhooks_alarms"
 DEFAULT_MAX_AGE = 24 * 3600.0
 SUBSCRIPTIONS = f"{SCHEMA}.webhook_subscriptions"
 DELIVERIES = f"{SCHEMA}.webhook_deliveries"
+NOTIFICATIONS = f"{SCHEMA}.webhook_notifications"
+# pg_advisory_xact_lock key: writers of notifications hold it shared, the fan-out takes it exclusively
+FANOUT_LOCK = 0x726F6F73745F6E66    # "roost_nf"
+FANOUT_CHUNK = 20_000               # notifications per subscription per fan-out statement
+_LAST_SEQ = f"SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('{NOTIFICATIONS}', 'seq')), 0)"
+
+# Whether notification ``n`` passes subscription ``s``'s filters (the rule of ``Filters.matches``).
+MATCHES = """(cardinality(s.severities) = 0 OR n.severity = ANY(s.severities))
+             AND (cardinality(s.alarm_ids) = 0 OR n.alarm_id = ANY(s.alarm_ids))
+             AND (s.entity_prefix IS NULL OR n.entity_instance_id = s.entity_prefix
+                  OR starts_with(n.entity_instance_id, s.entity_prefix || '.'))"""
 
 
 class SubscriptionError(ValueError):
@@ -164,8 +190,8 @@ async def create_subscription(conn: Executor, url: str, *, secret: str | None = 
     sub_id = uuid.uuid4()
     row = await conn.fetchrow(
         f"""INSERT INTO {SUBSCRIPTIONS} (id, name, url, secrets, severities, alarm_ids, entity_prefix, format,
-                                         max_age_seconds)
-            VALUES ($1, $2, $3, ARRAY[$4::text], $5, $6, $7, $8, $9) RETURNING {_SUB_COLUMNS}""",
+                                         max_age_seconds, fanned_out_seq)
+            VALUES ($1, $2, $3, ARRAY[$4::text], $5, $6, $7, $8, $9, ({_LAST_SEQ})) RETURNING {_SUB_COLUMNS}""",
         sub_id, name or str(sub_id), _check_url(url), secret, sorted(filters.severities),
         sorted(filters.alarm_ids), filters.entity_prefix, kind.value, float(max_age))
     assert row is not None
@@ -186,7 +212,21 @@ async def list_subscriptions(conn: Executor) -> list[Subscription]:
 
 async def delete_subscription(conn: Executor, subscription_id: str) -> bool:
     """Remove a subscriber and its queued deliveries.  False when it did not exist."""
-    status = await conn.execute(f"DELETE FROM {SUBSCRIPTIONS} WHERE id = $1", _uuid(subscription_id))
+    sub = _uuid(subscription_id)
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as own, own.transaction():
+            return await _delete_subscription(own, sub)
+    if not conn.is_in_transaction():
+        async with conn.transaction():
+            return await _delete_subscription(conn, sub)
+    return await _delete_subscription(conn, sub)
+
+
+async def _delete_subscription(conn: AnyConnection, sub: uuid.UUID) -> bool:
+    # The subscription first (a fan-out holding its row finishes first), then its deliveries, in a
+    # statement of its own so that it sees the rows that fan-out made.
+    status = await conn.execute(f"DELETE FROM {SUBSCRIPTIONS} WHERE id = $1", sub)
+    await conn.execute(f"DELETE FROM {DELIVERIES} WHERE subscription_id = $1", sub)
     return bool(status == "DELETE 1")
 
 
@@ -227,32 +267,131 @@ async def update_filters(conn: Executor, subscription_id: str, *, severities: It
     return _subscription(row)
 
 
-async def enqueue(conn: AnyConnection, notification: Notification, *, external_url: str = "") -> int:
+def notification_values(notification: Notification, body: bytes | None = None) -> tuple[object, ...]:
+    """One ``webhook_notifications`` row (``insert_notifications``); ``body``: its roost rendering, if done."""
+    alarm = notification.alarm
+    return (notification.id, notification.instance_key, notification.type, alarm.alarm_id, alarm.severity,
+            alarm.entity_instance_id, body if body is not None else render(notification, Format.ROOST))
+
+
+_INSERT_NOTIFICATIONS = f"""
+    WITH ins AS (
+        INSERT INTO {NOTIFICATIONS} (webhook_id, ordering_key, event_type, alarm_id, severity, entity_instance_id,
+                                     body)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
+        ON CONFLICT (webhook_id) DO NOTHING
+        RETURNING 1)
+    SELECT count(*) FROM ins"""
+
+
+async def any_subscription(conn: Executor) -> bool:
+    return bool(await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS})"))
+
+
+async def lock_for_notifications(conn: AnyConnection) -> None:
+    """Take the writers' (shared) fan-out lock for the rest of the caller's transaction: call it before
+    inserting notifications (``insert_notifications`` does)."""
+    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", FANOUT_LOCK)
+
+
+async def insert_notifications(conn: AnyConnection, rows: Sequence[tuple[object, ...]], *,
+                               locked: bool = False) -> int:
+    """Insert ``rows`` (``notification_values``) in order, in the caller's transaction, under the writers'
+    fan-out lock (taken here unless ``locked``), and wake the dispatchers at commit.  Returns how many
+    were new (a notification id already queued is kept once)."""
+    if not conn.is_in_transaction():
+        raise RuntimeError("notifications need the caller's transaction: call it inside `async with "
+                           "conn.transaction():` with the alarm change they announce")
+    if not rows:
+        return 0
+    if not locked:
+        await lock_for_notifications(conn)
+    count: int = await conn.fetchval(_INSERT_NOTIFICATIONS, *[[row[i] for row in rows] for i in range(7)])
+    if count:
+        await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    return count
+
+
+async def enqueue(conn: AnyConnection, notification: Notification) -> int:
     """Queue ``notification`` for every matching subscriber, in the caller's transaction.
 
-    Returns how many deliveries were queued (0 when none matches or this id was queued before).
+    Writes one notification row (the fan-out makes the deliveries).  Returns how many subscribers it is
+    for as the subscriptions stand now (0 when none matches or this id was queued before).
     """
     if not conn.is_in_transaction():
         raise RuntimeError("enqueue needs the caller's transaction: call it inside `async with "
                            "conn.transaction():` with the alarm change it announces")
-    subs = await list_subscriptions(conn)
-    matching = [s for s in subs if s.filters.matches(notification)]
+    alarm = notification.alarm
+    matching: int = await conn.fetchval(
+        f"""SELECT count(*) FROM {SUBSCRIPTIONS} s,
+                   (SELECT $1::text AS severity, $2::text AS alarm_id, $3::text AS entity_instance_id) n
+            WHERE {MATCHES}""", alarm.severity, alarm.alarm_id, alarm.entity_instance_id)
     if not matching:
         return 0
-    bodies = [render(notification, s.format, receiver=s.name, external_url=external_url) for s in matching]
-    count: int = await conn.fetchval(
-        f"""WITH ins AS (
-                INSERT INTO {DELIVERIES} (subscription_id, webhook_id, ordering_key, event_type, body)
-                SELECT s, $2, $3, $4, b FROM unnest($1::uuid[], $5::bytea[]) WITH ORDINALITY AS t(s, b, n)
-                ORDER BY n
-                ON CONFLICT (subscription_id, webhook_id) DO NOTHING
-                RETURNING 1)
-            SELECT count(*) FROM ins""",
-        [uuid.UUID(s.id) for s in matching], notification.id, notification.instance_key, notification.type,
-        bodies)
-    if count:
-        await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
-    return count
+    if not await insert_notifications(conn, [notification_values(notification)]):
+        return 0
+    return matching
+
+
+# The fan-out of (cursor, hw] for every subscription behind (and not being fanned out by another
+# replica), in chunks of FANOUT_CHUNK seqs: delivery rows in notification order, cursors moved, one statement.
+_FAN_OUT = f"""
+    WITH s AS (
+        SELECT id, fanned_out_seq AS lo, least($1::bigint, fanned_out_seq + $2::bigint) AS hi, severities,
+               alarm_ids, entity_prefix
+        FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1 ORDER BY id FOR NO KEY UPDATE SKIP LOCKED),
+    ins AS (
+        INSERT INTO {DELIVERIES} (subscription_id, notification_seq, webhook_id, ordering_key, event_type,
+                                  created_at)
+        SELECT s.id, n.seq, n.webhook_id, n.ordering_key, n.event_type, n.created_at
+        FROM s JOIN {NOTIFICATIONS} n ON n.seq > s.lo AND n.seq <= s.hi
+        WHERE {MATCHES}
+        ORDER BY n.seq, s.id
+        RETURNING 1),
+    upd AS (
+        UPDATE {SUBSCRIPTIONS} AS u SET fanned_out_seq = s.hi FROM s WHERE u.id = s.id RETURNING s.hi)
+    SELECT (SELECT count(*) FROM ins) AS made, (SELECT count(*) FROM upd) AS subscriptions,
+           coalesce((SELECT bool_or(hi < $1) FROM upd), false) AS more"""
+
+
+async def _barrier(conn: AnyConnection, *, patience: float = 2.0) -> None:
+    """Wait until every transaction holding the writers' lock now has ended (see the module's doc)."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + patience
+    pause = 0.0005
+    while loop.time() < until:
+        if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", FANOUT_LOCK):
+            return                  # autocommit: taken and released in that statement
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", FANOUT_LOCK)    # queue for it, then release
+
+
+async def pending_fan_out(conn: Executor) -> bool:
+    """Whether some subscription's cursor is behind the last seq handed out (cheap)."""
+    return bool(await conn.fetchval(
+        f"SELECT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < ({_LAST_SEQ}))"))
+
+
+async def fan_out(pool: asyncpg.Pool, *, chunk: int = FANOUT_CHUNK) -> int:
+    """Make the delivery rows of every committed notification not yet fanned out; returns how many.
+
+    Runs on a connection of its own, outside any transaction (the barrier must not hold the lock).
+    Subscriptions another replica is fanning out at this moment are left to it.
+    """
+    made = 0
+    async with pool.acquire() as conn:
+        hw = int(await conn.fetchval(_LAST_SEQ))
+        if not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1)", hw):
+            return 0
+        await _barrier(conn)
+        while True:
+            row = await conn.fetchrow(_FAN_OUT, hw, chunk)
+            assert row is not None
+            made += int(row["made"])
+            if not row["more"]:
+                break
+    return made
 
 
 async def replay(conn: Executor, subscription_id: str, *, webhook_ids: Sequence[str] | None = None,
@@ -290,11 +429,14 @@ async def dead_letters(conn: Executor, subscription_id: str, *, limit: int = 100
 
 
 async def queue_depth(conn: Executor) -> dict[str, int]:
-    """Pending deliveries per subscription id (every subscription, 0 included)."""
+    """Deliveries waiting per subscription id (every subscription, 0 included): its pending delivery rows
+    plus the notifications after its cursor that its filters match (not fanned out yet)."""
     rows = await conn.fetch(
-        f"""SELECT s.id, count(d.id) AS pending FROM {SUBSCRIPTIONS} s
-            LEFT JOIN {DELIVERIES} d ON d.subscription_id = s.id AND d.state = 'pending'
-            GROUP BY s.id""")
+        f"""SELECT s.id,
+                   (SELECT count(*) FROM {DELIVERIES} d WHERE d.subscription_id = s.id AND d.state = 'pending')
+                   + (SELECT count(*) FROM {NOTIFICATIONS} n WHERE n.seq > s.fanned_out_seq AND {MATCHES})
+                   AS pending
+            FROM {SUBSCRIPTIONS} s""")
     return {str(r["id"]): int(r["pending"]) for r in rows}
 
 
@@ -303,4 +445,16 @@ async def purge_delivered(conn: Executor, older_than: float) -> int:
     status = await conn.execute(
         f"DELETE FROM {DELIVERIES} WHERE state = 'delivered' AND delivered_at < now() - make_interval(secs => $1)",
         float(older_than))
+    return int(status.split()[-1])
+
+
+async def purge_notifications(conn: Executor) -> int:
+    """Delete the notifications no subscription needs any more: fanned out to every subscription (at or
+    below every cursor), referenced by no pending delivery and no dead letter.  Returns how many."""
+    status = await conn.execute(
+        f"""DELETE FROM {NOTIFICATIONS} n
+            WHERE n.seq <= (SELECT coalesce(min(fanned_out_seq), ({_LAST_SEQ})) FROM {SUBSCRIPTIONS})
+              AND n.seq < coalesce((SELECT min(notification_seq) FROM {DELIVERIES} WHERE state = 'pending'),
+                                   9223372036854775807)
+              AND NOT EXISTS (SELECT 1 FROM {DELIVERIES} d WHERE d.notification_seq = n.seq AND d.state = 'dead')""")
     return int(status.split()[-1])

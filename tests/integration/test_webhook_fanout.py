@@ -1,0 +1,217 @@
+"""The lazy fan-out of webhook notifications on the real PostgreSQL.
+
+Covers: a notification whose transaction commits after a later one is never skipped by a cursor (the
+fan-out waits for writers that hold a seq), and one rolled back holds nothing up; a new subscriber gets
+what follows its creation only; two fan-outs at once make each delivery once; the migration from a queue
+of delivery rows with their own bodies (rows queued before 0101 are sent, in order, before what follows,
+and signed); purging notifications nobody needs; queue depth counting what is not fanned out yet; the
+service's retention pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from services.alarms.service import AlarmsService
+from services.alarms.webhooks import store
+from services.alarms.webhooks.dispatcher import WebhookDispatcher
+from services.alarms.webhooks.formats import EventKind, Format, render
+from services.alarms.webhooks.signing import verify
+from services.core.db.migrations import migrate
+from services.core.db.outbox import Outbox
+from services.core.host import ServiceContext
+from services.core.settings import load_settings
+from tests.integration.test_webhook_delivery import FAST, MIGRATIONS, enqueue, lifecycle, notification
+from tests.support.http_receiver import HttpReceiver
+from tests.support.postgres import fresh_database, pool_on
+from tests.support.waiting import wait_until as until
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[asyncpg.Pool]:
+    async with fresh_database() as url, pool_on(url, migrate_core=False) as pool:
+        await migrate(pool, "alarms", MIGRATIONS)
+        yield pool
+
+
+async def delivered_ids(pool: asyncpg.Pool, subscription_id: str) -> list[str]:
+    rows = await pool.fetch("SELECT webhook_id FROM alarms.webhook_deliveries WHERE subscription_id = $1 ORDER BY id",
+                            uuid.UUID(subscription_id))
+    return [r["webhook_id"] for r in rows]
+
+
+async def test_a_notification_committing_late_is_not_skipped(pool: asyncpg.Pool) -> None:
+    sub, _ = await store.create_subscription(pool, "http://127.0.0.1:9/")
+    early, late = notification(entity="host=a"), notification(entity="host=b")
+    rolled_back = notification(entity="host=c")
+    async with pool.acquire() as slow:
+        tx = slow.transaction()
+        await tx.start()
+        assert await store.enqueue(slow, early) == 1           # takes seq 1, does not commit yet
+        await enqueue(pool, [late])                            # seq 2, committed
+        fan_out = asyncio.create_task(store.fan_out(pool))
+        await asyncio.sleep(0.5)
+        assert not fan_out.done(), "the fan-out waits for the writer holding seq 1"
+        await tx.commit()
+        assert await fan_out == 2
+    assert await delivered_ids(pool, sub.id) == [early.id, late.id]
+    async with pool.acquire() as conn:                         # a writer that rolls back holds nothing up
+        tx = conn.transaction()
+        await tx.start()
+        await store.enqueue(conn, rolled_back)
+        await tx.rollback()
+    await enqueue(pool, [notification(entity="host=d")])
+    assert await asyncio.wait_for(store.fan_out(pool), 5) == 1
+    assert len(await delivered_ids(pool, sub.id)) == 3
+    assert await pool.fetchval("SELECT fanned_out_seq FROM alarms.webhook_subscriptions") == 4
+
+
+async def test_a_new_subscriber_gets_what_follows_only(pool: asyncpg.Pool) -> None:
+    first, _ = await store.create_subscription(pool, "http://127.0.0.1:9/")
+    before, after = notification(entity="host=a"), notification(entity="host=b")
+    await enqueue(pool, [before])
+    second, _ = await store.create_subscription(pool, "http://127.0.0.1:9/")
+    await enqueue(pool, [after])
+    assert await store.queue_depth(pool) == {first.id: 2, second.id: 1}
+    assert await store.fan_out(pool) == 3
+    assert await delivered_ids(pool, first.id) == [before.id, after.id]
+    assert await delivered_ids(pool, second.id) == [after.id]
+    assert await store.queue_depth(pool) == {first.id: 2, second.id: 1}
+    assert await store.delete_subscription(pool, first.id)
+    assert await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries") == 1
+
+
+async def test_no_subscriber_no_notification(pool: asyncpg.Pool) -> None:
+    assert await enqueue(pool, [notification()]) == 0
+    assert await pool.fetchval("SELECT count(*) FROM alarms.webhook_notifications") == 0
+
+
+async def test_concurrent_fan_outs_make_each_delivery_once(pool: asyncpg.Pool) -> None:
+    subs = [(await store.create_subscription(pool, "http://127.0.0.1:9/"))[0] for _ in range(3)]
+    notes = [notification(entity=f"host=h{i}") for i in range(60)]
+
+    async def writer() -> None:
+        for i in range(0, len(notes), 3):
+            await enqueue(pool, notes[i:i + 3])
+
+    async def fan_outs() -> int:
+        made = 0
+        for _ in range(30):
+            made += await store.fan_out(pool)
+            await asyncio.sleep(0.005)
+        return made
+
+    results = await asyncio.gather(writer(), fan_outs(), fan_outs())
+    made = results[1] + results[2] + await store.fan_out(pool)
+    assert made == 3 * len(notes)
+    for sub in subs:
+        assert await delivered_ids(pool, sub.id) == [n.id for n in notes]
+
+
+async def test_rows_queued_before_the_migration_are_sent_first_and_signed(tmp_path: Path) -> None:
+    """A deployment upgraded with deliveries pending (their bodies in the rows) loses none of them."""
+    old = tmp_path / "migrations"
+    old.mkdir()
+    for name in ("0001_alarms.sql", "0100_webhooks.sql"):
+        shutil.copy(MIGRATIONS / name, old / name)
+    async with HttpReceiver() as receiver, fresh_database() as url, pool_on(url, migrate_core=False) as pool:
+        await migrate(pool, "alarms", old)
+        secret = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        roost_id, am_id = uuid.uuid4(), uuid.uuid4()
+        for sub_id, fmt in ((roost_id, Format.ROOST), (am_id, Format.ALERTMANAGER)):
+            await pool.execute(
+                """INSERT INTO alarms.webhook_subscriptions (id, name, url, secrets, format)
+                   VALUES ($1, $2, $3, ARRAY[$4], $5)""", sub_id, fmt.value, receiver.url(f"/{fmt.value}"), secret,
+                fmt.value)
+        raised, changed, *_ = lifecycle("200.004", "host=controller-0")
+        for sub_id, fmt in ((roost_id, Format.ROOST), (am_id, Format.ALERTMANAGER)):
+            await pool.execute(
+                """INSERT INTO alarms.webhook_deliveries (subscription_id, webhook_id, ordering_key, event_type, body)
+                   VALUES ($1, $2, $3, $4, $5)""", sub_id, raised.id, raised.instance_key, raised.type,
+                render(raised, fmt, receiver=fmt.value))
+        await migrate(pool, "alarms", MIGRATIONS)             # 0101: the old rows stay as they are
+        assert await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries WHERE body IS NOT NULL") == 2
+        await enqueue(pool, [changed])                        # then a notification of the same alarm
+        dispatcher = WebhookDispatcher(pool, FAST)
+        dispatcher.start()
+        try:
+            await until(lambda: dispatcher.stats.delivered == 4, what="both rows and the new notification, twice")
+        finally:
+            await dispatcher.stop()
+    by_path: dict[str, list[bytes]] = {}
+    for r in receiver.requests:
+        verify(r.headers, r.body, secret)
+        by_path.setdefault(r.path, []).append(r.body)
+    assert [data_of(b) for b in by_path["/roost"]] == [1, 2]
+    assert by_path["/roost"] == [render(raised, Format.ROOST), render(changed, Format.ROOST)]
+    assert by_path["/alertmanager"] == [render(raised, Format.ALERTMANAGER, receiver="alertmanager"),
+                                        render(changed, Format.ALERTMANAGER, receiver="alertmanager")]
+    assert [r.headers["webhook-id"] for r in receiver.requests if r.path == "/roost"] == [raised.id, changed.id]
+
+
+def data_of(body: bytes) -> int:
+    version: int = json.loads(body)["data"]["version"]
+    return version
+
+
+async def test_purge_keeps_what_a_delivery_or_a_dead_letter_needs(pool: asyncpg.Pool) -> None:
+    sub, _ = await store.create_subscription(pool, "http://127.0.0.1:9/")
+    notes = [notification(entity=f"host=h{i}", event=EventKind.RAISED) for i in range(4)]
+    await enqueue(pool, notes)
+    assert await store.purge_notifications(pool) == 0, "not fanned out yet"
+    await store.fan_out(pool)
+    assert await store.purge_notifications(pool) == 0, "all pending"
+    await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'delivered', delivered_at = now() "
+                       "WHERE webhook_id = ANY($1::text[])", [notes[0].id, notes[2].id])
+    await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'dead', dead_at = now() WHERE webhook_id = $1",
+                       notes[1].id)
+    assert await store.purge_notifications(pool) == 2, "the first and the third: the dead letter's and the pending stay"
+    await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'delivered', delivered_at = now() "
+                       "WHERE webhook_id = $1", notes[3].id)
+    assert await store.purge_notifications(pool) == 1, "the fourth; the dead letter's stays"
+    assert await store.replay(pool, sub.id) == 1
+    body = await pool.fetchval("""SELECT n.body FROM alarms.webhook_deliveries d
+                                  JOIN alarms.webhook_notifications n ON n.seq = d.notification_seq
+                                  WHERE d.state = 'pending'""")
+    assert bytes(body) == render(notes[1], Format.ROOST)
+
+
+async def test_the_service_retention_pass_purges_the_webhook_queue(pool: asyncpg.Pool) -> None:
+    await store.create_subscription(pool, "http://127.0.0.1:9/")
+    await enqueue(pool, [notification(entity="host=a"), notification(entity="host=b")])
+    await store.fan_out(pool)
+    await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'delivered', "
+                       "delivered_at = now() - interval '8 days'")
+    service = AlarmsService()
+    service._ctx = ServiceContext("alarms", load_settings(), pool, None, Outbox("alarms"))  # type: ignore[arg-type]
+    assert await service.purge_webhooks() == (2, 2)
+    assert await pool.fetchval("SELECT count(*) FROM alarms.webhook_notifications") == 0
+
+
+async def test_the_dispatcher_fans_out_and_sends(pool: asyncpg.Pool) -> None:
+    async with HttpReceiver() as receiver:
+        sub, secret = await store.create_subscription(pool, receiver.url("/hook"), format="alertmanager")
+        dispatcher = WebhookDispatcher(pool, FAST)
+        dispatcher.start()
+        try:
+            notes = lifecycle("200.004", "host=controller-0")
+            await enqueue(pool, notes)
+            await until(lambda: dispatcher.stats.delivered == 4, what="the lifecycle")
+        finally:
+            await dispatcher.stop()
+    assert dispatcher.stats.fanned_out == 4
+    assert [r.headers["webhook-id"] for r in receiver.requests] == [n.id for n in notes]
+    for r, n in zip(receiver.requests, notes, strict=True):
+        verify(r.headers, r.body, secret)
+        assert r.body == render(n, Format.ALERTMANAGER, receiver=sub.name)
+    assert await store.queue_depth(pool) == {sub.id: 0}
