@@ -675,6 +675,8 @@ def follow_ups(s: Site) -> list[Event]:
             out += [ServicesDisabled(h.uuid), ServicesDisableFailed(h.uuid, "drain timed out")]
         if h.availability == "intest":
             out += [GoEnabled(h.uuid, True), GoEnabled(h.uuid, False, "checks")]
+        else:                                     # a late answer, after the host moved on
+            out += [GoEnabled(h.uuid, True)]
         if h.action in POWER_ACTIONS:
             out += [ActionDone(h.uuid), ActionFailed(h.uuid, "BMC said no")]
         if h.action == "swact":
