@@ -4,21 +4,28 @@
     .venv/bin/python bench/alarms_bench.py --quick    # a look in about 35 seconds
 
 1. **Sustained set / clear rate**, every op persisted (active row, history record, ``roost.alarm.*``
-   outbox event, inbox row) and durably queued as webhook deliveries for ``--subscribers`` (10)
-   subscriptions whose filters match everything.  Target: at least 5,000 ops/s.
+   outbox event, inbox row) and durably queued for ``--subscribers`` (10) subscriptions whose filters
+   match everything.  Target: at least 5,000 ops/s.
 
-   * ``naive``, the baseline: one transaction per message, the simplest way: the service's own
-     per-message path (``AlarmsService.handle_alone``), one message after the other, which is how the
-     service applied every fault before group commit (consumer concurrency 1).
+   * ``naive``, the baseline: one transaction per message, the simplest way, doing the full old-style
+     writes: the service's own per-message path (``AlarmsService.handle_alone``), one message after the
+     other, which is how the service applied every fault before group commit (consumer concurrency 1),
+     with the webhook queueing of before the lazy fan-out (``legacy_enqueue``: one delivery row per
+     subscription in the alarm's transaction, each with its own rendered body).
    * ``roost``: the service's entry point as the bus calls it (``AlarmsService.handle``) from ``--batch``
      (64) concurrent callers taking the messages in order, as the consumer's workers do: group commit,
-     several messages per transaction (``AlarmStore.apply_many``).
+     several messages per transaction (``AlarmStore.apply_many``), one webhook notification row per op
+     committed with it ("durably queued": from then on nothing can lose it); and at the same time, as the
+     service's dispatcher does, the fan-out (``webhooks.fan_out``) making the 10 delivery rows of each
+     notification.  The rate counts until the last delivery row is made (not just the last op applied),
+     so a fan-out that falls behind lowers it; the lag (last op committed -> its deliveries made) and
+     the largest backlog not yet fanned out during the run are printed too.
    * both without a broker, the service in the bench's process, called directly;
    * ``roost via NATS``: the whole path from the bus.  The ops wait in JetStream (published beforehand,
      not timed); the alarms service runs in a process of its own, hosted as ``roost up`` hosts it
-     (``ServiceHost``: bus consumer, outbox relay publishing the ``roost.alarm.*`` events to NATS) but
-     without a webhook dispatcher (the subscribers are unreachable; sending is figure 2); the clock
-     runs from the service's start to the last inbox row.
+     (``ServiceHost``: bus consumer, outbox relay publishing the ``roost.alarm.*`` events to NATS) with
+     the fan-out running but no sending (the subscribers are unreachable; sending is figure 2); the
+     clock runs from the service's start to the last inbox row and the last delivery row made.
 
 2. **Webhook deliveries per second**: ``--deliveries`` queued rows over ``--subscribers`` subscriptions,
    sent by the ``WebhookDispatcher`` (default settings) in the bench's process to the receiver; the
@@ -56,8 +63,9 @@ import statistics
 import sys
 import tempfile
 import time
+import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -79,6 +87,7 @@ from services.alarms.webhooks import (
     verify,
 )
 from services.alarms.webhooks import store as webhooks
+from services.alarms.webhooks.formats import Notification, render
 from services.core.auth import InMemoryAuthenticator
 from services.core.bus.abc import RawDelivery
 from services.core.bus.bus import Bus, Message
@@ -86,7 +95,7 @@ from services.core.bus.memory import InMemoryBroker, InMemoryTransport
 from services.core.bus.nats import NatsTransport
 from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
-from services.core.db.pool import create_pool
+from services.core.db.pool import AnyConnection, create_pool
 from services.core.embedded.nats_server import NatsServer
 from services.core.host import Connections, ServiceContext, ServiceHost
 from services.core.logging import configure_logging
@@ -99,7 +108,7 @@ TARGET_RATE = 5000.0
 TARGET_P99_MS = 200.0
 CLOSED_URL = "http://127.0.0.1:9/hook"     # figure 1's subscribers: nothing is sent within the run
 RESET = """TRUNCATE alarms.active_alarms, alarms.event_log, alarms.outbox, alarms.inbox, alarms.webhook_deliveries,
-           alarms.webhook_subscriptions"""
+           alarms.webhook_notifications, alarms.webhook_subscriptions"""
 REASON = re.compile(rb'"reason_text":"bench t=([0-9.]+)"')
 
 
@@ -168,7 +177,7 @@ async def reset(pool: asyncpg.Pool, subscribers: int, url: str, secret: str) -> 
     await pool.execute(RESET)
     for i in range(subscribers):
         await webhooks.create_subscription(pool, url, secret=secret, name=f"bench-{i}")
-    for table in ("active_alarms", "event_log", "outbox", "inbox", "webhook_deliveries"):
+    for table in ("active_alarms", "event_log", "outbox", "inbox", "webhook_deliveries", "webhook_notifications"):
         await pool.execute(f"VACUUM ANALYZE alarms.{table}")
 
 
@@ -176,15 +185,67 @@ async def counts(pool: asyncpg.Pool) -> dict[str, int]:
     row = await pool.fetchrow("""
         SELECT (SELECT count(*) FROM alarms.event_log) AS history, (SELECT count(*) FROM alarms.outbox) AS events,
                (SELECT count(*) FROM alarms.inbox) AS inbox, (SELECT count(*) FROM alarms.webhook_deliveries)
-               AS deliveries, (SELECT count(*) FROM alarms.active_alarms) AS active""")
+               AS deliveries, (SELECT count(*) FROM alarms.webhook_notifications) AS notifications,
+               (SELECT count(*) FROM alarms.active_alarms) AS active""")
     assert row is not None
     return {k: int(v) for k, v in row.items()}
 
 
-def check_counts(got: dict[str, int], ops: int, subscribers: int, active: int, what: str) -> None:
-    want = {"history": ops, "events": ops, "inbox": ops, "deliveries": ops * subscribers, "active": active}
+def check_counts(got: dict[str, int], ops: int, subscribers: int, active: int, what: str, *,
+                 legacy: bool = False) -> None:
+    want = {"history": ops, "events": ops, "inbox": ops, "deliveries": ops * subscribers,
+            "notifications": 0 if legacy else ops, "active": active}
     if got != want:
         raise SystemExit(f"{what}: the database holds {got}, expected {want}")
+
+
+_LEGACY_INSERT = f"""
+    INSERT INTO {webhooks.DELIVERIES} (subscription_id, webhook_id, ordering_key, event_type, body)
+    SELECT s, $2, $3, $4, b FROM unnest($1::uuid[], $5::bytea[]) WITH ORDINALITY AS t(s, b, n) ORDER BY n"""
+
+
+async def legacy_enqueue(conn: AnyConnection, notification: Notification) -> int:
+    """The webhook queueing before the lazy fan-out (migration 0100's design), for the naive baseline: in the
+    alarm's transaction, one delivery row per matching subscription, each with its body rendered for it.
+    (Since 0101 the table has no unique (subscription, webhook id) and no foreign key any more, so this
+    is a little cheaper than it was.)"""
+    subs = await webhooks.list_subscriptions(conn)
+    matching = [s for s in subs if s.filters.matches(notification)]
+    if not matching:
+        return 0
+    bodies = [render(notification, s.format, receiver=s.name) for s in matching]
+    await conn.execute(_LEGACY_INSERT, [uuid.UUID(s.id) for s in matching], notification.id,
+                       notification.instance_key, notification.type, bodies)
+    await conn.execute("SELECT pg_notify($1, '')", webhooks.NOTIFY_CHANNEL)
+    return len(matching)
+
+
+@contextlib.contextmanager
+def legacy_webhooks() -> Iterator[None]:
+    """The service's per-message path queues webhooks the old way while this lasts."""
+    modern = webhooks.enqueue
+    webhooks.enqueue = legacy_enqueue
+    try:
+        yield
+    finally:
+        webhooks.enqueue = modern
+
+
+async def backlog(pool: asyncpg.Pool) -> int:
+    """Notifications handed out that some subscription has not fanned out yet (counted by seq)."""
+    return int(await pool.fetchval(f"""
+        SELECT greatest(0, ({webhooks._LAST_SEQ}) - coalesce(min(fanned_out_seq), 0))
+        FROM alarms.webhook_subscriptions"""))
+
+
+async def fan_out_loop(pool: asyncpg.Pool, stop: asyncio.Event) -> None:
+    """What the service's dispatcher does for the fan-out, without sending: fan out whenever there is
+    something (it is woken at every commit), else look again a little later."""
+    while not stop.is_set():
+        if not await webhooks.fan_out(pool):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.005):
+                    await stop.wait()
 
 
 def expected_active(ops: int, instances: int) -> int:
@@ -251,15 +312,21 @@ async def receiver_main(verify_with: str | None) -> None:
 
 
 async def service_main(bus_url: str, database_url_: str, batch: int, dispatch: bool) -> None:
-    """The alarms service hosted as ``roost up`` hosts it; without ``dispatch`` its deliveries are queued
-    but no dispatcher runs (figure 1: the subscribers are unreachable, and trying them is figure 2's work)."""
+    """The alarms service hosted as ``roost up`` hosts it; without ``dispatch`` its notifications are fanned
+    out (as its dispatcher does) but nothing is sent (figure 1: the subscribers are unreachable, and trying
+    them is figure 2's work)."""
     service = AlarmsService(batch_size=batch, webhooks=dispatch)
     host = ServiceHost(service, load_settings(), Connections(bus_url, database_url_), None)
     await host.start()
     service.store.webhooks = True
+    stop = asyncio.Event()
+    fanning = None if dispatch else asyncio.create_task(fan_out_loop(service.pool, stop))
     print("ready", flush=True)
     loop = asyncio.get_running_loop()
     await loop.run_in_executor(None, sys.stdin.read)
+    stop.set()
+    if fanning is not None:
+        await fanning
     await host.stop(time.monotonic() + 20)
 
 
@@ -308,12 +375,19 @@ async def child(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[
 class Run:
     kind: str
     ops: int
-    seconds: float
+    seconds: float                          # until the last op applied and (roost) its deliveries made
     cpu: float = 0.0                        # this process's CPU seconds (direct runs: all the service's work)
+    applied: float = 0.0                    # seconds until the last op was applied (committed)
+    max_backlog: int = 0                    # largest number of notifications not fanned out, sampled
 
     @property
     def rate(self) -> float:
         return self.ops / self.seconds
+
+    @property
+    def lag(self) -> float:
+        """Seconds from the last op committed to the last of its deliveries made."""
+        return max(0.0, self.seconds - self.applied) if self.applied else 0.0
 
 
 @contextlib.asynccontextmanager
@@ -338,16 +412,50 @@ async def run_direct(kind: str, pool: asyncpg.Pool, service: AlarmsService, regi
     todo = deque(messages(registry, fault_envelopes(registry, ops, instances)))
     started, cpu = time.perf_counter(), time.process_time()
     if kind == "naive":
-        while todo:
-            await service.handle_alone(todo.popleft())
-    else:
-        async def worker() -> None:        # as a consumer's worker: the next message, in order
+        with legacy_webhooks():
             while todo:
-                await service.handle(todo.popleft())
+                await service.handle_alone(todo.popleft())
+        run = Run(kind, ops, time.perf_counter() - started, time.process_time() - cpu)
+        check_counts(await counts(pool), ops, subscribers, expected_active(ops, instances), kind, legacy=True)
+        return run
+
+    async def worker() -> None:        # as a consumer's worker: the next message, in order
+        while todo:
+            await service.handle(todo.popleft())
+
+    stop = asyncio.Event()
+    fanning = asyncio.create_task(fan_out_loop(pool, stop))
+    sampling = asyncio.create_task(sample_backlog(pool, stop))
+    try:
         await asyncio.gather(*(worker() for _ in range(batch)))
-    run = Run(kind, ops, time.perf_counter() - started, time.process_time() - cpu)
+        applied = time.perf_counter() - started
+        await wait_fanned_out(pool, ops, started)
+        seconds = time.perf_counter() - started
+    finally:
+        stop.set()
+        await fanning
+    run = Run(kind, ops, seconds, time.process_time() - cpu, applied, await sampling)
     check_counts(await counts(pool), ops, subscribers, expected_active(ops, instances), kind)
     return run
+
+
+async def sample_backlog(pool: asyncpg.Pool, stop: asyncio.Event) -> int:
+    """The largest fan-out backlog seen, every 100 ms until ``stop``."""
+    most = 0
+    while not stop.is_set():
+        most = max(most, await backlog(pool))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.1):
+                await stop.wait()
+    return most
+
+
+async def wait_fanned_out(pool: asyncpg.Pool, ops: int, started: float) -> None:
+    """Until every subscription's cursor is past all ``ops`` notifications."""
+    while await pool.fetchval("SELECT count(*) FROM alarms.webhook_notifications") < ops or await backlog(pool):
+        if time.perf_counter() - started > 60 + ops / 100:
+            raise SystemExit(f"fan-out: {await backlog(pool)} notifications never fanned out")
+        await asyncio.sleep(0.005)
 
 
 async def run_via_nats(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: Registry, ops: int, instances: int,
@@ -363,13 +471,21 @@ async def run_via_nats(pool: asyncpg.Pool, nats_url: str, db_url: str, registry:
         await bus.close()
     async with child("--serve-alarms", nats_url, db_url, str(batch), "queue-only"):
         started = time.perf_counter()
-        while (done := int(await pool.fetchval("SELECT count(*) FROM alarms.inbox"))) < ops:
-            if time.perf_counter() - started > 30 + ops / 100:
-                raise SystemExit(f"via NATS: only {done} of {ops} applied")
-            await asyncio.sleep(0.05)
-        seconds = time.perf_counter() - started
+        stop = asyncio.Event()
+        sampling = asyncio.create_task(sample_backlog(pool, stop))
+        try:
+            while (done := int(await pool.fetchval("SELECT count(*) FROM alarms.inbox"))) < ops:
+                if time.perf_counter() - started > 30 + ops / 100:
+                    raise SystemExit(f"via NATS: only {done} of {ops} applied")
+                await asyncio.sleep(0.05)
+            applied = time.perf_counter() - started
+            await wait_fanned_out(pool, ops, started)
+            seconds = time.perf_counter() - started
+        finally:
+            stop.set()
+        most = await sampling
     check_counts(await counts(pool), ops, subscribers, expected_active(ops, instances), "via NATS")
-    return Run("roost via NATS", ops, seconds)
+    return Run("roost via NATS", ops, seconds, applied=applied, max_backlog=most)
 
 
 async def _nothing(delivery: RawDelivery) -> None:
@@ -390,6 +506,7 @@ async def fill_queue(pool: asyncpg.Pool, service: AlarmsService, registry: Regis
         while todo:
             await service.handle(todo.popleft())
     await asyncio.gather(*(worker() for _ in range(service.batch_size)))
+    await webhooks.fan_out(pool)
     return int(await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries WHERE state = 'pending'"))
 
 
@@ -420,7 +537,9 @@ async def run_dispatcher(pool: asyncpg.Pool, total: int, settings: DispatcherSet
 
 
 async def run_raw_http(pool: asyncpg.Pool, total: int, url: str, secret: str, in_flight: int) -> Run:
-    rows = await pool.fetch("SELECT webhook_id, body FROM alarms.webhook_deliveries ORDER BY id LIMIT $1", total)
+    rows = await pool.fetch("""SELECT d.webhook_id, coalesce(d.body, n.body) AS body FROM alarms.webhook_deliveries d
+                               LEFT JOIN alarms.webhook_notifications n ON n.seq = d.notification_seq
+                               ORDER BY d.id LIMIT $1""", total)
     todo = deque((r["webhook_id"], bytes(r["body"])) for r in rows)
     limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
     async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
@@ -651,8 +770,15 @@ async def figure_rate(args: argparse.Namespace, pool: asyncpg.Pool, registry: Re
     cpu_naive = statistics.median(x.cpu / x.ops for x in naive) * 1e6
     cpu_roost = statistics.median(x.cpu / x.ops for x in roost) * 1e6
     print(f"   naive (1 tx per op)      : {spread(naive)}  {cpu_naive:.0f} µs CPU/op in this process")
-    print(f"   roost (group commit {args.batch:3d}) : {spread(roost)}  {cpu_roost:.0f} µs CPU/op in this process")
+    print(f"   roost (group commit {args.batch:3d}) : {spread(roost)}  {cpu_roost:.0f} µs CPU/op in this process "
+          "(service, callers and fan-out)")
     print(f"   roost via NATS           : {spread(via)}")
+    for kind, runs in (("roost", roost), ("via NATS", via)):
+        applied = statistics.median(x.ops / x.applied for x in runs)
+        print(f"   {kind:8s} applied (notification committed): {applied:6.0f} ops/s; deliveries for "
+              f"{args.subscribers} subscribers made {', '.join(f'{x.lag * 1000:.0f}' for x in runs)} ms after the "
+              f"last op; largest backlog not fanned out {', '.join(str(x.max_backlog) for x in runs)} "
+              "notifications (sampled every 100 ms)")
     print(f"   ratio roost / naive {r / n:.1f}x, via NATS / naive {v / n:.1f}x;  target ≥ {TARGET_RATE:.0f} ops/s: "
           f"{'met' if r >= TARGET_RATE else 'NOT met'} directly ({r:.0f}), "
           f"{'met' if v >= TARGET_RATE else 'NOT met'} via NATS ({v:.0f})")

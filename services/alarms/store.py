@@ -57,7 +57,7 @@ from services.alarms.model import (
     decide_set,
 )
 from services.alarms.webhooks import store as webhooks
-from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, dumps_body, rfc3339
 from services.core.db.outbox import Outbox
 from services.core.db.pool import AnyConnection
 
@@ -303,6 +303,37 @@ def _notification(envelope: Envelope, alarm: Alarm, version: int, kind: EventKin
                         occurred_at=envelope.time, alarm=AlarmFields.model_validate(fields))
 
 
+def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: EventKind, suppressed: bool,
+                         ) -> tuple[object, ...]:
+    """The ``webhook_notifications`` row of an announced change (``webhooks.notification_values`` of
+    :func:`_notification`, the same bytes), built without the models in between: this runs for every op."""
+    webhook_id = f"msg_{uuidlib.UUID(envelope.id).hex}"
+    cleared = kind is EventKind.CLEARED
+    payload = {
+        "type": f"alarm.{kind.value}",
+        "timestamp": rfc3339(envelope.time),
+        "data": {
+            "id": webhook_id,
+            "event": kind.value,
+            "version": version,
+            "alarm": {
+                "uuid": str(alarm.uuid), "alarm_id": alarm.alarm_id, "alarm_state": "clear" if cleared else "set",
+                "entity_type_id": alarm.entity_type_id, "entity_instance_id": alarm.entity_instance_id,
+                "timestamp": rfc3339(alarm.timestamp), "severity": alarm.severity.value,
+                "reason_text": alarm.reason_text, "alarm_type": alarm.alarm_type.value,
+                "probable_cause": alarm.probable_cause, "proposed_repair_action": alarm.proposed_repair_action,
+                "service_affecting": alarm.service_affecting, "suppression": alarm.suppression,
+                "suppression_status": "suppressed" if suppressed else "unsuppressed",
+                "inhibit_alarms": alarm.inhibit_alarms, "mgmt_affecting": str(alarm.mgmt_affecting),
+                "degrade_affecting": str(alarm.degrade_affecting), "created_at": rfc3339(alarm.created_at),
+                "updated_at": rfc3339(alarm.updated_at),
+            },
+        },
+    }
+    return (webhook_id, f"{alarm.alarm_id}|{alarm.entity_instance_id}", f"alarm.{kind.value}", alarm.alarm_id,
+            alarm.severity.value, alarm.entity_instance_id, dumps_body(payload))
+
+
 def _in_transaction(conn: AnyConnection) -> None:
     if not conn.is_in_transaction():
         raise RuntimeError("the alarm store needs the caller's transaction: call it inside "
@@ -530,15 +561,15 @@ class AlarmStore:
         row = await conn.fetchrow(
             f"""SELECT EXISTS (SELECT 1 FROM {webhooks.SUBSCRIPTIONS}) AS subscribed,
                        array(SELECT alarm_id FROM {SCHEMA}.suppression
-                             WHERE suppressed AND alarm_id = ANY($1::text[])) AS suppressed""", ids)
+                             WHERE suppressed AND alarm_id = ANY($1::text[])) AS suppressed,
+                       {webhooks.LOCK_FOR_NOTIFICATIONS} AS locked""", ids)
         assert row is not None
         if not row["subscribed"]:
             return 0
         suppressed = set(row["suppressed"])
-        rows = [webhooks.notification_values(
-                    _notification(envelope, alarm, version, kind, alarm.alarm_id in suppressed))
+        rows = [_notification_values(envelope, alarm, version, kind, alarm.alarm_id in suppressed)
                 for envelope, alarm, version, kind in announced]
-        return await webhooks.insert_notifications(conn, rows)
+        return await webhooks.insert_notifications(conn, rows, locked=True)
 
     # -- customer logs --------------------------------------------------------------------------------
 

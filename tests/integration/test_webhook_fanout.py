@@ -59,10 +59,13 @@ async def test_a_notification_committing_late_is_not_skipped(pool: asyncpg.Pool)
         await tx.start()
         assert await store.enqueue(slow, early) == 1           # takes seq 1, does not commit yet
         await enqueue(pool, [late])                            # seq 2, committed
+        started = asyncio.get_running_loop().time()
+        assert await store.fan_out(pool) == 0, "seq 2 is not fanned out while seq 1 may still commit"
+        assert asyncio.get_running_loop().time() - started >= 0.4, "it waited for the writer (half a second)"
+        assert await pool.fetchval("SELECT fanned_out_seq FROM alarms.webhook_subscriptions") == 0
         fan_out = asyncio.create_task(store.fan_out(pool))
-        await asyncio.sleep(0.5)
-        assert not fan_out.done(), "the fan-out waits for the writer holding seq 1"
-        await tx.commit()
+        await asyncio.sleep(0.1)
+        await tx.commit()                                      # the waiting fan-out goes on at once
         assert await fan_out == 2
     assert await delivered_ids(pool, sub.id) == [early.id, late.id]
     async with pool.acquire() as conn:                         # a writer that rolls back holds nothing up

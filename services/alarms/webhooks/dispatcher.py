@@ -280,8 +280,8 @@ _CLAIM = f"""
                (SELECT min(paused_until) FROM {SUBSCRIPTIONS} WHERE paused_until > now())
            ) - clock_timestamp())::float8"""
 
-# Many 2xx at once: delivered; the latency of each; NOTIFY when a later row of one of those alarms is
-# waiting, so that every replica looks, not only us.
+# Many 2xx at once: delivered; the latency of each; NOTIFY when one of those subscriptions has more rows
+# waiting (a later row of the same alarm may be among them), so that every replica looks, not only us.
 _DELIVERED_MANY = f"""
     WITH upd AS (
         UPDATE {DELIVERIES} AS d
@@ -289,13 +289,12 @@ _DELIVERED_MANY = f"""
             last_error = NULL, claim_token = NULL, claimed_until = NULL
         FROM unnest($1::bigint[], $2::uuid[], $3::int[]) AS v(id, token, status)
         WHERE d.id = v.id AND d.claim_token = v.token AND d.state = 'pending'
-        RETURNING d.id, d.subscription_id, d.ordering_key,
-                  extract(epoch FROM d.delivered_at - d.created_at)::float8 AS latency),
+        RETURNING d.id, d.subscription_id, extract(epoch FROM d.delivered_at - d.created_at)::float8 AS latency),
     waiting AS (
-        SELECT pg_notify($4, '') FROM upd u
+        SELECT pg_notify($4, '') FROM (SELECT DISTINCT subscription_id FROM upd) u
         WHERE EXISTS (SELECT 1 FROM {DELIVERIES} d
-                      WHERE d.subscription_id = u.subscription_id AND d.ordering_key = u.ordering_key
-                        AND d.state = 'pending' AND d.id <> u.id)
+                      WHERE d.subscription_id = u.subscription_id AND d.state = 'pending'
+                        AND d.id <> ALL($1::bigint[]))
         LIMIT 1)
     SELECT u.id, u.latency, (SELECT count(*) FROM waiting) AS notified FROM upd u"""
 
@@ -342,7 +341,7 @@ class WebhookDispatcher:
     """Sends ``alarms.webhook_deliveries``.  ``start()`` (or ``await run()`` in a task); ``await stop()``.
 
     Several dispatchers (replicas) may run on one database.  ``client`` is an ``httpx.AsyncClient`` to
-    use (one is created and closed otherwise).
+    use for every subscription (otherwise one is created per subscription, and closed at the end).
     """
 
     def __init__(self, pool: asyncpg.Pool, settings: DispatcherSettings | None = None, *,
@@ -355,7 +354,8 @@ class WebhookDispatcher:
         self.on_subscription_recovered = on_subscription_recovered
         self.stats = DispatcherStats()
         self._client = client
-        self._own_client = client is None
+        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -387,11 +387,6 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._client is None:
-            self._client = httpx.AsyncClient(
-                follow_redirects=False, trust_env=False,
-                limits=httpx.Limits(max_connections=self.settings.max_in_flight,
-                                    max_keepalive_connections=self.settings.max_in_flight))
         poll_at = -float("inf")
         try:
             while not self._stopping.is_set():
@@ -403,7 +398,7 @@ class WebhookDispatcher:
                     if self._announced or loop.time() >= poll_at:
                         self._announced = False
                         poll_at = loop.time() + self.settings.poll_interval
-                        self.stats.fanned_out += await fan_out(self.pool)
+                        self.stats.fanned_out += await fan_out(self._db())
                     await self._record_delivered()
                     free = self.settings.max_in_flight - len(self._inflight)
                     if free > 0:
@@ -416,7 +411,10 @@ class WebhookDispatcher:
                             sleep = min(sleep, max(0.0, due) + 0.005)
                     if loop.time() - self._depth_at >= self.settings.depth_interval:
                         self._depth_at = loop.time()
-                        metrics.set_queue_depth(await queue_depth(self.pool))
+                        depth = await queue_depth(self._db())
+                        metrics.set_queue_depth(depth)
+                        for gone in set(self._clients) - set(depth):     # subscriptions removed since
+                            self._closing.add(asyncio.create_task(self._clients.pop(gone).aclose()))
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     log.warning("webhook dispatcher: database trouble, retrying", error=describe(exc))
                     sleep = self.settings.db_backoff
@@ -435,9 +433,10 @@ class WebhookDispatcher:
             if self._inflight:
                 await asyncio.gather(*self._inflight, return_exceptions=True)
             await self._unlisten()
-            if self._own_client and self._client is not None:
-                client, self._client = self._client, None
-                await client.aclose()
+            clients, self._clients = list(self._clients.values()), {}
+            for client in clients:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     async def _finish_gracefully(self) -> None:
         if self._inflight:
@@ -461,6 +460,11 @@ class WebhookDispatcher:
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook delivery task failed", error=describe(task.exception()))  # type: ignore[arg-type]
         self._wake.set()
+
+    def _db(self) -> asyncpg.Pool | asyncpg.pool.PoolConnectionProxy:
+        """Where the loop runs its statements: the connection it listens on (held: no round trip to take a
+        connection from the pool and reset it after each statement), else the pool."""
+        return self._listener if self._listening() and self._listener is not None else self.pool
 
     def _listening(self) -> bool:
         if self._listener is None:
@@ -504,8 +508,8 @@ class WebhookDispatcher:
     async def _claim(self, limit: int) -> tuple[list[Job], float | None]:
         """Claim up to ``limit`` deliveries; also when to look again unwoken (seconds, or None)."""
         token = uuid.uuid4()
-        rows = await self.pool.fetch(_CLAIM, self.settings.per_subscription, limit, token, self.settings.window,
-                                     self.settings.effective_lease)
+        rows = await self._db().fetch(_CLAIM, self.settings.per_subscription, limit, token, self.settings.window,
+                                      self.settings.effective_lease)
         due: float | None = None
         jobs: list[Job] = []
         for r in rows:
@@ -534,8 +538,21 @@ class WebhookDispatcher:
             cached = self._rendered[key] = alertmanager_body(body, row["name"])
         return cached
 
+    def _client_for(self, subscription_id: str) -> httpx.AsyncClient:
+        """The HTTP client of a subscription: one each, at most ``per_subscription`` connections (httpx's
+        pool costs CPU per request that grows with the connections it holds: small pools are cheap)."""
+        if self._client is not None:
+            return self._client
+        client = self._clients.get(subscription_id)
+        if client is None:
+            size = min(self.settings.per_subscription, self.settings.max_in_flight)
+            client = self._clients[subscription_id] = httpx.AsyncClient(
+                follow_redirects=False, trust_env=False,
+                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
+        return client
+
     async def _deliver(self, job: Job) -> None:
-        assert self._client is not None
+        client = self._client_for(job.subscription_id)
         loop = asyncio.get_running_loop()
         started = loop.time()
         headers = {"content-type": "application/json", "user-agent": USER_AGENT,
@@ -544,7 +561,7 @@ class WebhookDispatcher:
         retry_after: str | None = None
         error: str | None = None
         try:
-            async with asyncio.timeout(self.settings.timeout), self._client.stream(
+            async with asyncio.timeout(self.settings.timeout), client.stream(
                     "POST", job.url, content=job.body, headers=headers, timeout=self.settings.timeout) as response:
                 status = response.status_code
                 retry_after = response.headers.get("retry-after")
@@ -578,8 +595,9 @@ class WebhookDispatcher:
             return
         done, self._delivered = self._delivered, []
         try:
-            rows = await self.pool.fetch(_DELIVERED_MANY, [d.job.id for d in done], [d.job.token for d in done],
-                                         [d.status for d in done], NOTIFY_CHANNEL)
+            db = self._db()
+            rows = await db.fetch(_DELIVERED_MANY, [d.job.id for d in done], [d.job.token for d in done],
+                                  [d.status for d in done], NOTIFY_CHANNEL)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             # kept for the next cycle: written then if the claim still holds (else the row goes again, same id)
             self._delivered[:0] = done
@@ -599,9 +617,9 @@ class WebhookDispatcher:
             if d.job.failing:
                 recovered.add(d.job.subscription_id)
         for sub in sorted(reset):
-            await self.pool.execute(_RESET_BREAKER, uuid.UUID(sub))
+            await db.execute(_RESET_BREAKER, uuid.UUID(sub))
         for sub in sorted(recovered):
-            if await self.pool.fetchval(_MARK_RECOVERED, uuid.UUID(sub)) is not None:
+            if await db.fetchval(_MARK_RECOVERED, uuid.UUID(sub)) is not None:
                 log.info("webhook subscription recovered", subscription=sub)
                 await self._call(self.on_subscription_recovered, sub, "delivering again")
 

@@ -118,8 +118,12 @@ class Notification(BaseModel):
         return f"alarm.{self.event.value}"
 
 
-def _dumps(payload: Any) -> bytes:
+def dumps_body(payload: Any) -> bytes:
+    """The exact body bytes of a payload: compact JSON, sorted keys, UTF-8; pure."""
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+_dumps = dumps_body
 
 
 def _alarm_json(alarm: AlarmFields) -> dict[str, Any]:

@@ -22,8 +22,9 @@ Why the fan-out never skips a notification: seqs are handed out in the order wri
 the order they commit, so a cursor moved past the highest committed seq could pass a lower one still to
 commit.  Writers therefore take ``pg_advisory_xact_lock_shared(FANOUT_LOCK)`` before they take a seq
 (writers never wait for each other), and the fan-out, having read the last seq handed out, takes the
-same key exclusively for an instant (an autocommit ``pg_try_advisory_xact_lock``, retried): once it has
-it, every transaction that took a seq up to that one has committed or rolled back.
+same key exclusively for an instant (``pg_try_advisory_xact_lock`` in the same autocommit statement, or
+failing that, waiting for it at most half a second): once it has it, every transaction that took a seq
+up to that one has committed or rolled back.
 
 Filters (``Filters.matches``, and the same rule in SQL in the fan-out): severities and alarm ids are sets
 (empty = any); the entity prefix matches whole ``.``-separated segments: ``host=controller-1`` matches
@@ -33,7 +34,6 @@ a subscription's filters as they are when it runs (milliseconds after the change
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -274,24 +274,33 @@ def notification_values(notification: Notification, body: bytes | None = None) -
             alarm.entity_instance_id, body if body is not None else render(notification, Format.ROOST))
 
 
+# The rows in the order given (seqs follow it), and a NOTIFY (sent at commit) when any was new.
 _INSERT_NOTIFICATIONS = f"""
     WITH ins AS (
         INSERT INTO {NOTIFICATIONS} (webhook_id, ordering_key, event_type, alarm_id, severity, entity_instance_id,
                                      body)
-        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
+        SELECT w, k, e, a, s, i, b
+        FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bytea[])
+             WITH ORDINALITY AS t(w, k, e, a, s, i, b, n)
+        ORDER BY n
         ON CONFLICT (webhook_id) DO NOTHING
         RETURNING 1)
-    SELECT count(*) FROM ins"""
+    SELECT c.n, CASE WHEN c.n > 0 THEN pg_notify($8, '') END
+    FROM (SELECT count(*) AS n FROM ins) c"""
 
 
 async def any_subscription(conn: Executor) -> bool:
     return bool(await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS})"))
 
 
+LOCK_FOR_NOTIFICATIONS = f"pg_advisory_xact_lock_shared({FANOUT_LOCK})"
+
+
 async def lock_for_notifications(conn: AnyConnection) -> None:
     """Take the writers' (shared) fan-out lock for the rest of the caller's transaction: call it before
-    inserting notifications (``insert_notifications`` does)."""
-    await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", FANOUT_LOCK)
+    inserting notifications (``insert_notifications`` does unless told it is done: a caller may take it
+    in a statement of its own, selecting ``LOCK_FOR_NOTIFICATIONS``)."""
+    await conn.execute(f"SELECT {LOCK_FOR_NOTIFICATIONS}")
 
 
 async def insert_notifications(conn: AnyConnection, rows: Sequence[tuple[object, ...]], *,
@@ -306,9 +315,8 @@ async def insert_notifications(conn: AnyConnection, rows: Sequence[tuple[object,
         return 0
     if not locked:
         await lock_for_notifications(conn)
-    count: int = await conn.fetchval(_INSERT_NOTIFICATIONS, *[[row[i] for row in rows] for i in range(7)])
-    if count:
-        await conn.execute("SELECT pg_notify($1, '')", NOTIFY_CHANNEL)
+    count: int = await conn.fetchval(_INSERT_NOTIFICATIONS, *[[row[i] for row in rows] for i in range(7)],
+                                     NOTIFY_CHANNEL)
     return count
 
 
@@ -354,44 +362,44 @@ _FAN_OUT = f"""
            coalesce((SELECT bool_or(hi < $1) FROM upd), false) AS more"""
 
 
-async def _barrier(conn: AnyConnection, *, patience: float = 2.0) -> None:
-    """Wait until every transaction holding the writers' lock now has ended (see the module's doc)."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + patience
-    pause = 0.0005
-    while loop.time() < until:
-        if await conn.fetchval("SELECT pg_try_advisory_xact_lock($1)", FANOUT_LOCK):
-            return                  # autocommit: taken and released in that statement
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 0.01)
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", FANOUT_LOCK)    # queue for it, then release
+# The last seq handed out, when some subscription's cursor is behind it, and (only then, so after that seq
+# was read) whether the writers' lock was free at that instant: one round trip in the usual case.
+_FAN_OUT_CHECK = f"""
+    SELECT h.hw, CASE WHEN h.hw IS NOT NULL THEN pg_try_advisory_xact_lock($1) END AS clear
+    FROM (SELECT ({_LAST_SEQ}) AS hw) h
+    WHERE EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < h.hw)"""
+# Waiting for the writers' lock (then releasing it), bounded: a writer's transaction left open must not
+# hold up the other writers, which queue behind this request while it waits.
+_BARRIER_WAIT = f"""BEGIN; SET LOCAL lock_timeout = '500ms'; SELECT pg_advisory_xact_lock({FANOUT_LOCK}); COMMIT"""
 
 
-async def pending_fan_out(conn: Executor) -> bool:
-    """Whether some subscription's cursor is behind the last seq handed out (cheap)."""
-    return bool(await conn.fetchval(
-        f"SELECT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < ({_LAST_SEQ}))"))
-
-
-async def fan_out(pool: asyncpg.Pool, *, chunk: int = FANOUT_CHUNK) -> int:
+async def fan_out(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHUNK) -> int:
     """Make the delivery rows of every committed notification not yet fanned out; returns how many.
 
-    Runs on a connection of its own, outside any transaction (the barrier must not hold the lock).
-    Subscriptions another replica is fanning out at this moment are left to it.
+    On a connection outside any transaction (the barrier must not keep the lock), or the pool's.
+    Subscriptions another replica is fanning out at this moment are left to it.  When writers still
+    hold seqs up to the last one handed out, waits for them at most half a second (then makes nothing:
+    call again).
     """
-    made = 0
-    async with pool.acquire() as conn:
-        hw = int(await conn.fetchval(_LAST_SEQ))
-        if not await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1)", hw):
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as own:
+            return await fan_out(own, chunk=chunk)
+    check = await conn.fetchrow(_FAN_OUT_CHECK, FANOUT_LOCK)
+    if check is None:
+        return 0
+    hw = int(check["hw"])
+    if not check["clear"]:
+        try:
+            await conn.execute(_BARRIER_WAIT)
+        except asyncpg.LockNotAvailableError:
             return 0
-        await _barrier(conn)
-        while True:
-            row = await conn.fetchrow(_FAN_OUT, hw, chunk)
-            assert row is not None
-            made += int(row["made"])
-            if not row["more"]:
-                break
-    return made
+    made = 0
+    while True:
+        row = await conn.fetchrow(_FAN_OUT, hw, chunk)
+        assert row is not None
+        made += int(row["made"])
+        if not row["more"]:
+            return made
 
 
 async def replay(conn: Executor, subscription_id: str, *, webhook_ids: Sequence[str] | None = None,
