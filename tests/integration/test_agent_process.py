@@ -258,6 +258,23 @@ def test_roost_up_lets_enrolled_agents_in_before_and_after_it_starts(up_data_dir
             hosts = json.loads(listed.stdout)["result"]["items"]
         assert {(h["provision"], h["availability"], h["inventoried"]) for h in hosts} <= {
             ("unprovisioned", "online", True), ("unprovisioned", "online", False)}
+        # the operator gives the discovered host its identity; inventory raises "host locked" through the
+        # alarms service, both under the broker policy
+        # (both agents run on this machine and report the same MACs: the first to announce itself has one)
+        discovered = next(h for h in hosts if h["mgmt_mac"])
+        name = str(discovered["agent"])
+        added = subprocess.run([*ROOST, "--data-dir", str(data), "host", "add", "--personality", "worker",
+                                "--hostname", name, "--mgmt-mac", str(discovered["mgmt_mac"]), "--json"],
+                               env=clean_env(), capture_output=True, text=True, timeout=60)
+        assert added.returncode == 0, added.stdout + added.stderr
+        assert json.loads(added.stdout)["result"]["uuid"] == discovered["uuid"]
+        alarms: list[dict[str, object]] = []
+        while not any(a["alarm_id"] == "950.001" and a["entity_instance_id"] == f"host={name}" for a in alarms):
+            assert time.monotonic() < deadline + 60, f"no host-locked alarm for {name}: {alarms}"
+            listed = subprocess.run([*ROOST, "--data-dir", str(data), "alarm", "list", "--json"], env=clean_env(),
+                                    capture_output=True, text=True, timeout=60)
+            assert listed.returncode == 0, listed.stderr
+            alarms = json.loads(listed.stdout)["result"]["items"]
         for agent in agents:
             agent.send(signal.SIGTERM)
         for agent in agents:
