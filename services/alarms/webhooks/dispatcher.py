@@ -79,7 +79,7 @@ from services.alarms.webhooks.store import (
     NOTIFICATIONS,
     NOTIFY_CHANNEL,
     SUBSCRIPTIONS,
-    fan_out,
+    fan_out_once,
     queue_depth,
 )
 from services.core.logging import register_secret
@@ -398,7 +398,11 @@ class WebhookDispatcher:
                     if self._announced or loop.time() >= poll_at:
                         self._announced = False
                         poll_at = loop.time() + self.settings.poll_interval
-                        self.stats.fanned_out += await fan_out(self._db())
+                        made, again = await fan_out_once(self._db())
+                        self.stats.fanned_out += made
+                        if again:           # a writer held its seq too long, or a subscription was busy
+                            self._announced = True
+                            sleep = min(sleep, 0.05)
                     await self._record_delivered()
                     free = self.settings.max_in_flight - len(self._inflight)
                     if free > 0:

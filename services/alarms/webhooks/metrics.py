@@ -5,7 +5,9 @@
   ``dead_letter`` (other 4xx, or the max age passed); a fixed set.
 * ``roost_webhook_delivery_duration_seconds``: one HTTP attempt, request to response (or error).
 * ``roost_webhook_delivery_latency_seconds``: from enqueue (the alarm change's commit) to the 2xx.
-* ``roost_webhook_queue_depth_messages{subscription}``: pending deliveries per subscription id.  The
+* ``roost_webhook_queue_depth_messages{subscription}``: deliveries waiting per subscription id: its
+  pending delivery rows plus the notifications after its fan-out cursor that its filters match (queued,
+  not yet turned into delivery rows; see ``store.queue_depth``).  The
   label is a subscription id: subscriptions are registered by operators and are few (tens), and a
   deleted subscription's series is removed at the next refresh, so the cardinality stays bounded.
   Every dispatcher replica reports the same (database-wide) number: aggregate with ``max``.

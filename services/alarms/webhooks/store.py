@@ -359,7 +359,8 @@ _FAN_OUT = f"""
     upd AS (
         UPDATE {SUBSCRIPTIONS} AS u SET fanned_out_seq = s.hi FROM s WHERE u.id = s.id RETURNING s.hi)
     SELECT (SELECT count(*) FROM ins) AS made, (SELECT count(*) FROM upd) AS subscriptions,
-           coalesce((SELECT bool_or(hi < $1) FROM upd), false) AS more"""
+           coalesce((SELECT bool_or(hi < $1) FROM upd), false) AS more,
+           (SELECT count(*) FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1) > (SELECT count(*) FROM s) AS skipped"""
 
 
 # The last seq handed out, when some subscription's cursor is behind it, and (only then, so after that seq
@@ -381,25 +382,32 @@ async def fan_out(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHU
     hold seqs up to the last one handed out, waits for them at most half a second (then makes nothing:
     call again).
     """
+    made, _ = await fan_out_once(conn, chunk=chunk)
+    return made
+
+
+async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHUNK) -> tuple[int, bool]:
+    """``fan_out``; also whether to call again soon: a writer kept its seq past the wait, or a subscription
+    was locked (by another replica's fan-out, or an update of its row) and left for later."""
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as own:
-            return await fan_out(own, chunk=chunk)
+            return await fan_out_once(own, chunk=chunk)
     check = await conn.fetchrow(_FAN_OUT_CHECK, FANOUT_LOCK)
     if check is None:
-        return 0
+        return 0, False
     hw = int(check["hw"])
     if not check["clear"]:
         try:
             await conn.execute(_BARRIER_WAIT)
         except asyncpg.LockNotAvailableError:
-            return 0
+            return 0, True
     made = 0
     while True:
         row = await conn.fetchrow(_FAN_OUT, hw, chunk)
         assert row is not None
         made += int(row["made"])
         if not row["more"]:
-            return made
+            return made, bool(row["skipped"])
 
 
 async def replay(conn: Executor, subscription_id: str, *, webhook_ids: Sequence[str] | None = None,
