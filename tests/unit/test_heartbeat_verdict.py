@@ -252,7 +252,8 @@ def test_a_host_with_no_path_established_has_no_verdict_and_a_removed_host_is_fo
                           st.integers(1, 15)), max_size=12))
 def test_a_host_that_answers_on_some_path_is_never_failed(cuts: list[tuple[int, Path, bool, int]]) -> None:
     """Random cuts and heals of single paths over 6 hosts, where host 0 always keeps its mgmt path: it is
-    never failed; and every host whose paths are all cut for 1 s is failed within 1 s of its last datagram."""
+    never failed; and every host whose paths are all cut for over a second is failed, unless multi-node
+    failure mode is on."""
     site = Site(hosts(6))
     site.run(0.5)
     for host, path, cut, tenths in cuts:
@@ -266,4 +267,4 @@ def test_a_host_that_answers_on_some_path_is_never_failed(cuts: list[tuple[int, 
     site.run(1.2)
     for h in hosts(6):
         if all((h, p) in site.cut for p in Path):
-            assert site.state(h) == "failed"
+            assert site.state(h) == "failed" or site.verdict.mnfa      # 3 hosts losing a network at once
