@@ -35,9 +35,10 @@ every change (``schemas.heartbeat.ActiveController.version``).
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from schemas.heartbeat import ActiveController
 from services.heartbeat.model import (
     ALARM_FENCE_FAILED,
     ALARM_SPLIT_BRAIN,
@@ -48,6 +49,8 @@ from services.heartbeat.model import (
     system_entity,
 )
 from services.heartbeat.wire import LeaseKind
+
+PAIR_ENTITY = "controller-pair"
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +213,12 @@ class Announce:
     standby: NodeId | None
     version: int
 
+    def event(self, names: Mapping[NodeId, str]) -> ActiveController:
+        """The bus event, with the controllers' hostnames."""
+        return ActiveController(entity_id=PAIR_ENTITY, version=self.version,
+                                active=names[self.active] if self.active is not None else None,
+                                standby=names[self.standby] if self.standby is not None else None)
+
 
 @dataclass(frozen=True, slots=True)
 class RaiseAlarm:
@@ -305,34 +314,34 @@ class PairController:
 
     def peer_paths(self, now: Seconds, reachable: bool) -> list[Effect]:
         """Whether any heartbeat path to the peer works (``paths``: not every path DOWN)."""
+        return self._reachable(now, reachable) + self.tick(now)
+
+    def _reachable(self, now: Seconds, reachable: bool) -> list[Effect]:
         if reachable != self.peer_reachable:
             self.peer_reachable = reachable
             if not reachable:
                 self.unreachable_since = now
-            else:
-                self.peer_seen = True
-        effects: list[Effect] = []
+        self.peer_seen |= reachable
         if reachable and self.phase in (Phase.ELECTING, Phase.FENCING) and self.kind is LeaseKind.TAKEOVER:
-            effects += self._abandon(now, "the peer answers again")
-        elif not reachable and self.phase is Phase.ELECTING and self.kind is not LeaseKind.TAKEOVER:
-            effects += self._abandon(now, "the peer went silent: a takeover, with its own rules")
-        return effects + self.tick(now)
+            return self._abandon()
+        if not reachable and self.phase is Phase.ELECTING and self.kind is not LeaseKind.TAKEOVER:
+            return self._abandon()            # the peer went silent: a takeover now, with its own rules
+        return []
 
     def peer_claim(self, now: Seconds, *, active: bool, epoch: int) -> list[Effect]:
         """The peer's role and epoch, from its authenticated heartbeats (so it is reachable, too)."""
-        self.peer_seen = self.peer_reachable = True
         self.claim = _Claim(active, epoch, now)
         self.epoch = max(self.epoch, epoch)
-        effects: list[Effect] = []
+        effects = self._reachable(now, True)
         if active and self.active:
             effects.append(self._alarm(ALARM_SPLIT_BRAIN, system_entity(self.config.system),
                                        f"controllers {self.config.me_name} (epoch {self.target}) and "
                                        f"{self.config.peer_name} (epoch {epoch}) both claim to be active"))
             if (epoch, self.config.me) > (self.target, self.config.peer):
                 effects += self._demote(now, f"{self.config.peer_name} is active with epoch {epoch}")
-        elif active and self.phase in (Phase.ELECTING, Phase.FENCING) and epoch >= self.target:
-            effects += self._abandon(now, f"{self.config.peer_name} is active with epoch {epoch}")
-        elif not (active and self.active):
+        else:
+            if active and self.phase in (Phase.ELECTING, Phase.FENCING) and epoch >= self.target:
+                effects += self._abandon()
             effects += self._clear(ALARM_SPLIT_BRAIN, system_entity(self.config.system))
         return effects + self.tick(now)
 
@@ -465,7 +474,8 @@ class PairController:
             effects.append(Announce(None, self.config.me, 2 * self.target + 1))
         return effects
 
-    def _abandon(self, now: Seconds, reason: str) -> list[Effect]:
+    def _abandon(self) -> list[Effect]:
+        """Give up an election or a takeover (no role change: we were not active)."""
         self.phase = Phase.STANDBY
         self.votes = {}
         self.fence_pending = False

@@ -276,6 +276,10 @@ def test_start_up_elects_the_preferred_controller_without_fencing() -> None:
     assert not any(isinstance(e, FencePeer) for _, _, e in sim.log)
     announce = [e for _, _, e in sim.log if isinstance(e, Announce)]
     assert announce == [Announce(C0, C1, 2)]
+    event = announce[0].event(NAMES)
+    assert (event.entity_id, event.version, event.active, event.standby) == (
+        "controller-pair", 2, "controller-0", "controller-1")
+    assert Announce(None, C0, 3).event(NAMES).active is None
 
 
 def test_the_active_dies_the_standby_fences_it_and_takes_over() -> None:
