@@ -22,7 +22,7 @@ import pytest
 
 from services.alarms.service import AlarmsService
 from services.alarms.webhooks import store
-from services.alarms.webhooks.dispatcher import WebhookDispatcher
+from services.alarms.webhooks.dispatcher import DispatcherSettings, WebhookDispatcher
 from services.alarms.webhooks.formats import EventKind, Format, render
 from services.alarms.webhooks.signing import verify
 from services.core.db.migrations import migrate
@@ -218,3 +218,24 @@ async def test_the_dispatcher_fans_out_and_sends(pool: asyncpg.Pool) -> None:
         verify(r.headers, r.body, secret)
         assert r.body == render(n, Format.ALERTMANAGER, receiver=sub.name)
     assert await store.queue_depth(pool) == {sub.id: 0}
+
+
+async def test_a_small_window_keeps_the_order_per_alarm(pool: asyncpg.Pool) -> None:
+    """The claim looks at the oldest ``window`` pending rows only: every alarm still goes in order."""
+    async with HttpReceiver() as receiver:
+        await store.create_subscription(pool, receiver.url("/hook"))
+        notes = [n for i in range(4) for n in lifecycle("200.004", f"host=compute-{i}")]
+        notes.sort(key=lambda n: (n.version, n.alarm.entity_instance_id))      # interleaved instances
+        await enqueue(pool, notes)
+        settings = DispatcherSettings(timeout=1.0, lease=1.5, per_subscription=2, window=3, poll_interval=0.2)
+        dispatcher = WebhookDispatcher(pool, settings)
+        dispatcher.start()
+        try:
+            await until(lambda: dispatcher.stats.delivered == len(notes), what="everything")
+        finally:
+            await dispatcher.stop()
+    got: dict[str, list[int]] = {}
+    for r in receiver.requests:
+        body = json.loads(r.body)["data"]
+        got.setdefault(body["alarm"]["entity_instance_id"], []).append(body["version"])
+    assert got == {f"host=compute-{i}": [1, 2, 3, 4] for i in range(4)}
