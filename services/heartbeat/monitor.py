@@ -1,0 +1,544 @@
+"""The controller side of the heartbeat: request, listen, judge.
+
+:class:`HeartbeatMonitor` binds one :class:`~services.heartbeat.transport.PathEndpoint` per path on the
+controller's own address there and, every ``period`` (100 ms), sends a request to every monitored host on
+every path they share (the request carries our ``HEARD`` entry for that host and our key report).  Answers
+(authenticated, fresh, from a monitored host in role HOST) feed the (host, path) :class:`PathHealth`:
+
+* credited only when they come from the host's configured address on that path and echo a request we
+  sent within ``down_after`` periods (a delayed or stale answer proves nothing: ``ignored`` counts them);
+* ``hears_me`` from the answer's ``HEARD`` digest; ``KEYS`` into the keyring; the digest's entries for
+  other monitored hosts (a worker that hears the other controller) into ``Verdict.witness_report``.
+
+Timers: one ``loop.call_later`` handle, always at the earliest of the paths' ``next_deadline()``, the
+verdict's, the drop counter's, the keyring's, and the times a host's silence crosses the multi-node
+failure thresholds; when it fires, due paths ``advance`` and ``Verdict.evaluate`` runs.  A path transition
+on an answer also evaluates (at once, coalesced).  No busy loop; the clock is ``loop.time`` unless given.
+
+Stalls: if the event loop itself was stalled (a timer or the send loop ran more than ``stall_after`` late),
+silence measured across the stall says nothing about the hosts: evaluation holds off for ``stall_hold``
+after the loop runs again, so fresh answers are read before anyone can be declared down.
+
+Out: ``on_health(HealthChange)`` for each host verdict that changed (with a version that grows per host,
+from ``version_base``), ``on_alarm(AlarmIntent)`` for 950.003 / 950.009 from the verdict and 950.006 from
+the drop counter.  Callbacks are called from the loop; one that raises is logged and skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import dataclasses
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import TypeVar
+
+import structlog
+
+from schemas.heartbeat import HostHealth
+from services.core.logging import register_secret
+from services.heartbeat.drops import BurstPolicy, DropCounter, DropReason
+from services.heartbeat.keys import Keyring, MasterKey
+from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
+from services.heartbeat.paths import EPSILON, PathHealth, PathPolicy, PathState, heard_paths
+from services.heartbeat.replay import ReplayGuard
+from services.heartbeat.transport import (
+    DEFAULT_PORT,
+    Addr,
+    Clock,
+    NodeContext,
+    PathEndpoint,
+    PathSpec,
+    load_boot_counter,
+)
+from services.heartbeat.verdict import HostVerdict, PathView, Verdict, VerdictPolicy
+from services.heartbeat.wire import Datagram, Header, KeyReport, MsgType, Payload, Role
+
+__all__ = ["HealthChange", "HeartbeatMonitor", "MonitoredHost", "PathStatus"]
+
+log = structlog.get_logger("roost.heartbeat.monitor")
+
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class HealthChange:
+    """A host's verdict changed.  ``version`` grows per host; ``at`` is the monitor's clock."""
+
+    verdict: HostVerdict
+    entity_id: str | None
+    version: int
+    at: Seconds
+
+    def event(self) -> HostHealth:
+        if self.entity_id is None:
+            raise ValueError(f"host {self.verdict.hostname} was added without its uuid")
+        return self.verdict.event(self.entity_id, self.version)
+
+
+@dataclass(frozen=True, slots=True)
+class PathStatus:
+    state: PathState
+    since: Seconds
+    last_heard: Seconds | None
+    rtt: Seconds | None
+    penalty: int
+
+
+@dataclass(slots=True)
+class MonitoredHost:
+    hostname: str
+    node_id: NodeId
+    addresses: dict[Path, Addr]
+    entity_id: str | None
+    health: dict[Path, PathHealth] = field(default_factory=dict)
+    rtt: dict[Path, Seconds] = field(default_factory=dict)
+    version: int = 0
+
+
+@dataclass(slots=True)
+class _Round:
+    """The seqs sent on one path in one round: for the freshness of echoes and the RTT."""
+
+    at: Seconds
+    first: int
+    last: int
+
+
+def _addr(value: str | Addr, port: int) -> Addr:
+    return (value, port) if isinstance(value, str) else (value[0], int(value[1]))
+
+
+class HeartbeatMonitor:
+    """Watches hosts over every path in ``paths``.  Hosts come and go with :meth:`add_host` /
+    :meth:`remove_host` (at any time, started or not)."""
+
+    def __init__(self, *, node_id: NodeId, cluster_id: bytes, master_key: MasterKey | Keyring,
+                 paths: Iterable[PathSpec], state_dir: FsPath | str, system: str = "roost", hostname: str = "",
+                 role: Role = Role.ACTIVE, epoch: int = 0, period: Seconds | None = None,
+                 path_policy: PathPolicy | None = None, verdict_policy: VerdictPolicy | None = None,
+                 burst_policy: BurstPolicy | None = None, clock: Clock | None = None,
+                 on_health: Callable[[HealthChange], None] | None = None,
+                 on_alarm: Callable[[AlarmIntent], None] | None = None,
+                 version_base: int | None = None, stall_after: Seconds | None = None,
+                 stall_hold: Seconds | None = None) -> None:
+        policy = path_policy or PathPolicy()
+        if period is not None and period != policy.period:
+            policy = dataclasses.replace(policy, period=period)
+        self.policy = policy
+        self.period = policy.period
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.keyring = master_key if isinstance(master_key, Keyring) else Keyring(cluster_id, master_key)
+        register_secret(self.keyring.primary.secret)      # defence in depth: masked should it ever be logged
+        self.specs = {spec.path: spec for spec in paths}
+        self.state_dir = FsPath(state_dir)
+        self.hostname = hostname
+        self.role = role
+        self.epoch = epoch
+        self.verdict = Verdict(system, verdict_policy)
+        self.burst_policy = burst_policy
+        self.on_health = on_health
+        self.on_alarm = on_alarm
+        self.version_base = version_base if version_base is not None else time.time_ns() // 1_000_000
+        self.stall_after = stall_after if stall_after is not None else max(0.5, 5 * self.period)
+        self.stall_hold = stall_hold if stall_hold is not None else 3 * self.period
+        self._clock = clock
+        self.hosts: dict[str, MonitoredHost] = {}
+        self._by_id: dict[NodeId, MonitoredHost] = {}
+        self._by_ip: dict[str, str] = {}
+        self.node: NodeContext | None = None
+        self.endpoints: dict[Path, PathEndpoint] = {}
+        self.ignored: Counter[str] = Counter()        # authentic answers that were not credited, by why
+        self.rounds = 0
+        self.evaluations = 0
+        self.stalls = 0
+        self._rounds: dict[Path, deque[_Round]] = {p: deque() for p in self.specs}
+        self._sender: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at: Seconds | None = None
+        self._soon: asyncio.Handle | None = None
+        self._hold_until: Seconds = 0.0
+
+    def __repr__(self) -> str:
+        return f"HeartbeatMonitor(node_id={self.node_id}, hosts={len(self.hosts)})"
+
+    # -- life cycle ----------------------------------------------------------------------------------
+
+    def now(self) -> Seconds:
+        if self.node is not None:
+            return self.node.clock()
+        return (self._clock or asyncio.get_running_loop().time)()
+
+    async def start(self) -> None:
+        """Persist the boot counter, bind every path, start sending.  Raises (closing what it opened) when
+        a path cannot be bound."""
+        if self.node is not None:
+            raise RuntimeError("the monitor is already started")
+        boot = await load_boot_counter(self.state_dir)
+        clock = self._clock or asyncio.get_running_loop().time
+        self.node = NodeContext(self.node_id, self.cluster_id, self.keyring, boot,
+                                hostname=self.hostname or f"node-{self.node_id}", replay=ReplayGuard(),
+                                drops=DropCounter(self.burst_policy), clock=clock, on_alarm=self._alarm)
+        try:
+            for spec in self.specs.values():
+                endpoint = PathEndpoint(self.node, spec, self._on_answer, accept=self._accept,
+                                        attribute=self._attribute)
+                self.endpoints[spec.path] = await endpoint.open()
+        except BaseException:
+            await self.stop()
+            raise
+        now = clock()
+        for host in self.hosts.values():       # a host added before start gets its full time to come up
+            for path in host.health:
+                host.health[path] = PathHealth(now, self.policy)
+        self._sender = asyncio.create_task(self._send_loop(), name=f"heartbeat-monitor-{self.node_id}")
+        self._schedule()
+        log.info("heartbeat monitor started", node_id=self.node_id, boot_counter=boot.value,
+                 paths={p.network: f"{e.local_address}" for p, e in self.endpoints.items()},
+                 hosts=len(self.hosts), period=self.period, fingerprint=f"{self.keyring.primary.key_id:#010x}")
+
+    async def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sender
+            self._sender = None
+        for handle in (self._timer, self._soon):
+            if handle is not None:
+                handle.cancel()
+        self._timer = self._soon = None
+        self._timer_at = None
+        for endpoint in self.endpoints.values():
+            endpoint.close()
+        if self.endpoints:
+            log.info("heartbeat monitor stopped", node_id=self.node_id, rounds=self.rounds)
+        self.endpoints = {}
+        self.node = None
+
+    async def __aenter__(self) -> HeartbeatMonitor:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def address(self, path: Path) -> Addr:
+        addr = self.endpoints[path].local_address
+        if addr is None:
+            raise RuntimeError(f"path {path.network} is not open")
+        return addr
+
+    # -- the hosts ---------------------------------------------------------------------------------------
+
+    def add_host(self, hostname: str, node_id: NodeId, addresses: Mapping[Path, str | Addr], *,
+                 entity_id: str | None = None, port: int = DEFAULT_PORT) -> None:
+        """Monitor ``hostname`` (its heartbeat ``node_id``, its address per path: an IP, with ``port``, or
+        (IP, port)).  Again for a known host: its addresses change; a path it no longer has is forgotten, a
+        new one starts UNKNOWN.  Paths this monitor has no socket on are ignored."""
+        if node_id == self.node_id:
+            raise ValueError("a monitor does not monitor its own node")
+        other = self._by_id.get(node_id)
+        if other is not None and other.hostname != hostname:
+            raise ValueError(f"node id {node_id} is {other.hostname}'s")
+        wanted = {p: _addr(a, port) for p, a in addresses.items() if p in self.specs}
+        now = self.now() if self.node is not None else 0.0
+        host = self.hosts.get(hostname)
+        if host is not None and host.node_id != node_id:
+            self.remove_host(hostname)
+            host = None
+        if host is None:
+            host = MonitoredHost(hostname, node_id, wanted, entity_id)
+            self.hosts[hostname] = host
+            self._by_id[node_id] = host
+        else:
+            host.addresses = wanted
+            host.entity_id = entity_id if entity_id is not None else host.entity_id
+        host.health = {p: host.health.get(p) or PathHealth(now, self.policy) for p in wanted}
+        host.rtt = {p: r for p, r in host.rtt.items() if p in wanted}
+        self._reindex()
+        log.info("heartbeat monitoring host", host=hostname, node_id=node_id,
+                 paths={p.network: f"{a[0]}:{a[1]}" for p, a in wanted.items()})
+        self._changed()
+
+    def remove_host(self, hostname: str) -> None:
+        """Stop monitoring ``hostname``; its verdict is forgotten and its alarms are cleared."""
+        host = self.hosts.pop(hostname, None)
+        if host is None:
+            return
+        self._by_id.pop(host.node_id, None)
+        self.verdict.forget_witness(hostname)
+        if self.node is not None:
+            self.node.replay.forget(host.node_id)
+        self._reindex()
+        log.info("heartbeat no longer monitoring host", host=hostname)
+        self._changed()
+
+    def _reindex(self) -> None:
+        self._by_ip = {addr[0]: h.hostname for h in self.hosts.values() for addr in h.addresses.values()}
+        self.keyring.set_peers(self._by_id)
+
+    def status(self) -> dict[str, dict[Path, PathStatus]]:
+        """Every host's paths, as seen now."""
+        return {h.hostname: {p: PathStatus(x.state, x.since, x.last_heard, h.rtt.get(p), x.penalty)
+                             for p, x in h.health.items()} for h in self.hosts.values()}
+
+    def current(self, hostname: str) -> HostVerdict | None:
+        return self.verdict.current(hostname)
+
+    def drop_counts(self) -> dict[tuple[Path, DropReason], int]:
+        return dict(self.node.drops.counts) if self.node is not None else {}
+
+    # -- sending -------------------------------------------------------------------------------------------
+
+    async def _send_loop(self) -> None:
+        node = self.node
+        assert node is not None
+        due = node.clock()
+        while True:
+            now = node.clock()
+            late = now - due
+            if late > self.stall_after:
+                self._stalled(now, late, "send loop")
+            if late > self.period:
+                due = now                  # skip the rounds missed: no burst after a stall
+            try:
+                self._send_round(now)
+            except Exception as e:
+                log.warning("heartbeat send round failed", error=type(e).__name__)
+            due += self.period
+            await asyncio.sleep(max(0.0, due - node.clock()))
+
+    def _send_round(self, now: Seconds) -> None:
+        self.rounds += 1
+        primary, held = self.keyring.held()
+        keys = KeyReport(primary, held)
+        for path, endpoint in self.endpoints.items():
+            first = last = None
+            for host in self.hosts.values():
+                addr = host.addresses.get(path)
+                if addr is None:
+                    continue
+                digest = {host.node_id: heard_paths(host.health, now)}
+                header = Header(self.cluster_id, self.node_id, path, 0, b"\0" * 8, 1, MsgType.HEARTBEAT,
+                                host.node_id, self.role, 0, self.epoch)
+                seq = endpoint.send(addr, header, Payload(keys, digest))
+                if seq is not None:
+                    first = seq if first is None else first
+                    last = seq
+            rounds = self._rounds[path]
+            if first is not None and last is not None:
+                rounds.append(_Round(now, first, last))
+            horizon = now - self.policy.down_time - self.period
+            while rounds and rounds[0].at < horizon:
+                rounds.popleft()
+
+    def _sent_at(self, path: Path, seq: int) -> Seconds | None:
+        """When we sent ``seq`` on ``path``, if that was recent enough to count."""
+        rounds = self._rounds[path]
+        if not rounds or seq < rounds[0].first or seq > rounds[-1].last:
+            return None
+        i = bisect.bisect_right([r.first for r in rounds], seq) - 1
+        return rounds[i].at if i >= 0 and seq <= rounds[i].last else None
+
+    # -- receiving ----------------------------------------------------------------------------------------
+
+    def _attribute(self, source: Addr) -> str | None:
+        return self._by_ip.get(source[0])
+
+    def _accept(self, datagram: Datagram, source: Addr) -> DropReason | None:
+        h = datagram.header
+        host = self._by_id.get(h.sender)
+        if host is None or h.path not in host.addresses:
+            return DropReason.UNKNOWN_SENDER
+        if h.msg_type is not MsgType.HEARTBEAT or h.role is not Role.HOST:
+            return DropReason.UNKNOWN_SENDER      # the pair's messages come to this socket later, not yet
+        return None
+
+    def _on_answer(self, datagram: Datagram, source: Addr, now: Seconds) -> None:
+        h, payload = datagram.header, datagram.payload
+        host = self._by_id.get(h.sender)
+        if host is None:
+            return
+        addr = host.addresses.get(h.path)
+        health = host.health.get(h.path)
+        if addr is None or health is None:
+            return
+        if source[0] != addr[0]:
+            self.ignored["wrong_source"] += 1
+            return
+        sent = self._sent_at(h.path, h.echo_seq)
+        if sent is None or now - sent > self.policy.down_time:
+            self.ignored["stale_echo"] += 1
+            return
+        host.rtt[h.path] = now - sent
+        hears_me = (h.path in payload.heard.get(self.node_id, frozenset())) if payload.heard is not None else None
+        transition = health.heard(now, hears_me)
+        if payload.keys is not None:
+            self.keyring.report(now, h.sender, payload.keys.primary, payload.keys.held)
+            if len(self.keyring.held()[1]) > 1:
+                self._advance_keys(now)
+        if payload.heard:
+            witnessed = {other.hostname: paths for node, paths in payload.heard.items()
+                         if (other := self._by_id.get(node)) is not None and other is not host}
+            if witnessed:
+                self.verdict.witness_report(now, host.hostname, witnessed)
+        if transition is not None:
+            self._log_transition(host, h.path, transition.before, transition.after, transition.reason)
+            self._changed()
+
+    # -- judging ---------------------------------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        """Evaluate soon (once, however many changes come in this loop iteration)."""
+        if self.node is None or self._soon is not None:
+            return
+        self._soon = asyncio.get_running_loop().call_soon(self._fire, None)
+
+    def _fire(self, scheduled: Seconds | None) -> None:
+        if scheduled is None:
+            self._soon = None
+        else:
+            self._timer = None
+            self._timer_at = None
+        node = self.node
+        if node is None:
+            return
+        now = node.clock()
+        try:
+            if scheduled is not None and now - scheduled > self.stall_after:
+                self._stalled(now, now - scheduled, "timer")
+            if now >= self._hold_until:
+                self._evaluate(now)
+        except Exception as e:
+            log.warning("heartbeat evaluation failed", error=type(e).__name__)
+        self._schedule()
+
+    def _stalled(self, now: Seconds, late: Seconds, where: str) -> None:
+        if now + self.stall_hold > self._hold_until:
+            self.stalls += 1
+            log.warning("heartbeat monitor's event loop stalled: holding verdicts", late=round(late, 3),
+                        where=where, hold=self.stall_hold)
+        self._hold_until = max(self._hold_until, now + self.stall_hold)
+
+    def _evaluate(self, now: Seconds) -> None:
+        self.evaluations += 1
+        node = self.node
+        assert node is not None
+        for host in self.hosts.values():
+            for path, health in host.health.items():
+                deadline = health.next_deadline()
+                if deadline is not None and deadline <= now + EPSILON:
+                    t = health.advance(now)
+                    if t is not None:
+                        self._log_transition(host, path, t.before, t.after, t.reason)
+        if self._going_down(now):
+            return                      # judged once the host's other paths went down too: no degraded blip
+        views = {h.hostname: {p: PathView.of(x, now) for p, x in h.health.items()} for h in self.hosts.values()}
+        out = self.verdict.evaluate(now, views)
+        for verdict in out.health:
+            host = self.hosts[verdict.hostname]
+            host.version += 1
+            change = HealthChange(verdict, host.entity_id, self.version_base + host.version, now)
+            log.info("heartbeat host health", host=verdict.hostname, state=verdict.state,
+                     networks_down=list(verdict.networks_down), reason=verdict.reason)
+            self._call(self.on_health, change)
+        for intent in out.alarms:
+            self._alarm(intent)
+        for intent in node.drops.tick(now):
+            self._alarm(intent)
+        self._advance_keys(now)
+
+    def _going_down(self, now: Seconds) -> bool:
+        """Whether a host's path went DOWN within the last period while another of its paths is SUSPECT and
+        due to go DOWN within a period: a host that died takes its paths down a few ms apart, and judging
+        in between would announce it degraded (and raise 950.003) just before failing it.  Waits at most
+        one period after the first path went down."""
+        p = self.policy
+        for host in self.hosts.values():
+            if not any(x.state is PathState.DOWN and now - x.since < p.period for x in host.health.values()):
+                continue
+            for x in host.health.values():
+                deadline = x.next_deadline()
+                if x.state is PathState.SUSPECT and deadline is not None and deadline - now <= p.period:
+                    return True
+        return False
+
+    def _next_deadline(self, now: Seconds) -> Seconds | None:
+        times: list[Seconds] = []
+        vp = self.verdict.policy
+        for host in self.hosts.values():
+            waiting = False
+            for health in host.health.values():
+                deadline = health.next_deadline()
+                if deadline is not None:
+                    times.append(deadline)
+                if health.state is not PathState.UNKNOWN:
+                    # the multi-node failure mode counts silences from mnfa_minor to mnfa_window
+                    start = health.last_heard if health.last_heard is not None else health.created
+                    for t in (start + vp.mnfa_minor, start + vp.mnfa_window):
+                        if t > now:
+                            times.append(t)
+            verdict = self.verdict.current(host.hostname)
+            if verdict is not None and verdict.state == "degraded" and all(
+                    x.state is PathState.DOWN for x in host.health.values()):
+                waiting = True                      # waiting for confirmation by witnesses: once a period
+            if waiting:
+                times.append(now + self.period)
+        node = self.node
+        for other in (self.verdict.next_deadline(), self.keyring.next_deadline(),
+                      node.drops.next_deadline() if node is not None else None):
+            if other is not None:
+                times.append(other)
+        if self._hold_until > now:
+            times = [max(t, self._hold_until) for t in times]
+        return min(times, default=None)
+
+    def _schedule(self) -> None:
+        node = self.node
+        if node is None:
+            return
+        now = node.clock()
+        deadline = self._next_deadline(now)
+        if deadline is None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = self._timer_at = None
+            return
+        if self._timer is not None and self._timer_at is not None and self._timer_at <= deadline + EPSILON:
+            return                                  # the earlier timer fires first and reschedules
+        if self._timer is not None:
+            self._timer.cancel()
+        # a hair after the deadline, so the state's own comparisons see it as reached
+        self._timer_at = deadline
+        self._timer = asyncio.get_running_loop().call_later(max(0.0, deadline - now) + 1e-4, self._fire, deadline)
+
+    # -- out ---------------------------------------------------------------------------------------------------
+
+    def _alarm(self, intent: AlarmIntent) -> None:
+        log.info("heartbeat alarm", alarm=intent.alarm_id, entity=intent.entity_instance_id,
+                 raise_=intent.raise_, severity=intent.severity)
+        self._call(self.on_alarm, intent)
+
+    def _call(self, callback: Callable[[_T], None] | None, value: _T) -> None:
+        if callback is None:
+            return
+        try:
+            callback(value)
+        except Exception as e:
+            log.warning("heartbeat monitor callback failed", error=type(e).__name__)
+
+    def _advance_keys(self, now: Seconds) -> None:
+        for change in self.keyring.advance(now):
+            log.info("heartbeat key rotation", node_id=self.node_id, fingerprint=f"{change.key_id:#010x}",
+                     generation=change.generation, before=change.before, after=change.after.value,
+                     reason=change.reason)
+
+    def _log_transition(self, host: MonitoredHost, path: Path, before: PathState, after: PathState,
+                        reason: str) -> None:
+        log.info("heartbeat path", host=host.hostname, network=path.network, before=before.value,
+                 after=after.value, reason=reason)

@@ -1,0 +1,223 @@
+"""The agent side of the heartbeat: answer every monitor's request on every configured path.
+
+:class:`HeartbeatResponder` is an ``AgentComponent`` (``services.inventory.agent.agent``): ``start`` persists
+the boot counter (a small file in ``state_dir``, written atomically) *before* any socket is opened, binds one
+:class:`~services.heartbeat.transport.PathEndpoint` per path on the host's own address there, and from then
+on answers each authenticated, fresh request from a monitor (a datagram with role STANDBY or ACTIVE) on the
+path it arrived on, to the address it came from, with
+
+* ``echo_seq``: the request's seq (the monitor credits only answers to what it sent recently);
+* ``KEYS``: the key it signs with and the keys it verifies with (rotation reports);
+* ``HEARD``: for every monitor it knows, the paths it heard that monitor on within ``suspect_after``
+  periods (``paths.heard_paths``): the "what I hear" digest the monitors use for asymmetric paths and as
+  witness reports.
+
+It sends nothing unasked.  The keyring comes from the master key handed to the constructor (how the agent
+gets it at enrolment is not decided here).  ``monitors``: the node ids it answers (None: any node whose
+authenticated datagram says it is a controller's monitor; others are ``UNKNOWN_SENDER``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from pathlib import Path as FsPath
+from typing import TYPE_CHECKING
+
+import structlog
+
+from services.core.logging import register_secret
+from services.heartbeat.drops import BurstPolicy, DropCounter, DropReason
+from services.heartbeat.keys import Keyring, MasterKey
+from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
+from services.heartbeat.paths import PathHealth, PathPolicy, heard_paths
+from services.heartbeat.replay import ReplayGuard
+from services.heartbeat.transport import Addr, Clock, NodeContext, PathEndpoint, PathSpec, load_boot_counter
+from services.heartbeat.wire import Datagram, Header, KeyReport, MsgType, Payload, Role
+
+if TYPE_CHECKING:
+    from services.inventory.agent.agent import HostAgent
+
+__all__ = ["HeartbeatResponder"]
+
+log = structlog.get_logger("roost.heartbeat.responder")
+
+MONITOR_ROLES = frozenset({Role.STANDBY, Role.ACTIVE})
+
+
+class HeartbeatResponder:
+    """Answers heartbeat requests on each path in ``paths``.  ``forget_after``: a monitor not heard for that
+    long leaves the digest (unless listed in ``monitors``)."""
+
+    name = "heartbeat"
+
+    def __init__(self, *, node_id: NodeId, cluster_id: bytes, master_key: MasterKey | Keyring,
+                 paths: Iterable[PathSpec], state_dir: FsPath | str, hostname: str = "",
+                 monitors: Iterable[NodeId] | None = None, policy: PathPolicy | None = None,
+                 burst_policy: BurstPolicy | None = None, clock: Clock | None = None,
+                 on_alarm: Callable[[AlarmIntent], None] | None = None, forget_after: Seconds = 60.0) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.keyring = master_key if isinstance(master_key, Keyring) else Keyring(cluster_id, master_key)
+        register_secret(self.keyring.primary.secret)      # defence in depth: masked should it ever be logged
+        self.specs: dict[Path, PathSpec] = {}
+        for spec in paths:
+            if spec.path in self.specs:
+                raise ValueError(f"path {spec.path.network} configured twice")
+            self.specs[spec.path] = spec
+        self.state_dir = FsPath(state_dir)
+        self.hostname = hostname
+        self.monitors: frozenset[NodeId] | None = frozenset(monitors) if monitors is not None else None
+        self.policy = policy or PathPolicy()
+        self.burst_policy = burst_policy
+        self.on_alarm = on_alarm
+        self.forget_after = forget_after
+        self._clock = clock
+        self.node: NodeContext | None = None
+        self.endpoints: dict[Path, PathEndpoint] = {}
+        self.heard: dict[NodeId, dict[Path, PathHealth]] = {}   # per monitor, per path
+        self.epoch = 0                                           # the highest epoch an active monitor sent
+        self.answered = 0
+        self._housekeeping: asyncio.Task[None] | None = None
+        if self.monitors is not None:
+            self.keyring.set_peers(self.monitors)
+
+    def __repr__(self) -> str:
+        return f"HeartbeatResponder(node_id={self.node_id}, paths={[p.network for p in self.specs]})"
+
+    # -- AgentComponent ----------------------------------------------------------------------------------
+
+    async def start(self, agent: HostAgent | None = None) -> None:
+        """Persist the boot counter, then bind every path.  Raises (and closes what it opened) when a path
+        cannot be bound."""
+        if self.node is not None:
+            raise RuntimeError("the responder is already started")
+        boot = await load_boot_counter(self.state_dir)
+        clock = self._clock or asyncio.get_running_loop().time
+        self.node = NodeContext(self.node_id, self.cluster_id, self.keyring, boot, hostname=self.hostname or
+                                (agent.name if agent is not None else ""), replay=ReplayGuard(),
+                                drops=DropCounter(self.burst_policy), clock=clock, on_alarm=self._alarm)
+        try:
+            for spec in self.specs.values():
+                endpoint = PathEndpoint(self.node, spec, self._on_request, accept=self._accept)
+                self.endpoints[spec.path] = await endpoint.open()
+        except BaseException:
+            await self.stop()
+            raise
+        self._housekeeping = asyncio.create_task(self._housekeep(), name=f"heartbeat-responder-{self.node_id}")
+        log.info("heartbeat responder started", node_id=self.node_id, boot_counter=boot.value,
+                 paths={p.network: f"{e.local_address}" for p, e in self.endpoints.items()},
+                 fingerprint=f"{self.keyring.primary.key_id:#010x}")
+
+    async def stop(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+            self._housekeeping = None
+        for endpoint in self.endpoints.values():
+            endpoint.close()
+        if self.endpoints:
+            log.info("heartbeat responder stopped", node_id=self.node_id, answered=self.answered)
+        self.endpoints = {}
+        self.node = None
+
+    async def __aenter__(self) -> HeartbeatResponder:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def address(self, path: Path) -> Addr:
+        """Where the path's socket is bound (after ``start``)."""
+        addr = self.endpoints[path].local_address
+        if addr is None:
+            raise RuntimeError(f"path {path.network} is not open")
+        return addr
+
+    @property
+    def boot_counter(self) -> int | None:
+        return self.node.boot.value if self.node is not None else None
+
+    def drop_counts(self) -> dict[tuple[Path, DropReason], int]:
+        return dict(self.node.drops.counts) if self.node is not None else {}
+
+    # -- answering ---------------------------------------------------------------------------------------
+
+    def _accept(self, datagram: Datagram, source: Addr) -> DropReason | None:
+        h = datagram.header
+        if h.msg_type is not MsgType.HEARTBEAT or h.role not in MONITOR_ROLES:
+            return DropReason.UNKNOWN_SENDER
+        if self.monitors is not None and h.sender not in self.monitors:
+            return DropReason.UNKNOWN_SENDER
+        return None
+
+    def _on_request(self, datagram: Datagram, source: Addr, now: Seconds) -> None:
+        h, payload = datagram.header, datagram.payload
+        paths = self.heard.get(h.sender)
+        if paths is None:
+            paths = self.heard[h.sender] = {}
+            if self.monitors is None:
+                self.keyring.set_peers(self.heard)
+        health = paths.get(h.path)
+        if health is None:
+            health = paths[h.path] = PathHealth(now, self.policy)
+        hears_me = h.path in payload.heard.get(self.node_id, frozenset()) if payload.heard is not None else None
+        health.heard(now, hears_me)
+        if h.role is Role.ACTIVE and h.epoch > self.epoch:
+            self.epoch = h.epoch
+        if payload.keys is not None:
+            self.keyring.report(now, h.sender, payload.keys.primary, payload.keys.held)
+            if len(self.keyring.held()[1]) > 1:
+                self._advance_keys(now)
+        primary, held = self.keyring.held()
+        digest = self._digest(now)
+        endpoint = self.endpoints.get(h.path)
+        if endpoint is None:
+            return
+        reply = Header(self.cluster_id, self.node_id, h.path, 0, b"\0" * 8, 1, MsgType.HEARTBEAT, h.sender,
+                       Role.HOST, h.seq, self.epoch)
+        if endpoint.send(source, reply, Payload(KeyReport(primary, held), digest)) is not None:
+            self.answered += 1
+
+    def _digest(self, now: Seconds) -> dict[NodeId, frozenset[Path]]:
+        digest = {monitor: heard_paths(paths, now) for monitor, paths in self.heard.items()}
+        for monitor in self.monitors or ():
+            digest.setdefault(monitor, frozenset())
+        return digest
+
+    def _advance_keys(self, now: Seconds) -> None:
+        for change in self.keyring.advance(now):
+            log.info("heartbeat key rotation", node_id=self.node_id, fingerprint=f"{change.key_id:#010x}",
+                     generation=change.generation, before=change.before, after=change.after.value,
+                     reason=change.reason)
+
+    def _alarm(self, intent: AlarmIntent) -> None:
+        if self.on_alarm is not None:
+            self.on_alarm(intent)
+
+    async def _housekeep(self) -> None:
+        """Once a second: the 950.006 clears, key retirement, and forgetting monitors long silent."""
+        while True:
+            await asyncio.sleep(1.0)
+            node = self.node
+            if node is None:
+                return
+            now = node.clock()
+            try:
+                for intent in node.drops.tick(now):
+                    self._alarm(intent)
+                self._advance_keys(now)
+                stale = [m for m, paths in self.heard.items()
+                         if (self.monitors is None or m not in self.monitors)
+                         and min(h.silence(now) for h in paths.values()) > self.forget_after]
+                for monitor in stale:
+                    del self.heard[monitor]
+                    node.replay.forget(monitor)
+                if stale and self.monitors is None:
+                    self.keyring.set_peers(self.heard)
+            except Exception as e:
+                log.warning("heartbeat responder housekeeping failed", error=type(e).__name__)
+

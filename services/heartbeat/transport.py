@@ -1,0 +1,297 @@
+"""The UDP edge of the heartbeat: one asyncio datagram endpoint per path, and the boot counter on disk.
+
+A :class:`PathEndpoint` is a socket bound to this node's own address on one heartbeat network (as inventory
+records it in ``Host.addresses``).  Every datagram that arrives goes, in the order the package docstring
+gives, through
+
+1. ``wire.verify_then_parse`` with the path's configured ``require_auth`` (the MAC first, in constant time);
+2. the owner's ``accept`` check (is the sender a node we talk to, in the right role?), before any per-sender
+   state exists for it, so a forger on a path without authentication cannot grow the replay table;
+3. ``ReplayGuard.admit``;
+
+and every drop is counted with ``DropCounter.record`` (attributed to the known host whose address sent it,
+else to this node), whose 950.006 intents go to ``on_alarm``.  Only then does the owner's ``handler`` see
+a :class:`~services.heartbeat.wire.Datagram`.  Nothing raises out of the protocol: a handler that fails is
+logged (type only) and counted as ``handler_errors``.
+
+Sending: :meth:`PathEndpoint.send` numbers the datagram from the path's :class:`SendSequence` (which refuses
+until the boot counter is persisted) and signs it with the keyring's primary key for the path (unsigned
+only without a keyring).  :func:`load_boot_counter` reads, increments and persists (``write_private``:
+fsync, rename, directory fsync) the counter before anything is sent.
+
+:class:`SocketFilter` is the drop filter in the socket layer that tests and benchmarks cut paths with
+(inbound, outbound, random loss), and a tap on what is sent (a capture for replay tests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any, cast
+
+import structlog
+
+from services.core.files import write_private
+from services.heartbeat.drops import DropCounter, DropReason
+from services.heartbeat.keys import Keyring
+from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
+from services.heartbeat.replay import BootCounter, ReplayGuard, SendSequence
+from services.heartbeat.wire import Datagram, Header, Payload, encode, verify_then_parse
+
+__all__ = [
+    "DEFAULT_PORT",
+    "Addr",
+    "BootCounterError",
+    "Clock",
+    "NodeContext",
+    "PathEndpoint",
+    "PathSpec",
+    "SocketFilter",
+    "load_boot_counter",
+]
+
+log = structlog.get_logger("roost.heartbeat.transport")
+
+DEFAULT_PORT = 2223
+"""The agents' heartbeat port on every path (a cluster-wide constant; monitors may bind any port)."""
+
+Addr = tuple[str, int]
+Clock = Callable[[], Seconds]
+BOOT_COUNTER_FILE = "heartbeat-boot-counter"
+
+
+# -- the boot counter -----------------------------------------------------------------------------------
+
+
+class BootCounterError(RuntimeError):
+    """The persisted boot counter cannot be read: refuse to send rather than reuse a counter."""
+
+
+def _load_boot_counter(path: FsPath) -> BootCounter:
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        stored: int | None = None
+    except OSError as e:
+        raise BootCounterError(f"cannot read the boot counter {path}: {e.strerror}") from None
+    else:
+        if not text.isdigit():
+            raise BootCounterError(f"the boot counter {path} is not a number: repair or remove it "
+                                   "(removing it restarts at 1: peers then see a boot clash)")
+        stored = int(text)
+    counter = BootCounter(stored)
+    write_private(path, f"{counter.to_store}\n")
+    counter.persisted(counter.to_store)
+    return counter
+
+
+async def load_boot_counter(directory: FsPath | str, name: str = BOOT_COUNTER_FILE) -> BootCounter:
+    """The boot counter for this process start: the stored one plus one, persisted (fsync) before it is
+    returned, so ``may_send`` is true.  The file I/O runs in a thread."""
+    return await asyncio.to_thread(_load_boot_counter, FsPath(directory) / name)
+
+
+# -- what a node shares across its paths -----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class NodeContext:
+    """This node's heartbeat identity and the per-node state every path endpoint shares."""
+
+    node_id: NodeId
+    cluster_id: bytes
+    keyring: Keyring | None
+    boot: BootCounter
+    hostname: str = ""                      # whom drops are attributed to when no known host sent them
+    boot_id: bytes = field(default_factory=lambda: os.urandom(8))
+    replay: ReplayGuard = field(default_factory=ReplayGuard)
+    drops: DropCounter = field(default_factory=DropCounter)
+    clock: Clock = field(default_factory=lambda: asyncio.get_running_loop().time)
+    on_alarm: Callable[[AlarmIntent], None] | None = None
+
+    def __repr__(self) -> str:
+        return f"NodeContext(node_id={self.node_id}, boot={self.boot.value}, keyring={self.keyring!r})"
+
+
+@dataclass(frozen=True, slots=True)
+class PathSpec:
+    """One path of this node: the address (and port: 0 picks one) to bind, and whether a MAC is required."""
+
+    path: Path
+    address: str
+    port: int = DEFAULT_PORT
+    require_auth: bool = True
+
+
+@dataclass(slots=True)
+class SocketFilter:
+    """A drop filter in the socket layer (tests, chaos runs, benchmarks) and a tap on what is sent."""
+
+    drop_in: bool = False
+    drop_out: bool = False
+    loss: float = 0.0                        # the probability of losing each datagram, either way
+    rng: random.Random = field(default_factory=random.Random)
+    tap: Callable[[bytes, Addr], None] | None = None
+
+    def cut(self) -> None:
+        self.drop_in = self.drop_out = True
+
+    def heal(self) -> None:
+        self.drop_in = self.drop_out = False
+
+    def passes_in(self) -> bool:
+        return not self.drop_in and not (self.loss and self.rng.random() < self.loss)
+
+    def passes_out(self) -> bool:
+        return not self.drop_out and not (self.loss and self.rng.random() < self.loss)
+
+
+Accept = Callable[[Datagram, Addr], DropReason | None]
+Handler = Callable[[Datagram, Addr, Seconds], None]
+Attribute = Callable[[Addr], str | None]
+
+
+class PathEndpoint(asyncio.DatagramProtocol):
+    """The UDP socket of one path.  ``accept`` may refuse an authentic datagram before the replay guard
+    (``UNKNOWN_SENDER`` …); ``handler`` gets what passed everything; ``attribute`` names the known host
+    behind a source address (for drop accounting)."""
+
+    def __init__(self, node: NodeContext, spec: PathSpec, handler: Handler, *, accept: Accept | None = None,
+                 attribute: Attribute | None = None, rcvbuf: int | None = 1 << 20) -> None:
+        self.node = node
+        self.spec = spec
+        self.path = spec.path
+        self.handler = handler
+        self.accept = accept
+        self.attribute = attribute
+        self.rcvbuf = rcvbuf
+        self.filter = SocketFilter()
+        self.sequence = SendSequence(node.boot)
+        self.transport: asyncio.DatagramTransport | None = None
+        self.sent = 0
+        self.received = 0                      # datagrams that passed every check
+        self.send_errors = 0
+        self.handler_errors = 0
+        self.errors: Counter[str] = Counter()  # socket errors reported by the kernel (ICMP unreachable …)
+
+    def __repr__(self) -> str:
+        return f"PathEndpoint({self.path.network}, {self.local_address})"
+
+    # -- life cycle ------------------------------------------------------------------------------------
+
+    async def open(self) -> PathEndpoint:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET6 if ":" in self.spec.address else socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            if self.rcvbuf:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+            sock.bind((self.spec.address, self.spec.port))
+            await loop.create_datagram_endpoint(lambda: self, sock=sock)
+            if self.transport is None:
+                raise OSError(f"the {self.path.network} socket did not open")
+        except BaseException:
+            sock.close()
+            raise
+        return self
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+            self.transport = None
+
+    @property
+    def local_address(self) -> Addr | None:
+        if self.transport is None:
+            return None
+        name = self.transport.get_extra_info("sockname")
+        return (str(name[0]), int(name[1])) if name else None
+
+    @property
+    def is_open(self) -> bool:
+        return self.transport is not None
+
+    # -- asyncio.DatagramProtocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)   # 3.11's selector one does not subclass it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def error_received(self, exc: Exception) -> None:
+        self.errors[type(exc).__name__] += 1
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            source: Addr = (str(addr[0]), int(addr[1]))
+            if not self.filter.passes_in():
+                return
+            now = self.node.clock()
+            result = self._check(data, source)
+            if isinstance(result, DropReason):
+                self._drop(now, source, result)
+                return
+            self.received += 1
+            self.handler(result, source, now)
+        except Exception as e:          # never out of the protocol: the loop would only log it, noisily
+            self.handler_errors += 1
+            log.warning("heartbeat datagram handling failed", path=self.path.network, error=type(e).__name__)
+
+    def _check(self, data: bytes, source: Addr) -> Datagram | DropReason:
+        node = self.node
+        result = verify_then_parse(data, node.keyring, path=self.path, require_auth=self.spec.require_auth,
+                                   cluster_id=node.cluster_id, local_id=node.node_id)
+        if isinstance(result, DropReason):
+            return result
+        if self.accept is not None:
+            refused = self.accept(result, source)
+            if refused is not None:
+                return refused
+        h = result.header
+        replayed = node.replay.admit(h.sender, self.path, h.boot_counter, h.boot_id, h.seq)
+        return replayed if replayed is not None else result
+
+    def _drop(self, now: Seconds, source: Addr, reason: DropReason) -> None:
+        node = self.node
+        host = (self.attribute(source) if self.attribute is not None else None) or node.hostname or str(node.node_id)
+        for intent in node.drops.record(now, host, self.path, reason):
+            log.warning("heartbeat authentication failures", path=self.path.network, host=host,
+                        alarm=intent.alarm_id, reason=reason.value)
+            if node.on_alarm is not None:
+                node.on_alarm(intent)
+
+    # -- sending ---------------------------------------------------------------------------------------
+
+    def send(self, addr: Addr, header: Header, payload: Payload) -> int | None:
+        """Number, sign and send one datagram (``header.seq`` and ``path`` are replaced); its seq, or None
+        when the socket is closed or the send failed."""
+        transport = self.transport
+        if transport is None:
+            return None
+        node = self.node
+        seq = self.sequence.next()
+        header = Header(node.cluster_id, node.node_id, self.path, node.boot.value, node.boot_id, seq,
+                        header.msg_type, header.dest, header.role, header.echo_seq, header.epoch)
+        key = node.keyring.send_key(self.path) if node.keyring is not None else None
+        data = encode(header, payload, key)
+        if self.filter.tap is not None:
+            self.filter.tap(data, addr)
+        if not self.filter.passes_out():
+            return seq
+        try:
+            transport.sendto(data, addr)
+        except OSError as e:
+            self.send_errors += 1
+            self.errors[type(e).__name__] += 1
+            return None
+        self.sent += 1
+        return seq
