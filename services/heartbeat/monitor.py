@@ -56,7 +56,7 @@ from services.heartbeat.transport import (
     load_boot_counter,
 )
 from services.heartbeat.verdict import HostVerdict, PathView, Verdict, VerdictPolicy
-from services.heartbeat.wire import Datagram, Header, KeyReport, MsgType, Payload, Role
+from services.heartbeat.wire import Datagram, KeyReport, MsgType, Payload, Role
 
 __all__ = ["HealthChange", "HeartbeatMonitor", "MonitoredHost", "PathStatus"]
 
@@ -317,16 +317,14 @@ class HeartbeatMonitor:
         self.rounds += 1
         primary, held = self.keyring.held()
         keys = KeyReport(primary, held)
+        payloads = {h.node_id: Payload(keys, {h.node_id: heard_paths(h.health, now)}) for h in self.hosts.values()}
         for path, endpoint in self.endpoints.items():
             first = last = None
             for host in self.hosts.values():
                 addr = host.addresses.get(path)
                 if addr is None:
                     continue
-                digest = {host.node_id: heard_paths(host.health, now)}
-                header = Header(self.cluster_id, self.node_id, path, 0, b"\0" * 8, 1, MsgType.HEARTBEAT,
-                                host.node_id, self.role, 0, self.epoch)
-                seq = endpoint.send(addr, header, Payload(keys, digest))
+                seq = endpoint.send(addr, payloads[host.node_id], dest=host.node_id, role=self.role, epoch=self.epoch)
                 if seq is not None:
                     first = seq if first is None else first
                     last = seq

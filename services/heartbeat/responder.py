@@ -34,7 +34,7 @@ from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.paths import PathHealth, PathPolicy, heard_paths
 from services.heartbeat.replay import ReplayGuard
 from services.heartbeat.transport import Addr, Clock, NodeContext, PathEndpoint, PathSpec, load_boot_counter
-from services.heartbeat.wire import Datagram, Header, KeyReport, MsgType, Payload, Role
+from services.heartbeat.wire import Datagram, KeyReport, MsgType, Payload, Role
 
 if TYPE_CHECKING:
     from services.inventory.agent.agent import HostAgent
@@ -177,9 +177,8 @@ class HeartbeatResponder:
         endpoint = self.endpoints.get(h.path)
         if endpoint is None:
             return
-        reply = Header(self.cluster_id, self.node_id, h.path, 0, b"\0" * 8, 1, MsgType.HEARTBEAT, h.sender,
-                       Role.HOST, h.seq, self.epoch)
-        if endpoint.send(source, reply, Payload(KeyReport(primary, held), digest)) is not None:
+        payload = Payload(KeyReport(primary, held), digest)
+        if endpoint.send(source, payload, dest=h.sender, role=Role.HOST, echo_seq=h.seq, epoch=self.epoch) is not None:
             self.answered += 1
 
     def _digest(self, now: Seconds) -> dict[NodeId, frozenset[Path]]:
@@ -221,3 +220,10 @@ class HeartbeatResponder:
             except Exception as e:
                 log.warning("heartbeat responder housekeeping failed", error=type(e).__name__)
 
+
+
+if TYPE_CHECKING:
+    from services.inventory.agent.agent import AgentComponent
+
+    def _is_an_agent_component(responder: HeartbeatResponder) -> AgentComponent:
+        return responder

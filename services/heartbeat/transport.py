@@ -43,7 +43,7 @@ from services.heartbeat.drops import DropCounter, DropReason
 from services.heartbeat.keys import Keyring
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.replay import BootCounter, ReplayGuard, SendSequence
-from services.heartbeat.wire import Datagram, Header, Payload, encode, verify_then_parse
+from services.heartbeat.wire import Datagram, Header, MsgType, Payload, Role, encode, verify_then_parse
 
 __all__ = [
     "DEFAULT_PORT",
@@ -271,16 +271,17 @@ class PathEndpoint(asyncio.DatagramProtocol):
 
     # -- sending ---------------------------------------------------------------------------------------
 
-    def send(self, addr: Addr, header: Header, payload: Payload) -> int | None:
-        """Number, sign and send one datagram (``header.seq`` and ``path`` are replaced); its seq, or None
-        when the socket is closed or the send failed."""
+    def send(self, addr: Addr, payload: Payload, *, dest: NodeId, role: Role, echo_seq: int = 0, epoch: int = 0,
+             msg_type: MsgType = MsgType.HEARTBEAT) -> int | None:
+        """Number, sign and send one datagram to ``addr``; its seq, or None when the socket is closed or the
+        kernel refused it."""
         transport = self.transport
         if transport is None:
             return None
         node = self.node
         seq = self.sequence.next()
-        header = Header(node.cluster_id, node.node_id, self.path, node.boot.value, node.boot_id, seq,
-                        header.msg_type, header.dest, header.role, header.echo_seq, header.epoch)
+        header = Header(node.cluster_id, node.node_id, self.path, node.boot.value, node.boot_id, seq, msg_type,
+                        dest, role, echo_seq, epoch)
         key = node.keyring.send_key(self.path) if node.keyring is not None else None
         data = encode(header, payload, key)
         if self.filter.tap is not None:
