@@ -62,17 +62,22 @@ __all__ = ["HealthChange", "HeartbeatMonitor", "MonitoredHost", "PathStatus"]
 
 log = structlog.get_logger("roost.heartbeat.monitor")
 
+MONITOR_BOOT_COUNTER_FILE = "heartbeat-monitor-boot-counter"
+"""Not the agent's file: a controller runs both, and they may share a state directory."""
+
 _T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
 class HealthChange:
-    """A host's verdict changed.  ``version`` grows per host; ``at`` is the monitor's clock."""
+    """A host's verdict changed.  ``version`` grows per host; ``at`` is the monitor's clock; ``silent_for``:
+    how long the host had been silent on every path then (the detection latency of a failure)."""
 
     verdict: HostVerdict
     entity_id: str | None
     version: int
     at: Seconds
+    silent_for: Seconds = 0.0
 
     def event(self) -> HostHealth:
         if self.entity_id is None:
@@ -179,7 +184,7 @@ class HeartbeatMonitor:
         a path cannot be bound."""
         if self.node is not None:
             raise RuntimeError("the monitor is already started")
-        boot = await load_boot_counter(self.state_dir)
+        boot = await load_boot_counter(self.state_dir, MONITOR_BOOT_COUNTER_FILE)
         clock = self._clock or asyncio.get_running_loop().time
         self.node = NodeContext(self.node_id, self.cluster_id, self.keyring, boot,
                                 hostname=self.hostname or f"node-{self.node_id}", replay=ReplayGuard(),
@@ -441,9 +446,10 @@ class HeartbeatMonitor:
         for verdict in out.health:
             host = self.hosts[verdict.hostname]
             host.version += 1
-            change = HealthChange(verdict, host.entity_id, self.version_base + host.version, now)
+            silent = min((x.silence(now) for x in host.health.values()), default=0.0)
+            change = HealthChange(verdict, host.entity_id, self.version_base + host.version, now, silent)
             log.info("heartbeat host health", host=verdict.hostname, state=verdict.state,
-                     networks_down=list(verdict.networks_down), reason=verdict.reason)
+                     networks_down=list(verdict.networks_down), reason=verdict.reason, silent_for=round(silent, 3))
             self._call(self.on_health, change)
         for intent in out.alarms:
             self._alarm(intent)
@@ -538,5 +544,7 @@ class HeartbeatMonitor:
 
     def _log_transition(self, host: MonitoredHost, path: Path, before: PathState, after: PathState,
                         reason: str) -> None:
-        log.info("heartbeat path", host=host.hostname, network=path.network, before=before.value,
-                 after=after.value, reason=reason)
+        # UP <-> SUSPECT is the everyday jitter of a lossy network: debug; the rest changes a verdict
+        level = log.debug if {before, after} <= {PathState.UP, PathState.SUSPECT} else log.info
+        level("heartbeat path", host=host.hostname, network=path.network, before=before.value, after=after.value,
+              reason=reason)

@@ -153,6 +153,12 @@ class SocketFilter:
         return not self.drop_out and not (self.loss and self.rng.random() < self.loss)
 
 
+def _backlog(transport: asyncio.DatagramTransport) -> int:
+    """Bytes asyncio holds unsent (the selector transport has it; typeshed's DatagramTransport does not)."""
+    size = getattr(transport, "get_write_buffer_size", None)
+    return int(size()) if callable(size) else 0
+
+
 Accept = Callable[[Datagram, Addr], DropReason | None]
 Handler = Callable[[Datagram, Addr, Seconds], None]
 Attribute = Callable[[Addr], str | None]
@@ -164,7 +170,8 @@ class PathEndpoint(asyncio.DatagramProtocol):
     behind a source address (for drop accounting)."""
 
     def __init__(self, node: NodeContext, spec: PathSpec, handler: Handler, *, accept: Accept | None = None,
-                 attribute: Attribute | None = None, rcvbuf: int | None = 1 << 20) -> None:
+                 attribute: Attribute | None = None, rcvbuf: int | None = 1 << 20,
+                 max_backlog: int = 256 << 10) -> None:
         self.node = node
         self.spec = spec
         self.path = spec.path
@@ -172,6 +179,7 @@ class PathEndpoint(asyncio.DatagramProtocol):
         self.accept = accept
         self.attribute = attribute
         self.rcvbuf = rcvbuf
+        self.max_backlog = max_backlog          # bytes asyncio may hold unsent before we drop instead
         self.filter = SocketFilter()
         self.sequence = SendSequence(node.boot)
         self.transport: asyncio.DatagramTransport | None = None
@@ -288,6 +296,10 @@ class PathEndpoint(asyncio.DatagramProtocol):
             self.filter.tap(data, addr)
         if not self.filter.passes_out():
             return seq
+        if _backlog(transport) > self.max_backlog:
+            self.send_errors += 1               # the kernel is not taking them: a late heartbeat is worthless
+            self.errors["backlog"] += 1
+            return None
         try:
             transport.sendto(data, addr)
         except OSError as e:

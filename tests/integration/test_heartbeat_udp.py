@@ -69,6 +69,11 @@ class Site:
     responders: dict[str, HeartbeatResponder] = field(default_factory=dict)
     changes: list[HealthChange] = field(default_factory=list)
     alarms: list[AlarmIntent] = field(default_factory=list)
+    rounds: dict[int, int] = field(default_factory=dict)     # id(change) -> the monitor's round count then
+
+    def record(self, change: HealthChange) -> None:
+        self.rounds[id(change)] = self.monitor.rounds
+        self.changes.append(change)
 
     def now(self) -> float:
         return self.monitor.now()
@@ -128,13 +133,14 @@ async def site(tmp_path: FsPath, logs: io.StringIO, caplog: pytest.LogCaptureFix
     master = MasterKey(1, os.urandom(64))
     changes: list[HealthChange] = []
     alarms: list[AlarmIntent] = []
+    s: Site
     monitor = HeartbeatMonitor(node_id=MONITOR_ID, cluster_id=cluster_id, master_key=master,
                                paths=[PathSpec(p, monitor_address(p), 0) for p in Path],
                                state_dir=tmp_path / "monitor", hostname="controller-0", system="site",
                                burst_policy=BurstPolicy(burst_count=10, burst_window=5.0, clear_after=60.0),
-                               on_health=changes.append, on_alarm=alarms.append)
-    await monitor.start()
+                               on_health=lambda c: s.record(c), on_alarm=alarms.append)
     s = Site(cluster_id, master, tmp_path, monitor, changes=changes, alarms=alarms)
+    await monitor.start()
     try:
         yield s
     finally:
@@ -176,6 +182,7 @@ async def test_stopped_responder_is_failed_within_the_bound_and_recovers(site: S
     print(f"\nworker-0 failed {detection:.3f} s after its last answer ({since_stop:.3f} s after the stop)")
     log.warning("detection time %.3f s", detection)
     assert 0.95 <= detection < DETECTION_BOUND
+    assert abs(failed.silent_for - detection) < 1e-6         # what the service's latency histogram gets
     assert failed.verdict.networks_down == ("mgmt", "cluster-host", "oam")
     assert [c.verdict.state for c in site.changes[mark:]] == ["failed"]      # straight to failed: no degraded blip
     assert not any(a.alarm_id == ALARM_NETWORK_LOST for a in site.alarms)
@@ -259,18 +266,18 @@ async def test_one_path_cut_degrades_naming_it_and_recovers_after_flap_damping(s
         oam.filter.drop_in = True                      # worker-1 no longer hears (so answers) on oam
         cut_at = site.now()
         degraded = await site.wait_state("worker-1", "degraded", timeout=5.0, after=mark)
-        assert degraded.verdict.networks_down == ("oam",)
+        assert degraded.verdict.networks_down == ("oam",), degraded
         assert any(a.alarm_id == network_lost.alarm_id and a.entity_instance_id == network_lost.entity_instance_id
-                   and a.raise_ for a in site.alarms)
+                   and a.raise_ for a in site.alarms), site.alarms
         oam.filter.drop_in = False
-        healed_at = site.now()
+        healed_at, healed_round = site.now(), site.monitor.rounds
         healthy = await site.wait_state("worker-1", "healthy", timeout=10.0, after=mark)
-        assert any(a.entity_instance_id == network_lost.entity_instance_id and not a.raise_
-                   for a in site.alarms[-3:])
-        took = healthy.at - healed_at
-        assert took >= (good - 1) * site.monitor.period    # the damping's run of good heartbeats
-        return degraded.at - cut_at, took
-
+        cleared = [a for a in site.alarms if a.entity_instance_id == network_lost.entity_instance_id]
+        assert not cleared[-1].raise_, cleared
+        # the damping's run of good heartbeats: one per round from the heal on (the round in flight then may
+        # count; timing on a loaded machine can squeeze a late round, so count rounds, not seconds)
+        assert site.rounds[id(healthy)] - healed_round >= good - 1, (site.rounds[id(healthy)], healed_round)
+        return degraded.at - cut_at, healthy.at - healed_at
     down, up = await cut_then_heal(10)
     print(f"\noam cut: degraded after {down:.3f} s; healed: healthy after {up:.3f} s (10 good)")
     assert down < DETECTION_BOUND
