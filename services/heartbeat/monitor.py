@@ -66,6 +66,7 @@ MONITOR_BOOT_COUNTER_FILE = "heartbeat-monitor-boot-counter"
 """Not the agent's file: a controller runs both, and they may share a state directory."""
 
 _T = TypeVar("_T")
+_MNFA_WATCHED = frozenset({PathState.SUSPECT, PathState.ASYMMETRIC})
 
 
 @dataclass(frozen=True, slots=True)
@@ -481,12 +482,12 @@ class HeartbeatMonitor:
                 deadline = health.next_deadline()
                 if deadline is not None:
                     times.append(deadline)
-                if health.state is not PathState.UNKNOWN:
-                    # the multi-node failure mode counts silences from mnfa_minor to mnfa_window
-                    start = health.last_heard if health.last_heard is not None else health.created
-                    for t in (start + vp.mnfa_minor, start + vp.mnfa_window):
-                        if t > now:
-                            times.append(t)
+                if health.state in _MNFA_WATCHED and health.last_heard is not None:
+                    # the multi-node failure mode counts hosts silent for mnfa_minor (an UP path becomes
+                    # SUSPECT first, at its own deadline; leaving the mnfa_window can only lower the count)
+                    t = health.last_heard + vp.mnfa_minor
+                    if t > now:
+                        times.append(t)
             verdict = self.verdict.current(host.hostname)
             if verdict is not None and verdict.state == "degraded" and all(
                     x.state is PathState.DOWN for x in host.health.values()):

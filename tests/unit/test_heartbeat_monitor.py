@@ -18,7 +18,7 @@ import pytest
 from services.core.bus.memory import InMemoryBroker, InMemoryTransport
 from services.heartbeat.drops import DropReason
 from services.heartbeat.keys import Keyring, KeyState, MasterKey
-from services.heartbeat.model import ALARM_NETWORK_LOST, AlarmIntent, Path
+from services.heartbeat.model import ALARM_MULTI_NODE, ALARM_NETWORK_LOST, AlarmIntent, Path
 from services.heartbeat.monitor import HealthChange, HeartbeatMonitor, _Round
 from services.heartbeat.replay import BootCounter
 from services.heartbeat.responder import HeartbeatResponder
@@ -121,6 +121,11 @@ class Site:
         self.monitor.add_host(f"h{i}", 100 + i, {p: r.address(p) for p in Path})
         return r
 
+    async def monitor_settled(self) -> None:
+        """Two more evaluations (what is due now has been judged)."""
+        done = self.monitor.evaluations
+        await wait_until(lambda: self.monitor.evaluations >= done + 2, 5.0, "two evaluations")
+
     async def healthy(self, *hosts: str) -> None:
         await wait_until(lambda: all((v := self.monitor.current(h)) is not None and v.state == "healthy"
                                      for h in hosts), timeout=5.0, what=f"{hosts} healthy")
@@ -184,6 +189,30 @@ async def test_hosts_come_and_go_at_run_time(site: Site) -> None:
         site.monitor.add_host("other", 101, {Path.MGMT: "127.0.1.200"})
     with pytest.raises(ValueError, match="own node"):
         site.monitor.add_host("self", 1, {Path.MGMT: "127.0.1.200"})
+
+
+async def test_hosts_lost_together_on_a_network_are_multi_node_failure_not_alarms(site: Site) -> None:
+    for i in (1, 2, 3, 4):
+        await site.add(i)
+    await site.healthy("h1", "h2", "h3", "h4")
+    mark = len(site.changes)
+    for host in ("h1", "h2", "h3"):                      # the oam switch of three hosts dies
+        site.responders[host].endpoints[Path.OAM].filter.drop_in = True
+    await wait_until(lambda: any(a.alarm_id == ALARM_MULTI_NODE and a.raise_ for a in site.alarms), 5.0, "950.009")
+    mnfa = next(a for a in site.alarms if a.alarm_id == ALARM_MULTI_NODE)
+    assert mnfa.entity_instance_id == "system=roost.network=oam" and mnfa.severity == "critical"
+    # entered before any path went down (mnfa_minor = 0.5 s of silence), so no 950.003 for oam at all
+    await wait_until(lambda: all((v := site.monitor.current(h)) is not None and v.state == "degraded"
+                                 for h in ("h1", "h2", "h3")), 5.0, "degraded")
+    assert not any(a.alarm_id == ALARM_NETWORK_LOST for a in site.alarms)
+    # and while it lasts, hosts that go silent on every path are not failed
+    for host in ("h1", "h2"):
+        await site.responders[host].stop()
+    await wait_until(lambda: all(x.state.value == "down" for h in ("h1", "h2")
+                                 for x in site.monitor.status()[h].values()), 5.0, "every path down")
+    await site.monitor_settled()
+    assert not any(c.verdict.state == "failed" for c in site.changes[mark:])
+    assert site.monitor.current("h4").state == "healthy"  # type: ignore[union-attr]
 
 
 async def test_a_stalled_event_loop_fails_nobody(site: Site) -> None:
