@@ -14,6 +14,9 @@ Timers: one ``loop.call_later`` handle, always at the earliest of the paths' ``n
 verdict's, the drop counter's, the keyring's, and the times a host's silence crosses the multi-node
 failure thresholds; when it fires, due paths ``advance`` and ``Verdict.evaluate`` runs.  A path transition
 on an answer also evaluates (at once, coalesced).  No busy loop; the clock is ``loop.time`` unless given.
+A dead host's paths go down a few ms apart: while one of them just went DOWN and another is due within a
+period, the verdict waits for it (at most a period), so the host goes straight to failed without a
+degraded blip and a 950.003 raised and cleared.
 
 Stalls: if the event loop itself was stalled (a timer or the send loop ran more than ``stall_after`` late),
 silence measured across the stall says nothing about the hosts: evaluation holds off for ``stall_hold``
