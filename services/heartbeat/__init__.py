@@ -1,8 +1,12 @@
 """roost heartbeat service.
 
-So far this is the pure core: no sockets, no asyncio, no clock.  Every time is a monotonic float handed in,
-so the same classes run under the UDP transport, the monitor, the agent and a simulated clock.
-Modules, in the order a datagram goes through them:
+The pure core (``model`` to ``pair`` below) has no sockets, no asyncio, no clock: every time is a monotonic
+float handed in, so the same classes run under the UDP transport, the monitor, the agent and a simulated
+clock.  The I/O edge beside it: ``transport`` (an asyncio UDP endpoint per path, which runs every received
+datagram through the core), ``responder`` (the agent side, an ``AgentComponent``) and ``monitor`` (the
+controller side: requests every period, verdicts on deadlines).  Not yet: the bus service that follows
+inventory's hosts and publishes the verdicts, ``roost keys``, fencing.
+Modules of the core, in the order a datagram goes through them:
 
 ``model``    shared names: ``Path`` (mgmt / cluster-host / oam, with the wire id), ``NodeId``, ``AlarmIntent``
              and the alarm ids (950.003 / .006 / .007 / .008 / .009; 950.002 belongs to inventory).
