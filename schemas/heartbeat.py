@@ -38,7 +38,7 @@ class HostHealth(EntityEvent):
 
 class ActiveController(EntityEvent):
     """Which controller is active.  ``entity_id``: ``controller-pair``; ``version`` grows with every change
-    (``services.heartbeat.pair``: 2 × epoch when a controller becomes active, 2 × epoch + 1 when it steps
+    (``services.heartbeat.pair``: 2*epoch when a controller becomes active, 2*epoch + 1 when it steps
     down with nobody after it), so an old announcement never overrides a newer one."""
 
     active: Hostname | None = None
