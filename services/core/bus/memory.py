@@ -58,7 +58,7 @@ class _Stored:
 class _Group:
     pattern: str
     name: str
-    pending: list[_Stored] = field(default_factory=list)
+    pending: list[_Stored] = field(default_factory=list)   # in seq order: only ever appended to, or removed from
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def poke(self) -> None:
@@ -186,7 +186,7 @@ class _MemorySubscription(Subscription):
         now = time.monotonic()
         if not (self._transport.connected and self._transport.broker.up):
             return None
-        for stored in sorted(self._group.pending, key=lambda s: s.seq):
+        for stored in self._group.pending:     # already in seq order (see _Group.pending)
             if stored.owner is not None and stored.settle_by <= now:
                 stored.owner = None            # ack_wait expired: the broker takes it back
             if stored.owner is None and stored.not_before <= now:
