@@ -360,15 +360,14 @@ async def test_a_consumer_deleted_under_a_running_member_is_created_again(
 
 
 async def consumer_exists(js: nats.js.JetStreamContext, stream: str, consumer: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    async def exists() -> bool:
         try:
             await js.consumer_info(stream, consumer)
-            return
         except nats.js.errors.NotFoundError:
-            if time.monotonic() > deadline:
-                raise AssertionError(f"consumer {consumer} not re-created within {timeout}s") from None
-            await asyncio.sleep(0.05)
+            return False
+        return True
+
+    await wait_for(exists, timeout=timeout, what=f"consumer {consumer} re-created")
 
 
 def _free_port() -> int:
