@@ -43,21 +43,11 @@ from typing import TypeVar
 import structlog
 
 from schemas.heartbeat import HostHealth
-from services.core.logging import register_secret
-from services.heartbeat.drops import BurstPolicy, DropCounter, DropReason
+from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.paths import EPSILON, PathHealth, PathPolicy, PathState, heard_paths
-from services.heartbeat.replay import ReplayGuard
-from services.heartbeat.transport import (
-    DEFAULT_PORT,
-    Addr,
-    Clock,
-    NodeContext,
-    PathEndpoint,
-    PathSpec,
-    load_boot_counter,
-)
+from services.heartbeat.transport import DEFAULT_PORT, Addr, Clock, PathNode, PathSpec
 from services.heartbeat.verdict import HostVerdict, PathView, Verdict, VerdictPolicy
 from services.heartbeat.wire import Datagram, KeyReport, MsgType, Payload, Role
 
@@ -122,9 +112,11 @@ def _addr(value: str | Addr, port: int) -> Addr:
     return (value, port) if isinstance(value, str) else (value[0], int(value[1]))
 
 
-class HeartbeatMonitor:
+class HeartbeatMonitor(PathNode):
     """Watches hosts over every path in ``paths``.  Hosts come and go with :meth:`add_host` /
     :meth:`remove_host` (at any time, started or not)."""
+
+    _log = log
 
     def __init__(self, *, node_id: NodeId, cluster_id: bytes, master_key: MasterKey | Keyring,
                  paths: Iterable[PathSpec], state_dir: FsPath | str, system: str = "roost", hostname: str = "",
@@ -138,30 +130,22 @@ class HeartbeatMonitor:
         policy = path_policy or PathPolicy()
         if period is not None and period != policy.period:
             policy = dataclasses.replace(policy, period=period)
+        super().__init__(node_id=node_id, cluster_id=cluster_id, master_key=master_key,
+                         specs={spec.path: spec for spec in paths}, state_dir=state_dir, hostname=hostname,
+                         burst_policy=burst_policy, clock=clock)
         self.policy = policy
         self.period = policy.period
-        self.node_id = node_id
-        self.cluster_id = cluster_id
-        self.keyring = master_key if isinstance(master_key, Keyring) else Keyring(cluster_id, master_key)
-        register_secret(self.keyring.primary.secret)      # defence in depth: masked should it ever be logged
-        self.specs = {spec.path: spec for spec in paths}
-        self.state_dir = FsPath(state_dir)
-        self.hostname = hostname
         self.role = role
         self.epoch = epoch
         self.verdict = Verdict(system, verdict_policy)
-        self.burst_policy = burst_policy
         self.on_health = on_health
         self.on_alarm = on_alarm
         self.version_base = version_base if version_base is not None else time.time_ns() // 1_000_000
         self.stall_after = stall_after if stall_after is not None else max(0.5, 5 * self.period)
         self.stall_hold = stall_hold if stall_hold is not None else 3 * self.period
-        self._clock = clock
         self.hosts: dict[str, MonitoredHost] = {}
         self._by_id: dict[NodeId, MonitoredHost] = {}
         self._by_ip: dict[str, str] = {}
-        self.node: NodeContext | None = None
-        self.endpoints: dict[Path, PathEndpoint] = {}
         self.ignored: Counter[str] = Counter()        # authentic answers that were not credited, by why
         self.rounds = 0
         self.evaluations = 0
@@ -188,26 +172,15 @@ class HeartbeatMonitor:
         a path cannot be bound."""
         if self.node is not None:
             raise RuntimeError("the monitor is already started")
-        boot = await load_boot_counter(self.state_dir, MONITOR_BOOT_COUNTER_FILE)
-        clock = self._clock or asyncio.get_running_loop().time
-        self.node = NodeContext(self.node_id, self.cluster_id, self.keyring, boot,
-                                hostname=self.hostname or f"node-{self.node_id}", replay=ReplayGuard(),
-                                drops=DropCounter(self.burst_policy), clock=clock, on_alarm=self._alarm)
-        try:
-            for spec in self.specs.values():
-                endpoint = PathEndpoint(self.node, spec, self._on_answer, accept=self._accept,
-                                        attribute=self._attribute)
-                self.endpoints[spec.path] = await endpoint.open()
-        except BaseException:
-            await self.stop()
-            raise
-        now = clock()
+        node = await self._open(MONITOR_BOOT_COUNTER_FILE, self.hostname or f"node-{self.node_id}",
+                                self._on_answer, self._accept, self._attribute)
+        now = node.clock()
         for host in self.hosts.values():       # a host added before start gets its full time to come up
             for path in host.health:
                 host.health[path] = PathHealth(now, self.policy)
         self._sender = asyncio.create_task(self._send_loop(), name=f"heartbeat-monitor-{self.node_id}")
         self._schedule()
-        log.info("heartbeat monitor started", node_id=self.node_id, boot_counter=boot.value,
+        log.info("heartbeat monitor started", node_id=self.node_id, boot_counter=node.boot.value,
                  paths={p.network: f"{e.local_address}" for p, e in self.endpoints.items()},
                  hosts=len(self.hosts), period=self.period, fingerprint=f"{self.keyring.primary.key_id:#010x}")
 
@@ -222,25 +195,8 @@ class HeartbeatMonitor:
                 handle.cancel()
         self._timer = self._soon = None
         self._timer_at = None
-        for endpoint in self.endpoints.values():
-            endpoint.close()
-        if self.endpoints:
+        if self._close():
             log.info("heartbeat monitor stopped", node_id=self.node_id, rounds=self.rounds)
-        self.endpoints = {}
-        self.node = None
-
-    async def __aenter__(self) -> HeartbeatMonitor:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def address(self, path: Path) -> Addr:
-        addr = self.endpoints[path].local_address
-        if addr is None:
-            raise RuntimeError(f"path {path.network} is not open")
-        return addr
 
     # -- the hosts ---------------------------------------------------------------------------------------
 
@@ -298,9 +254,6 @@ class HeartbeatMonitor:
 
     def current(self, hostname: str) -> HostVerdict | None:
         return self.verdict.current(hostname)
-
-    def drop_counts(self) -> dict[tuple[Path, DropReason], int]:
-        return dict(self.node.drops.counts) if self.node is not None else {}
 
     # -- sending -------------------------------------------------------------------------------------------
 
@@ -385,10 +338,7 @@ class HeartbeatMonitor:
         host.rtt[h.path] = now - sent
         hears_me = (h.path in payload.heard.get(self.node_id, frozenset())) if payload.heard is not None else None
         transition = health.heard(now, hears_me)
-        if payload.keys is not None:
-            self.keyring.report(now, h.sender, payload.keys.primary, payload.keys.held)
-            if len(self.keyring.held()[1]) > 1:
-                self._advance_keys(now)
+        self._keys_reported(now, h.sender, payload.keys)
         if payload.heard:
             witnessed = {other.hostname: paths for node, paths in payload.heard.items()
                          if (other := self._by_id.get(node)) is not None and other is not host}
@@ -539,12 +489,6 @@ class HeartbeatMonitor:
             callback(value)
         except Exception as e:
             log.warning("heartbeat monitor callback failed", error=type(e).__name__)
-
-    def _advance_keys(self, now: Seconds) -> None:
-        for change in self.keyring.advance(now):
-            log.info("heartbeat key rotation", node_id=self.node_id, fingerprint=f"{change.key_id:#010x}",
-                     generation=change.generation, before=change.before, after=change.after.value,
-                     reason=change.reason)
 
     def _log_transition(self, host: MonitoredHost, path: Path, before: PathState, after: PathState,
                         reason: str) -> None:

@@ -27,13 +27,11 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from services.core.logging import register_secret
-from services.heartbeat.drops import BurstPolicy, DropCounter, DropReason
+from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.paths import PathHealth, PathPolicy, heard_paths
-from services.heartbeat.replay import ReplayGuard
-from services.heartbeat.transport import Addr, Clock, NodeContext, PathEndpoint, PathSpec, load_boot_counter
+from services.heartbeat.transport import BOOT_COUNTER_FILE, Addr, Clock, PathNode, PathSpec
 from services.heartbeat.wire import Datagram, KeyReport, MsgType, Payload, Role
 
 if TYPE_CHECKING:
@@ -46,36 +44,29 @@ log = structlog.get_logger("roost.heartbeat.responder")
 MONITOR_ROLES = frozenset({Role.STANDBY, Role.ACTIVE})
 
 
-class HeartbeatResponder:
+class HeartbeatResponder(PathNode):
     """Answers heartbeat requests on each path in ``paths``.  ``forget_after``: a monitor not heard for that
     long leaves the digest (unless listed in ``monitors``)."""
 
     name = "heartbeat"
+    _log = log
 
     def __init__(self, *, node_id: NodeId, cluster_id: bytes, master_key: MasterKey | Keyring,
                  paths: Iterable[PathSpec], state_dir: FsPath | str, hostname: str = "",
                  monitors: Iterable[NodeId] | None = None, policy: PathPolicy | None = None,
                  burst_policy: BurstPolicy | None = None, clock: Clock | None = None,
                  on_alarm: Callable[[AlarmIntent], None] | None = None, forget_after: Seconds = 60.0) -> None:
-        self.node_id = node_id
-        self.cluster_id = cluster_id
-        self.keyring = master_key if isinstance(master_key, Keyring) else Keyring(cluster_id, master_key)
-        register_secret(self.keyring.primary.secret)      # defence in depth: masked should it ever be logged
-        self.specs: dict[Path, PathSpec] = {}
+        specs: dict[Path, PathSpec] = {}
         for spec in paths:
-            if spec.path in self.specs:
+            if spec.path in specs:
                 raise ValueError(f"path {spec.path.network} configured twice")
-            self.specs[spec.path] = spec
-        self.state_dir = FsPath(state_dir)
-        self.hostname = hostname
+            specs[spec.path] = spec
+        super().__init__(node_id=node_id, cluster_id=cluster_id, master_key=master_key, specs=specs,
+                         state_dir=state_dir, hostname=hostname, burst_policy=burst_policy, clock=clock)
         self.monitors: frozenset[NodeId] | None = frozenset(monitors) if monitors is not None else None
         self.policy = policy or PathPolicy()
-        self.burst_policy = burst_policy
         self.on_alarm = on_alarm
         self.forget_after = forget_after
-        self._clock = clock
-        self.node: NodeContext | None = None
-        self.endpoints: dict[Path, PathEndpoint] = {}
         self.heard: dict[NodeId, dict[Path, PathHealth]] = {}   # per monitor, per path
         self.epoch = 0                                           # the highest epoch an active monitor sent
         self.answered = 0
@@ -93,20 +84,10 @@ class HeartbeatResponder:
         cannot be bound."""
         if self.node is not None:
             raise RuntimeError("the responder is already started")
-        boot = await load_boot_counter(self.state_dir)
-        clock = self._clock or asyncio.get_running_loop().time
-        self.node = NodeContext(self.node_id, self.cluster_id, self.keyring, boot, hostname=self.hostname or
-                                (agent.name if agent is not None else ""), replay=ReplayGuard(),
-                                drops=DropCounter(self.burst_policy), clock=clock, on_alarm=self._alarm)
-        try:
-            for spec in self.specs.values():
-                endpoint = PathEndpoint(self.node, spec, self._on_request, accept=self._accept)
-                self.endpoints[spec.path] = await endpoint.open()
-        except BaseException:
-            await self.stop()
-            raise
+        node = await self._open(BOOT_COUNTER_FILE, self.hostname or (agent.name if agent is not None else ""),
+                                self._on_request, self._accept)
         self._housekeeping = asyncio.create_task(self._housekeep(), name=f"heartbeat-responder-{self.node_id}")
-        log.info("heartbeat responder started", node_id=self.node_id, boot_counter=boot.value,
+        log.info("heartbeat responder started", node_id=self.node_id, boot_counter=node.boot.value,
                  paths={p.network: f"{e.local_address}" for p, e in self.endpoints.items()},
                  fingerprint=f"{self.keyring.primary.key_id:#010x}")
 
@@ -116,33 +97,12 @@ class HeartbeatResponder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._housekeeping
             self._housekeeping = None
-        for endpoint in self.endpoints.values():
-            endpoint.close()
-        if self.endpoints:
+        if self._close():
             log.info("heartbeat responder stopped", node_id=self.node_id, answered=self.answered)
-        self.endpoints = {}
-        self.node = None
-
-    async def __aenter__(self) -> HeartbeatResponder:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    def address(self, path: Path) -> Addr:
-        """Where the path's socket is bound (after ``start``)."""
-        addr = self.endpoints[path].local_address
-        if addr is None:
-            raise RuntimeError(f"path {path.network} is not open")
-        return addr
 
     @property
     def boot_counter(self) -> int | None:
         return self.node.boot.value if self.node is not None else None
-
-    def drop_counts(self) -> dict[tuple[Path, DropReason], int]:
-        return dict(self.node.drops.counts) if self.node is not None else {}
 
     # -- answering ---------------------------------------------------------------------------------------
 
@@ -168,10 +128,7 @@ class HeartbeatResponder:
         health.heard(now, hears_me)
         if h.role is Role.ACTIVE and h.epoch > self.epoch:
             self.epoch = h.epoch
-        if payload.keys is not None:
-            self.keyring.report(now, h.sender, payload.keys.primary, payload.keys.held)
-            if len(self.keyring.held()[1]) > 1:
-                self._advance_keys(now)
+        self._keys_reported(now, h.sender, payload.keys)
         primary, held = self.keyring.held()
         digest = self._digest(now)
         endpoint = self.endpoints.get(h.path)
@@ -186,12 +143,6 @@ class HeartbeatResponder:
         for monitor in self.monitors or ():
             digest.setdefault(monitor, frozenset())
         return digest
-
-    def _advance_keys(self, now: Seconds) -> None:
-        for change in self.keyring.advance(now):
-            log.info("heartbeat key rotation", node_id=self.node_id, fingerprint=f"{change.key_id:#010x}",
-                     generation=change.generation, before=change.before, after=change.after.value,
-                     reason=change.reason)
 
     def _alarm(self, intent: AlarmIntent) -> None:
         if self.on_alarm is not None:

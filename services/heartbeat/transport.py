@@ -34,16 +34,26 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import structlog
 
 from services.core.files import write_private
-from services.heartbeat.drops import DropCounter, DropReason
-from services.heartbeat.keys import Keyring
+from services.core.logging import register_secret
+from services.heartbeat.drops import BurstPolicy, DropCounter, DropReason
+from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.replay import BootCounter, ReplayGuard, SendSequence
-from services.heartbeat.wire import Datagram, Header, MsgType, Payload, Role, encode, verify_then_parse
+from services.heartbeat.wire import (
+    Datagram,
+    Header,
+    KeyReport,
+    MsgType,
+    Payload,
+    Role,
+    encode,
+    verify_then_parse,
+)
 
 __all__ = [
     "DEFAULT_PORT",
@@ -52,6 +62,7 @@ __all__ = [
     "Clock",
     "NodeContext",
     "PathEndpoint",
+    "PathNode",
     "PathSpec",
     "SocketFilter",
     "load_boot_counter",
@@ -308,3 +319,94 @@ class PathEndpoint(asyncio.DatagramProtocol):
             return None
         self.sent += 1
         return seq
+
+
+# -- what the monitor and the responder share ------------------------------------------------------------
+
+
+class PathNode:
+    """A node with one :class:`PathEndpoint` per configured path: the keyring, the endpoints' life cycle
+    (boot counter first, then the sockets; closed again on failure) and what both the controller's monitor
+    and the agent's responder answer about them.  Subclasses define ``start``, ``stop`` and ``_alarm``."""
+
+    _log: Any = log
+
+    def __init__(self, *, node_id: NodeId, cluster_id: bytes, master_key: MasterKey | Keyring,
+                 specs: dict[Path, PathSpec], state_dir: FsPath | str, hostname: str,
+                 burst_policy: BurstPolicy | None, clock: Clock | None) -> None:
+        self.node_id = node_id
+        self.cluster_id = cluster_id
+        self.keyring = master_key if isinstance(master_key, Keyring) else Keyring(cluster_id, master_key)
+        register_secret(self.keyring.primary.secret)      # defence in depth: masked should it ever be logged
+        self.specs = specs
+        self.state_dir = FsPath(state_dir)
+        self.hostname = hostname
+        self.burst_policy = burst_policy
+        self._clock = clock
+        self.node: NodeContext | None = None
+        self.endpoints: dict[Path, PathEndpoint] = {}
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stop(self) -> None:
+        raise NotImplementedError
+
+    def _alarm(self, intent: AlarmIntent) -> None:
+        raise NotImplementedError
+
+    async def _open(self, boot_file: str, hostname: str, handler: Handler, accept: Accept,
+                    attribute: Attribute | None = None) -> NodeContext:
+        """Persist the boot counter, then bind every path; on failure ``stop`` closes what was opened."""
+        boot = await load_boot_counter(self.state_dir, boot_file)
+        node = self.node = NodeContext(self.node_id, self.cluster_id, self.keyring, boot, hostname=hostname,
+                                       drops=DropCounter(self.burst_policy),
+                                       clock=self._clock or asyncio.get_running_loop().time, on_alarm=self._alarm)
+        try:
+            for spec in self.specs.values():
+                endpoint = PathEndpoint(node, spec, handler, accept=accept, attribute=attribute)
+                self.endpoints[spec.path] = await endpoint.open()
+        except BaseException:
+            await self.stop()
+            raise
+        return node
+
+    def _close(self) -> bool:
+        """Close every endpoint and forget the node context; whether any endpoint was open."""
+        for endpoint in self.endpoints.values():
+            endpoint.close()
+        opened = bool(self.endpoints)
+        self.endpoints = {}
+        self.node = None
+        return opened
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def address(self, path: Path) -> Addr:
+        """Where the path's socket is bound (after ``start``)."""
+        addr = self.endpoints[path].local_address
+        if addr is None:
+            raise RuntimeError(f"path {path.network} is not open")
+        return addr
+
+    def drop_counts(self) -> dict[tuple[Path, DropReason], int]:
+        return dict(self.node.drops.counts) if self.node is not None else {}
+
+    def _keys_reported(self, now: Seconds, sender: NodeId, keys: KeyReport | None) -> None:
+        """A peer's authenticated ``KEYS`` report; rotation advances at once while one is under way."""
+        if keys is None:
+            return
+        self.keyring.report(now, sender, keys.primary, keys.held)
+        if len(self.keyring.held()[1]) > 1:
+            self._advance_keys(now)
+
+    def _advance_keys(self, now: Seconds) -> None:
+        for change in self.keyring.advance(now):
+            self._log.info("heartbeat key rotation", node_id=self.node_id, fingerprint=f"{change.key_id:#010x}",
+                           generation=change.generation, before=change.before, after=change.after.value,
+                           reason=change.reason)
