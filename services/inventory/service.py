@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -312,14 +311,9 @@ class InventoryService:
         await self._fault(conn, faults.command_log(_who(origin), verb, row.hostname, row.uuid, result), origin)
 
     async def _fact(self, event: machine.Event, *, cause: str, reason_texts: dict[str, str] | None = None) -> Outcome:
-        """Fold a fact into the site and carry out what follows."""
-        uuid = event.uuid if event.uuid is not None else ""
-        if isinstance(event, machine.ActiveChanged):
-            snap = await store.read_snapshot(self.pool)
-            if not snap.rows:
-                return Outcome(False, "no hosts")
-            uuid = next(iter(snap.rows))       # any host: the fact is about the site
-        outcome = await self._transition(uuid, lambda _s, _r: event, cause=cause, reason_texts=reason_texts)
+        """Fold a fact about one host into the site and carry out what follows."""
+        assert event.uuid is not None, "ActiveChanged, a fact about the site, goes through _active_controller"
+        outcome = await self._transition(event.uuid, lambda _s, _r: event, cause=cause, reason_texts=reason_texts)
         await self._carry_out(outcome.effects)
         return outcome
 
@@ -442,7 +436,7 @@ class InventoryService:
                 last_error = None if result.reachable else (result.message or result.outcome)[:255]
                 if (row.bmc_reachable, row.bmc_outcome, row.bmc_last_error) != (
                         result.reachable, result.outcome, last_error):
-                    saved = await store.save(conn, _replace(row, bmc_reachable=result.reachable,
+                    saved = await store.save(conn, replace(row, bmc_reachable=result.reachable,
                                                             bmc_outcome=result.outcome, bmc_last_error=last_error))
                     await self._event(conn, "roost.host.updated", msg.HostEvent(
                         entity_id=saved.uuid, version=saved.version,
@@ -605,7 +599,7 @@ class InventoryService:
             hostname = data.hostname or (discovered.hostname if discovered is not None else None) \
                 or self._next_name(snap, data.personality)
             if discovered is not None and discovered.personality is None:
-                row = await store.save(conn, _replace(discovered, hostname=hostname, personality=data.personality,
+                row = await store.save(conn, replace(discovered, hostname=hostname, personality=data.personality,
                                                       subfunctions=tuple(subfunctions), serial=data.serial,
                                                       location=data.location, labels=dict(data.labels),
                                                       addresses=addresses))
@@ -635,7 +629,7 @@ class InventoryService:
 
     def _with_bmc(self, row: HostRow, bmc: msg.BmcSettings) -> HostRow:
         if bmc.type == "none":
-            return _replace(row, bmc_type="none", bmc_address="", bmc_username="", bmc_password=None,
+            return replace(row, bmc_type="none", bmc_address="", bmc_username="", bmc_password=None,
                             bmc_key_id=None, bmc_system_id=None, bmc_reachable=None, bmc_outcome=None,
                             bmc_last_error=None)
         if not bmc.address or not bmc.username:
@@ -645,7 +639,7 @@ class InventoryService:
         password, key_id = row.bmc_password, row.bmc_key_id
         if bmc.password:
             password, key_id = self._seal_password(row.uuid, bmc.password)
-        return _replace(row, bmc_type=bmc.type, bmc_address=bmc.address, bmc_username=bmc.username,
+        return replace(row, bmc_type=bmc.type, bmc_address=bmc.address, bmc_username=bmc.username,
                         bmc_password=password, bmc_key_id=key_id, bmc_system_id=bmc.system_id,
                         bmc_verify_tls=bmc.verify_tls, bmc_reachable=None, bmc_outcome=None, bmc_last_error=None)
 
@@ -683,7 +677,7 @@ class InventoryService:
                 changes["labels"] = dict(data.labels)
             if data.addresses is not None:
                 changes["addresses"] = {k: str(v) for k, v in data.addresses.items()}
-            new = _replace(row, **changes)
+            new = replace(row, **changes)
             if data.bmc is not None:
                 new = self._with_bmc(new, data.bmc)
             if new == row:
@@ -748,11 +742,11 @@ class InventoryService:
             elif isinstance(data, msg.AgentInventory):
                 await self._agent_inventory(message, data)
             elif isinstance(data, msg.DegradeSet):
-                await self._fact(machine.DegradeSet(self._uuid_of(await self._find(data.host)), data.key),
+                await self._fact(machine.DegradeSet((await self._find(data.host)).uuid, data.key),
                                  cause=f"degrade reason {data.key} from {envelope.source}",
                                  reason_texts={data.key: data.text})
             elif isinstance(data, msg.DegradeClear):
-                await self._fact(machine.DegradeCleared(self._uuid_of(await self._find(data.host)), data.key),
+                await self._fact(machine.DegradeCleared((await self._find(data.host)).uuid, data.key),
                                  cause=f"degrade reason {data.key} cleared by {envelope.source}")
             elif isinstance(data, hb.HostHealth):
                 await self._host_health(data)
@@ -770,10 +764,6 @@ class InventoryService:
         if row is None:
             raise HostNotFound(ref)
         return row
-
-    @staticmethod
-    def _uuid_of(row: HostRow) -> str:
-        return row.uuid
 
     async def _host_health(self, data: hb.HostHealth) -> None:
         async with self.pool.acquire() as conn, conn.transaction():
@@ -815,7 +805,7 @@ class InventoryService:
                 return row
             row = next((r for r in snap.rows.values() if r.mgmt_mac in macs and r.agent is None), None)
             if row is not None:
-                return await store.save(conn, _replace(row, agent=agent))
+                return await store.save(conn, replace(row, agent=agent))
             taken = {r.mgmt_mac for r in snap.rows.values()}
             mac = next((m for m in macs if m not in taken), None)
             row = await store.insert(conn, hostname=None, personality=None, subfunctions=(), mgmt_mac=mac, agent=agent)
@@ -849,9 +839,9 @@ class InventoryService:
             current = await store.lock_site(conn)
             now = current.rows[row.uuid]
             if not now.inventoried:
-                now = await store.save(conn, _replace(now, inventoried=True))
+                now = await store.save(conn, replace(now, inventoried=True))
             elif changed:
-                now = _replace(now, version=await store.bump(conn, now.uuid) or now.version)
+                now = replace(now, version=await store.bump(conn, now.uuid) or now.version)
             if changed:
                 await self._event(conn, "roost.host.inventory_updated", msg.HostInventoryUpdated(
                     entity_id=now.uuid, version=now.version, hostname=now.hostname,
@@ -882,11 +872,3 @@ class InventoryService:
             except (asyncpg.PostgresError, OSError) as exc:
                 log.warning("agent liveness check failed; will retry", error=str(exc))
 
-
-def _replace(row: HostRow, **changes: Any) -> HostRow:
-    from dataclasses import replace
-    return replace(row, **changes)
-
-
-def new_uuid() -> str:
-    return str(uuidlib.uuid4())
