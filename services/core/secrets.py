@@ -30,6 +30,7 @@ from pathlib import Path
 import structlog
 from pydantic import SecretBytes, SecretStr
 
+from services.core.files import fsync_dir
 from services.core.logging import register_secret
 
 log = structlog.get_logger("roost.secrets")
@@ -224,8 +225,4 @@ class SecretStore:
         return tmp
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.root)

@@ -64,6 +64,8 @@ from urllib.parse import quote
 import asyncpg
 import structlog
 
+from services.core.files import fsync_dir
+
 log = structlog.get_logger("roost.embedded.postgres")
 
 __all__ = ["DEFAULT_DATABASE", "DEFAULT_SYSTEM_USER", "SUPERUSER", "EmbeddedPostgres", "EmbeddedPostgresError"]
@@ -324,7 +326,7 @@ class EmbeddedPostgres:
             conf.flush()
             os.fsync(conf.fileno())
         staging.rename(self.pgdata)
-        _fsync_dir(self.data_dir)
+        fsync_dir(self.data_dir)
 
     async def _reuse_or_launch(self, account: _Account, bin_dir: Path) -> tuple[str, int]:
         """Return (socket dir, port) of the running server, starting it when none runs."""
@@ -636,12 +638,6 @@ def _ensure_private_dir(path: Path, account: _Account) -> None:
     os.chmod(path, 0o700)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _read_pidfile(path: Path) -> _PidFile | None:
