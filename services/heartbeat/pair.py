@@ -349,8 +349,8 @@ class PairController:
         sent = self._sent.get(grant.request_id)
         if (sent is not None and grant.candidate == self.config.me and grant.epoch == self.target
                 and self.phase is not Phase.STANDBY and grant.voter in self.config.voters):
-            until = sent + min(grant.ttl, self.policy.lease) * (1 - self.policy.drift) - self.policy.margin
-            self.votes[grant.voter] = max(self.votes.get(grant.voter, until), until)
+            self._vote(grant.voter, sent + min(grant.ttl, self.policy.lease) * (1 - self.policy.drift)
+                       - self.policy.margin)
         return self.tick(now)
 
     def refused(self, now: Seconds, refusal: LeaseRefusal) -> list[Effect]:
@@ -401,10 +401,6 @@ class PairController:
         return (self.peer_reachable and self.claim is not None and not self.claim.active
                 and now - self.claim.at <= self.policy.claim_ttl)
 
-    def _peer_active(self, now: Seconds) -> bool:
-        return (self.peer_reachable and self.claim is not None and self.claim.active
-                and now - self.claim.at <= self.policy.claim_ttl)
-
     def _majority(self, now: Seconds) -> bool:
         return sum(1 for until in self.votes.values() if until > now) >= self.config.quorum
 
@@ -422,9 +418,12 @@ class PairController:
         req = LeaseRequest(self.config.me, self.target, request_id, self.kind)
         own = self.voter.request(now, req, hears_holder=self.peer_reachable and self.voter.holder == self.config.peer)
         if isinstance(own, LeaseGrant):
-            until = now + self.policy.holder_trust
-            self.votes[self.config.me] = max(self.votes.get(self.config.me, until), until)
+            self._vote(self.config.me, now + self.policy.holder_trust)
         return [SendLeaseRequest(req)]
+
+    def _vote(self, voter: NodeId, until: Seconds) -> None:
+        """``voter`` backs us until ``until`` (a later grant never shortens an earlier one)."""
+        self.votes[voter] = max(self.votes.get(voter, until), until)
 
     def _elect(self, now: Seconds, kind: LeaseKind) -> list[Effect]:
         self.phase, self.kind = Phase.ELECTING, kind
@@ -442,7 +441,7 @@ class PairController:
         # the peer stepped down and told us (handover), or is heard as a standby (start-up)
         return not (self.peer_reachable and (self.kind is LeaseKind.HANDOVER or self._peer_standby(now)))
 
-    def _fence(self, now: Seconds) -> list[Effect]:
+    def _fence(self) -> list[Effect]:
         self.fence_pending = True
         self.fence_attempts += 1
         self.fence_retry_at = None
@@ -463,25 +462,25 @@ class PairController:
 
     def _demote(self, now: Seconds, reason: str) -> list[Effect]:
         was_active = self.active
-        self.phase = Phase.STANDBY
         self.quiet_until = now + self.policy.startup_delay
-        self.votes = {}
-        self.fence_pending = False
-        self.voter.release(LeaseRelease(self.config.me, self.target))
-        effects: list[Effect] = [BecomeStandby(self.target, reason), SendRelease(LeaseRelease(self.config.me,
-                                                                                            self.target))]
+        effects: list[Effect] = [BecomeStandby(self.target, reason), self._release()]
         if was_active:
             effects.append(Announce(None, self.config.me, 2 * self.target + 1))
         return effects
 
     def _abandon(self) -> list[Effect]:
         """Give up an election or a takeover (no role change: we were not active)."""
+        return [self._release(), *self._clear(ALARM_FENCE_FAILED, host_entity(self.config.peer_name))]
+
+    def _release(self) -> SendRelease:
+        """Back to standby: forget the votes and any pending fence, and release our lease for ``target``
+        (our own voter at once, the others through the effect)."""
         self.phase = Phase.STANDBY
         self.votes = {}
         self.fence_pending = False
-        self.voter.release(LeaseRelease(self.config.me, self.target))
-        return [SendRelease(LeaseRelease(self.config.me, self.target)),
-                *self._clear(ALARM_FENCE_FAILED, host_entity(self.config.peer_name))]
+        release = LeaseRelease(self.config.me, self.target)
+        self.voter.release(release)
+        return SendRelease(release)
 
     def tick(self, now: Seconds) -> list[Effect]:
         """Apply the rules at ``now`` (call it at :meth:`next_deadline` too)."""
@@ -497,7 +496,7 @@ class PairController:
         if self.config.two_node:
             if (not self.peer_reachable and self.peer_seen and not self.fenced
                     and now - self.unreachable_since >= self.policy.fence_delay_active and self._fence_due(now)):
-                effects += self._fence(now)
+                effects += self._fence()
             if self.peer_reachable:
                 self.fenced = False
                 self.fence_attempts = 0
@@ -546,7 +545,7 @@ class PairController:
             if self.fenced:
                 self.phase = Phase.ELECTING
             elif self._fence_due(now):
-                effects += self._fence(now)
+                effects += self._fence()
             elif (not self.fence_pending and self.fence_retry_at is None
                   and self.fence_attempts >= self.policy.fence_max_attempts):
                 return effects          # given up: the alarm stays, an operator acts (force)
