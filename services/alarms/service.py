@@ -501,10 +501,11 @@ class AlarmsService:
         return [_active(s, suppressed, masked) for s in shown[:query.limit]]
 
     async def show(self, alarm_uuid: str) -> msg.ActiveAlarm:
-        stored = await self.store.get(self.pool, _uuid(alarm_uuid))
+        wanted = _uuid(alarm_uuid)
+        active = await self.store.active(self.pool)       # the masks need them all; the one shown is among them
+        stored = next((s for s in active if s.alarm.uuid == wanted), None)
         if stored is None:
             raise AlarmError(f"no active alarm {alarm_uuid}")
-        active = await self.store.active(self.pool)
         masked = masked_keys((s.alarm for s in active), self.store.catalogue)
         return _active(stored, await self.store.suppressed_ids(self.pool), masked)
 
