@@ -432,6 +432,12 @@ def build_router(service: "AlarmsService") -> APIRouter:
         log.info("alarm cleared by an operator", uuid=wanted, by=who.name)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
 
+    async def _seq_of(svc: "AlarmsService", record_uuid: str) -> int | None:
+        """The ``seq`` of the event log record ``record_uuid`` (None: no such record)."""
+        seq: int | None = await svc.pool.fetchval(f"SELECT seq FROM {SCHEMA}.event_log WHERE uuid = $1",
+                                                  uuidlib.UUID(record_uuid))
+        return seq
+
     @router.get("/event_log", response_model=EventLogCollection, response_model_exclude_none=True,
                 summary="List the event log (alarm history and customer logs), newest first")
     async def event_log(request: Request, _: Reader, svc: Service, q_field: QField = [],  # noqa: B006
@@ -442,15 +448,13 @@ def build_router(service: "AlarmsService") -> APIRouter:
         conditions = parse_query(q_field, q_op, q_value, EVENT_FIELDS, svc)
         before: int | None = None
         if marker is not None:
-            before = await svc.pool.fetchval(f"SELECT seq FROM {SCHEMA}.event_log WHERE uuid = $1",
-                                             uuidlib.UUID(_uuid_path(marker)))
+            before = await _seq_of(svc, _uuid_path(marker))
             if before is None:
                 raise _bad("marker is not a record of the event log")
         want_alarms, want_logs = (alarms or not logs), (logs or not alarms)
         eq = {c.field: c.value for c in conditions if c.op == "eq"}
         if "uuid" in eq:            # one record at most: start the scan right at it
-            seq = await svc.pool.fetchval(f"SELECT seq FROM {SCHEMA}.event_log WHERE uuid = $1",
-                                          uuidlib.UUID(eq["uuid"]))
+            seq = await _seq_of(svc, eq["uuid"])
             if seq is None or (before is not None and seq >= before):
                 return EventLogCollection(event_log=[])
             before = seq + 1
@@ -481,8 +485,7 @@ def build_router(service: "AlarmsService") -> APIRouter:
     @router.get("/event_log/{event_uuid}", response_model=EventLogOut, response_model_exclude_none=True,
                 summary="Show one event log record")
     async def show_event(event_uuid: str, _: Reader, svc: Service) -> EventLogOut:
-        seq = await svc.pool.fetchval(f"SELECT seq FROM {SCHEMA}.event_log WHERE uuid = $1",
-                                      uuidlib.UUID(_uuid_path(event_uuid)))
+        seq = await _seq_of(svc, _uuid_path(event_uuid))
         records = [] if seq is None else await svc.store.history(svc.pool, before=seq + 1, limit=1)
         if not records or records[0].seq != seq:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "no event log record with this uuid")
