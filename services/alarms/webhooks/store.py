@@ -289,10 +289,6 @@ _INSERT_NOTIFICATIONS = f"""
     FROM (SELECT count(*) AS n FROM ins) c"""
 
 
-async def any_subscription(conn: Executor) -> bool:
-    return bool(await conn.fetchval(f"SELECT EXISTS (SELECT 1 FROM {SUBSCRIPTIONS})"))
-
-
 LOCK_FOR_NOTIFICATIONS = f"pg_advisory_xact_lock_shared({FANOUT_LOCK})"
 
 
