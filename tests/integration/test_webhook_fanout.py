@@ -64,7 +64,11 @@ async def test_a_notification_committing_late_is_not_skipped(pool: asyncpg.Pool)
         assert asyncio.get_running_loop().time() - started >= 0.4, "it waited for the writer (half a second)"
         assert await pool.fetchval("SELECT fanned_out_seq FROM alarms.webhook_subscriptions") == 0
         fan_out = asyncio.create_task(store.fan_out(pool))
-        await asyncio.sleep(0.1)
+        await until(lambda: pool.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+                              AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                              AND (classid::bigint << 32) + objid::bigint = $1)""", store.FANOUT_LOCK),
+            timeout=5, what="the fan-out waiting for the writer's lock")
         await tx.commit()                                      # the waiting fan-out goes on at once
         assert await fan_out == 2
     assert await delivered_ids(pool, sub.id) == [early.id, late.id]
