@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 from services.heartbeat.drops import DropReason
 from services.heartbeat.keys import CLUSTER_ID_BYTES, MAC_BYTES, Keyring, PathKey
-from services.heartbeat.model import BROADCAST, NodeId, Path
+from services.heartbeat.model import BROADCAST, MAX_NODE_ID, NodeId, Path
 
 MAGIC = b"RHBT"
 VERSION = 1
@@ -164,7 +164,7 @@ def encode(header: Header, payload: Payload, key: PathKey | None) -> bytes:
     """The datagram for ``header`` and ``payload``, signed with ``key`` (None: unsigned, key id 0)."""
     if len(header.cluster_id) != CLUSTER_ID_BYTES or len(header.boot_id) != 8:
         raise EncodeError("cluster_id has 16 bytes and boot_id 8")
-    if not (0 < header.sender <= 0xFFFF_FFFF and 0 < header.seq <= _U64):
+    if not (0 < header.sender <= MAX_NODE_ID and 0 < header.seq <= _U64):
         raise EncodeError("sender and seq are positive")
     body = _encode_payload(payload)
     if len(body) > MAX_PAYLOAD:
