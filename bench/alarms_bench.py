@@ -115,24 +115,23 @@ REASON = re.compile(rb'"reason_text":"bench t=([0-9.]+)"')
 # -- the workload ------------------------------------------------------------------------------------
 
 
-def fault_envelopes(registry: Registry, count: int, instances: int, *, stamp: bool = False) -> list[Envelope]:
-    """``count`` ops over ``instances`` alarm instances: a pass of sets (raises), a pass of clears, ...
+def fault_envelope(registry: Registry, i: int, instances: int, *, stamp: bool = False) -> Envelope:
+    """Op ``i`` over ``instances`` alarm instances: a pass of sets (raises), a pass of clears, ...
 
     Every op writes (a raise or a clear), so each is one history record, one event and one webhook
     notification.  ``stamp`` puts the time of building into the reason (figure 3 builds just in time).
     """
-    out = []
-    for i in range(count):
-        entity = f"host=bench-{i % instances}.network=mgmt"
-        if (i // instances) % 2 == 0:
-            reason = f"bench t={time.time():.6f}" if stamp else f"bench op {i}"
-            out.append(registry.envelope("roost.fault.set", {"alarm_id": ALARM_ID, "entity_instance_id": entity,
-                                                             "severity": "major", "reason_text": reason},
-                                         source=SOURCE))
-        else:
-            out.append(registry.envelope("roost.fault.clear", {"alarm_id": ALARM_ID, "entity_instance_id": entity},
-                                         source=SOURCE))
-    return out
+    entity = f"host=bench-{i % instances}.network=mgmt"
+    if (i // instances) % 2 == 0:
+        reason = f"bench t={time.time():.6f}" if stamp else f"bench op {i}"
+        return registry.envelope("roost.fault.set", {"alarm_id": ALARM_ID, "entity_instance_id": entity,
+                                                     "severity": "major", "reason_text": reason}, source=SOURCE)
+    return registry.envelope("roost.fault.clear", {"alarm_id": ALARM_ID, "entity_instance_id": entity}, source=SOURCE)
+
+
+def fault_envelopes(registry: Registry, count: int, instances: int) -> list[Envelope]:
+    """Ops 0 to ``count`` - 1 (:func:`fault_envelope`), built ahead."""
+    return [fault_envelope(registry, i, instances) for i in range(count)]
 
 
 def messages(registry: Registry, envelopes: Sequence[Envelope]) -> list[Message]:
@@ -588,7 +587,7 @@ async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: 
                     await asyncio.sleep(wait)
                 elif wait < -0.05:
                     late += 1
-                envelope = fault_envelopes_at(registry, i, instances)
+                envelope = fault_envelope(registry, i, instances, stamp=True)
                 task = asyncio.create_task(bus.publish(envelope))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
@@ -603,15 +602,6 @@ async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: 
         finally:
             await bus.close()
     return {"stats": stats, "total": total, "raises": raises, "late": late, "sent_seconds": sent_seconds}
-
-
-def fault_envelopes_at(registry: Registry, i: int, instances: int) -> Envelope:
-    entity = f"host=bench-{i % instances}.network=mgmt"
-    if (i // instances) % 2 == 0:
-        return registry.envelope("roost.fault.set", {"alarm_id": ALARM_ID, "entity_instance_id": entity,
-                                                     "severity": "major", "reason_text": f"bench t={time.time():.6f}"},
-                                 source=SOURCE)
-    return registry.envelope("roost.fault.clear", {"alarm_id": ALARM_ID, "entity_instance_id": entity}, source=SOURCE)
 
 
 def percentile(values: Sequence[float], p: float) -> float:
