@@ -430,7 +430,6 @@ class HeartbeatMonitor(PathNode):
         times: list[Seconds] = []
         vp = self.verdict.policy
         for host in self.hosts.values():
-            waiting = False
             for health in host.health.values():
                 deadline = health.next_deadline()
                 if deadline is not None:
@@ -444,9 +443,7 @@ class HeartbeatMonitor(PathNode):
             verdict = self.verdict.current(host.hostname)
             if verdict is not None and verdict.state == "degraded" and all(
                     x.state is PathState.DOWN for x in host.health.values()):
-                waiting = True                      # waiting for confirmation by witnesses: once a period
-            if waiting:
-                times.append(now + self.period)
+                times.append(now + self.period)     # waiting for confirmation by witnesses: once a period
         node = self.node
         for other in (self.verdict.next_deadline(), self.keyring.next_deadline(),
                       node.drops.next_deadline() if node is not None else None):
