@@ -91,20 +91,14 @@ class BmcManager:
     async def audit(self, rows: Sequence[HostRow]) -> list[AuditResult]:
         """Check every row's BMC once (the minute audit); each check is timed for Prometheus."""
         targets: list[AuditTarget] = []
+        drivers: dict[BmcEndpoint, Bmc] = {}
         for row in rows:
-            endpoint = self.endpoint(row)
-            if endpoint is not None:
-                await self.bmc(row)           # refresh the held driver if the endpoint changed
+            bmc = await self.bmc(row)         # the held driver, refreshed if the endpoint changed
+            if bmc is not None:
+                endpoint = self._held[row.uuid].endpoint
+                drivers[endpoint] = bmc
                 targets.append(AuditTarget(row.uuid, row.hostname, endpoint))
-        held = {uuid: h for uuid, h in self._held.items()}
-
-        def shared(endpoint: BmcEndpoint) -> Bmc:
-            for h in held.values():
-                if h.endpoint == endpoint:
-                    return h.bmc
-            return self.factory(endpoint)
-
-        return await audit_once(targets, shared, close=False, timeout=self.audit_timeout)
+        return await audit_once(targets, drivers.__getitem__, close=False, timeout=self.audit_timeout)
 
     def sealed_access(self, row: HostRow) -> msg.BmcAccess | None:
         """``roost.host.bmc_access`` for a controller (sealed; empty when its BMC is gone); None otherwise."""
