@@ -336,8 +336,7 @@ class HeartbeatMonitor(PathNode):
             self.ignored["stale_echo"] += 1
             return
         host.rtt[h.path] = now - sent
-        hears_me = (h.path in payload.heard.get(self.node_id, frozenset())) if payload.heard is not None else None
-        transition = health.heard(now, hears_me)
+        transition = health.heard(now, self._hears_me(datagram))
         self._keys_reported(now, h.sender, payload.keys)
         if payload.heard:
             witnessed = {other.hostname: paths for node, paths in payload.heard.items()

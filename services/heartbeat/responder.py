@@ -124,8 +124,7 @@ class HeartbeatResponder(PathNode):
         health = paths.get(h.path)
         if health is None:
             health = paths[h.path] = PathHealth(now, self.policy)
-        hears_me = h.path in payload.heard.get(self.node_id, frozenset()) if payload.heard is not None else None
-        health.heard(now, hears_me)
+        health.heard(now, self._hears_me(datagram))
         if h.role is Role.ACTIVE and h.epoch > self.epoch:
             self.epoch = h.epoch
         self._keys_reported(now, h.sender, payload.keys)

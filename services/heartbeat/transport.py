@@ -397,6 +397,11 @@ class PathNode:
     def drop_counts(self) -> dict[tuple[Path, DropReason], int]:
         return dict(self.node.drops.counts) if self.node is not None else {}
 
+    def _hears_me(self, datagram: Datagram) -> bool | None:
+        """Whether the sender's ``HEARD`` digest has us on the datagram's path (None: it sent no digest)."""
+        heard = datagram.payload.heard
+        return datagram.header.path in heard.get(self.node_id, frozenset()) if heard is not None else None
+
     def _keys_reported(self, now: Seconds, sender: NodeId, keys: KeyReport | None) -> None:
         """A peer's authenticated ``KEYS`` report; rotation advances at once while one is under way."""
         if keys is None:
