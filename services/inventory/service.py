@@ -835,8 +835,8 @@ class InventoryService:
         macs = [p.mac for p in data.hardware.ports if p.mac]
         row = await self._agent_host(data.agent, macs)
         async with self.pool.acquire() as conn, conn.transaction():
-            changed = await store.put_hardware(conn, row.uuid, data.hardware.model_copy(update={"source": "agent"}))
             current = await store.lock_site(conn)
+            changed = await store.put_hardware(conn, row.uuid, data.hardware.model_copy(update={"source": "agent"}))
             now = current.rows[row.uuid]
             if not now.inventoried:
                 now = await store.save(conn, replace(now, inventoried=True))
