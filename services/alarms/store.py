@@ -437,15 +437,19 @@ class AlarmStore:
         versions = {r["uuid"]: int(r["version"]) + 1 for r in deleted}
         now = self.clock()
         done: list[Cleared] = []
+        history: list[tuple[Any, ...]] = []
+        announced: list[tuple[Envelope, Alarm, int, EventKind]] = []
         for s in rows:
             if s.alarm.uuid not in versions:
                 continue
             version = versions[s.alarm.uuid]
             alarm, event = _clear_event(s, version, cause, now)
-            await self._history(conn, alarm, state="clear", change="cleared", changes=[], owner=s.owner,
-                                version=version, cause=cause)
-            await self._announce(conn, "roost.alarm.cleared", event, origin, alarm, version, EventKind.CLEARED)
+            history.append(_history_values(alarm, state="clear", change="cleared", changes=[], owner=s.owner,
+                                           version=version, cause=cause))
+            announced.append((self._envelope("roost.alarm.cleared", event, origin, f"alarm/{alarm.uuid}"),
+                              alarm, version, EventKind.CLEARED))
             done.append(Cleared(alarm, s.owner, version, cause))
+        await self._record_many(conn, history, announced)
         return tuple(done)
 
     # -- re-assertion ---------------------------------------------------------------------------------
@@ -546,11 +550,19 @@ class AlarmStore:
             count = await conn.fetchval(_INSERT_ACTIVE_MANY, *_columns(inserted, len(_ALARM_TYPES)))
             if count != len(inserted):
                 raise BatchConflict("a concurrent transaction raised an alarm instance of this batch first")
+        await self._record_many(conn, history, announced)
+        return results
+
+    async def _record_many(self, conn: AnyConnection, history: Sequence[tuple[Any, ...]],
+                           announced: Sequence[tuple[Envelope, Alarm, int, EventKind]]) -> None:
+        """The history records (``_history_values``), events (outbox) and webhook notifications of several
+        changes, each kind in order and in one statement."""
+        if not history:
+            return
         await conn.execute(_INSERT_HISTORY_MANY, *_columns(history, len(_HISTORY_TYPES)))
         await self.outbox.add_many(conn, [envelope for envelope, *_ in announced])
         if self.webhooks:
             await self._enqueue_many(conn, announced)
-        return results
 
     async def _enqueue_many(self, conn: AnyConnection, announced: Sequence[tuple[Envelope, Alarm, int, EventKind]],
                             ) -> int:
