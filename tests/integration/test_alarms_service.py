@@ -129,6 +129,9 @@ async def test_a_set_raises_records_and_announces(site: Site) -> None:
     assert event["data"]["alarm"]["alarm_state"] == "set"
     [record] = await site.service.store.history(site.pool)
     assert (record.state, record.change, record.alarm_uuid) == ("set", "raised", stored.alarm.uuid)
+    # the deliveries are made by the dispatcher's fan-out, after the commit
+    await wait_until(lambda: site.pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries"),
+                     what="the raise fanned out to the subscriber")
     queued = await site.pool.fetch("SELECT subscription_id, event_type FROM alarms.webhook_deliveries")
     assert [(str(r["subscription_id"]), r["event_type"]) for r in queued] == [(sub.id, "alarm.raised")]
 
