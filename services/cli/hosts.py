@@ -243,37 +243,25 @@ def _action(obj: Context, type: str, data: dict[str, Any], timeout: float, as_js
     answer(run(obj.command(type, data, timeout=timeout)), _acted, as_json)
 
 
-@host.command("lock")
-@click.argument("host_ref", metavar="HOST")
-@click.option("--force", is_flag=True, help="Do not wait for its services to be disabled (drained).")
-@long_timeout
-@json_option
-@click.pass_obj
-def host_lock(obj: Context, host_ref: str, force: bool, timeout: float, as_json: bool) -> None:
-    """Lock a host: its services are disabled first (the orchestrator drains it) unless forced."""
-    _action(obj, "roost.cmd.host.lock", {"host": host_ref, "force": force}, timeout, as_json)
+def _forced_command(verb: str, summary: str, force_help: str) -> None:
+    @host.command(verb, help=summary)
+    @click.argument("host_ref", metavar="HOST")
+    @click.option("--force", is_flag=True, help=force_help)
+    @long_timeout
+    @json_option
+    @click.pass_obj
+    def command(obj: Context, host_ref: str, force: bool, timeout: float, as_json: bool) -> None:
+        _action(obj, f"roost.cmd.host.{verb}", {"host": host_ref, "force": force}, timeout, as_json)
 
 
-@host.command("unlock")
-@click.argument("host_ref", metavar="HOST")
-@click.option("--force", is_flag=True, help="Even when it is not online or not yet inventoried.")
-@long_timeout
-@json_option
-@click.pass_obj
-def host_unlock(obj: Context, host_ref: str, force: bool, timeout: float, as_json: bool) -> None:
-    """Unlock a host: it goes through its in-test checks to enabled."""
-    _action(obj, "roost.cmd.host.unlock", {"host": host_ref, "force": force}, timeout, as_json)
-
-
-@host.command("swact")
-@click.argument("host_ref", metavar="HOST")
-@click.option("--force", is_flag=True, help="Even when the other controller is degraded.")
-@long_timeout
-@json_option
-@click.pass_obj
-def host_swact(obj: Context, host_ref: str, force: bool, timeout: float, as_json: bool) -> None:
-    """Move the active controller role from HOST to the other controller."""
-    _action(obj, "roost.cmd.host.swact", {"host": host_ref, "force": force}, timeout, as_json)
+for _verb, _summary, _force_help in (
+        ("lock", "Lock a host: its services are disabled first (the orchestrator drains it) unless forced.",
+         "Do not wait for its services to be disabled (drained)."),
+        ("unlock", "Unlock a host: it goes through its in-test checks to enabled.",
+         "Even when it is not online or not yet inventoried."),
+        ("swact", "Move the active controller role from HOST to the other controller.",
+         "Even when the other controller is degraded.")):
+    _forced_command(_verb, _summary, _force_help)
 
 
 def _power_command(verb: str, summary: str) -> None:
