@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -41,13 +40,10 @@ from services.core.bus.subjects import (
     matches,
 )
 
-_seq = itertools.count(1)
-
 
 @dataclass
 class _Stored:
     message: OutgoingMessage
-    seq: int
     deliveries: int = 0
     not_before: float = 0.0
     owner: object | None = None          # the transport holding it unsettled
@@ -58,7 +54,7 @@ class _Stored:
 class _Group:
     pattern: str
     name: str
-    pending: list[_Stored] = field(default_factory=list)   # in seq order: only ever appended to, or removed from
+    pending: list[_Stored] = field(default_factory=list)   # in arrival order: only appended to, or removed from
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     async def poke(self) -> None:
@@ -90,7 +86,7 @@ class InMemoryBroker:
             self.unrouted.append(message)
             return
         for group in targets:
-            group.pending.append(_Stored(message, next(_seq)))
+            group.pending.append(_Stored(message))
             asyncio.get_running_loop().create_task(group.poke())
 
     def group(self, pattern: str, name: str) -> _Group:
@@ -186,7 +182,7 @@ class _MemorySubscription(Subscription):
         now = time.monotonic()
         if not (self._transport.connected and self._transport.broker.up):
             return None
-        for stored in self._group.pending:     # already in seq order (see _Group.pending)
+        for stored in self._group.pending:     # oldest first (see _Group.pending)
             if stored.owner is not None and stored.settle_by <= now:
                 stored.owner = None            # ack_wait expired: the broker takes it back
             if stored.owner is None and stored.not_before <= now:
