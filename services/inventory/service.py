@@ -295,17 +295,15 @@ class InventoryService:
             await store.set_active(conn, active, snap.active_epoch)
         return saved
 
-    async def _event(self, conn: AnyConnection, type: str, data: BaseModel, origin: Envelope | None) -> None:
+    async def _event(self, conn: AnyConnection, type: str, data: BaseModel | dict[str, Any],
+                     origin: Envelope | None) -> None:
         attrs: dict[str, Any] = {}
         if origin is not None:
             attrs = {"causationid": origin.id, "correlationid": origin.correlationid or origin.id}
         await self.ctx.outbox.add(conn, self.ctx.bus.envelope(type, data, **attrs))
 
     async def _fault(self, conn: AnyConnection, change: faults.FaultChange, origin: Envelope | None) -> None:
-        attrs: dict[str, Any] = {}
-        if origin is not None:
-            attrs = {"causationid": origin.id, "correlationid": origin.correlationid or origin.id}
-        await self.ctx.outbox.add(conn, self.ctx.bus.envelope(change.type, change.data, **attrs))
+        await self._event(conn, change.type, change.data, origin)
 
     async def _log(self, conn: AnyConnection, origin: Envelope, verb: str, row: HostRow, result: str) -> None:
         await self._fault(conn, faults.command_log(_who(origin), verb, row.hostname, row.uuid, result), origin)
