@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 TYPE_PATTERN = r"^roost(\.[a-z][a-z0-9_]*)+$"
 
@@ -120,10 +120,25 @@ class CommandReply(BaseModel):
     result: dict[str, Any] = Field(default_factory=dict)
     command_id: str
     command_type: str
+    _unhandled: bool = PrivateAttr(default=False)
 
     @property
     def ok(self) -> bool:
         return self.status in (ReplyStatus.ACCEPTED, ReplyStatus.COMPLETED)
+
+    @classmethod
+    def no_handler(cls, command_id: str, command_type: str) -> CommandReply:
+        """The rejected reply a sender's bus makes up when no service consumes the command.  It never travels
+        on the wire, and ``unhandled`` tells it from a service's own refusal, whatever that refusal says."""
+        reply = cls(status=ReplyStatus.REJECTED, reason=f"no service handles {command_type}",
+                    command_id=command_id, command_type=command_type)
+        reply._unhandled = True
+        return reply
+
+    @property
+    def unhandled(self) -> bool:
+        """No service consumes the command (rather than a service refusing it)."""
+        return self._unhandled
 
 
 REPLY_TYPE = "roost.reply"

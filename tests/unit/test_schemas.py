@@ -26,7 +26,7 @@ from schemas.core import (
     Pong,
     ServiceStarted,
 )
-from schemas.envelope import REPLY_TYPE, CommandReply, EntityEvent, Envelope, Principal, Role
+from schemas.envelope import REPLY_TYPE, CommandReply, EntityEvent, Envelope, Principal, ReplyStatus, Role
 from schemas.registry import (
     REGISTRY,
     InvalidMessage,
@@ -597,3 +597,11 @@ def test_command_reply_model() -> None:
                                          "command_type": "roost.cmd.dlq.replay"})
     assert reply.ok
     assert not CommandReply(status="rejected", reason="no", command_id="c", command_type="t").ok
+
+
+def test_a_reply_made_up_for_an_unhandled_command_is_told_from_a_refusal_saying_the_same() -> None:
+    made_up = CommandReply.no_handler("c1", "roost.cmd.system.ping")
+    assert made_up.unhandled and made_up.status is ReplyStatus.REJECTED
+    refusal = CommandReply.model_validate(made_up.model_dump(mode="json"))   # what a service could send
+    assert refusal.reason == made_up.reason and not refusal.unhandled
+    assert "unhandled" not in made_up.model_dump()                          # never on the wire

@@ -47,13 +47,9 @@ from services.core.logging import message_context
 log = structlog.get_logger("roost.bus")
 
 
-UNHANDLED = "no service handles {type}"
-"""The reason of the rejected reply ``Bus.request`` makes up when no service consumes a command."""
-
-
 def is_unhandled(reply: CommandReply) -> bool:
-    """Whether ``reply`` says that no service handles the command (rather than a service refusing it)."""
-    return reply.status is ReplyStatus.REJECTED and reply.reason == UNHANDLED.format(type=reply.command_type)
+    """Whether no service handles the command (rather than a service refusing it)."""
+    return reply.unhandled
 
 
 class RetryLater(Exception):
@@ -262,8 +258,7 @@ class Bus:
             raw = await self.transport.request(codec.encode(command, subject=subject, headers=headers),
                                                timeout=timeout)
         except Unroutable:
-            return CommandReply(status=ReplyStatus.REJECTED, reason=UNHANDLED.format(type=command.type),
-                                command_id=command.id, command_type=command.type)
+            return CommandReply.no_handler(command.id, command.type)
         return CommandReply.model_validate(codec.decode(raw.body).data)
 
     async def serve(self, pattern: str, group: str, handler: CommandHandler, *,
