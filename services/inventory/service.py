@@ -109,6 +109,12 @@ class _Waiters:
             self.events[uuid].set()
 
 
+def _uuid(row: HostRow | None) -> str:
+    """The uuid of the host a fact names (``_transition`` raised HostNotFound if there is none)."""
+    assert row is not None
+    return row.uuid
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -237,30 +243,38 @@ class InventoryService:
 
     # -- the one path of every change -----------------------------------------------------------------
 
-    async def _transition(self, ref: str, build: Callable[[Snapshot, HostRow], machine.Command | machine.Event],
+    async def _transition(self, ref: str | None,
+                          build: Callable[[Snapshot, HostRow | None], machine.Command | machine.Event | None],
                           *, cause: str, origin: Envelope | None = None, verb: str | None = None,
-                          reason_texts: dict[str, str] | None = None,
+                          reason_texts: dict[str, str] | None = None, conn: AnyConnection | None = None,
                           before_commit: Callable[[AnyConnection, Snapshot], Awaitable[None]] | None = None) -> Outcome:
-        async with self.pool.acquire() as conn, conn.transaction():
-            snap = await store.lock_site(conn)
-            row = snap.find(ref)
-            if row is None:
-                raise HostNotFound(ref)
-            item = build(snap, row)
-            if isinstance(item, machine.Command):
-                decision = machine.decide(snap.site, item)
-            else:
-                decision = machine.apply(snap.site, item)
-            if isinstance(decision, Refused):
-                if origin is not None and verb is not None:
-                    await self._log(conn, origin, verb, row, f"rejected: {decision.reason}")
-                return Outcome(False, decision.reason, row, snapshot=snap)
-            rows = await self._persist(conn, snap, decision, cause=cause, origin=origin, reason_texts=reason_texts)
-            if before_commit is not None:
-                await before_commit(conn, snap)
-            if origin is not None and verb is not None:
-                await self._log(conn, origin, verb, row, f"accepted{': ' + decision.detail if decision.detail else ''}")
-        return Outcome(True, "", rows.get(row.uuid), decision.effects, decision.detail, snap)
+        """Decide ``build(site, host)`` (the host named by ``ref``; None for a fact about the site) and persist it,
+        in ``conn``'s transaction when given (the caller commits), else in one of its own.  ``build`` may
+        return None: nothing to do, nothing written."""
+        if conn is None:
+            async with self.pool.acquire() as own, own.transaction():
+                return await self._transition(ref, build, cause=cause, origin=origin, verb=verb,
+                                              reason_texts=reason_texts, conn=own, before_commit=before_commit)
+        snap = await store.lock_site(conn)
+        row = snap.find(ref) if ref is not None else None
+        if ref is not None and row is None:
+            raise HostNotFound(ref)
+        item = build(snap, row)
+        if item is None:
+            return Outcome(False, "", row, snapshot=snap)
+        decision = (machine.decide(snap.site, item) if isinstance(item, machine.Command)
+                    else machine.apply(snap.site, item))
+        if isinstance(decision, Refused):
+            if origin is not None and verb is not None and row is not None:
+                await self._log(conn, origin, verb, row, f"rejected: {decision.reason}")
+            return Outcome(False, decision.reason, row, snapshot=snap)
+        rows = await self._persist(conn, snap, decision, cause=cause, origin=origin, reason_texts=reason_texts)
+        if before_commit is not None:
+            await before_commit(conn, snap)
+        if origin is not None and verb is not None and row is not None:
+            await self._log(conn, origin, verb, row, f"accepted{': ' + decision.detail if decision.detail else ''}")
+        return Outcome(True, "", rows.get(row.uuid) if row is not None else None, decision.effects, decision.detail,
+                       snap)
 
     async def _persist(self, conn: AnyConnection, snap: Snapshot, decision: Accepted, *, cause: str,
                        origin: Envelope | None, reason_texts: dict[str, str] | None) -> dict[str, HostRow]:
@@ -565,12 +579,13 @@ class InventoryService:
         ref = data.host
         force = isinstance(data, msg.HostLock | msg.HostUnlock | msg.HostSwact) and data.force
 
-        def build(_snap: Snapshot, row: HostRow) -> machine.Command:
+        def build(_snap: Snapshot, found: HostRow | None) -> machine.Command:
+            uuid = _uuid(found)
             commands: dict[str, machine.Command] = {
-                "lock": machine.Lock(row.uuid, force), "unlock": machine.Unlock(row.uuid, force),
-                "reboot": machine.Reboot(row.uuid), "reset": machine.Reset(row.uuid),
-                "power-on": machine.PowerOn(row.uuid), "power-off": machine.PowerOff(row.uuid),
-                "reinstall": machine.Reinstall(row.uuid), "swact": machine.Swact(row.uuid, force)}
+                "lock": machine.Lock(uuid, force), "unlock": machine.Unlock(uuid, force),
+                "reboot": machine.Reboot(uuid), "reset": machine.Reset(uuid),
+                "power-on": machine.PowerOn(uuid), "power-off": machine.PowerOff(uuid),
+                "reinstall": machine.Reinstall(uuid), "swact": machine.Swact(uuid, force)}
             return commands[verb]
 
         if verb == "swact":
@@ -693,7 +708,7 @@ class InventoryService:
         return view
 
     async def delete(self, ref: str, envelope: Envelope) -> msg.HostDeletedResult:
-        outcome = await self._transition(ref, lambda _s, row: machine.Delete(row.uuid),
+        outcome = await self._transition(ref, lambda _s, row: machine.Delete(_uuid(row)),
                                          cause=f"delete by {_who(envelope)}", origin=envelope, verb="delete")
         if not outcome.accepted:
             raise HostCommandRefused(outcome.reason)
@@ -729,88 +744,89 @@ class InventoryService:
     # -- facts ----------------------------------------------------------------------------------------
 
     async def handle(self, message: Message) -> None:
-        """Apply one fact (agent, degrade reason, heartbeat) once."""
+        """Apply one fact (agent, degrade reason, heartbeat) once: the inbox row and every change it makes commit
+        in one transaction; the effects that follow are carried out after the commit."""
         envelope, data = message.envelope, message.data
-        async with self.pool.acquire() as conn:
-            if await self._inbox.seen(conn, INBOX_CONSUMER, envelope.id):
-                return
-        try:
-            if isinstance(data, msg.AgentHello):
-                await self._agent_hello(message, data)
-            elif isinstance(data, msg.AgentInventory):
-                await self._agent_inventory(message, data)
-            elif isinstance(data, msg.DegradeSet):
-                await self._fact(machine.DegradeSet((await self._find(data.host)).uuid, data.key),
-                                 cause=f"degrade reason {data.key} from {envelope.source}",
-                                 reason_texts={data.key: data.text})
-            elif isinstance(data, msg.DegradeClear):
-                await self._fact(machine.DegradeCleared((await self._find(data.host)).uuid, data.key),
-                                 cause=f"degrade reason {data.key} cleared by {envelope.source}")
-            elif isinstance(data, hb.HostHealth):
-                await self._host_health(data)
-            elif isinstance(data, hb.ActiveController):
-                await self._active_controller(data)
-            else:
-                raise Reject(f"{envelope.type} is not a fact inventory applies")
-        except HostNotFound as exc:
-            log.warning("fact about an unknown host dropped", type=envelope.type, reason=str(exc))
+        effects: list[machine.Effect] = []
         async with self.pool.acquire() as conn, conn.transaction():
-            await self._inbox.first_time(conn, INBOX_CONSUMER, envelope.id)
-
-    async def _find(self, ref: str) -> HostRow:
-        row = (await store.read_snapshot(self.pool)).find(ref)
-        if row is None:
-            raise HostNotFound(ref)
-        return row
-
-    async def _host_health(self, data: hb.HostHealth) -> None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            if not await advance(conn, INBOX_CONSUMER, "heartbeat.host_health", data.entity_id, data.version):
+            if not await self._inbox.first_time(conn, INBOX_CONSUMER, envelope.id):
                 return
-        row = await self._find(data.entity_id if data.entity_id else data.hostname)
-        await self._fact(machine.HeartbeatHealth(row.uuid, data.state, tuple(data.networks_down)),
-                         cause=f"heartbeat: {data.state}{': ' + data.reason if data.reason else ''}",
-                         reason_texts={f"heartbeat.{n}": f"heartbeat lost on the {n} network"
-                                       for n in data.networks_down})
+            try:
+                effects = await self._apply_fact(conn, message)
+            except HostNotFound as exc:
+                log.warning("fact about an unknown host dropped", type=envelope.type, reason=str(exc))
+        await self._carry_out(effects)
+        if isinstance(data, msg.AgentHello | msg.AgentInventory):
+            row = (await store.read_snapshot(self.pool)).find_agent(data.agent)
+            if row is not None:
+                self._waiters.wake(row.uuid)
 
-    async def _active_controller(self, data: hb.ActiveController) -> None:
-        snap = await store.read_snapshot(self.pool)
-        if data.version <= snap.active_epoch:
-            return
-        uuid = None
-        if data.active is not None:
+    async def _apply_fact(self, conn: AnyConnection, message: Message) -> list[machine.Effect]:
+        envelope, data = message.envelope, message.data
+        outcome: Outcome | None = None
+        if isinstance(data, msg.AgentHello):
+            outcome = await self._agent_hello(conn, message, data)
+        elif isinstance(data, msg.AgentInventory):
+            await self._agent_inventory(conn, message, data)
+        elif isinstance(data, msg.DegradeSet):
+            outcome = await self._transition(data.host, lambda _s, row: machine.DegradeSet(_uuid(row), data.key),
+                                             cause=f"degrade reason {data.key} from {envelope.source}",
+                                             reason_texts={data.key: data.text}, conn=conn)
+        elif isinstance(data, msg.DegradeClear):
+            outcome = await self._transition(data.host, lambda _s, row: machine.DegradeCleared(_uuid(row), data.key),
+                                             cause=f"degrade reason {data.key} cleared by {envelope.source}",
+                                             conn=conn)
+        elif isinstance(data, hb.HostHealth):
+            outcome = await self._host_health(conn, data)
+        elif isinstance(data, hb.ActiveController):
+            outcome = await self._active_controller(conn, data)
+        else:
+            raise Reject(f"{envelope.type} is not a fact inventory applies")
+        return list(outcome.effects) if outcome is not None else []
+
+    async def _host_health(self, conn: AnyConnection, data: hb.HostHealth) -> Outcome | None:
+        if not await advance(conn, INBOX_CONSUMER, "heartbeat.host_health", data.entity_id, data.version):
+            return None
+        return await self._transition(
+            data.entity_id or data.hostname,
+            lambda _s, row: machine.HeartbeatHealth(_uuid(row), data.state, tuple(data.networks_down)),
+            cause=f"heartbeat: {data.state}{': ' + data.reason if data.reason else ''}",
+            reason_texts={f"heartbeat.{n}": f"heartbeat lost on the {n} network" for n in data.networks_down},
+            conn=conn)
+
+    async def _active_controller(self, conn: AnyConnection, data: hb.ActiveController) -> Outcome:
+        def build(snap: Snapshot, _row: HostRow | None) -> machine.Event | None:
+            if data.version <= snap.active_epoch:
+                return None                      # an older announcement than the one applied
+            if data.active is None:
+                return machine.ActiveChanged(None)
             row = snap.find(data.active)
             if row is None:
                 raise HostNotFound(data.active)
-            uuid = row.uuid
+            return machine.ActiveChanged(row.uuid)
 
         async def record_epoch(conn: AnyConnection, locked: Snapshot) -> None:
             await conn.execute(f"UPDATE {store.SCHEMA}.site SET active_epoch = $1 WHERE id = 1", data.version)
 
-        if not snap.rows:
-            return
-        outcome = await self._transition(next(iter(snap.rows)), lambda _s, _r: machine.ActiveChanged(uuid),
-                                         cause=f"heartbeat: active controller {data.active}",
-                                         before_commit=record_epoch)
-        await self._carry_out(outcome.effects)
+        return await self._transition(None, build, cause=f"heartbeat: active controller {data.active}",
+                                      before_commit=record_epoch, conn=conn)
 
-    async def _agent_host(self, agent: str, macs: Sequence[str]) -> HostRow:
+    async def _agent_host(self, conn: AnyConnection, agent: str, macs: Sequence[str]) -> HostRow:
         """The host of an agent: bound by name, else by one of its MACs, else a new unprovisioned host."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            snap = await store.lock_site(conn)
-            row = next((r for r in snap.rows.values() if r.agent == agent), None)
-            if row is not None:
-                return row
-            row = next((r for r in snap.rows.values() if r.mgmt_mac in macs and r.agent is None), None)
-            if row is not None:
-                return await store.save(conn, replace(row, agent=agent))
-            taken = {r.mgmt_mac for r in snap.rows.values()}
-            mac = next((m for m in macs if m not in taken), None)
-            row = await store.insert(conn, hostname=None, personality=None, subfunctions=(), mgmt_mac=mac, agent=agent)
-            await self._event(conn, "roost.host.discovered", msg.HostEvent(entity_id=row.uuid, version=row.version,
-                                                                           host=row.view(active=False)), None)
-            log.info("unknown agent recorded as an unprovisioned host", agent=agent, uuid=row.uuid, mac=mac)
+        snap = await store.lock_site(conn)
+        row = snap.find_agent(agent)
+        if row is not None:
             return row
+        row = next((r for r in snap.rows.values() if r.mgmt_mac in macs and r.agent is None), None)
+        if row is not None:
+            return await store.save(conn, replace(row, agent=agent))
+        taken = {r.mgmt_mac for r in snap.rows.values()}
+        mac = next((m for m in macs if m not in taken), None)
+        row = await store.insert(conn, hostname=None, personality=None, subfunctions=(), mgmt_mac=mac, agent=agent)
+        await self._event(conn, "roost.host.discovered", msg.HostEvent(entity_id=row.uuid, version=row.version,
+                                                                       host=row.view(active=False)), None)
+        log.info("unknown agent recorded as an unprovisioned host", agent=agent, uuid=row.uuid, mac=mac)
+        return row
 
     def _check_agent_subject(self, message: Message, agent: str) -> None:
         parts = message.subject.split(".")
@@ -818,32 +834,29 @@ class InventoryService:
             raise Reject(f"agent {agent!r} announced itself on {message.subject}: an agent publishes only on "
                          f"roost.agent.<its name>.*")
 
-    async def _agent_hello(self, message: Message, data: msg.AgentHello) -> None:
+    async def _agent_hello(self, conn: AnyConnection, message: Message, data: msg.AgentHello) -> Outcome | None:
         self._check_agent_subject(message, data.agent)
-        row = await self._agent_host(data.agent, data.macs)
-        async with self.pool.acquire() as conn, conn.transaction():
-            await store.touch_agent(conn, row.uuid, _now(), data.interval_seconds, data.boot_id, data.uptime_seconds)
-        if not row.agent_alive or (row.administrative == "locked" and row.availability == "offline"):
-            # silent until now, or back from a reboot or reset
-            await self._fact(machine.AgentOnline(row.uuid), cause=f"agent {data.agent} announced itself")
-        self._waiters.wake(row.uuid)
+        row = await self._agent_host(conn, data.agent, data.macs)
+        await store.touch_agent(conn, row.uuid, _now(), data.interval_seconds, data.boot_id, data.uptime_seconds)
+        if row.agent_alive and not (row.administrative == "locked" and row.availability == "offline"):
+            return None
+        # silent until now, or back from a reboot or reset
+        return await self._transition(row.uuid, lambda _s, _r: machine.AgentOnline(row.uuid),
+                                      cause=f"agent {data.agent} announced itself", conn=conn)
 
-    async def _agent_inventory(self, message: Message, data: msg.AgentInventory) -> None:
+    async def _agent_inventory(self, conn: AnyConnection, message: Message, data: msg.AgentInventory) -> None:
         self._check_agent_subject(message, data.agent)
         macs = [p.mac for p in data.hardware.ports if p.mac]
-        row = await self._agent_host(data.agent, macs)
-        async with self.pool.acquire() as conn, conn.transaction():
-            current = await store.lock_site(conn)
-            changed = await store.put_hardware(conn, row.uuid, data.hardware.model_copy(update={"source": "agent"}))
-            now = current.rows[row.uuid]
-            if not now.inventoried:
-                now = await store.save(conn, replace(now, inventoried=True))
-            elif changed:
-                now = replace(now, version=await store.bump(conn, now.uuid) or now.version)
-            if changed:
-                await self._event(conn, "roost.host.inventory_updated", msg.HostInventoryUpdated(
-                    entity_id=now.uuid, version=now.version, hostname=now.hostname,
-                    hardware=await store.hardware(conn, now.uuid)), None)
+        now = await self._agent_host(conn, data.agent, macs)          # under the site lock from here on
+        changed = await store.put_hardware(conn, now.uuid, data.hardware.model_copy(update={"source": "agent"}))
+        if not now.inventoried:
+            now = await store.save(conn, replace(now, inventoried=True))
+        elif changed:
+            now = replace(now, version=await store.bump(conn, now.uuid) or now.version)
+        if changed:
+            await self._event(conn, "roost.host.inventory_updated", msg.HostInventoryUpdated(
+                entity_id=now.uuid, version=now.version, hostname=now.hostname,
+                hardware=await store.hardware(conn, now.uuid)), None)
 
     async def refresh_metrics(self) -> None:
         """Set ``roost_hosts`` from the database."""

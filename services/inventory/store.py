@@ -146,6 +146,10 @@ class Snapshot:
             return self.rows[as_uuid]
         return next((r for r in self.rows.values() if r.hostname == ref), None)
 
+    def find_agent(self, agent: str) -> HostRow | None:
+        """The host an agent belongs to."""
+        return next((r for r in self.rows.values() if r.agent == agent), None)
+
 
 async def lock_site(conn: AnyConnection) -> Snapshot:
     """Take the site lock (until the transaction ends) and read every host."""
