@@ -748,25 +748,26 @@ class InventoryService:
         in one transaction; the effects that follow are carried out after the commit."""
         envelope, data = message.envelope, message.data
         effects: list[machine.Effect] = []
+        heard_from: str | None = None          # the host whose agent just spoke
         async with self.pool.acquire() as conn, conn.transaction():
             if not await self._inbox.first_time(conn, INBOX_CONSUMER, envelope.id):
                 return
             try:
-                effects = await self._apply_fact(conn, message)
+                if isinstance(data, msg.AgentHello):
+                    heard_from, outcome = await self._agent_hello(conn, message, data)
+                    effects = list(outcome.effects) if outcome is not None else []
+                else:
+                    effects = await self._apply_fact(conn, message)
             except HostNotFound as exc:
                 log.warning("fact about an unknown host dropped", type=envelope.type, reason=str(exc))
         await self._carry_out(effects)
-        if isinstance(data, msg.AgentHello | msg.AgentInventory):
-            row = (await store.read_snapshot(self.pool)).find_agent(data.agent)
-            if row is not None:
-                self._waiters.wake(row.uuid)
+        if heard_from is not None:
+            self._waiters.wake(heard_from)
 
     async def _apply_fact(self, conn: AnyConnection, message: Message) -> list[machine.Effect]:
         envelope, data = message.envelope, message.data
         outcome: Outcome | None = None
-        if isinstance(data, msg.AgentHello):
-            outcome = await self._agent_hello(conn, message, data)
-        elif isinstance(data, msg.AgentInventory):
+        if isinstance(data, msg.AgentInventory):
             await self._agent_inventory(conn, message, data)
         elif isinstance(data, msg.DegradeSet):
             outcome = await self._transition(data.host, lambda _s, row: machine.DegradeSet(_uuid(row), data.key),
@@ -834,15 +835,17 @@ class InventoryService:
             raise Reject(f"agent {agent!r} announced itself on {message.subject}: an agent publishes only on "
                          f"roost.agent.<its name>.*")
 
-    async def _agent_hello(self, conn: AnyConnection, message: Message, data: msg.AgentHello) -> Outcome | None:
+    async def _agent_hello(self, conn: AnyConnection, message: Message,
+                           data: msg.AgentHello) -> tuple[str, Outcome | None]:
+        """Record an agent's hello; its host's uuid, and the outcome if it came back online."""
         self._check_agent_subject(message, data.agent)
         row = await self._agent_host(conn, data.agent, data.macs)
         await store.touch_agent(conn, row.uuid, _now(), data.interval_seconds, data.boot_id, data.uptime_seconds)
         if row.agent_alive and not (row.administrative == "locked" and row.availability == "offline"):
-            return None
+            return row.uuid, None
         # silent until now, or back from a reboot or reset
-        return await self._transition(row.uuid, lambda _s, _r: machine.AgentOnline(row.uuid),
-                                      cause=f"agent {data.agent} announced itself", conn=conn)
+        return row.uuid, await self._transition(row.uuid, lambda _s, _r: machine.AgentOnline(row.uuid),
+                                                cause=f"agent {data.agent} announced itself", conn=conn)
 
     async def _agent_inventory(self, conn: AnyConnection, message: Message, data: msg.AgentInventory) -> None:
         self._check_agent_subject(message, data.agent)
