@@ -68,11 +68,11 @@ from typing import Any, Literal
 
 import asyncpg
 import asyncpg.pool
-import httpx
 import structlog
 
 from services.alarms.webhooks import metrics
 from services.alarms.webhooks.formats import AlarmFields, EventKind, Format, Notification, render
+from services.alarms.webhooks.http import HttpClient, HttpProtocolError
 from services.alarms.webhooks.signing import sign_headers
 from services.alarms.webhooks.store import (
     DELIVERIES,
@@ -153,7 +153,7 @@ def decide(status: int | None, retry_after: str | None, error: str | None, *, at
 
 
 def describe(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError | httpx.TimeoutException):
+    if isinstance(exc, TimeoutError):
         return "timed out"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__
@@ -340,21 +340,22 @@ _RELEASE = f"""
 class WebhookDispatcher:
     """Sends ``alarms.webhook_deliveries``.  ``start()`` (or ``await run()`` in a task); ``await stop()``.
 
-    Several dispatchers (replicas) may run on one database.  ``client`` is an ``httpx.AsyncClient`` to
-    use for every subscription (otherwise one is created per subscription, and closed at the end).
+    Several dispatchers (replicas) may run on one database.  ``client`` is an ``HttpClient``
+    (``services.alarms.webhooks.http``) to use for every subscription (otherwise one is created per
+    subscription, and closed at the end).
     """
 
     def __init__(self, pool: asyncpg.Pool, settings: DispatcherSettings | None = None, *,
                  on_subscription_failing: SubscriptionHook | None = None,
                  on_subscription_recovered: SubscriptionHook | None = None,
-                 client: httpx.AsyncClient | None = None, rng: random.Random | None = None) -> None:
+                 client: HttpClient | None = None, rng: random.Random | None = None) -> None:
         self.pool = pool
         self.settings = (settings or DispatcherSettings()).check()
         self.on_subscription_failing = on_subscription_failing
         self.on_subscription_recovered = on_subscription_recovered
         self.stats = DispatcherStats()
         self._client = client
-        self._clients: dict[str, httpx.AsyncClient] = {}
+        self._clients: dict[str, HttpClient] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._rng = rng or random.Random()
         self._wake = asyncio.Event()
@@ -542,17 +543,15 @@ class WebhookDispatcher:
             cached = self._rendered[key] = alertmanager_body(body, row["name"])
         return cached
 
-    def _client_for(self, subscription_id: str) -> httpx.AsyncClient:
-        """The HTTP client of a subscription: one each, at most ``per_subscription`` connections (httpx's
-        pool costs CPU per request that grows with the connections it holds: small pools are cheap)."""
+    def _client_for(self, subscription_id: str) -> HttpClient:
+        """The HTTP client of a subscription: one each, keeping at most ``per_subscription`` idle
+        connections (as many as its requests in flight)."""
         if self._client is not None:
             return self._client
         client = self._clients.get(subscription_id)
         if client is None:
             size = min(self.settings.per_subscription, self.settings.max_in_flight)
-            client = self._clients[subscription_id] = httpx.AsyncClient(
-                follow_redirects=False, trust_env=False,
-                limits=httpx.Limits(max_connections=size, max_keepalive_connections=size))
+            client = self._clients[subscription_id] = HttpClient(max_connections=size, max_body=MAX_ANSWER_BYTES)
         return client
 
     async def _deliver(self, job: Job) -> None:
@@ -565,18 +564,13 @@ class WebhookDispatcher:
         retry_after: str | None = None
         error: str | None = None
         try:
-            async with asyncio.timeout(self.settings.timeout), client.stream(
-                    "POST", job.url, content=job.body, headers=headers, timeout=self.settings.timeout) as response:
-                status = response.status_code
-                retry_after = response.headers.get("retry-after")
-                # The answer's body means nothing to us: read a little (so a small one keeps the connection
-                # reusable), never all of it (a receiver answering with endless garbage costs no memory).
-                read = 0
-                async for chunk in response.aiter_raw():
-                    read += len(chunk)
-                    if read >= MAX_ANSWER_BYTES:
-                        break
-        except (httpx.HTTPError, OSError, TimeoutError) as exc:
+            # The answer's body means nothing to us: the client reads a little of it (so a small one keeps
+            # the connection reusable), never all of it (endless garbage costs no memory).
+            async with asyncio.timeout(self.settings.timeout):
+                answer = await client.post(job.url, job.body, headers)
+            status = answer.status
+            retry_after = answer.headers.get("retry-after")
+        except (HttpProtocolError, OSError, TimeoutError, ValueError) as exc:
             error = describe(exc)
         elapsed = loop.time() - started
         # the backoff grows with this row's attempts or the endpoint's failures in a row, whichever is more
