@@ -184,10 +184,11 @@ class HostMaintenance:
             except KubeError as exc:
                 drain.error = f"cannot taint it: {exc}"
             else:
-                stayed = f"; {_plural(drain.stayed, 'DaemonSet or mirror pod')} stay" if drain.stayed else ""
+                stayed = (f" ({_plural(drain.stayed, 'DaemonSet, mirror or finished pod')} left in place)"
+                          if drain.stayed else "")
                 return Result(True, f"node {name} cordoned, {_plural(drain.evicted, 'pod')} evicted{stayed}, "
                                     f"tainted {self.taint}", "done")
-        why = drain.error or (f"drain timed out after {budget:g} s with {_plural(len(drain.left), 'pod')} left: "
+        why = drain.error or (f"drain timed out after {budget:.3g} s with {_plural(len(drain.left), 'pod')} left: "
                               + "; ".join(f"{ref}: {reason}" for ref, reason in drain.left.items())
                               + (f"; last API error: {drain.api_error}" if drain.api_error else ""))
         if already_locked:
@@ -243,9 +244,11 @@ class HostMaintenance:
             refused.pop(pod.ref, None)
             drain.left[pod.ref] = "evicted, terminating"
         elif eviction.outcome == "refused":
+            if pod.ref not in refused:
+                log.info("eviction refused; will ask again until the drain times out", pod=pod.ref,
+                         detail=eviction.detail)
             refused[pod.ref] = f"eviction refused: {eviction.detail}"
             drain.left[pod.ref] = refused[pod.ref]
-            log.info("eviction refused; will ask again", pod=pod.ref, detail=eviction.detail)
         else:
             drain.left.pop(pod.ref, None)
 
