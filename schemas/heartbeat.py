@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.envelope import EntityEvent, Role
-from schemas.inventory import Hostname, Network
+from schemas.inventory import Hostname, IpAddress, Network
 from schemas.registry import REGISTRY, Registry
 
 OWNER = "heartbeat"
@@ -58,11 +58,43 @@ class SwactResult(_Model):
     detail: str = Field(default="", max_length=1024)
 
 
+class AgentHeartbeatConfig(_Model):
+    """What a host's agent needs to answer heartbeats: sent by the heartbeat service to the agent's own
+    subject (``roost.cmd.agent.<agent>.heartbeat``) when the host starts being monitored, when any of this
+    changes, and again while the monitors hear nothing from it.  No key material: the agent has the master
+    key from its enrolment; ``key_fingerprint`` is the key the monitors sign with, so an agent holding
+    another one refuses, saying so, instead of answering with datagrams every monitor drops."""
+
+    hostname: Hostname
+    node_id: int = Field(ge=1, le=0xFFFF_FFFF, description="the host's heartbeat node id (inventory's node_id)")
+    cluster_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    key_fingerprint: str = Field(pattern=r"^[0-9a-f]{8}$")
+    addresses: dict[Network, IpAddress] = Field(min_length=1, description="bind here, one socket per network")
+    port: int = Field(default=2223, ge=1, le=65535)
+    period_seconds: float = Field(default=0.1, gt=0, le=10)
+    require_auth: dict[Network, bool] = Field(default_factory=dict, description="missing: required")
+
+
+class HeartbeatStatusQuery(_Model):
+    """``roost heartbeat status`` / ``roost keys status``: the monitor, its keys and every monitored host's paths
+    (the reply's result is the status document of ``services.heartbeat.service.HeartbeatService.status``)."""
+
+
+class AgentHeartbeatApplied(_Model):
+    paths: list[Network]
+    key_fingerprint: str
+
+
 def register(registry: Registry) -> None:
     registry.event("roost.heartbeat.host_health", OWNER, HostHealth, "A host's heartbeat health changed")
     registry.event("roost.heartbeat.active_controller", OWNER, ActiveController, "Which controller is active")
     registry.command("roost.cmd.heartbeat.swact", OWNER, Swact, "Move the active controller role",
                      min_role=Role.ADMIN, result_model=SwactResult)
+    registry.command("roost.cmd.heartbeat.status", OWNER, HeartbeatStatusQuery,
+                     "The heartbeat monitor, its keys and every monitored host's paths", min_role=Role.READER)
+    registry.command("roost.cmd.agent.heartbeat", "agent", AgentHeartbeatConfig,
+                     "Answer heartbeats on these addresses as this node (sent to roost.cmd.agent.<agent>.heartbeat)",
+                     min_role=Role.ADMIN, result_model=AgentHeartbeatApplied)
 
 
 register(REGISTRY)

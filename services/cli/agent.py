@@ -64,6 +64,7 @@ from services.core.brokerauth_apply import (
 from services.core.files import write_private
 from services.core.logging import register_secret
 from services.core.secrets import SecretStore, SecretStoreError, generate_password
+from services.heartbeat.keystore import ClusterKeys, KeyStoreError, ensure_cluster_keys, load_cluster_keys
 
 AGENTS_FILE = "agents.json"
 AGENTS_LOCK = ".agents.lock"
@@ -306,11 +307,14 @@ def default_credentials_path(data_dir: Path, name: str) -> Path:
     return data_dir / CREDENTIALS_DIR / f"{name}.credentials.json"
 
 
-def write_credentials(path: Path, name: str, password: SecretStr, bus_url: str | None) -> None:
+def write_credentials(path: Path, name: str, password: SecretStr, bus_url: str | None,
+                      heartbeat: ClusterKeys | None = None) -> None:
     user = agent_user(name)
     secret = password.get_secret_value()
     body: dict[str, Any] = {"agent": name, "user": user, "password": secret,
                             "bus_url": _with_credentials(bus_url, user, secret) if bus_url else None}
+    if heartbeat is not None:
+        body["heartbeat"] = heartbeat.credentials()
     write_private(path, json.dumps(body, indent=2) + "\n")
 
 
@@ -319,6 +323,7 @@ class AgentCredentials:
     name: str
     password: SecretStr
     bus_url: str | None              # without credentials
+    heartbeat: ClusterKeys | None = None
 
 
 def read_credentials(path: Path) -> AgentCredentials:
@@ -339,8 +344,14 @@ def read_credentials(path: Path) -> AgentCredentials:
     if not isinstance(password, str) or not password:
         raise CliError(f"{path} holds no password", code=2)
     register_secret(password)
+    keys = None
+    if isinstance(raw.get("heartbeat"), dict):
+        try:
+            keys = ClusterKeys.from_credentials(raw["heartbeat"], where=str(path))
+        except KeyStoreError as exc:
+            raise CliError(str(exc), code=2) from None
     return AgentCredentials(raw["agent"], SecretStr(password),
-                            _without_credentials(url) if isinstance(url, str) and url else None)
+                            _without_credentials(url) if isinstance(url, str) and url else None, keys)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -403,7 +414,11 @@ async def _enroll(obj: Context, name: str, rotate: bool, output: Path | None, ag
     path = output or default_credentials_path(data_dir, name)
     if output is None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    write_credentials(path, name, password, agent_bus_url or target.bus_url)
+    try:
+        keys, _ = ensure_cluster_keys(secrets)
+    except (SecretStoreError, KeyStoreError) as exc:
+        raise CliError(f"the heartbeat keys: {exc}") from None
+    write_credentials(path, name, password, agent_bus_url or target.bus_url, keys)
     state = "already enrolled" if again else "enrolled"
     if rotate:
         state += ", new password"
@@ -480,19 +495,24 @@ def agent_list(obj: Context, as_json: bool) -> None:
 @click.option("--include-virtual-ports", is_flag=True, help="Also report virtual network interfaces.")
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CA certificate to verify a TLS broker with.")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the agent keeps its state: the heartbeat boot counter and config "
+                   "(default: DATA_DIR/agents/NAME).")
+@click.option("--no-heartbeat", is_flag=True, help="Do not answer heartbeats (hello and hardware only).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @pass_ctx
 def agent_run(obj: Context, name: str, credentials: Path | None, run_bus_url: str | None, interval: float,
               inventory_every: int, root: Path, include_virtual_ports: bool, ca_file: Path | None,
-              log_level: str) -> None:
-    """Run the host agent NAME until SIGTERM / Ctrl-C: hello every --interval, hardware when it changes."""
+              state_dir: Path | None, no_heartbeat: bool, log_level: str) -> None:
+    """Run the host agent NAME until SIGTERM / Ctrl-C: hello every --interval, hardware when it changes, and
+    answer heartbeats as the heartbeat service tells it."""
     from services.core.logging import configure_logging
 
     fmt = os.environ.get("ROOST_LOG_FORMAT", "auto")
     configure_logging(fmt if fmt in ("json", "console") else "auto", log_level)  # type: ignore[arg-type]
     run(_run(obj, name, credentials, run_bus_url, interval, inventory_every, root, include_virtual_ports,
-             ca_file))
+             ca_file, state_dir or obj.data_dir / "agents" / name, not no_heartbeat))
 
 
 def _local_login(data_dir: Path, name: str, user: str) -> tuple[SecretStr, str | None]:
@@ -508,18 +528,37 @@ def _local_login(data_dir: Path, name: str, user: str) -> tuple[SecretStr, str |
     return password, url
 
 
+def _local_keys(data_dir: Path) -> ClusterKeys | None:
+    try:
+        return load_cluster_keys(SecretStore.in_data_dir(data_dir))
+    except KeyStoreError:
+        return None
+    except SecretStoreError as exc:
+        raise CliError(f"cannot read the heartbeat keys: {exc}", code=2) from None
+
+
 async def _run(obj: Context, name: str, credentials: Path | None, run_bus_url: str | None, interval: float,
-               inventory_every: int, root: Path, include_virtual_ports: bool, ca_file: Path | None) -> None:
-    from services.inventory.agent.agent import HostAgent
+               inventory_every: int, root: Path, include_virtual_ports: bool, ca_file: Path | None,
+               state_dir: Path, heartbeat: bool) -> None:
+    from services.heartbeat.agent import HeartbeatAgentComponent
+    from services.inventory.agent.agent import AgentComponent, HostAgent
 
     user = check_name(name)
     if credentials is not None:
         creds = read_credentials(credentials)
         if creds.name != name:
             raise CliError(f"{credentials} holds the credentials of agent {creds.name}, not {name}", code=2)
-        password, url = creds.password, creds.bus_url
+        password, url, keys = creds.password, creds.bus_url, creds.heartbeat
     else:
         password, url = _local_login(obj.data_dir, name, user)
+        keys = _local_keys(obj.data_dir)
+    components: list[AgentComponent] = []
+    if heartbeat and keys is None:
+        click.echo(f"roost: no heartbeat keys for agent {name} (enrolled before the heartbeat existed?): "
+                   "running without heartbeats; re-enrol it to answer them", err=True)
+    elif heartbeat and keys is not None:
+        await asyncio.to_thread(state_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+        components.append(HeartbeatAgentComponent(keys, state_dir))
     url = run_bus_url or url or obj._bus_url
     if not url:
         raise CliError("no bus URL: pass --bus-url, or enroll with --agent-bus-url, or start `roost up`", code=2)
@@ -527,7 +566,7 @@ async def _run(obj: Context, name: str, credentials: Path | None, run_bus_url: s
     try:
         host_agent = HostAgent(name, _without_credentials(url), password=password, interval=interval, root=root,
                                inventory_every=inventory_every, include_virtual_ports=include_virtual_ports,
-                               ssl_context=context)
+                               ssl_context=context, components=components)
     except ValueError as exc:
         raise CliError(str(exc), code=2) from None
     await host_agent.run_until_signalled()

@@ -265,6 +265,7 @@ def token_revoke(obj: Context, name: str) -> None:
 def main() -> None:
     import services.cli.alarms  # noqa: F401 - registers `roost alarm` and `roost event`
     from services.cli import agent as _agent  # noqa: F401 - registers `roost agent`
+    from services.cli import heartbeat as _heartbeat  # noqa: F401 - registers `roost heartbeat` and `roost keys`
     from services.cli import hosts as _hosts  # noqa: F401 - registers `roost host`
 
     cli(prog_name="roost")

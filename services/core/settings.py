@@ -145,6 +145,28 @@ class ServiceCredentials(BaseModel):
     database_key_file: Path | None = None
 
 
+HeartbeatNetwork = Literal["mgmt", "cluster-host", "oam"]
+
+
+class HeartbeatSettings(BaseModel):
+    """The heartbeat monitor on this controller (``services.heartbeat.service``).
+
+    ``addresses``: this controller's own address on each heartbeat network, where the monitor binds (as
+    inventory records the controller); none: the service runs but monitors nothing, and says so.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    controller: str = Field(default="controller-0", pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                            description="the controller this monitor runs on")
+    addresses: dict[HeartbeatNetwork, str] = Field(default_factory=dict)
+    port: int = Field(default=2224, ge=0, le=65535, description="the monitor's UDP port on every network")
+    agent_port: int = Field(default=2223, ge=1, le=65535, description="the agents' UDP port")
+    period: float = Field(default=0.1, ge=0.01, le=10.0, description="seconds between heartbeat requests")
+    require_auth: dict[HeartbeatNetwork, bool] = Field(
+        default_factory=dict, description="per network; missing: authentication required")
+
+
 def default_data_dir() -> Path:
     return platformdirs.user_data_path("roost")
 
@@ -187,6 +209,7 @@ class RoostSettings(BaseSettings):
         default=None, gt=0, description="the alarm event log is kept this long (unset: the alarms service's 30)")
     inbox_retention_days: float = Field(default=14.0, gt=0,
                                         description="inbox entries (the duplicate filter) are kept this long")
+    heartbeat: HeartbeatSettings = Field(default_factory=HeartbeatSettings)
 
     @field_validator("bus_url", "database_url", mode="before")
     @classmethod

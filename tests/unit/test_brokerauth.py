@@ -149,7 +149,7 @@ def test_an_agent_consumes_only_its_own_commands(h1: str, h2: str, tail: str) ->
 def test_agent_replies_only_to_those_who_may_command_it() -> None:
     policy = roost_policy(["h1"])
     me = policy.get("agent-h1")
-    assert {p.name for p in policy.senders_to(me)} == {"core", "inventory", "orchestrator", "roost-cli"}
+    assert {p.name for p in policy.senders_to(me)} == {"core", "inventory", "heartbeat", "orchestrator", "roost-cli"}
     nats = {p.user: p for p in nats_permissions(policy)}["agent-h1"]
     assert nats_allows(nats.publish, "_INBOX.roost-cli.abc.1")
     assert not nats_allows(nats.publish, "_INBOX.alarms.abc.1")

@@ -19,6 +19,12 @@ tick.  ``stop()`` (or SIGTERM / SIGINT with ``run_until_signalled``) ends the lo
 Extension points for the heartbeat and orchestrator issues: ``components`` (``AgentComponent``: started
 once connected, stopped before the connection closes; they get the agent, so its ``bus``, ``name``,
 ``subject()`` and last ``machine``), and ``tick()`` is one step of the loop.
+
+Commands to the agent: a component registers a handler for a command type with :meth:`HostAgent.handle`
+during its ``start``; once the components are started the agent serves ``roost.cmd.agent.<name>.>`` (one
+consumer, its group is its broker user) and hands each command to the handler of its type.  The agent has
+no access to the API tokens, so it does not check the sender's token (:class:`BrokerPolicyAuthenticator`):
+the broker policy is what lets only roost's services and its operators publish on those subjects.
 """
 
 from __future__ import annotations
@@ -40,17 +46,19 @@ from urllib.parse import unquote, urlsplit
 import structlog
 from pydantic import SecretStr
 
+from schemas.envelope import Principal, Role
 from schemas.inventory import AgentHello, AgentInventory, Hardware
 from services.core.brokerauth import agent_user
 from services.core.bus.abc import BusError, NotConnected, Transport
-from services.core.bus.bus import Bus
+from services.core.bus.bus import Bus, CommandHandler, Message, Reject
+from services.core.bus.bus import CommandResult as _CommandResult
 from services.core.bus.factory import transport_from_url
 from services.core.logging import register_secret
 from services.core.runner import roost_version
 from services.core.settings import mask_url, url_with_credentials
 from services.inventory.agent.discovery import Machine, discover
 
-__all__ = ["AgentComponent", "HostAgent", "TickReport", "hardware_fingerprint"]
+__all__ = ["AgentComponent", "BrokerPolicyAuthenticator", "HostAgent", "TickReport", "hardware_fingerprint"]
 
 log = structlog.get_logger("roost.agent")
 
@@ -68,6 +76,16 @@ class AgentComponent(Protocol):
 
     async def stop(self) -> None:
         """Stop; called once, also when ``start`` failed half-way."""
+
+
+class BrokerPolicyAuthenticator:
+    """The agent's side of command authentication: whoever the broker let publish on the agent's command
+    subjects (``services.core.brokerauth``: roost's services and its operators) is trusted as a service."""
+
+    PRINCIPAL = Principal(name="roost-bus", role=Role.ADMIN, kind="service")
+
+    async def authenticate(self, token: str) -> Principal | None:
+        return self.PRINCIPAL if token else None
 
 
 def hardware_fingerprint(hardware: Hardware) -> str:
@@ -117,7 +135,9 @@ class HostAgent:
         self._url = self._login_url(bus_url, password)
         if transport is None:
             transport = transport_from_url(self._url, ssl_context=ssl_context)
-        self.bus = Bus(transport, source=f"roost/agent/{name}", publish_timeout=publish_timeout)
+        self.bus = Bus(transport, source=f"roost/agent/{name}", publish_timeout=publish_timeout,
+                       authenticator=BrokerPolicyAuthenticator())
+        self._handlers: dict[str, CommandHandler] = {}
         self.machine: Machine | None = None             # the last look at the machine
         self.hellos_sent = 0
         self.inventories_sent = 0
@@ -170,6 +190,8 @@ class HostAgent:
             for component in self.components:
                 self._started.append(component)
                 await component.start(self)
+            if self._handlers:
+                await self.bus.serve(f"roost.cmd.agent.{self.name}.>", self.user, self._command)
             while not self._stop.is_set():
                 started = time.monotonic()
                 await self._tick_or_stop()
@@ -242,6 +264,20 @@ class HostAgent:
         self._started.clear()
         with contextlib.suppress(Exception):
             await self.bus.close()
+
+    # -- commands -------------------------------------------------------------------------------
+
+    def handle(self, command_type: str, handler: CommandHandler) -> None:
+        """Hand commands of ``command_type`` sent to this agent to ``handler`` (call it from ``start``)."""
+        if command_type in self._handlers:
+            raise ValueError(f"{command_type} already has a handler on agent {self.name}")
+        self._handlers[command_type] = handler
+
+    async def _command(self, message: Message) -> _CommandResult:
+        handler = self._handlers.get(message.envelope.type)
+        if handler is None:
+            raise Reject(f"agent {self.name} does not handle {message.envelope.type}")
+        return await handler(message)
 
     # -- one step -----------------------------------------------------------------------------
 

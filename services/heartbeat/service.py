@@ -1,0 +1,391 @@
+"""The heartbeat service on a controller: the monitor, fed with inventory's hosts, announcing on the bus.
+
+Start (``HeartbeatService.start``):
+
+1. the cluster keys from the secret store (created on the first start, ``keystore``);
+2. a ``roost.fault.reassert`` of nothing: alarms an earlier instance raised (a path down, an auth burst)
+   are cleared, and raised again by this one if they still stand;
+3. the monitor binds this controller's address on each configured network (``settings.heartbeat``); with
+   none configured the service runs, monitors nothing, and says so in its log and its status;
+4. the hosts: ``roost.host.*`` events (group ``heartbeat``) and a ``roost.cmd.host.list`` to inventory
+   (asked again until it answers), merged by version in a ``HostBook``; every change adds, moves or
+   removes a host in the monitor;
+5. the agents: each monitored host's agent is told, with ``roost.cmd.agent.heartbeat`` on its own subject,
+   its node id, addresses, port and period and the fingerprint of the key (``AgentConfigs``); again
+   whenever that changes, and while the monitor hears nothing from the host, every ``config_resend``.
+
+Out, through the outbox, in the order the monitor decided: ``roost.heartbeat.host_health`` (inventory
+turns it into availability and raises 950.002 for a failed host) and ``roost.fault.set|clear`` for the
+alarms the monitor raises (950.003 network lost, 950.006 authentication failures, 950.009 multi-node
+failure).  The monitor's callbacks are synchronous: they queue, and one writer commits each batch.
+
+Not here yet: the controller pair over the network (``pair`` is built and simulated, not wired), fencing
+through the BMC, swact (``roost.cmd.heartbeat.swact`` is not served: inventory's swact says nobody
+handles it), and key rotation across agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path as FsPath
+from typing import Any
+
+import asyncpg
+import structlog
+from fastapi import APIRouter
+
+from schemas import inventory as inv
+from schemas.heartbeat import AgentHeartbeatConfig
+from services.core.bus.abc import RequestTimeout
+from services.core.bus.bus import Message, Reject, is_unhandled
+from services.core.host import ServiceContext
+from services.core.secrets import SecretStore
+from services.core.settings import HeartbeatSettings
+from services.heartbeat import metrics
+from services.heartbeat.hostbook import Change, HostBook, Target
+from services.heartbeat.keystore import ClusterKeys, ensure_cluster_keys
+from services.heartbeat.model import AlarmIntent, NodeId, Path
+from services.heartbeat.monitor import HealthChange, HeartbeatMonitor
+from services.heartbeat.paths import PathPolicy, PathState
+from services.heartbeat.transport import PathSpec
+from services.heartbeat.verdict import VerdictPolicy
+
+__all__ = ["HeartbeatService", "monitor_node_id"]
+
+log = structlog.get_logger("roost.heartbeat")
+
+NAME = "heartbeat"
+GROUP = "heartbeat"
+HOST_EVENTS = "roost.host.>"
+COMMANDS = "roost.cmd.heartbeat.>"
+AGENT_CONFIG = "roost.cmd.agent.heartbeat"
+
+
+def monitor_node_id(controller: str) -> NodeId:
+    """The monitor's node id on ``controller``: above every host's (inventory numbers hosts from 1), and
+    distinct from the host's own, since the controller's agent answers as the host."""
+    return 0xF000_0000 | (zlib.crc32(f"monitor/{controller}".encode()) & 0x0FFF_FFFF)
+
+
+@dataclass(slots=True)
+class _AgentState:
+    """What the agent of one monitored host was told, and when."""
+
+    config: AgentHeartbeatConfig | None = None
+    acked: AgentHeartbeatConfig | None = None
+    sent_at: float = 0.0
+    refused: str = ""
+
+
+class HeartbeatService:
+    """The ``heartbeat`` component."""
+
+    name = NAME
+    migrations: FsPath | None = None
+
+    def __init__(self, *, config: HeartbeatSettings | None = None, secrets: SecretStore | None = None,
+                 path_policy: PathPolicy | None = None, verdict_policy: VerdictPolicy | None = None,
+                 list_retry: float = 2.0, config_resend: float = 30.0, config_retry: float = 2.0,
+                 request_timeout: float = 5.0) -> None:
+        self.config = config
+        self.secrets = secrets
+        self.path_policy = path_policy
+        self.verdict_policy = verdict_policy
+        self.list_retry = list_retry
+        self.config_resend = config_resend
+        self.config_retry = config_retry
+        self.request_timeout = request_timeout
+        self.monitor: HeartbeatMonitor | None = None
+        self.book: HostBook | None = None
+        self.keys: ClusterKeys | None = None
+        self.listed = asyncio.Event()        # inventory's list has been merged
+        self._ctx: ServiceContext | None = None
+        self._settings = HeartbeatSettings()
+        self._out: asyncio.Queue[HealthChange | AlarmIntent] = asyncio.Queue()
+        self._agents: dict[str, _AgentState] = {}
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unregister_metrics: Any = None
+        self._router: APIRouter | None = None
+
+    @property
+    def ctx(self) -> ServiceContext:
+        if self._ctx is None:
+            raise RuntimeError("the heartbeat service has not started")
+        return self._ctx
+
+    @property
+    def settings(self) -> HeartbeatSettings:
+        return self._settings
+
+    # -- life cycle -------------------------------------------------------------------------------------
+
+    async def start(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        cfg = self._settings = self.config or ctx.settings.heartbeat
+        store = self.secrets or SecretStore.in_data_dir(ctx.settings.data_dir)
+        keys, created = await asyncio.to_thread(ensure_cluster_keys, store)
+        self.keys = keys
+        if created:
+            log.info("heartbeat keys created", fingerprint=keys.fingerprint)
+        networks = {Path.of(net): addr for net, addr in cfg.addresses.items()}
+        self.book = HostBook(own_hostname=cfg.controller, networks=networks)
+        state_dir = ctx.settings.data_dir / "heartbeat" / cfg.controller
+        state_dir.mkdir(parents=True, exist_ok=True)
+        self.monitor = HeartbeatMonitor(
+            node_id=monitor_node_id(cfg.controller), cluster_id=keys.cluster_id, master_key=keys.master,
+            paths=[PathSpec(p, a, cfg.port, cfg.require_auth.get(p.network, True)) for p, a in networks.items()],
+            state_dir=state_dir, hostname=cfg.controller, period=cfg.period, path_policy=self.path_policy,
+            verdict_policy=self.verdict_policy, on_health=self._out.put_nowait, on_alarm=self._out.put_nowait)
+        await self._reassert()
+        if networks:
+            await self.monitor.start()
+        else:
+            log.warning("heartbeat: no heartbeat network is configured for this controller "
+                        "(heartbeat.addresses): monitoring nothing", controller=cfg.controller)
+        self._unregister_metrics = metrics.register(self)
+        self._tasks = [asyncio.create_task(self._write_loop(), name="heartbeat-writer"),
+                       asyncio.create_task(self._list_hosts(), name="heartbeat-host-list"),
+                       asyncio.create_task(self._agent_loop(), name="heartbeat-agent-configs")]
+        await ctx.bus.subscribe(HOST_EVENTS, GROUP, self.on_host_event)
+        await ctx.bus.serve(COMMANDS, GROUP, self.command)
+
+    async def stop(self) -> None:
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.monitor is not None:
+            await self.monitor.stop()
+        with contextlib.suppress(Exception):
+            await self._flush()
+        if self._unregister_metrics is not None:
+            self._unregister_metrics()
+            self._unregister_metrics = None
+
+    def routers(self) -> Sequence[APIRouter]:
+        if self._router is None:
+            from services.heartbeat.api import build_router
+            self._router = build_router(self)
+        return [self._router]
+
+    # -- commands ---------------------------------------------------------------------------------------
+
+    async def command(self, message: Message) -> dict[str, Any]:
+        if message.envelope.type == "roost.cmd.heartbeat.status":
+            return self.status()
+        if message.envelope.type == "roost.cmd.heartbeat.swact":
+            raise Reject("swact is not carried out yet: this heartbeat service does not run the controller pair "
+                         "(services.heartbeat.pair is not wired to the network)")
+        raise Reject(f"the heartbeat service does not handle {message.envelope.type}")
+
+    # -- the hosts ----------------------------------------------------------------------------------------
+
+    async def on_host_event(self, message: Message) -> None:
+        data = message.data
+        if isinstance(data, inv.HostEvent):
+            self._changed(self._book.apply(data.host))
+        elif isinstance(data, inv.HostDeleted):
+            self._changed(self._book.delete(data.entity_id, data.version))
+
+    @property
+    def _book(self) -> HostBook:
+        if self.book is None:
+            raise RuntimeError("the heartbeat service has not started")
+        return self.book
+
+    async def _list_hosts(self) -> None:
+        """Inventory's hosts, asked until it answers (it may start after us)."""
+        while True:
+            try:
+                bus = self.ctx.bus
+                reply = await bus.request(bus.envelope("roost.cmd.host.list", inv.HostList(limit=10_000)),
+                                          timeout=self.request_timeout)
+            except (RequestTimeout, TimeoutError) as exc:
+                log.info("heartbeat: inventory did not answer the host list; asking again", error=str(exc))
+            else:
+                if reply.ok:
+                    for host in inv.HostListResult.model_validate(reply.result).items:
+                        self._changed(self._book.apply(host))
+                    self.listed.set()
+                    log.info("heartbeat: hosts listed", hosts=len(self._book.targets))
+                    return
+                log.info("heartbeat: the host list was refused; asking again", reason=reply.reason)
+            await asyncio.sleep(self.list_retry)
+
+    def _changed(self, change: Change | None) -> None:
+        if change is None or self.monitor is None:
+            return
+        before, after = change.before, change.after
+        if before is not None and (after is None or before.hostname != after.hostname):
+            self.monitor.remove_host(before.hostname)
+            self._agents.pop(change.uuid, None)
+        if after is not None:
+            try:
+                self.monitor.add_host(after.hostname, after.node_id, after.addresses, entity_id=after.uuid,
+                                      port=self._settings.agent_port)
+            except ValueError as exc:
+                log.error("heartbeat: cannot monitor host", host=after.hostname, error=str(exc))
+                return
+            self._agents.setdefault(change.uuid, _AgentState()).config = self._agent_config(after)
+            self._wake.set()
+
+    # -- the agents ---------------------------------------------------------------------------------------
+
+    def _agent_config(self, target: Target) -> AgentHeartbeatConfig | None:
+        keys = self.keys
+        if target.agent is None or keys is None:
+            return None
+        cfg = self._settings
+        return AgentHeartbeatConfig.model_validate({
+            "hostname": target.hostname, "node_id": target.node_id, "cluster_id": keys.cluster_id.hex(),
+            "key_fingerprint": keys.fingerprint, "addresses": {p.network: a for p, a in target.addresses.items()},
+            "port": cfg.agent_port, "period_seconds": cfg.period,
+            "require_auth": {p.network: cfg.require_auth.get(p.network, True) for p in target.addresses}})
+
+    def _heard(self, hostname: str) -> bool:
+        monitor = self.monitor
+        host = monitor.hosts.get(hostname) if monitor is not None else None
+        return host is not None and any(h.state is PathState.UP for h in host.health.values())
+
+    def _due(self, uuid: str, state: _AgentState, now: float) -> bool:
+        if state.config is None:
+            return False
+        if state.acked != state.config:
+            return now - state.sent_at >= (self.config_resend if state.refused else self.config_retry)
+        target = self._book.targets.get(uuid)
+        return target is not None and not self._heard(target.hostname) and now - state.sent_at >= self.config_resend
+
+    async def _agent_loop(self) -> None:
+        while True:
+            now = time.monotonic()
+            due = [(uuid, s) for uuid, s in list(self._agents.items()) if self._due(uuid, s, now)]
+            if due:
+                await asyncio.gather(*(self._send_config(uuid, s) for uuid, s in due))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=min(self.config_retry, 1.0))
+
+    async def _send_config(self, uuid: str, state: _AgentState) -> None:
+        config, target = state.config, self._book.targets.get(uuid)
+        if config is None or target is None or target.agent is None:
+            return
+        state.sent_at = time.monotonic()
+        bus = self.ctx.bus
+        try:
+            reply = await bus.request(bus.envelope(AGENT_CONFIG, config, subject=f"host/{target.hostname}"),
+                                      subject=f"roost.cmd.agent.{target.agent}.heartbeat", timeout=self.request_timeout)
+        except (RequestTimeout, TimeoutError):
+            log.info("heartbeat: the agent did not answer its config", host=target.hostname, agent=target.agent)
+            return
+        if reply.ok:
+            state.acked, state.refused = config, ""
+            log.info("heartbeat: agent configured", host=target.hostname, agent=target.agent)
+        elif is_unhandled(reply):
+            log.debug("heartbeat: the agent is not listening", host=target.hostname, agent=target.agent)
+        else:
+            if reply.reason != state.refused:
+                log.warning("heartbeat: the agent refused its config", host=target.hostname, agent=target.agent,
+                            reason=reply.reason)
+            state.refused = reply.reason or "refused"
+
+    # -- out ------------------------------------------------------------------------------------------------
+
+    async def _reassert(self) -> None:
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            await self.ctx.outbox.add(conn, self.ctx.bus.envelope("roost.fault.reassert", {"alarms": []}))
+
+    async def _write_loop(self) -> None:
+        while True:
+            first = await self._out.get()
+            batch = [first]
+            while not self._out.empty() and len(batch) < 256:
+                batch.append(self._out.get_nowait())
+            while True:
+                try:
+                    await self._write(batch)
+                    break
+                except (OSError, asyncpg.PostgresError) as exc:
+                    log.warning("heartbeat: cannot write to the outbox; retrying", error=str(exc))
+                    await asyncio.sleep(1.0)
+
+    async def _flush(self) -> None:
+        batch = []
+        while not self._out.empty():
+            batch.append(self._out.get_nowait())
+        if batch:
+            await self._write(batch)
+
+    async def _write(self, batch: list[HealthChange | AlarmIntent]) -> None:
+        bus, outbox = self.ctx.bus, self.ctx.outbox
+        async with self.ctx.pool.acquire() as conn, conn.transaction():
+            for item in batch:
+                if isinstance(item, HealthChange):
+                    if item.entity_id is None:
+                        continue
+                    if item.verdict.state == "failed":
+                        metrics.DETECTION.observe(item.silent_for)
+                    await outbox.add(conn, bus.envelope("roost.heartbeat.host_health", item.event(),
+                                                        subject=f"host/{item.verdict.hostname}"))
+                elif item.raise_:
+                    await outbox.add(conn, bus.envelope("roost.fault.set", {
+                        "alarm_id": item.alarm_id, "entity_instance_id": item.entity_instance_id,
+                        "severity": item.severity, "reason_text": item.reason[:255]}))
+                else:
+                    await outbox.add(conn, bus.envelope("roost.fault.clear", {
+                        "alarm_id": item.alarm_id, "entity_instance_id": item.entity_instance_id}))
+
+    # -- status -----------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """What ``GET /v1/heartbeat/status`` and ``roost heartbeat status`` show."""
+        monitor, cfg = self.monitor, self._settings
+        hosts: list[dict[str, Any]] = []
+        if monitor is not None:
+            now = monitor.now() if monitor.node is not None else 0.0
+            for hostname, paths in sorted(monitor.status().items()):
+                verdict = monitor.current(hostname)
+                host = monitor.hosts[hostname]
+                agent = self._agents.get(host.entity_id or "")
+                hosts.append({
+                    "hostname": hostname, "uuid": host.entity_id, "node_id": host.node_id,
+                    "state": verdict.state if verdict is not None else "unknown",
+                    "agent_configured": bool(agent and agent.acked is not None and agent.acked == agent.config),
+                    "agent_refused": agent.refused if agent else "",
+                    "paths": {p.network: {"state": s.state.value, "address": host.addresses[p][0],
+                                          "for_seconds": round(max(0.0, now - s.since), 3),
+                                          "last_heard_seconds_ago": None if s.last_heard is None
+                                          else round(max(0.0, now - s.last_heard), 3),
+                                          "rtt_ms": None if s.rtt is None else round(s.rtt * 1000, 3)}
+                              for p, s in sorted(paths.items())}})
+        drops = monitor.drop_counts() if monitor is not None else {}
+        return {
+            "controller": cfg.controller,
+            "node_id": monitor.node_id if monitor is not None else None,
+            "networks": {net: f"{addr}:{cfg.port}" for net, addr in sorted(cfg.addresses.items())},
+            "period_seconds": cfg.period,
+            "key_fingerprint": self.keys.fingerprint if self.keys is not None else None,
+            "hosts_listed": self.listed.is_set(),
+            "hosts": hosts,
+            "rejected": {f"{p.network}/{r.value}": n for (p, r), n in sorted(drops.items(), key=lambda x: str(x))},
+            "keys": self._key_status(),
+        }
+
+    def _key_status(self) -> list[dict[str, Any]]:
+        monitor = self.monitor
+        if monitor is None:
+            return []
+        names = {h.node_id: h.hostname for h in monitor.hosts.values()}
+
+        def hosts(ids: frozenset[NodeId]) -> list[str]:
+            return sorted(names.get(i, f"node-{i}") for i in ids)
+
+        return [{"fingerprint": f"{k.key_id:08x}", "generation": k.generation, "state": k.state.value,
+                 "held_by": hosts(k.holders), "missing_at": hosts(k.missing)} for k in monitor.keyring.status().keys]

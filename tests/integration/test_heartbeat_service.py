@@ -1,0 +1,296 @@
+"""The heartbeat service as `roost up` runs it, with inventory, on the policy-enforcing NATS of `roost up`
+(every service and the agent log in as their own broker users) and a fresh PostgreSQL database:
+
+* an agent enrolled with `roost agent enroll` (its credentials file carries the heartbeat keys), run as a
+  real `roost agent run` process on a simulated host tree, learns from the heartbeat service which node
+  id and addresses to answer on; killed, its host is declared failed (inventory's availability, the
+  heartbeat service's event); started again, it answers at once from its saved config and the host
+  recovers;
+* an agent in this process with a drop filter on one path: the host is degraded with 950.003 naming
+  that network, and the alarm clears when the path heals;
+* an agent holding another key refuses the config, and `roost heartbeat status` says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+
+from schemas.envelope import Role
+from services.cli.agent import local_policy, read_credentials
+from services.core.auth import create_token
+from services.core.brokerauth_apply import apply_nats, broker_password_secret, ensure_broker_passwords
+from services.core.bus.bus import Bus
+from services.core.bus.factory import transport_from_url
+from services.core.embedded.nats_server import NatsServer
+from services.core.host import Connections, ServiceHost
+from services.core.secrets import SecretStore
+from services.core.settings import HeartbeatSettings, load_settings, url_with_credentials
+from services.heartbeat.agent import HeartbeatAgentComponent
+from services.heartbeat.keys import MasterKey
+from services.heartbeat.keystore import ClusterKeys
+from services.heartbeat.model import Path as HbPath
+from services.heartbeat.service import HeartbeatService
+from services.heartbeat.transport import SocketFilter
+from services.inventory.agent.agent import HostAgent
+from services.inventory.agent.simhost import make_simulated_host
+from services.inventory.service import InventoryService
+from tests.support.postgres import fresh_database, pool_on
+from tests.support.waiting import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.nats, pytest.mark.postgres]
+
+ROOST = [sys.executable, "-m", "services.cli"]
+SUFFIX = random.randint(20, 250)          # loopback addresses of this run: 127.0.1.<n>, 127.0.2.<n>
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+    env.update({"ROOST_HTTP_BASE_PORT": "0", "ROOST_LOG_FORMAT": "json"})
+    return env
+
+
+def roost(data: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*ROOST, "--data-dir", str(data), *args], env=clean_env(), capture_output=True, text=True,
+                          timeout=120)
+
+
+@dataclass
+class Cluster:
+    data: Path
+    server: NatsServer
+    secrets: SecretStore
+    pool: asyncpg.Pool
+    operator: Bus
+    heartbeat: HeartbeatService
+    agent_port: int
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    def url_for(self, user: str) -> str:
+        password = self.secrets.get_text(broker_password_secret(user)).get_secret_value()
+        return url_with_credentials(self.server.url, user, password)
+
+    async def ok(self, type: str, data: dict[str, Any]) -> dict[str, Any]:
+        reply = await self.operator.request(self.operator.envelope(type, data), timeout=30)
+        assert reply.ok, reply.reason
+        return reply.result
+
+    async def host(self, name: str) -> dict[str, Any]:
+        return await self.ok("roost.cmd.host.show", {"host": name})
+
+    async def availability(self, name: str) -> str:
+        return str((await self.host(name))["availability"])
+
+    async def status(self) -> dict[str, Any]:
+        return await self.ok("roost.cmd.heartbeat.status", {})
+
+    async def host_status(self, name: str) -> dict[str, Any] | None:
+        return next((h for h in (await self.status())["hosts"] if h["hostname"] == name), None)
+
+    async def outbox(self, type: str) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch("SELECT body FROM heartbeat.outbox ORDER BY id")
+        return [d for d in (json.loads(bytes(r["body"])) for r in rows) if d["type"] == type]
+
+    def agent_process(self, name: str, mac: str) -> subprocess.Popen[bytes]:
+        root = make_simulated_host(self.data / "hosts" / name, name, mac)
+        creds = self.data / "agents" / f"{name}.credentials.json"
+        argv = [*ROOST, "--data-dir", str(self.data), "agent", "run", "--name", name, "--credentials", str(creds),
+                "--bus-url", self.server.url, "--root", str(root), "--interval", "1",
+                "--state-dir", str(self.data / "agent-state" / name)]
+        log = (self.data / f"{name}.log").open("ab")
+        proc = subprocess.Popen(argv, env=clean_env(), stdout=log, stderr=log, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+
+def ip(net: int) -> str:
+    return f"127.0.{net}.{SUFFIX}"
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    for name in ("worker-1", "worker-2"):
+        enrolled = roost(data, "agent", "enroll", name, "--broker", "none")
+        assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+    secrets = SecretStore.in_data_dir(data)
+    policy = local_policy(data)
+    config = apply_nats(policy, ensure_broker_passwords(secrets, policy), data / "nats" / "auth.conf",
+                        server_name="roost")
+    server = NatsServer(data / "nats", server_name="roost", config_file=config, ready_timeout=20.0)
+    await server.start()
+    agent_port = random.randint(30000, 39000)
+    hb_config = HeartbeatSettings(controller="controller-0", addresses={"mgmt": ip(1), "cluster-host": ip(2)},
+                                  port=0, agent_port=agent_port, period=0.1)
+    services: list[ServiceHost] = []
+    try:
+        async with fresh_database() as db_url, pool_on(db_url) as pool:
+            async with pool.acquire() as conn:
+                admin = await create_token(conn, "operator", Role.ADMIN)
+                tokens = {n: await create_token(conn, f"service:{n}", Role.ADMIN, kind="service")
+                          for n in ("inventory", "heartbeat")}
+            settings = load_settings(data_dir=data)
+            heartbeat = HeartbeatService(config=hb_config, list_retry=0.5, config_retry=0.5, config_resend=2.0)
+            inventory = InventoryService(go_enabled_timeout=30.0, lock_timeout=5.0, agent_check_interval=0.5,
+                                         secrets=secrets)
+            for component in (inventory, heartbeat):
+                host = ServiceHost(component, settings, Connections(
+                    url_with_credentials(server.url, component.name,
+                                         secrets.get_text(broker_password_secret(component.name)).get_secret_value()),
+                    db_url), tokens[component.name])
+                await host.start()
+                services.append(host)
+            operator = Bus(transport_from_url(url_with_credentials(
+                server.url, "roost-cli", secrets.get_text(broker_password_secret("roost-cli")).get_secret_value())),
+                source="roost/cli", token=admin)
+            await operator.connect()
+            here = Cluster(data, server, secrets, pool, operator, heartbeat, agent_port)
+            try:
+                yield here
+            finally:
+                for proc in here.procs:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                await operator.close()
+                for host in reversed(services):
+                    await host.stop(asyncio.get_running_loop().time() + 20)
+    finally:
+        await server.stop()
+
+
+async def add_host(cluster: Cluster, name: str, mac: str, n: int) -> None:
+    await cluster.ok("roost.cmd.host.add", {"personality": "worker", "hostname": name, "mgmt_mac": mac,
+                                             "addresses": {"mgmt": f"127.0.1.{n}", "cluster-host": f"127.0.2.{n}"}})
+
+
+async def unlock_when_online(cluster: Cluster, name: str) -> None:
+    await wait_until(lambda: _is(cluster, name, "online"), 30, f"{name} online (its agent's hello)")
+    await cluster.ok("roost.cmd.host.unlock", {"host": name})
+    await wait_until(lambda: _is(cluster, name, "available"), 30, f"{name} available")
+
+
+async def _is(cluster: Cluster, name: str, availability: str) -> bool:
+    return await cluster.availability(name) == availability
+
+
+async def paths_up(cluster: Cluster, name: str, networks: tuple[str, ...] = ("mgmt", "cluster-host")) -> bool:
+    host = await cluster.host_status(name)
+    return host is not None and all(host["paths"].get(n, {}).get("state") == "up" for n in networks)
+
+
+async def test_a_killed_agent_fails_its_host_and_a_restarted_one_recovers_it(cluster: Cluster) -> None:
+    n = SUFFIX + 1
+    await add_host(cluster, "worker-1", "52:54:00:aa:01:01", n)
+    agent = cluster.agent_process("worker-1", "52:54:00:aa:01:01")
+    await unlock_when_online(cluster, "worker-1")
+
+    # The heartbeat service told the agent its node id and addresses; every path answers.
+    await wait_until(lambda: paths_up(cluster, "worker-1"), 30, "worker-1 heard on both networks")
+    status = await cluster.host_status("worker-1")
+    assert status is not None and status["agent_configured"] and status["state"] == "healthy"
+    saved = json.loads((cluster.data / "agent-state" / "worker-1" / "heartbeat-config.json").read_text())
+    assert saved["addresses"] == {"mgmt": f"127.0.1.{n}", "cluster-host": f"127.0.2.{n}"}
+    assert saved["node_id"] == (await cluster.host("worker-1"))["node_id"]
+    creds = read_credentials(cluster.data / "agents" / "worker-1.credentials.json")
+    assert creds.heartbeat is not None and saved["key_fingerprint"] == creds.heartbeat.fingerprint
+    cli = await asyncio.to_thread(roost, cluster.data, "--bus-url", cluster.url_for("roost-cli"), "--token", cluster.operator._token or "",
+                "heartbeat", "status")
+    assert cli.returncode == 0, cli.stderr
+    line = next(line for line in cli.stdout.splitlines() if line.startswith("worker-1"))
+    assert line.split()[1] == "healthy" and "configured" in line
+
+    # Killed: failed, by the heartbeat's event, within seconds; inventory raises 950.002.
+    os.killpg(agent.pid, signal.SIGKILL)
+    agent.wait(10)
+    await wait_until(lambda: _is(cluster, "worker-1", "failed"), 20, "worker-1 failed")
+    failed = [e for e in await cluster.outbox("roost.heartbeat.host_health")
+              if e["data"]["hostname"] == "worker-1" and e["data"]["state"] == "failed"]
+    assert len(failed) == 1
+    assert not [e for e in await cluster.outbox("roost.fault.set") if "worker-1" in e["data"]["entity_instance_id"]], \
+        "a dead host is failed, not degraded per network first"
+
+    # Started again: it answers from its saved config at once, and the host recovers.
+    cluster.agent_process("worker-1", "52:54:00:aa:01:01")
+    await wait_until(lambda: _is(cluster, "worker-1", "available"), 40, "worker-1 available again")
+    healthy = [e for e in await cluster.outbox("roost.heartbeat.host_health")
+               if e["data"]["hostname"] == "worker-1"]
+    assert [e["data"]["state"] for e in healthy][-1] == "healthy"
+    versions = [e["data"]["version"] for e in healthy]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+
+
+@contextlib.asynccontextmanager
+async def in_process_agent(cluster: Cluster, name: str, mac: str, keys: ClusterKeys,
+                           filters: dict[HbPath, SocketFilter]) -> AsyncIterator[HeartbeatAgentComponent]:
+    root = make_simulated_host(cluster.data / "hosts" / name, name, mac)
+    component = HeartbeatAgentComponent(keys, cluster.data / "agent-state" / name, socket_filters=filters)
+    creds = read_credentials(cluster.data / "agents" / f"{name}.credentials.json")
+    agent = HostAgent(name, cluster.server.url, password=creds.password, interval=1.0, root=root,
+                      components=[component])
+    runner = asyncio.create_task(agent.run())
+    try:
+        yield component
+    finally:
+        agent.stop()
+        await asyncio.wait_for(runner, 15)
+
+
+async def test_one_path_cut_degrades_the_host_with_an_alarm_naming_the_network(cluster: Cluster) -> None:
+    n = SUFFIX + 2
+    creds = read_credentials(cluster.data / "agents" / "worker-2.credentials.json")
+    assert creds.heartbeat is not None
+    await add_host(cluster, "worker-2", "52:54:00:aa:02:02", n)
+    cut = SocketFilter()
+    async with in_process_agent(cluster, "worker-2", "52:54:00:aa:02:02", creds.heartbeat,
+                                {HbPath.CLUSTER_HOST: cut}):
+        await unlock_when_online(cluster, "worker-2")
+        await wait_until(lambda: paths_up(cluster, "worker-2"), 30, "worker-2 heard on both networks")
+
+        cut.cut()
+        await wait_until(lambda: _is(cluster, "worker-2", "degraded"), 20, "worker-2 degraded")
+        host = await cluster.host_status("worker-2")
+        assert host is not None and host["state"] == "degraded"
+        assert host["paths"]["cluster-host"]["state"] == "down" and host["paths"]["mgmt"]["state"] == "up"
+        raised = [e["data"] for e in await cluster.outbox("roost.fault.set")]
+        assert {"alarm_id": "950.003", "entity_instance_id": "host=worker-2.network=cluster-host"}.items() <= \
+            raised[-1].items(), raised
+
+        cut.heal()
+        await wait_until(lambda: _is(cluster, "worker-2", "available"), 30, "worker-2 available again")
+        cleared = [e["data"] for e in await cluster.outbox("roost.fault.clear")]
+        assert {"alarm_id": "950.003", "entity_instance_id": "host=worker-2.network=cluster-host",
+                "prefix": False} in cleared
+
+
+async def test_an_agent_with_another_key_refuses_its_config_and_the_status_says_why(cluster: Cluster) -> None:
+    n = SUFFIX + 3
+    creds = read_credentials(cluster.data / "agents" / "worker-2.credentials.json")
+    assert creds.heartbeat is not None
+    other = ClusterKeys(creds.heartbeat.cluster_id, MasterKey(1, os.urandom(64)))
+    await add_host(cluster, "worker-2", "52:54:00:aa:03:03", n)
+    async with in_process_agent(cluster, "worker-2", "52:54:00:aa:03:03", other, {}) as component:
+        await unlock_when_online(cluster, "worker-2")
+
+        async def refused() -> bool:
+            host = await cluster.host_status("worker-2")
+            return host is not None and "re-enrol" in host["agent_refused"]
+
+        await wait_until(refused, 20, "worker-2's agent refusing its config")
+        assert component.responder is None, "nothing answers with a key every monitor would drop"
+        assert creds.heartbeat.fingerprint in (await cluster.host_status("worker-2") or {})["agent_refused"]
+
