@@ -22,6 +22,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
@@ -100,11 +101,20 @@ class Pod:
     phase: str = "Running"
     owner_kinds: tuple[str, ...] = ()
     mirror: bool = False
-    terminating: bool = False          # metadata.deletionTimestamp is set: on its way out
+    deletion: datetime | None = None   # metadata.deletionTimestamp: set when deleted, to when it should be gone
 
     @property
     def ref(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+    @property
+    def terminating(self) -> bool:
+        return self.deletion is not None
+
+    def overdue(self, now: datetime, slack: float) -> bool:
+        """Terminating and still here ``slack`` seconds after it should have been gone: its kubelet is not acting
+        (the host is down), so waiting longer will not make it go (kubectl drain's skip-wait-for-delete-timeout)."""
+        return self.deletion is not None and (now - self.deletion).total_seconds() > slack
 
     @property
     def daemonset(self) -> bool:
@@ -226,7 +236,7 @@ def _pod(obj: Any) -> Pod:
     return Pod(namespace=meta.namespace or "default", name=meta.name,
                phase=(obj.status.phase if obj.status is not None else None) or "Unknown",
                owner_kinds=owners, mirror=MIRROR_ANNOTATION in (meta.annotations or {}),
-               terminating=meta.deletion_timestamp is not None)
+               deletion=meta.deletion_timestamp)
 
 
 class KubernetesApi:

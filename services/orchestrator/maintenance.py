@@ -89,6 +89,7 @@ class _Drain:
     complete: bool = False              # the last list showed no pod that must leave
     evicted: int = 0
     stayed: int = 0                     # DaemonSet, mirror and finished pods left on the node
+    overdue: int = 0                    # terminating pods whose kubelet does not remove them: not waited for
     left: dict[str, str] = field(default_factory=dict)      # pod ref -> why it is still there
     interrupted: bool = False
     error: str | None = None            # a refusal that no retry will change
@@ -104,8 +105,9 @@ class HostMaintenance:
 
     def __init__(self, kube: KubeApi | None, *, drain_timeout: float = 90.0, poll_interval: float = 2.0,
                  grace_seconds: int | None = None, taint_key: str = "roost.io/locked",
-                 deadline_margin: float = 2.0) -> None:
+                 skip_wait_after: float = 60.0, deadline_margin: float = 2.0) -> None:
         self.kube = kube
+        self.skip_wait_after = skip_wait_after
         self.drain_timeout = drain_timeout
         self.poll_interval = poll_interval
         self.grace_seconds = grace_seconds
@@ -186,6 +188,9 @@ class HostMaintenance:
             else:
                 stayed = (f" ({_plural(drain.stayed, 'DaemonSet, mirror or finished pod')} left in place)"
                           if drain.stayed else "")
+                if drain.overdue:
+                    stayed += (f"; {_plural(drain.overdue, 'pod')} still terminating well past its grace period "
+                               "(its kubelet does not answer) not waited for")
                 return Result(True, f"node {name} cordoned, {_plural(drain.evicted, 'pod')} evicted{stayed}, "
                                     f"tainted {self.taint}", "done")
         why = drain.error or (f"drain timed out after {budget:.3g} s with {_plural(len(drain.left), 'pod')} left: "
@@ -209,16 +214,16 @@ class HostMaintenance:
                 return drain
             try:
                 pods = await kube.pods_on_node(name)
-                leaving = [p for p in pods if p.must_leave]
-                drain.stayed = len(pods) - len(leaving)
+                now = datetime.now(UTC)
+                leaving = [p for p in pods if p.must_leave and not p.overdue(now, self.skip_wait_after)]
+                drain.overdue = sum(1 for p in pods if p.must_leave and p.overdue(now, self.skip_wait_after))
+                drain.stayed = len(pods) - len(leaving) - drain.overdue
                 drain.left = {p.ref: refused.get(p.ref, "terminating" if p.terminating else "not evicted yet")
                               for p in leaving}
                 if not leaving:
                     drain.complete = True
                     return drain
-                for pod in leaving:
-                    if not pod.terminating:
-                        await self._evict(pod, drain, refused)
+                await self._evict_all([p for p in leaving if not p.terminating], drain, refused)
             except KubeError as exc:
                 if not exc.transient:
                     drain.error = f"the Kubernetes API refused: {exc}"
@@ -230,6 +235,17 @@ class HostMaintenance:
                 return drain
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), min(self.poll_interval, left))
+
+    async def _evict_all(self, pods: list[Pod], drain: _Drain, refused: dict[str, str]) -> None:
+        """Ask for the pods' evictions at once (the client's thread pool bounds how many run together); the
+        first error no retry will change is raised, else the first transient one, once all have answered."""
+        outcomes = await asyncio.gather(*(self._evict(p, drain, refused) for p in pods), return_exceptions=True)
+        errors = [e for e in outcomes if isinstance(e, BaseException)]
+        for error in errors:
+            if not isinstance(error, KubeError) or not error.transient:
+                raise error
+        if errors:
+            raise errors[0]
 
     async def _evict(self, pod: Pod, drain: _Drain, refused: dict[str, str]) -> None:
         kube = self._kube()

@@ -75,7 +75,7 @@ class OrchestratorService:
         s = self.settings
         self._maintenance = HostMaintenance(self._kube, drain_timeout=s.drain_timeout,
                                             poll_interval=s.drain_poll_interval, grace_seconds=s.eviction_grace_seconds,
-                                            taint_key=s.lock_taint_key)
+                                            taint_key=s.lock_taint_key, skip_wait_after=s.drain_skip_wait_after)
         if self._kube is None:
             log.info("no Kubernetes configured: lock and unlock will skip the node steps")
         else:
@@ -84,8 +84,8 @@ class OrchestratorService:
         await ctx.bus.serve(HOST_SERVICES, GROUP, self.command, options=self.consumer_options)
 
     async def stop(self) -> None:
-        kube, self._kube = self._kube, None
-        if kube is not None and self._own_kube:
+        if self._kube is not None and self._own_kube:
+            kube, self._kube, self._own_kube = self._kube, None, False
             await kube.close()
 
     def routers(self) -> Sequence[APIRouter]:

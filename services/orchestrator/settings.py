@@ -35,6 +35,9 @@ class OrchestratorSettings(BaseSettings):
                                  description="seconds a lock waits for the node's pods to be evicted and gone")
     drain_poll_interval: float = Field(default=2.0, gt=0,
                                        description="seconds between drain rounds (evictions refused are retried)")
+    drain_skip_wait_after: float = Field(
+        default=60.0, ge=0, description="a terminating pod still there this long past its grace period is not waited "
+                                        "for (its kubelet is not acting: the host is down)")
     eviction_grace_seconds: int | None = Field(
         default=None, ge=0, description="grace period of evicted pods (default: each pod's own)")
     lock_taint_key: str = Field(default="roost.io/locked", min_length=1, max_length=316,

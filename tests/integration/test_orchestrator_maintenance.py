@@ -102,7 +102,7 @@ async def test_a_budget_that_refuses_for_a_while_is_waited_for(fake: FakeKube, a
     assert refusals, "the budget never refused: the test proves nothing"
     assert metric("roost_orchestrator_evictions_refused_total") - refused_before == len(refusals)
     # the second pod went only after the first one's replacement was Ready (never below minAvailable)
-    first_201 = fake.evictions.index(("default/web-0", 201))
+    first_201 = next(i for i, (_, code) in enumerate(fake.evictions) if code == 201)
     assert any(code == 429 for _, code in fake.evictions[first_201:])
     assert fake.taints("worker-0") == [TAINT]
 
@@ -265,3 +265,22 @@ async def test_a_missing_kubeconfig_is_a_clear_error(tmp_path: Path) -> None:
     bad.write_text("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n")
     with pytest.raises(KubeConfigError):
         await KubernetesApi.from_kubeconfig(bad)
+
+
+async def test_pods_a_dead_kubelet_never_removes_are_not_waited_for(fake: FakeKube, api: KubernetesApi) -> None:
+    web(fake, "web-0")
+    fake.add_pod("stuck-0", "worker-0", labels={"app": "db"}, stuck=True)       # the host is down
+    ops = HostMaintenance(api, drain_timeout=20.0, poll_interval=0.05, skip_wait_after=0.5)
+
+    result = await ops.disable("worker-0")
+
+    assert result.done, result.detail
+    assert "1 pod still terminating well past its grace period" in result.detail
+    assert fake.pod_names("worker-0") == {"stuck-0"} and fake.taints("worker-0") == [TAINT]
+
+
+async def test_many_pods_are_evicted_together(fake: FakeKube, api: KubernetesApi) -> None:
+    web(fake, *(f"web-{i}" for i in range(40)))
+    result = await maintenance(api).disable("worker-0")
+    assert result.done and "40 pods evicted" in result.detail
+    assert len(fake.evicted()) == 40 and fake.pod_names("worker-0") == set()

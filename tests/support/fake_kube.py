@@ -12,7 +12,8 @@ No Kubernetes API server can run on this machine, so this plays one, for what ho
   (``spec.nodeName``, ``metadata.name``, ``metadata.namespace``, ``status.phase``; ``=``, ``==``, ``!=``)
   and ``labelSelector`` (equality), ``GET`` / ``DELETE /api/v1/namespaces/{ns}/pods/{name}``.
 * The Eviction subresource: ``POST /api/v1/namespaces/{ns}/pods/{name}/eviction`` with a policy/v1
-  ``Eviction``: 201 and the pod starts terminating (it is gone after its grace period); 429 with a
+  ``Eviction``: 201 and the pod starts terminating (``deletionTimestamp`` = now + its grace period; it is
+  gone then, unless it was added ``stuck``: a pod on a host whose kubelet is down); 429 with a
   ``Status`` naming the PodDisruptionBudget when the eviction would violate it; 500 when more than one
   budget covers the pod; 404 for a pod that does not exist.  An already terminating or finished pod is
   evicted without consulting budgets, as the real server does.
@@ -41,7 +42,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,7 @@ class FakePod:
     created: str = field(default_factory=lambda: _now())
     deleted_at: str | None = None            # deletionTimestamp
     gone_at: float | None = None             # monotonic time it disappears
+    stuck: bool = False                      # its kubelet is down: once deleted it stays, terminating, for ever
     resource_version: int = 0
 
     def ready(self, now: float) -> bool:
@@ -84,8 +86,8 @@ class FakePdb:
     resource_version: int = 0
 
 
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _now(later: float = 0.0) -> str:
+    return (datetime.now(UTC) + timedelta(seconds=later)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _status(code: int, reason: str, message: str, **details: Any) -> dict[str, Any]:
@@ -214,12 +216,12 @@ class FakeKube:
 
     def add_pod(self, name: str, node: str, *, namespace: str = "default", labels: dict[str, str] | None = None,
                 owner: tuple[str, str] | None = ("ReplicaSet", "app"), mirror: bool = False, phase: str = "Running",
-                ready: bool = True, grace: float = 0.0) -> None:
+                ready: bool = True, grace: float = 0.0, stuck: bool = False) -> None:
         with self.lock:
             pod = FakePod(namespace=namespace, name=name, node=node, labels=dict(labels or {}), owner=owner,
                           annotations={"kubernetes.io/config.mirror": "abc"} if mirror else {}, phase=phase,
                           ready_at=time.monotonic() if ready else None, grace=grace,
-                          resource_version=next(self._versions))
+                          resource_version=next(self._versions), stuck=stuck)
             self.pods[(namespace, name)] = pod
 
     def add_pdb(self, name: str, *, namespace: str = "default", match_labels: dict[str, str] | None = None,
@@ -529,8 +531,8 @@ class FakeKube:
         if pod.deleted_at is not None:
             return
         pod.grace = pod.grace if grace is None else float(grace)
-        pod.deleted_at = _now()
-        pod.gone_at = now + pod.grace
+        pod.deleted_at = _now(pod.grace)          # when it should be gone, as the real server writes it
+        pod.gone_at = None if pod.stuck else now + pod.grace
         pod.resource_version = next(self._versions)
         if self._reschedule is not None and pod.owner is not None and pod.owner[0] in REPLACED_KINDS:
             node, ready_after = self._reschedule
