@@ -96,6 +96,11 @@ class _Drain:
     api_error: str | None = None        # the last transient API failure (retried)
 
 
+def _seconds(value: float) -> str:
+    """``90``, ``1.5``: seconds for a reader, to a tenth."""
+    return f"{value:.1f}".removesuffix(".0")
+
+
 def _plural(n: int, what: str) -> str:
     return f"{n} {what}{'' if n == 1 else 's'}"
 
@@ -174,7 +179,8 @@ class HostMaintenance:
         already_locked = node.labels.get(MAINTENANCE_LABEL) == LOCKED
         cordoned_by_others = node.unschedulable and MAINTENANCE_LABEL not in node.labels
         try:
-            await self._update(name, self._cordon)
+            if await self._update(name, self._cordon) is None:
+                return Result(True, f"no Kubernetes node {name} (deleted meanwhile): nothing to drain", "no-node")
             drain = await self._drain(name, budget, stop)
         except KubeError as exc:
             drain = _Drain(error=f"the Kubernetes API refused: {exc}")
@@ -193,9 +199,9 @@ class HostMaintenance:
                                "(its kubelet does not answer) not waited for")
                 return Result(True, f"node {name} cordoned, {_plural(drain.evicted, 'pod')} evicted{stayed}, "
                                     f"tainted {self.taint}", "done")
-        why = drain.error or (f"drain timed out after {budget:.3g} s with {_plural(len(drain.left), 'pod')} left: "
-                              + "; ".join(f"{ref}: {reason}" for ref, reason in drain.left.items())
-                              + (f"; last API error: {drain.api_error}" if drain.api_error else ""))
+        left = "; ".join(f"{ref}: {reason}" for ref, reason in drain.left.items())
+        why = drain.error or (f"drain timed out after {_seconds(budget)} s with {_plural(len(drain.left), 'pod')} "
+                              f"left: {left}" + (f"; last API error: {drain.api_error}" if drain.api_error else ""))
         if already_locked:
             return Result(False, f"lock of node {name} failed: {why}; it was locked already and stays so", "failed")
         restored = await self._restore(name, uncordon=not cordoned_by_others)
