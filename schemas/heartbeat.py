@@ -58,6 +58,15 @@ class SwactResult(_Model):
     detail: str = Field(default="", max_length=1024)
 
 
+class NextKey(_Model):
+    """A key rotation under way: the next master key, sealed for this host with the current one
+    (``services.heartbeat.keystore.seal_next``)."""
+
+    generation: int = Field(ge=1, le=0xFFFF_FFFF)
+    fingerprint: str = Field(pattern=r"^[0-9a-f]{8}$")
+    sealed: str = Field(min_length=1, max_length=512, repr=False)
+
+
 class AgentHeartbeatConfig(_Model):
     """What a host's agent needs to answer heartbeats: sent by the heartbeat service to the agent's own
     subject (``roost.cmd.agent.<agent>.heartbeat``) when the host starts being monitored, when any of this
@@ -73,11 +82,16 @@ class AgentHeartbeatConfig(_Model):
     port: int = Field(default=2223, ge=1, le=65535)
     period_seconds: float = Field(default=0.1, gt=0, le=10)
     require_auth: dict[Network, bool] = Field(default_factory=dict, description="missing: required")
+    next_key: NextKey | None = Field(default=None, description="a key rotation under way")
 
 
 class HeartbeatStatusQuery(_Model):
     """``roost heartbeat status`` / ``roost keys status``: the monitor, its keys and every monitored host's paths
     (the reply's result is the status document of ``services.heartbeat.service.HeartbeatService.status``)."""
+
+
+class KeysRotate(_Model):
+    """``roost keys rotate``: start a rotation of the heartbeat master key (or show the one under way)."""
 
 
 class AgentHeartbeatApplied(_Model):
@@ -92,6 +106,8 @@ def register(registry: Registry) -> None:
                      min_role=Role.ADMIN, result_model=SwactResult)
     registry.command("roost.cmd.heartbeat.status", OWNER, HeartbeatStatusQuery,
                      "The heartbeat monitor, its keys and every monitored host's paths", min_role=Role.READER)
+    registry.command("roost.cmd.heartbeat.keys_rotate", OWNER, KeysRotate,
+                     "Rotate the heartbeat master key without downtime", min_role=Role.ADMIN)
     registry.command("roost.cmd.agent.heartbeat", "agent", AgentHeartbeatConfig,
                      "Answer heartbeats on these addresses as this node (sent to roost.cmd.agent.<agent>.heartbeat)",
                      min_role=Role.ADMIN, result_model=AgentHeartbeatApplied)

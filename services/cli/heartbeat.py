@@ -78,3 +78,18 @@ def render_keys(status: dict[str, Any]) -> str:
 def keys_status(obj: Context, as_json: bool) -> None:
     """Which keys the monitor knows, and which monitored hosts report holding each."""
     show_reply(run(obj.command("roost.cmd.heartbeat.status", {})), render_keys, as_json)
+
+
+@keys.command("rotate")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+def keys_rotate(obj: Context, as_json: bool) -> None:
+    """Rotate the master key without downtime: the new key is accepted everywhere first, signs once every
+    monitored host holds it, and the old one retires once nobody signs with it.  Follow it with `roost keys
+    status`; a host that does not get the new key holds the rotation (it is listed as missing)."""
+
+    def render(result: dict[str, Any]) -> str:
+        return (f"rotating from key {result['current']} to {result['fingerprint']} (generation "
+                f"{result['generation']})\n" + render_keys(result))
+
+    show_reply(run(obj.command("roost.cmd.heartbeat.keys_rotate", {})), render, as_json)

@@ -6,17 +6,24 @@ its address per network, the port, the period, the cluster id and the fingerprin
 sign with), and, when an earlier run left a config in ``state_dir``, answers at once with it, before the
 heartbeat service has said anything: an agent that restarts is heard again within a period or two.
 
-A config is checked before anything changes (the cluster id and the key fingerprint must be those of the
-keys this agent was enrolled with; an agent enrolled into another cluster, or before a key rotation it
-missed, refuses with the reason, and the operator re-enrols it).  Then it is written to disk (atomically,
-``0600``) and the responder restarted with it if it differs from the running one.  A repeated config
-changes nothing.  The keys come from the agent's credentials (``keystore.ClusterKeys``); no key travels
-on the bus.
+A config is checked before anything changes (the cluster id must be the one this agent was enrolled
+with, and the key the monitors sign with one it holds; an agent enrolled into another cluster, or that
+missed a whole key rotation, refuses with the reason, and the operator re-enrols it).  Then it is written
+to disk (atomically, ``0600``) and the responder restarted with it if it differs from the running one.  A
+repeated config changes nothing.
+
+Keys: the agent's credentials hold the master key of its enrolment (``keystore.ClusterKeys``).  During a
+rotation the config carries the next key sealed with the current one (``NextKey``): the agent opens it,
+keeps it in ``state_dir`` (``heartbeat-keys.json``, ``0600``, so a restart still has it) and installs it in
+the running responder's keyring as accepted; the keyring makes it primary once the monitors report holding
+it, and they do the same (``keys.Keyring``).  No key travels in clear.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 from pathlib import Path as FsPath
 from typing import TYPE_CHECKING
@@ -27,7 +34,8 @@ from pydantic import ValidationError
 from schemas.heartbeat import AgentHeartbeatApplied, AgentHeartbeatConfig
 from services.core.bus.bus import Message, Reject
 from services.core.files import write_private
-from services.heartbeat.keystore import ClusterKeys
+from services.heartbeat.keys import Keyring, MasterKey
+from services.heartbeat.keystore import ClusterKeys, KeyStoreError, unseal_next
 from services.heartbeat.model import Path
 from services.heartbeat.responder import HeartbeatResponder
 from services.heartbeat.transport import PathSpec, SocketFilter
@@ -41,6 +49,8 @@ log = structlog.get_logger("roost.heartbeat.agent")
 
 CONFIG_COMMAND = "roost.cmd.agent.heartbeat"
 CONFIG_FILE = "heartbeat-config.json"
+KEYS_FILE = "heartbeat-keys.json"
+KEEP_GENERATIONS = 2
 
 
 class HeartbeatAgentComponent:
@@ -49,6 +59,7 @@ class HeartbeatAgentComponent:
     def __init__(self, keys: ClusterKeys, state_dir: FsPath | str,
                  socket_filters: dict[Path, SocketFilter] | None = None) -> None:
         self.keys = keys
+        self.masters: dict[int, MasterKey] = {keys.master.key_id: keys.master}
         self.state_dir = FsPath(state_dir)
         self.socket_filters = socket_filters or {}
         self.config: AgentHeartbeatConfig | None = None
@@ -64,6 +75,7 @@ class HeartbeatAgentComponent:
     async def start(self, agent: HostAgent) -> None:
         self._hostname = agent.name
         agent.handle(CONFIG_COMMAND, self._on_config)
+        self._load_keys()
         saved = self._load_saved()
         if saved is not None:
             try:
@@ -93,14 +105,44 @@ class HeartbeatAgentComponent:
                         errors=exc.error_count())
             return None
 
+    @property
+    def fingerprints(self) -> list[str]:
+        return [f"{m.key_id:08x}" for m in sorted(self.masters.values(), key=lambda m: m.generation)]
+
+    def _load_keys(self) -> None:
+        """The keys an earlier run received in rotations (newer than the credentials')."""
+        try:
+            raw = json.loads((self.state_dir / KEYS_FILE).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.warning("heartbeat: cannot read the saved keys; using the enrolment's", error=type(exc).__name__)
+            return
+        if not isinstance(raw, dict) or raw.get("cluster_id") != self.keys.cluster_id.hex():
+            return
+        for item in raw.get("keys", []):
+            try:
+                keys = ClusterKeys.from_credentials({"cluster_id": raw["cluster_id"], "master_key": item["key"],
+                                                     "generation": item["generation"]}, where=str(KEYS_FILE))
+            except (KeyStoreError, KeyError, TypeError):
+                log.warning("heartbeat: a saved key is malformed; ignored")
+                continue
+            self.masters[keys.master.key_id] = keys.master
+
+    def _save_keys(self) -> None:
+        newest = sorted(self.masters.values(), key=lambda m: m.generation)[-KEEP_GENERATIONS:]
+        body = {"cluster_id": self.keys.cluster_id.hex(),
+                "keys": [{"generation": m.generation, "key": base64.b64encode(m.secret).decode()} for m in newest]}
+        write_private(self.state_dir / KEYS_FILE, json.dumps(body) + "\n")
+
     def check(self, config: AgentHeartbeatConfig) -> str | None:
         """Why this agent cannot answer as ``config`` says, or None."""
         if config.cluster_id != self.keys.cluster_id.hex():
             return ("the heartbeat service belongs to another cluster than the keys this agent was enrolled "
                     "with: re-enrol the agent (`roost agent enroll --rotate`)")
-        if config.key_fingerprint != self.keys.fingerprint:
-            return (f"the monitors sign with key {config.key_fingerprint}, this agent holds {self.keys.fingerprint}: "
-                    "re-enrol the agent to give it the current key")
+        if config.key_fingerprint not in self.fingerprints:
+            return (f"the monitors sign with key {config.key_fingerprint}, this agent holds "
+                    f"{', '.join(self.fingerprints)}: re-enrol the agent to give it the current key")
         return None
 
     async def _on_config(self, message: Message) -> AgentHeartbeatApplied:
@@ -114,7 +156,40 @@ class HeartbeatAgentComponent:
             await self._apply(config)
         except OSError as exc:
             raise Reject(f"cannot bind the heartbeat addresses: {exc.strerror or exc}") from None
-        return AgentHeartbeatApplied(paths=sorted(config.addresses), key_fingerprint=self.keys.fingerprint)
+        signing = self.responder.keyring.primary.key_id if self.responder is not None else self.keys.master.key_id
+        return AgentHeartbeatApplied(paths=sorted(config.addresses), key_fingerprint=f"{signing:08x}")
+
+    def _receive_next(self, config: AgentHeartbeatConfig) -> MasterKey | None:
+        nxt = config.next_key
+        if nxt is None:
+            return None
+        known = self.masters.get(int(nxt.fingerprint, 16))
+        if known is not None:
+            return known
+        current = self.masters[int(config.key_fingerprint, 16)]
+        try:
+            master = unseal_next(current, nxt.sealed, nxt.generation, self.keys.cluster_id, config.hostname)
+        except KeyStoreError as exc:
+            raise Reject(str(exc)) from None
+        if f"{master.key_id:08x}" != nxt.fingerprint:
+            raise Reject("the next key opened, but its fingerprint is not the one announced")
+        self.masters[master.key_id] = master
+        self._save_keys()
+        log.info("heartbeat: next key received", fingerprint=nxt.fingerprint, generation=nxt.generation)
+        return master
+
+    def _keyring(self, config: AgentHeartbeatConfig) -> Keyring:
+        primary = self.masters[int(config.key_fingerprint, 16)]
+        keyring = Keyring(self.keys.cluster_id, primary)
+        for master in sorted(self.masters.values(), key=lambda m: m.generation):
+            if master.generation > primary.generation:
+                keyring.install(master)
+        return keyring
+
+    @staticmethod
+    def _sockets(config: AgentHeartbeatConfig) -> AgentHeartbeatConfig:
+        """What needs a new responder when it changes: everything but the keys."""
+        return config.model_copy(update={"next_key": None, "key_fingerprint": "00000000"})
 
     async def _apply(self, config: AgentHeartbeatConfig) -> None:
         if self.check(config) is not None:
@@ -122,14 +197,22 @@ class HeartbeatAgentComponent:
         async with self._lock:
             if config == self.config and self.responder is not None:
                 return
+            upcoming = await asyncio.to_thread(self._receive_next, config)
             await asyncio.to_thread(write_private, self.config_path, config.model_dump_json(indent=2) + "\n")
-            if self.responder is not None:
-                await self.responder.stop()
+            running = self.responder
+            if running is not None and self.config is not None and self._sockets(config) == self._sockets(self.config):
+                if upcoming is not None:
+                    with contextlib.suppress(ValueError):   # an older generation than one it holds: nothing to do
+                        running.keyring.install(upcoming)
+                self.config = config
+                return
+            if running is not None:
+                await running.stop()
                 self.responder = None
             specs = [PathSpec(Path.of(net), str(ip), config.port, config.require_auth.get(net, True))
                      for net, ip in sorted(config.addresses.items())]
             responder = HeartbeatResponder(node_id=config.node_id, cluster_id=self.keys.cluster_id,
-                                           master_key=self.keys.master, paths=specs, state_dir=self.state_dir,
+                                           master_key=self._keyring(config), paths=specs, state_dir=self.state_dir,
                                            hostname=config.hostname)
             await responder.start()
             for path, endpoint in responder.endpoints.items():

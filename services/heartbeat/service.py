@@ -11,8 +11,13 @@ Start (``HeartbeatService.start``):
    (asked again until it answers), merged by version in a ``HostBook``; every change adds, moves or
    removes a host in the monitor;
 5. the agents: each monitored host's agent is told, with ``roost.cmd.agent.heartbeat`` on its own subject,
-   its node id, addresses, port and period and the fingerprint of the key (``AgentConfigs``); again
-   whenever that changes, and while the monitor hears nothing from the host, every ``config_resend``.
+   its node id, addresses, port and period and the fingerprint of the key; again whenever that changes, and
+   while the monitor hears nothing from the host, every ``config_resend``;
+6. key rotation (``roost keys rotate``, ``rotate_keys``): the next key (``keystore.begin_rotation``) is
+   accepted by the monitor and sent to every agent sealed with the current one; the monitor's keyring makes
+   it primary once every monitored host reports holding it, and then it replaces the stored master key
+   (``finish_rotation``); the agents' keyrings do the same on their side, and the old key retires once
+   nobody signs with it.  A restart in the middle resumes from the stored ``-next`` key.
 
 Out, through the outbox, in the order the monitor decided: ``roost.heartbeat.host_health`` (inventory
 turns it into availability and raises 950.002 for a failed host) and ``roost.fault.set|clear`` for the
@@ -20,8 +25,8 @@ alarms the monitor raises (950.003 network lost, 950.006 authentication failures
 failure).  The monitor's callbacks are synchronous: they queue, and one writer commits each batch.
 
 Not here yet: the controller pair over the network (``pair`` is built and simulated, not wired), fencing
-through the BMC, swact (``roost.cmd.heartbeat.swact`` is not served: inventory's swact says nobody
-handles it), and key rotation across agents.
+through the BMC, swact (``roost.cmd.heartbeat.swact`` is refused, saying so, so inventory's swact changes
+nothing), and the recovery of a failed host through its BMC.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from services.core.secrets import SecretStore
 from services.core.settings import HeartbeatSettings
 from services.heartbeat import metrics
 from services.heartbeat.hostbook import Change, HostBook, Target
-from services.heartbeat.keystore import ClusterKeys, ensure_cluster_keys
+from services.heartbeat.keystore import ClusterKeys, begin_rotation, ensure_cluster_keys, finish_rotation, seal_next
 from services.heartbeat.model import AlarmIntent, NodeId, Path
 from services.heartbeat.monitor import HealthChange, HeartbeatMonitor
 from services.heartbeat.paths import PathPolicy, PathState
@@ -111,6 +116,8 @@ class HeartbeatService:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._unregister_metrics: Any = None
+        self._store: SecretStore | None = None
+        self._sealed: dict[tuple[str, int], str] = {}
         self._router: APIRouter | None = None
 
     @property
@@ -128,7 +135,7 @@ class HeartbeatService:
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
         cfg = self._settings = self.config or ctx.settings.heartbeat
-        store = self.secrets or SecretStore.in_data_dir(ctx.settings.data_dir)
+        store = self._store = self.secrets or SecretStore.in_data_dir(ctx.settings.data_dir)
         keys, created = await asyncio.to_thread(ensure_cluster_keys, store)
         self.keys = keys
         if created:
@@ -142,6 +149,9 @@ class HeartbeatService:
             paths=[PathSpec(p, a, cfg.port, cfg.require_auth.get(p.network, True)) for p, a in networks.items()],
             state_dir=state_dir, hostname=cfg.controller, period=cfg.period, path_policy=self.path_policy,
             verdict_policy=self.verdict_policy, on_health=self._out.put_nowait, on_alarm=self._out.put_nowait)
+        if keys.next is not None:
+            self.monitor.keyring.install(keys.next)
+            log.info("heartbeat key rotation resumed", fingerprint=f"{keys.next.key_id:08x}")
         await self._reassert()
         if networks:
             await self.monitor.start()
@@ -181,10 +191,48 @@ class HeartbeatService:
     async def command(self, message: Message) -> dict[str, Any]:
         if message.envelope.type == "roost.cmd.heartbeat.status":
             return self.status()
+        if message.envelope.type == "roost.cmd.heartbeat.keys_rotate":
+            return await self.rotate_keys()
         if message.envelope.type == "roost.cmd.heartbeat.swact":
             raise Reject("swact is not carried out yet: this heartbeat service does not run the controller pair "
                          "(services.heartbeat.pair is not wired to the network)")
         raise Reject(f"the heartbeat service does not handle {message.envelope.type}")
+
+    # -- key rotation -----------------------------------------------------------------------------------
+
+    async def rotate_keys(self) -> dict[str, Any]:
+        """Start a rotation (or report the one under way): the next key is accepted here and sent, sealed,
+        to every agent; it becomes primary once every monitored host holds it (``_rotation_done``)."""
+        store, monitor = self._store, self.monitor
+        if store is None or monitor is None:
+            raise Reject("the heartbeat service has not started")
+        keys = await asyncio.to_thread(begin_rotation, store)
+        assert keys.next is not None
+        with contextlib.suppress(ValueError):              # installed already: a rotation under way
+            for change in monitor.keyring.install(keys.next):
+                log.info("heartbeat key rotation started", fingerprint=f"{change.key_id:08x}",
+                         generation=change.generation)
+        self.keys = keys
+        self._refresh_configs()
+        return {"fingerprint": f"{keys.next.key_id:08x}", "generation": keys.next.generation,
+                "current": keys.fingerprint, "keys": self._key_status()}
+
+    async def _rotation_done(self) -> None:
+        keys, monitor, store = self.keys, self.monitor, self._store
+        if keys is None or keys.next is None or monitor is None or store is None:
+            return
+        if monitor.keyring.primary.key_id != keys.next.key_id:
+            return
+        self.keys = await asyncio.to_thread(finish_rotation, store, keys.next)
+        self._sealed.clear()
+        log.info("heartbeat key rotation done: every monitored host holds the new key",
+                 fingerprint=self.keys.fingerprint, generation=self.keys.master.generation)
+        self._refresh_configs()
+
+    def _refresh_configs(self) -> None:
+        for uuid, target in self._book.targets.items():
+            self._agents.setdefault(uuid, _AgentState()).config = self._agent_config(target)
+        self._wake.set()
 
     # -- the hosts ----------------------------------------------------------------------------------------
 
@@ -244,11 +292,19 @@ class HeartbeatService:
         if target.agent is None or keys is None:
             return None
         cfg = self._settings
+        next_key = None
+        if keys.next is not None:
+            sealed = self._sealed.get((target.hostname, keys.next.key_id))
+            if sealed is None:     # sealed once per host and key: a config that changes every time is never acked
+                sealed = seal_next(keys.master, keys.next, keys.cluster_id, target.hostname)
+                self._sealed[(target.hostname, keys.next.key_id)] = sealed
+            next_key = {"generation": keys.next.generation, "fingerprint": f"{keys.next.key_id:08x}", "sealed": sealed}
         return AgentHeartbeatConfig.model_validate({
             "hostname": target.hostname, "node_id": target.node_id, "cluster_id": keys.cluster_id.hex(),
             "key_fingerprint": keys.fingerprint, "addresses": {p.network: a for p, a in target.addresses.items()},
             "port": cfg.agent_port, "period_seconds": cfg.period,
-            "require_auth": {p.network: cfg.require_auth.get(p.network, True) for p in target.addresses}})
+            "require_auth": {p.network: cfg.require_auth.get(p.network, True) for p in target.addresses},
+            "next_key": next_key})
 
     def _heard(self, hostname: str) -> bool:
         monitor = self.monitor
@@ -265,6 +321,10 @@ class HeartbeatService:
 
     async def _agent_loop(self) -> None:
         while True:
+            try:
+                await self._rotation_done()
+            except Exception as exc:         # the store: tried again next round; the monitor keeps both keys
+                log.error("heartbeat: cannot finish the key rotation", error=f"{type(exc).__name__}: {exc}")
             now = time.monotonic()
             due = [(uuid, s) for uuid, s in list(self._agents.items()) if self._due(uuid, s, now)]
             if due:

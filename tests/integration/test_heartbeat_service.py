@@ -8,12 +8,15 @@
   recovers;
 * an agent in this process with a drop filter on one path: the host is degraded with 950.003 naming
   that network, and the alarm clears when the path heals;
-* an agent holding another key refuses the config, and `roost heartbeat status` says why.
+* an agent holding another key refuses the config, and `roost heartbeat status` says why;
+* `roost keys rotate`: the new key reaches the agent sealed, signs everywhere once held, the old retires,
+  and not one heartbeat is missed; the agent keeps the new key across a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -41,7 +44,7 @@ from services.core.secrets import SecretStore
 from services.core.settings import HeartbeatSettings, load_settings, url_with_credentials
 from services.heartbeat.agent import HeartbeatAgentComponent
 from services.heartbeat.keys import MasterKey
-from services.heartbeat.keystore import ClusterKeys
+from services.heartbeat.keystore import ClusterKeys, load_cluster_keys
 from services.heartbeat.model import Path as HbPath
 from services.heartbeat.service import HeartbeatService
 from services.heartbeat.transport import SocketFilter
@@ -77,7 +80,13 @@ class Cluster:
     operator: Bus
     heartbeat: HeartbeatService
     agent_port: int
+    admin: str
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def cli(self) -> list[str]:
+        """The `roost` command's options to reach this cluster as the admin operator."""
+        return ["--bus-url", self.url_for("roost-cli"), "--token", self.admin]
 
     def url_for(self, user: str) -> str:
         password = self.secrets.get_text(broker_password_secret(user)).get_secret_value()
@@ -158,7 +167,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
                 server.url, "roost-cli", secrets.get_text(broker_password_secret("roost-cli")).get_secret_value())),
                 source="roost/cli", token=admin)
             await operator.connect()
-            here = Cluster(data, server, secrets, pool, operator, heartbeat, agent_port)
+            here = Cluster(data, server, secrets, pool, operator, heartbeat, agent_port, admin)
             try:
                 yield here
             finally:
@@ -208,8 +217,7 @@ async def test_a_killed_agent_fails_its_host_and_a_restarted_one_recovers_it(clu
     assert saved["node_id"] == (await cluster.host("worker-1"))["node_id"]
     creds = read_credentials(cluster.data / "agents" / "worker-1.credentials.json")
     assert creds.heartbeat is not None and saved["key_fingerprint"] == creds.heartbeat.fingerprint
-    cli = await asyncio.to_thread(roost, cluster.data, "--bus-url", cluster.url_for("roost-cli"), "--token", cluster.operator._token or "",
-                "heartbeat", "status")
+    cli = await asyncio.to_thread(roost, cluster.data, *cluster.cli, "heartbeat", "status")
     assert cli.returncode == 0, cli.stderr
     line = next(line for line in cli.stdout.splitlines() if line.startswith("worker-1"))
     assert line.split()[1] == "healthy" and "configured" in line
@@ -294,3 +302,48 @@ async def test_an_agent_with_another_key_refuses_its_config_and_the_status_says_
         assert component.responder is None, "nothing answers with a key every monitor would drop"
         assert creds.heartbeat.fingerprint in (await cluster.host_status("worker-2") or {})["agent_refused"]
 
+
+
+async def test_keys_rotate_without_a_missed_heartbeat_and_the_agent_keeps_the_new_key(cluster: Cluster) -> None:
+    n = SUFFIX + 4
+    creds = read_credentials(cluster.data / "agents" / "worker-2.credentials.json")
+    assert creds.heartbeat is not None
+    old = creds.heartbeat.fingerprint
+    await add_host(cluster, "worker-2", "52:54:00:aa:04:04", n)
+    async with in_process_agent(cluster, "worker-2", "52:54:00:aa:04:04", creds.heartbeat, {}) as component:
+        await unlock_when_online(cluster, "worker-2")
+        await wait_until(lambda: paths_up(cluster, "worker-2"), 30, "worker-2 heard on both networks")
+
+        rotated = await asyncio.to_thread(roost, cluster.data, *cluster.cli, "keys", "rotate", "--json")
+        assert rotated.returncode == 0, rotated.stderr
+        result = json.loads(rotated.stdout)["result"]
+        new = result["fingerprint"]
+        assert result["current"] == old and new != old and result["generation"] == 2
+
+        def stored() -> bool:
+            keys = load_cluster_keys(cluster.secrets)
+            return keys.fingerprint == new and keys.next is None
+
+        await wait_until(stored, 30, "the new key stored as the master key once worker-2 holds it")
+
+        async def old_retired() -> bool:
+            states = {k["fingerprint"]: k for k in (await cluster.status())["keys"]}
+            return states[new]["state"] == "primary" and states.get(old, {}).get("state") in ("retired", None)
+
+        await wait_until(old_retired, 40, "the old key retired")
+        states = {k["fingerprint"]: k for k in (await cluster.status())["keys"]}
+        assert states[new]["held_by"] == ["worker-2"] and states[new]["missing_at"] == []
+        assert component.responder is not None and component.responder.keyring.primary.key_id == int(new, 16)
+        shown = await asyncio.to_thread(roost, cluster.data, *cluster.cli, "keys", "status")
+        assert shown.returncode == 0 and new in shown.stdout and "worker-2" in shown.stdout, shown.stderr
+        health = [e["data"]["state"] for e in await cluster.outbox("roost.heartbeat.host_health")
+                  if e["data"]["hostname"] == "worker-2"]
+        assert health == ["healthy"], "the rotation cost no heartbeat"
+        key_bytes = load_cluster_keys(cluster.secrets).master.secret
+        assert base64.b64encode(key_bytes).decode() not in rotated.stdout + shown.stdout
+
+    # Restarted with its enrolment's (old) credentials, the agent still has the new key from its state dir.
+    async with in_process_agent(cluster, "worker-2", "52:54:00:aa:04:04", creds.heartbeat, {}) as again:
+        await wait_until(lambda: again.responder is not None, 20, "worker-2 answering again")
+        assert again.responder is not None and again.responder.keyring.primary.key_id == int(new, 16)
+        await wait_until(lambda: paths_up(cluster, "worker-2"), 30, "worker-2 heard again")

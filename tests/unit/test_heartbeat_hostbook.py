@@ -1,5 +1,5 @@
 """Which hosts the heartbeat monitor watches, from inventory's host records (``hostbook``), and the
-cluster keys in the secret store (``keystore``)."""
+cluster keys in the secret store, their rotation and sealing (``keystore``)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,12 @@ from services.heartbeat.keystore import (
     MASTER_KEY_SECRET,
     ClusterKeys,
     KeyStoreError,
+    begin_rotation,
     ensure_cluster_keys,
+    finish_rotation,
     load_cluster_keys,
+    seal_next,
+    unseal_next,
 )
 from services.heartbeat.model import Path as HbPath
 from services.heartbeat.service import monitor_node_id
@@ -96,3 +100,33 @@ def test_malformed_keys_are_a_clear_error_that_shows_no_value(tmp_path: Path) ->
     assert "c2hvcnQ" not in str(err.value)
     with pytest.raises(KeyStoreError, match="malformed"):
         ClusterKeys.from_credentials({"cluster_id": "zz", "master_key": "!!"})
+
+
+def test_a_rotation_keeps_the_next_key_aside_until_it_is_finished(tmp_path: Path) -> None:
+    store = SecretStore(tmp_path / "secrets")
+    first, _ = ensure_cluster_keys(store)
+    rotating = begin_rotation(store)
+    assert rotating.master.key_id == first.master.key_id and rotating.next is not None
+    assert rotating.next.generation == 2
+    assert begin_rotation(store).next == rotating.next, "asking again shows the rotation under way"
+    assert load_cluster_keys(store).next == rotating.next, "a restarted service resumes it"
+    with pytest.raises(KeyStoreError, match="not the rotation under way"):
+        finish_rotation(store, ensure_cluster_keys(SecretStore(tmp_path / "elsewhere"))[0].master)
+    done = finish_rotation(store, rotating.next)
+    assert done.master.key_id == rotating.next.key_id and done.next is None
+    assert load_cluster_keys(store).fingerprint == done.fingerprint and not store.exists("heartbeat-master-key-next")
+
+
+def test_the_next_key_is_sealed_for_one_host_and_opens_only_with_the_current_key(tmp_path: Path) -> None:
+    store = SecretStore(tmp_path / "secrets")
+    ensure_cluster_keys(store)
+    keys = begin_rotation(store)
+    assert keys.next is not None
+    sealed = seal_next(keys.master, keys.next, keys.cluster_id, "worker-1")
+    assert keys.next.secret.hex() not in sealed
+    opened = unseal_next(keys.master, sealed, 2, keys.cluster_id, "worker-1")
+    assert opened.key_id == keys.next.key_id
+    for args in ((keys.next, sealed, "worker-1"), (keys.master, sealed, "worker-2"),
+                 (keys.master, sealed[:-4] + "AAAA", "worker-1")):
+        with pytest.raises(KeyStoreError, match="does not open"):
+            unseal_next(args[0], args[1], 2, keys.cluster_id, args[2])
