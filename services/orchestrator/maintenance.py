@@ -7,8 +7,11 @@ The node of a host is the node named like the host's hostname.
 1. cordon: ``spec.unschedulable = true``, and the label ``roost.io/maintenance=draining`` that says roost did it;
 2. drain, in rounds every ``poll_interval``: list the pods bound to the node; ask the Eviction API (policy/v1)
    to evict each one that must leave (DaemonSet pods, mirror pods and finished pods stay, as with
-   ``kubectl drain --ignore-daemonsets``); a 429 means a PodDisruptionBudget does not allow it yet: ask
-   again next round; wait until every evicted pod is gone;
+   ``kubectl drain --ignore-daemonsets``; pods no controller owns and pods with emptyDir volumes go too, as
+   with ``--force --delete-emptydir-data``, which StarlingX uses: a locked host runs nothing); a 429 means
+   a PodDisruptionBudget does not allow it yet: ask again next round; wait until every evicted pod is gone
+   (one still terminating ``skip_wait_after`` seconds past its deletionTimestamp is not waited for: its
+   kubelet is down);
 3. taint: ``roost.io/locked=true:NoExecute`` (the key is configurable), label ``roost.io/maintenance=locked``;
    the answer is *done*.
 

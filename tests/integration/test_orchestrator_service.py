@@ -239,3 +239,19 @@ async def test_lock_and_unlock_over_nats_with_the_services_hosted_as_roost_up_ho
             deadline = asyncio.get_running_loop().time() + 30
             await inventory_host.stop(deadline)
             await orchestrator_host.stop(deadline)
+
+
+async def test_a_command_with_the_wrong_action_is_refused_and_readers_may_not_send_one(
+        site: Site, fake: FakeKube, tmp_path: Path) -> None:
+    async with orchestrator_on(site, orchestrator_settings(fake, tmp_path)):
+        wrong = await site.command("roost.cmd.hostservices.disable",
+                                   {"uuid": "u-1", "hostname": "worker-0", "action": "unlock"})
+        assert wrong.status is ReplyStatus.REJECTED and "does not take the action 'unlock'" in (wrong.reason or "")
+        reader = await site.command("roost.cmd.hostservices.disable",
+                                    {"uuid": "u-1", "hostname": "worker-0", "action": "lock"}, token=site.reader)
+        assert reader.status is ReplyStatus.REJECTED and "may not send" in (reader.reason or "")
+        direct = await site.ok("roost.cmd.hostservices.disable",
+                               {"uuid": "u-1", "hostname": "worker-1", "action": "lock"})
+    assert direct == {"done": True, "detail": "node worker-1 cordoned, 0 pods evicted, "
+                                              "tainted roost.io/locked=true:NoExecute"}
+    assert not fake.unschedulable("worker-0") and fake.unschedulable("worker-1")
