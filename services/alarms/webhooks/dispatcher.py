@@ -1,9 +1,13 @@
 """The webhook dispatcher: sends queued deliveries, in order per (subscription, alarm instance), at least once.
 
-Each cycle of its loop: (a) the fan-out (``store.fan_out``) when a notification was announced (or at the
-poll), which turns new notifications into delivery rows; (b) the outcomes of the requests that succeeded
-since the last cycle, written in one statement; (c) one claim, in one statement (no lock is held while a
-request is in flight), for as many requests as there are free slots:
+The fan-out (``store.fan_out``) runs in a task of its own, on a connection of its own (its short wait for
+the writers' lock never holds up the sending), when a notification was announced, when deliveries made
+room, or at the poll: it turns notifications into delivery rows, only ``ahead`` (512) pending rows per
+subscription ahead of the sending (the notifications beyond stay durably queued behind the
+subscription's cursor; a dead subscriber costs no rows per alarm).  Each cycle of the sending loop:
+(a) the outcomes of the requests that succeeded since the last cycle, written in one statement; (b) one
+claim, in one statement (no lock is held while a request is in flight), for as many requests as there
+are free slots:
 
 1. per subscription not paused, only its ``window`` oldest pending rows are looked at (the queue index
    ``(subscription_id, id)``: the cost does not grow with the backlog); among them, the deliveries
@@ -166,7 +170,7 @@ def describe(exc: BaseException) -> str:
 class DispatcherSettings:
     timeout: float = 10.0                # one request, end to end
     lease: float | None = None           # claim lifetime; default timeout + 30 s; must exceed timeout
-    per_subscription: int = 4            # requests in flight per subscription (all replicas)
+    per_subscription: int = 16           # requests in flight per subscription (all replicas)
     max_in_flight: int = 64              # requests in flight in this dispatcher
     min_backoff: float = 1.0
     max_backoff: float = 3600.0
@@ -176,6 +180,7 @@ class DispatcherSettings:
     grace: float = 5.0                   # stop(): how long requests in flight may finish
     db_backoff: float = 1.0              # wait after a database error in the claim loop
     window: int = 256                    # oldest pending rows per subscription a claim looks at
+    ahead: int | None = 512              # fan-out: pending delivery rows made ahead per subscription (None: all)
 
     @property
     def effective_lease(self) -> float:
@@ -188,6 +193,8 @@ class DispatcherSettings:
             raise ValueError("webhook dispatcher: per_subscription and max_in_flight must be at least 1")
         if self.window < self.per_subscription:
             raise ValueError("webhook dispatcher: window must be at least per_subscription")
+        if self.ahead is not None and self.ahead < self.per_subscription:
+            raise ValueError("webhook dispatcher: ahead must be at least per_subscription (or None)")
         return self
 
 
@@ -365,6 +372,8 @@ class WebhookDispatcher:
         self._depth_at = -float("inf")
         self._task: asyncio.Task[None] | None = None
         self._announced = True           # a notification may wait for the fan-out (at start: look)
+        self._fan_wake = asyncio.Event()
+        self._fanning: asyncio.Task[None] | None = None
         self._delivered: list[Done] = []
         self._rendered: dict[tuple[str, int], bytes] = {}
 
@@ -388,7 +397,7 @@ class WebhookDispatcher:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
-        poll_at = -float("inf")
+        self._fanning = asyncio.create_task(self._fan_out_loop(), name="webhook-fan-out")
         try:
             while not self._stopping.is_set():
                 self._wake.clear()
@@ -396,15 +405,8 @@ class WebhookDispatcher:
                 await self._ensure_listening()
                 sleep = self.settings.poll_interval
                 try:
-                    if self._announced or loop.time() >= poll_at:
-                        self._announced = False
-                        poll_at = loop.time() + self.settings.poll_interval
-                        made, again = await fan_out_once(self._db())
-                        self.stats.fanned_out += made
-                        if again:           # a writer held its seq too long, or a subscription was busy
-                            self._announced = True
-                            sleep = min(sleep, 0.05)
-                    await self._record_delivered()
+                    if await self._record_delivered() and self.settings.ahead is not None:
+                        self._fan_out_soon()         # room in the windows again: make the next rows
                     free = self.settings.max_in_flight - len(self._inflight)
                     if free > 0:
                         jobs, due = await self._claim(free)
@@ -423,7 +425,7 @@ class WebhookDispatcher:
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
                     log.warning("webhook dispatcher: database trouble, retrying", error=describe(exc))
                     sleep = self.settings.db_backoff
-                    self._announced = True
+                    self._fan_out_soon()
                 if self._delivered:
                     sleep = 0.0
                 with contextlib.suppress(TimeoutError):
@@ -433,6 +435,10 @@ class WebhookDispatcher:
         finally:
             # Reached by stop() after the graceful part, or when this task is cancelled (a crash, as far as
             # the queue is concerned: claims are left to expire, nothing is written).
+            if self._fanning is not None:
+                self._fanning.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._fanning
             for task in list(self._inflight):
                 task.cancel()
             if self._inflight:
@@ -495,8 +501,53 @@ class WebhookDispatcher:
         self._listener = conn
 
     def _notified(self, *_: Any) -> None:
-        self._announced = True
+        self._fan_out_soon()
         self._wake.set()
+
+    def _fan_out_soon(self) -> None:
+        self._announced = True
+        self._fan_wake.set()
+
+    async def _fan_out_loop(self) -> None:
+        """The fan-out, in a task of its own on a connection of its own, so that its wait for the writers'
+        lock never holds up the claims and outcomes of the sending loop: run when a notification is
+        announced (and at the poll), when deliveries made room in a window (``ahead``), and again soon when a
+        writer held its seq or a subscription was busy; it wakes the sending loop when it made rows."""
+        loop = asyncio.get_running_loop()
+        poll_at = -float("inf")
+        conn: asyncpg.pool.PoolConnectionProxy | None = None
+        try:
+            while not self._stopping.is_set():
+                self._fan_wake.clear()
+                sleep = self.settings.poll_interval
+                if self._announced or loop.time() >= poll_at:
+                    self._announced = False
+                    poll_at = loop.time() + self.settings.poll_interval
+                    try:
+                        if conn is None or conn.is_closed():
+                            conn = await self.pool.acquire()
+                        made, again = await fan_out_once(conn, ahead=self.settings.ahead)
+                        if made:
+                            self.stats.fanned_out += made
+                            self._wake.set()
+                        if again:           # a writer held its seq too long, or a subscription was busy
+                            self._announced = True
+                            sleep = 0.05
+                    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                        log.warning("webhook fan-out: database trouble, retrying", error=describe(exc))
+                        if conn is not None:
+                            with contextlib.suppress(Exception):
+                                await self.pool.release(conn)
+                            conn = None
+                        self._announced = True
+                        sleep = self.settings.db_backoff
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(sleep):
+                        await self._fan_wake.wait()
+        finally:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
 
     async def _unlisten(self) -> None:
         conn, self._listener = self._listener, None
@@ -587,10 +638,10 @@ class WebhookDispatcher:
                         "lease runs out", subscription=job.subscription_id, webhook_id=job.webhook_id,
                         outcome=outcome.state, error=describe(exc))
 
-    async def _record_delivered(self) -> None:
-        """Write the 2xx outcomes gathered since the last cycle, in one statement."""
+    async def _record_delivered(self) -> bool:
+        """Write the 2xx outcomes gathered since the last cycle, in one statement; whether there were any."""
         if not self._delivered:
-            return
+            return False
         done, self._delivered = self._delivered, []
         try:
             db = self._db()
@@ -620,6 +671,7 @@ class WebhookDispatcher:
             if await db.fetchval(_MARK_RECOVERED, uuid.UUID(sub)) is not None:
                 log.info("webhook subscription recovered", subscription=sub)
                 await self._call(self.on_subscription_recovered, sub, "delivering again")
+        return True
 
     async def _record(self, job: Job, outcome: Outcome, status: int | None) -> None:
         sub = uuid.UUID(job.subscription_id)
@@ -643,6 +695,7 @@ class WebhookDispatcher:
                 return
             turned_failing = await conn.fetchval(_MARK_FAILING, sub, outcome.reason) is not None
         self.stats.dead_lettered += 1
+        self._fan_out_soon()                 # room in its window
         log.warning("webhook delivery dead-lettered", subscription=job.subscription_id, webhook_id=job.webhook_id,
                     attempts=job.attempts + 1, reason=outcome.reason)
         if turned_failing:

@@ -339,11 +339,21 @@ async def enqueue(conn: AnyConnection, notification: Notification) -> int:
 
 # The fan-out of (cursor, hw] for every subscription behind (and not being fanned out by another
 # replica), in chunks of FANOUT_CHUNK seqs: delivery rows in notification order, cursors moved, one statement.
+# With $3 (ahead) not NULL, a subscription's cursor moves at most as many seqs as it has room for below
+# $3 pending delivery rows (its filters may skip some of those seqs: never more rows than room); `more`
+# says a chunk ended before hw (call again), not that a subscription's window is full.
 _FAN_OUT = f"""
-    WITH s AS (
-        SELECT id, fanned_out_seq AS lo, least($1::bigint, fanned_out_seq + $2::bigint) AS hi, severities,
-               alarm_ids, entity_prefix
-        FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1 ORDER BY id FOR NO KEY UPDATE SKIP LOCKED),
+    WITH b AS (
+        SELECT id, fanned_out_seq AS lo, severities, alarm_ids, entity_prefix,
+               CASE WHEN $3::bigint IS NULL THEN $2::bigint
+                    ELSE least($2::bigint, greatest(0, $3::bigint - (
+                        SELECT count(*) FROM (SELECT 1 FROM {DELIVERIES} d
+                                              WHERE d.subscription_id = u.id AND d.state = 'pending'
+                                              LIMIT $3::bigint) p))) END AS room
+        FROM {SUBSCRIPTIONS} u WHERE fanned_out_seq < $1 ORDER BY id FOR NO KEY UPDATE SKIP LOCKED),
+    s AS (
+        SELECT id, lo, least($1::bigint, lo + room) AS hi, room, severities, alarm_ids, entity_prefix
+        FROM b WHERE room > 0),
     ins AS (
         INSERT INTO {DELIVERIES} (subscription_id, notification_seq, webhook_id, ordering_key, event_type,
                                   created_at)
@@ -353,10 +363,10 @@ _FAN_OUT = f"""
         ORDER BY n.seq, s.id
         RETURNING 1),
     upd AS (
-        UPDATE {SUBSCRIPTIONS} AS u SET fanned_out_seq = s.hi FROM s WHERE u.id = s.id RETURNING s.hi)
+        UPDATE {SUBSCRIPTIONS} AS u SET fanned_out_seq = s.hi FROM s WHERE u.id = s.id RETURNING s.hi, s.lo, s.room)
     SELECT (SELECT count(*) FROM ins) AS made, (SELECT count(*) FROM upd) AS subscriptions,
-           coalesce((SELECT bool_or(hi < $1) FROM upd), false) AS more,
-           (SELECT count(*) FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1) > (SELECT count(*) FROM s) AS skipped"""
+           coalesce((SELECT bool_or(hi < $1 AND room = $2) FROM upd), false) AS more,
+           (SELECT count(*) FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1) > (SELECT count(*) FROM b) AS skipped"""
 
 
 # The last seq handed out, when some subscription's cursor is behind it, and (only then, so after that seq
@@ -370,24 +380,27 @@ _FAN_OUT_CHECK = f"""
 _BARRIER_WAIT = f"""BEGIN; SET LOCAL lock_timeout = '500ms'; SELECT pg_advisory_xact_lock({FANOUT_LOCK}); COMMIT"""
 
 
-async def fan_out(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHUNK) -> int:
+async def fan_out(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHUNK, ahead: int | None = None) -> int:
     """Make the delivery rows of every committed notification not yet fanned out; returns how many.
 
     On a connection outside any transaction (the barrier must not keep the lock), or the pool's.
     Subscriptions another replica is fanning out at this moment are left to it.  When writers still
     hold seqs up to the last one handed out, waits for them at most half a second (then makes nothing:
-    call again).
+    call again).  With ``ahead``, only as far as each subscription has fewer than ``ahead`` pending
+    delivery rows (the dispatcher's way: the rows are made as the sending needs them; the notifications
+    beyond stay queued, durably, behind the subscription's cursor).
     """
-    made, _ = await fan_out_once(conn, chunk=chunk)
+    made, _ = await fan_out_once(conn, chunk=chunk, ahead=ahead)
     return made
 
 
-async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHUNK) -> tuple[int, bool]:
+async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHUNK,
+                       ahead: int | None = None) -> tuple[int, bool]:
     """``fan_out``; also whether to call again soon: a writer kept its seq past the wait, or a subscription
     was locked (by another replica's fan-out, or an update of its row) and left for later."""
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as own:
-            return await fan_out_once(own, chunk=chunk)
+            return await fan_out_once(own, chunk=chunk, ahead=ahead)
     check = await conn.fetchrow(_FAN_OUT_CHECK, FANOUT_LOCK)
     if check is None:
         return 0, False
@@ -399,7 +412,7 @@ async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOU
             return 0, True
     made = 0
     while True:
-        row = await conn.fetchrow(_FAN_OUT, hw, chunk)
+        row = await conn.fetchrow(_FAN_OUT, hw, chunk, ahead)
         assert row is not None
         made += int(row["made"])
         if not row["more"]:
