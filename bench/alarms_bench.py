@@ -310,11 +310,14 @@ async def receiver_main(verify_with: str | None) -> None:
 # -- the alarms service in a process of its own ------------------------------------------------------
 
 
-async def service_main(bus_url: str, database_url_: str, batch: int, dispatch: bool) -> None:
-    """The alarms service hosted as ``roost up`` hosts it; without ``dispatch`` its notifications are fanned
-    out (as its dispatcher does) but nothing is sent (figure 1: the subscribers are unreachable, and trying
-    them is figure 2's work)."""
-    service = AlarmsService(batch_size=batch, webhooks=dispatch)
+async def service_main(bus_url: str, database_url_: str, batch: int, mode: str) -> None:
+    """The alarms service hosted as ``roost up`` hosts it; with ``mode`` ``queue-only`` its notifications are
+    fanned out (as its dispatcher does) but nothing is sent (figure 1: the subscribers are unreachable, and
+    trying them is figure 2's work); ``dispatch``: its dispatcher in its process; ``dispatch-process``: its
+    dispatcher in a child process of its own (``ROOST_ALARMS_DISPATCHER=process``)."""
+    dispatch = mode != "queue-only"
+    service = AlarmsService(batch_size=batch, webhooks=dispatch,
+                            dispatcher="process" if mode == "dispatch-process" else "inline")
     host = ServiceHost(service, load_settings(), Connections(bus_url, database_url_), None)
     await host.start()
     service.store.webhooks = True
@@ -568,10 +571,11 @@ async def receiver_stats(url: str, *, reset_after: bool = False) -> dict[str, An
 
 async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: Registry, rate: float,
                       seconds: float, instances: int, receiver: str, secret: str, batch: int,
-                      drain: float) -> dict[str, Any]:
+                      drain: float, dispatcher: str) -> dict[str, Any]:
     await reset(pool, 1, f"{receiver}/hook", secret)
     total = int(rate * seconds)
-    async with child("--serve-alarms", nats_url, db_url, str(batch), "dispatch"):
+    mode = "dispatch-process" if dispatcher == "process" else "dispatch"
+    async with child("--serve-alarms", nats_url, db_url, str(batch), mode):
         bus = Bus(NatsTransport(nats_url, client_name="roost-bench"), source=SOURCE)
         await bus.connect()
         try:
@@ -678,6 +682,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reference-rate", type=float, help="figure 3 also at this rate, for reference (100; quick 0: no)")
     p.add_argument("--drain", type=float, help="figure 3: how long to wait after publishing for the rest (30; quick 5)")
     p.add_argument("--verify", action="store_true", help="the receiver verifies every signature")
+    p.add_argument("--dispatcher", choices=["process", "inline"], default="process",
+                   help="figure 3: the alarms service's webhook dispatcher in a child process of its own "
+                        "(ROOST_ALARMS_DISPATCHER=process; the default here) or in the service's process")
     p.add_argument("--only", choices=["rate", "webhooks", "latency"], action="append",
                    help="run only these figures (repeatable)")
     args = p.parse_args(argv)
@@ -809,10 +816,13 @@ async def figure_latency(args: argparse.Namespace, pool: asyncpg.Pool, registry:
                          db_url: str, receiver: str, secret: str) -> None:
     print(f"3. latency from the publish of roost.fault.set on NATS to the webhook received, sets and clears in turn "
           f"for {args.seconds:g} s each rate, 1 subscriber; publisher in this process, the alarms service (batch "
-          f"{args.batch}, dispatcher defaults) and the receiver each in their own process")
+          f"{args.batch}; dispatcher settings the defaults, " + ("in a child process of the service's" if
+             args.dispatcher == "process" else "in the service's process") + ") and the receiver each in their "
+          "own process")
     for rate in [args.rate, *([args.reference_rate] if args.reference_rate else [])]:
         result = await run_latency(pool, nats_url, db_url, registry, rate, args.seconds,
-                                   max(1, int(2 * rate)), receiver, secret, args.batch, args.drain)
+                                   max(1, int(2 * rate)), receiver, secret, args.batch, args.drain,
+                                   args.dispatcher)
         stats = result["stats"]
         lat = [x * 1000 for x in stats["latencies"]]
         missing = result["raises"] - len(lat)    # not received within the drain: later than anything timed
@@ -841,7 +851,7 @@ def run() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-alarms":
         configure_logging("console", "WARNING")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        asyncio.run(service_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "dispatch"))
+        asyncio.run(service_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]))
         return 0
     return asyncio.run(main())
 

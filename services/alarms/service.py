@@ -32,6 +32,12 @@ each recorded as a customer log (950.501 / 950.502) in the same transaction.
 The catalogue is roost's own plus the files named in ``ROOST_ALARM_CATALOGUES`` (``os.pathsep``-separated,
 e.g. StarlingX's ``events.yaml``), merged at start; or exactly the paths given to the constructor.
 
+Webhooks: the ``WebhookDispatcher`` runs in this process (``dispatcher="inline"``, the default), or with
+``dispatcher="process"`` (or ``ROOST_ALARMS_DISPATCHER=process``) in a child process this one supervises
+(``services.alarms.webhooks.worker``: same queue, the hooks and metrics relayed back here), so that
+sending and applying faults use two cores.  The child connects with ``database_url`` (default: the URL
+the pool was made with).
+
 Metrics (``services.alarms.metrics``): sets and clears counted after their commit, active alarms by
 severity refreshed every ``metrics_interval`` seconds.
 
@@ -86,6 +92,7 @@ from services.alarms.store import (
     StoredAlarm,
 )
 from services.alarms.webhooks import WebhookDispatcher
+from services.alarms.webhooks.worker import DispatcherProcess, pool_url
 from services.core.bus.abc import ConsumerOptions
 from services.core.bus.bus import Message, Reject
 from services.core.db.inbox import Inbox
@@ -106,6 +113,8 @@ INBOX_CONSUMER = "alarms-faults"
 INBOX_HOSTS = "alarms-hosts"
 HOST_DELETED = "roost.host.deleted"
 CATALOGUES_ENV = "ROOST_ALARM_CATALOGUES"
+DISPATCHER_ENV = "ROOST_ALARMS_DISPATCHER"     # "inline" (the default) or "process"
+DispatcherMode = Literal["inline", "process"]
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _RETENTION_LOCK = 0x616C61726D73   # "alarms": one purge at a time across replicas
 
@@ -223,9 +232,15 @@ class AlarmsService:
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
                  webhook_retention: timedelta = timedelta(days=7),
-                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 64) -> None:
+                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 64,
+                 dispatcher: DispatcherMode | None = None, database_url: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        mode = dispatcher if dispatcher is not None else os.environ.get(DISPATCHER_ENV, "inline") or "inline"
+        if mode not in ("inline", "process"):
+            raise ValueError(f"{DISPATCHER_ENV} must be inline or process, not {mode!r}")
+        self.dispatcher_mode: DispatcherMode = "process" if mode == "process" else "inline"
+        self.database_url = database_url
         self.catalogue_paths = list(catalogue_paths) if catalogue_paths is not None else None
         self.batch_size = batch_size
         self._queued: list[_Queued] = []
@@ -240,7 +255,7 @@ class AlarmsService:
         self.metrics_interval = metrics_interval
         self._tasks: list[asyncio.Task[None]] = []
         self._router: APIRouter | None = None
-        self._dispatcher: WebhookDispatcher | None = None
+        self._dispatcher: WebhookDispatcher | DispatcherProcess | None = None
 
     @property
     def store(self) -> AlarmStore:
@@ -274,9 +289,20 @@ class AlarmsService:
         await ctx.bus.subscribe(HOST_DELETED, GROUP, self.on_host_deleted)
         await ctx.bus.serve(COMMANDS, GROUP, self.command)
         if self.webhooks:
-            self._dispatcher = WebhookDispatcher(ctx.pool, on_subscription_failing=self._webhook_failing,
-                                                 on_subscription_recovered=self._webhook_recovered)
-            self._dispatcher.start()
+            url = self.database_url or pool_url(ctx.pool)
+            if self.dispatcher_mode == "process" and url is not None:
+                process = DispatcherProcess(url, on_subscription_failing=self._webhook_failing,
+                                            on_subscription_recovered=self._webhook_recovered,
+                                            log_format=ctx.settings.log_format, log_level=ctx.settings.log_level)
+                self._dispatcher = process
+                await process.start()
+            else:
+                if self.dispatcher_mode == "process":
+                    log.warning("webhook dispatcher runs in this process: the database URL is unknown")
+                inline = WebhookDispatcher(ctx.pool, on_subscription_failing=self._webhook_failing,
+                                           on_subscription_recovered=self._webhook_recovered)
+                self._dispatcher = inline
+                inline.start()
 
     async def _webhook_failing(self, subscription_id: str, reason: str) -> None:
         """A subscriber turned failing: raise 950.201 on it (through the bus, like any service's fault)."""

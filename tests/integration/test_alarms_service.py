@@ -514,6 +514,33 @@ async def test_the_event_log_pages_and_filters_alarms_and_logs(site: Site) -> No
 
 
 async def test_a_failing_webhook_subscriber_raises_its_alarm_and_recovery_clears_it(site: Site) -> None:
+    await failing_subscriber_alarm_raised_and_cleared(site)
+
+
+async def test_the_webhook_dispatcher_in_a_process_of_its_own_relays_hooks_and_metrics(pool: asyncpg.Pool) -> None:
+    """``dispatcher="process"``: the same behaviour, the sending done by a supervised child process."""
+    from services.alarms.webhooks.worker import DispatcherProcess
+
+    s = Site(pool)
+    s.service = AlarmsService([ROOST_CATALOGUE, STARLINGX], dispatcher="process")
+    await s.start()
+    try:
+        child = s.service._dispatcher
+        assert isinstance(child, DispatcherProcess) and child.pid is not None and child.pid != os.getpid()
+        dead_before = PROMETHEUS.get_sample_value("roost_webhook_deliveries_total", {"outcome": "dead_letter"}) or 0
+        await failing_subscriber_alarm_raised_and_cleared(s)
+        # the child's observations reach this process's registry (what /metrics serves)
+        await wait_until(lambda: (PROMETHEUS.get_sample_value("roost_webhook_deliveries_total",
+                                                              {"outcome": "dead_letter"}) or 0) > dead_before,
+                         what="the child's dead letter counted here")
+    finally:
+        await s.service.stop()
+        for bus in s.buses:
+            await bus.close()
+    assert child.pid is None and child.starts == 1
+
+
+async def failing_subscriber_alarm_raised_and_cleared(site: Site) -> None:
     from tests.support.http_receiver import HttpReceiver, Reply, Request
 
     answer = {"status": 400}

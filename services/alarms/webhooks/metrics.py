@@ -11,12 +11,16 @@
   label is a subscription id: subscriptions are registered by operators and are few (tens), and a
   deleted subscription's series is removed at the next refresh, so the cardinality stays bounded.
   Every dispatcher replica reports the same (database-wide) number: aggregate with ``max``.
+
+A dispatcher in a process of its own (``services.alarms.webhooks.worker``) calls ``forward_to(sink)``: each
+observation is then also handed to ``sink(kind, args)``; the worker sends them up to the alarms service's
+process, which applies them to its own registry (``apply``), the one its ``/metrics`` serves.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -37,6 +41,24 @@ for _outcome in OUTCOMES:
     DELIVERIES.labels(_outcome)
 
 _reported: set[str] = set()
+Sink = Callable[[str, tuple[Any, ...]], None]
+_sink: Sink | None = None
+
+
+def forward_to(sink: Sink | None) -> None:
+    """Hand every observation to ``sink(kind, args)`` too (None: stop)."""
+    global _sink
+    _sink = sink
+
+
+def apply(kind: str, args: Sequence[Any]) -> None:
+    """Record an observation forwarded from a dispatcher's process (``forward_to``); unknown kinds are ignored."""
+    if kind == "attempt" and len(args) == 2 and args[0] in OUTCOMES:
+        record_attempt(str(args[0]), float(args[1]))
+    elif kind == "latency" and len(args) == 1:
+        record_latency(float(args[0]))
+    elif kind == "depth" and len(args) == 1 and isinstance(args[0], dict):
+        set_queue_depth({str(k): int(v) for k, v in args[0].items()})
 
 
 def record_attempt(outcome: str, seconds: float) -> None:
@@ -44,14 +66,20 @@ def record_attempt(outcome: str, seconds: float) -> None:
         raise ValueError(f"unknown webhook outcome {outcome!r}")
     DELIVERIES.labels(outcome).inc()
     ATTEMPT_DURATION.observe(max(0.0, seconds))
+    if _sink is not None:
+        _sink("attempt", (outcome, seconds))
 
 
 def record_latency(seconds: float) -> None:
     LATENCY.observe(max(0.0, seconds))
+    if _sink is not None:
+        _sink("latency", (seconds,))
 
 
 def set_queue_depth(depth: Mapping[str, int]) -> None:
     """Set the gauge for every subscription in ``depth``; drop the series of the ones gone."""
+    if _sink is not None:
+        _sink("depth", (dict(depth),))
     for subscription, pending in depth.items():
         QUEUE_DEPTH.labels(subscription).set(pending)
     for gone in _reported - set(depth):
