@@ -210,6 +210,9 @@ class RoostSettings(BaseSettings):
     inbox_retention_days: float = Field(default=14.0, gt=0,
                                         description="inbox entries (the duplicate filter) are kept this long")
     heartbeat: HeartbeatSettings = Field(default_factory=HeartbeatSettings)
+    failed_host_recovery: Literal["none", "reset"] = Field(
+        default="none", description="reset: inventory resets a worker or storage host that fails its heartbeat "
+                                    "through its BMC")
 
     @field_validator("bus_url", "database_url", mode="before")
     @classmethod

@@ -565,7 +565,21 @@ def _delete(site: Site, uuid: str) -> Accepted | Refused:
 # -- events --
 
 
-def apply(site: Site, event: Event) -> Accepted:
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """Site policy the rules consult (from the settings).
+
+    ``reset_failed_hosts``: a worker or storage host that fails its heartbeat while unlocked is reset
+    through its BMC (StarlingX maintenance's recovery of an unresponsive host); it comes back through its
+    in-test checks when it answers again.  Controllers are left to the controller pair, which fences."""
+
+    reset_failed_hosts: bool = False
+
+
+DEFAULT_POLICY = Policy()
+
+
+def apply(site: Site, event: Event, policy: Policy = DEFAULT_POLICY) -> Accepted:
     """Fold a fact into the site.  Never refused: a fact that does not fit is ignored (``detail`` says why,
     ``ignored`` is set and the site comes back equal)."""
     if isinstance(event, ActiveChanged):
@@ -585,7 +599,7 @@ def apply(site: Site, event: Event) -> Accepted:
         case AgentOffline():
             return _agent(site, host, alive=False)
         case HeartbeatHealth(_, state, networks_down):
-            return _heartbeat(site, host, state, networks_down)
+            return _heartbeat(site, host, state, networks_down, policy)
         case DegradeSet(_, key):
             return Accepted(site.with_host(_with_reasons(host, host.degrade_reasons | {key})),
                             detail=f"{_name(host)} degraded by {key}")
@@ -657,7 +671,8 @@ def _agent(site: Site, host: HostState, *, alive: bool) -> Accepted:
     return Accepted(site.with_host(after), detail=f"agent of {_name(host)} {'online' if alive else 'offline'}")
 
 
-def _heartbeat(site: Site, host: HostState, state: str, networks_down: tuple[str, ...]) -> Accepted:
+def _heartbeat(site: Site, host: HostState, state: str, networks_down: tuple[str, ...],
+               policy: Policy = DEFAULT_POLICY) -> Accepted:
     name = _name(host)
     if state not in HEARTBEAT_STATES:
         return _ignored(site, f"unknown heartbeat state {state!r} for {name}")
@@ -672,7 +687,13 @@ def _heartbeat(site: Site, host: HostState, state: str, networks_down: tuple[str
         if not _locking(host):
             after = replace(after, task="", action="none")
         active = None if site.active == host.uuid else site.active
-        return Accepted(Site(site.with_host(after).hosts, active), detail=f"{name} failed its heartbeat")
+        failed = Site(site.with_host(after).hosts, active)
+        if (policy.reset_failed_hosts and host.bmc and host.personality in ("worker", "storage")
+                and host.availability != "failed" and after.action == "none"):
+            resetting = replace(after, task=_POWER_TASKS["reset"], action="reset")
+            return Accepted(failed.with_host(resetting), (BmcAction(host.uuid, "reset"),),
+                            f"{name} failed its heartbeat: resetting it through its BMC")
+        return Accepted(failed, detail=f"{name} failed its heartbeat")
     if host.availability == "failed":
         if _locking(host):
             return Accepted(site.with_host(after), detail=f"{name} answers again; it is being locked: no recovery")
@@ -716,5 +737,6 @@ def _action_over(site: Site, host: HostState, failure: str | None) -> Accepted:
     if failure is None:
         return Accepted(site.with_host(after), detail=f"{host.action} of {name} done")
     # The action did not happen (or not wholly): show what is known, not what it was meant to lead to.
-    after = replace(after, availability=_locked_availability(after))
+    if host.administrative == "locked":
+        after = replace(after, availability=_locked_availability(after))
     return Accepted(site.with_host(after), detail=f"{host.action} of {name} failed: {failure}")

@@ -132,8 +132,11 @@ class InventoryService:
     def __init__(self, *, lock_timeout: float = 120.0, go_enabled_timeout: float = 60.0,
                  agent_check_interval: float = 5.0, bmc_audit_interval: float = 60.0,
                  power_wait: float = 30.0, metrics_interval: float = 10.0, secrets: SecretStore | None = None,
-                 bmc_factory: BmcFactory | None = None, bmc_request_timeout: float = 5.0) -> None:
+                 bmc_factory: BmcFactory | None = None, bmc_request_timeout: float = 5.0,
+                 failed_host_recovery: Literal["none", "reset"] | None = None) -> None:
         self.metrics_interval = metrics_interval
+        self.failed_host_recovery = failed_host_recovery
+        self.policy = machine.Policy()
         self.secrets = secrets
         self.bmc_factory = bmc_factory
         self.bmc_request_timeout = bmc_request_timeout
@@ -172,6 +175,8 @@ class InventoryService:
 
     async def start(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
+        recovery = self.failed_host_recovery or ctx.settings.failed_host_recovery
+        self.policy = machine.Policy(reset_failed_hosts=recovery == "reset")
         secrets = self.secrets or SecretStore.in_data_dir(ctx.settings.data_dir)
         self._bmcs = BmcManager(PasswordVault.from_store(secrets), FencingSealer.from_store(secrets),
                                 self.bmc_factory, request_timeout=self.bmc_request_timeout)
@@ -263,7 +268,7 @@ class InventoryService:
         if item is None:
             return Outcome(False, "", row, snapshot=snap)
         decision = (machine.decide(snap.site, item) if isinstance(item, machine.Command)
-                    else machine.apply(snap.site, item))
+                    else machine.apply(snap.site, item, self.policy))
         if isinstance(decision, Refused):
             if origin is not None and verb is not None and row is not None:
                 await self._log(conn, origin, verb, row, f"rejected: {decision.reason}")

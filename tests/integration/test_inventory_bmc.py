@@ -129,3 +129,31 @@ async def test_passwords_are_encrypted_never_shown_and_sealed_for_fencing(site: 
     accesses = await site.outbox("roost.host.bmc_access")
     assert accesses[-1]["data"]["sealed"] == ""
     assert (await site.host("controller-0"))["bmc"] is None
+
+
+async def test_with_the_reset_policy_a_worker_that_fails_its_heartbeat_is_reset_through_its_bmc(
+        sushy: SushyEmulator) -> None:
+    async with inventory_database() as pool, running_site(pool, bmc_factory=quick_bmc, power_wait=20.0,
+                                                          bmc_audit_interval=3600.0,
+                                                          failed_host_recovery="reset") as site:
+        await provisioned(site, "controller-0", "controller", "52:54:00:10:00:01")
+        await unlocked(site, "controller-0")
+        await provisioned(site, "worker-0", "worker", "52:54:00:10:00:02")
+        await site.ok("roost.cmd.host.update", {"host": "worker-0", "bmc": bmc(sushy, WORKER)})
+        worker = await unlocked(site, "worker-0")
+        before = sushy.log().count("ComputerSystem.Reset")
+        await site.publish("roost/heartbeat", "roost.heartbeat.host_health",
+                           {"entity_id": worker["uuid"], "version": 1, "hostname": "worker-0", "state": "failed",
+                            "networks_down": ["mgmt"], "reason": "silent on every network"},
+                           "roost.heartbeat.host_health")
+
+        async def reset_done() -> bool:
+            host = await site.host("worker-0")
+            return host["availability"] == "failed" and host["action"] == "none" and host["power_state"] == "on"
+
+        await wait_until(reset_done, timeout=40.0, what="worker-0 reset through its BMC, still failed")
+        assert sushy.log().count("ComputerSystem.Reset") > before, "a reset was posted to the BMC"
+        causes = [e["data"].get("cause", "") for e in await site.outbox("roost.host.state_changed")]
+        assert causes[-2:] == ["heartbeat: failed: silent on every network", "bmc reset done (ForceRestart)"], causes
+        host = await site.host("worker-0")
+        assert (host["administrative"], host["operational"]) == ("unlocked", "disabled")

@@ -33,6 +33,7 @@ from services.inventory.machine import (
     HeartbeatHealth,
     HostState,
     Lock,
+    Policy,
     PowerObserved,
     PowerOff,
     PowerOn,
@@ -431,6 +432,35 @@ def test_heartbeat_failed_fails_an_unlocked_host_and_the_active_role() -> None:
     swacting = accepted(decide(s, Swact("c0"))).site
     c0 = apply(swacting, HeartbeatHealth("c0", "failed")).site.hosts["c0"]
     assert (c0.task, c0.action) == ("", "none")
+
+
+def test_with_the_reset_policy_a_failed_worker_is_reset_through_its_bmc_once() -> None:
+    reset = Policy(reset_failed_hosts=True)
+    s = duplex()
+    r = apply(s, HeartbeatHealth("w0", "failed"), reset)
+    w0 = r.site.hosts["w0"]
+    assert r.effects == (BmcAction("w0", "reset"),)
+    assert (w0.administrative, w0.availability, w0.action, w0.task) == ("unlocked", "failed", "reset", "Resetting")
+    only_changed(s, r.site, "w0")
+    again = apply(r.site.with_host(w0.with_(action="none", task="")), HeartbeatHealth("w0", "failed"), reset)
+    assert again.effects == (), "a host already failed is not reset again by every repeated verdict"
+    # the reset fails (a BMC that does not answer): the host stays failed, unlocked, with no action
+    w0 = apply(r.site, ActionFailed("w0", "BMC unreachable")).site.hosts["w0"]
+    assert (w0.administrative, w0.availability, w0.action) == ("unlocked", "failed", "none")
+    # it answers again after the reset: back through its in-test checks
+    done = apply(r.site, ActionDone("w0")).site
+    assert apply(done, HeartbeatHealth("w0", "healthy")).effects == (StartGoEnabled("w0"),)
+
+
+@pytest.mark.parametrize("case", ["no policy", "controller", "no bmc"])
+def test_failed_hosts_that_are_not_reset(case: str) -> None:
+    s = duplex()
+    uuid = "c1" if case == "controller" else "w0"
+    if case == "no bmc":
+        s = s.with_host(s.hosts["w0"].with_(bmc=False))
+    policy = Policy() if case == "no policy" else Policy(reset_failed_hosts=True)
+    r = apply(s, HeartbeatHealth(uuid, "failed"), policy)
+    assert r.effects == () and r.site.hosts[uuid].availability == "failed"
 
 
 def test_heartbeat_on_a_locked_host_only_touches_its_reasons() -> None:
