@@ -41,13 +41,14 @@ from services.core.settings import ConfigError, RoostSettings, load_settings, ma
 from services.core.system import CoreService
 from services.heartbeat.service import HeartbeatService
 from services.inventory.service import InventoryService
+from services.orchestrator.service import build_orchestrator
 
 log = structlog.get_logger("roost.up")
 
 
 def components() -> list[Component]:
     """Every service this build runs.  The domain services join this list as they are built."""
-    return [CoreService(), AlarmsService(), InventoryService(), HeartbeatService()]
+    return [CoreService(), AlarmsService(), InventoryService(), HeartbeatService(), build_orchestrator()]
 
 
 async def run_up(data_dir: Path | None, config: Path | None) -> None:
@@ -63,6 +64,10 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
     except ConfigError as exc:
         raise CliError(str(exc), code=2) from None
     configure_logging(settings.log_format, settings.log_level)
+    try:
+        services = components()          # bad service settings fail here, before any server starts
+    except ConfigError as exc:
+        raise CliError(str(exc), code=2) from None
     data = settings.data_dir
     data.mkdir(parents=True, exist_ok=True)
     data.chmod(0o700)
@@ -88,7 +93,6 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
         except MigrationError as exc:
             raise CliError(f"database migrations: {exc}", code=2) from None
         first_token = await _bootstrap_admin(pool, secrets)
-        services = components()
         hosts = [ServiceHost(c, settings, Connections(bus.url_for(c.name), database_url),
                              await _service_token(pool, secrets, c.name)) for c in services]
 
