@@ -58,7 +58,7 @@ from services.alarms.model import (
 )
 from services.alarms.webhooks import store as webhooks
 from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, dumps_body, rfc3339
-from services.core.db.outbox import Outbox
+from services.core.db.outbox import Outbox, ordering_key
 from services.core.db.pool import AnyConnection
 
 SCHEMA = "alarms"
@@ -248,13 +248,6 @@ _HISTORY_TYPES = ("uuid", "text", "text", "text", "text", "text", "uuid", "text"
 _INSERT_HISTORY = f"""
     INSERT INTO {SCHEMA}.event_log ({_HISTORY_COLUMNS})
     VALUES ($1, $2, $3, $4, $5::text::jsonb, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19)"""
-_INSERT_HISTORY_MANY = f"""
-    INSERT INTO {SCHEMA}.event_log ({_HISTORY_COLUMNS})
-    SELECT c1, c2, c3, c4, c5::jsonb, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c19
-    FROM unnest({", ".join(f"${i}::{t}[]" for i, t in enumerate(_HISTORY_TYPES, 1))}) WITH ORDINALITY
-         AS t(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c19, n)
-    ORDER BY n"""
-
 # The active rows a batch writes, in _ALARM_COLUMNS order then owner, version.
 _ALARM_TYPES = ("uuid", "text", "text", "text", "text", "timestamptz", "text", "text", "text", "text", "text",
                 "bool", "bool", "bool", "bool", "bool", "timestamptz", "timestamptz", "text", "bigint")
@@ -278,6 +271,54 @@ _UPDATE_ACTIVE_MANY = f"""
 _LOCK_MANY = f"""
     {_SELECT} WHERE (alarm_id, entity_instance_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))
     ORDER BY alarm_id, entity_instance_id FOR UPDATE"""
+# Whether anyone subscribes to webhooks, and which of these alarm ids are operator-suppressed (their bodies
+# say so): read with the locks of a batch, so that its tail needs no round trip of its own for it.
+_WEBHOOK_STATE = f"""
+    SELECT EXISTS (SELECT 1 FROM {webhooks.SUBSCRIPTIONS}) AS subscribed,
+           array(SELECT alarm_id FROM {SCHEMA}.suppression WHERE suppressed AND alarm_id = ANY($1::text[]))
+           AS suppressed"""
+
+
+def _tail_sql(outbox_schema: str) -> str:
+    """The tail of a batch in ONE statement: its history records ($1..$19), its events in the outbox
+    ($20..$24, ``Outbox.add_many``'s rows) and its webhook notifications ($25..$31, ``webhooks.
+    insert_notifications``'s rows, seqs taken only after the writers' shared fan-out lock: the lock is a
+    row the insert joins, so it is held before the first seq), each kind in order; the NOTIFYs of the
+    outbox ($32) and of the webhooks ($33) when something new was written.  Data-modifying CTEs all run
+    to completion, referenced or not."""
+    history = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_HISTORY_TYPES, 1))
+    return f"""
+    WITH h AS (
+        INSERT INTO {SCHEMA}.event_log ({_HISTORY_COLUMNS})
+        SELECT c1, c2, c3, c4, c5::jsonb, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c19
+        FROM unnest({history}) WITH ORDINALITY
+             AS t(c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c19, n)
+        ORDER BY n
+        RETURNING 1),
+    o AS (
+        INSERT INTO {outbox_schema}.outbox (message_id, subject, ordering_key, headers, body)
+        SELECT m, s, k, hd::jsonb, b
+        FROM unnest($20::text[], $21::text[], $22::text[], $23::text[], $24::bytea[]) WITH ORDINALITY
+             AS t(m, s, k, hd, b, n)
+        ORDER BY n
+        ON CONFLICT (message_id) DO NOTHING
+        RETURNING 1),
+    lk AS (
+        SELECT {webhooks.LOCK_FOR_NOTIFICATIONS} AS locked),
+    nt AS (
+        INSERT INTO {webhooks.NOTIFICATIONS} (webhook_id, ordering_key, event_type, alarm_id, severity,
+                                              entity_instance_id, body)
+        SELECT w, k, e, a, sv, i, b
+        FROM unnest($25::text[], $26::text[], $27::text[], $28::text[], $29::text[], $30::text[], $31::bytea[])
+             WITH ORDINALITY AS t(w, k, e, a, sv, i, b, n) CROSS JOIN lk
+        ORDER BY n
+        ON CONFLICT (webhook_id) DO NOTHING
+        RETURNING 1),
+    c AS (
+        SELECT (SELECT count(*) FROM o) AS events, (SELECT count(*) FROM nt) AS notes, (SELECT count(*) FROM h) AS h)
+    SELECT c.events, c.notes, CASE WHEN c.events > 0 THEN pg_notify($32, '') END AS o_notified,
+           CASE WHEN c.notes > 0 THEN pg_notify($33, '') END AS n_notified
+    FROM c"""
 def _active_values(stored: StoredAlarm) -> tuple[Any, ...]:
     a = stored.alarm
     return (a.uuid, a.alarm_id, a.alarm_state.value, a.entity_type_id, a.entity_instance_id, a.timestamp,
@@ -352,6 +393,7 @@ class AlarmStore:
         self.source = source
         self.webhooks = webhooks
         self.clock = clock
+        self._tail: dict[str, str] = {}
 
     # -- set ------------------------------------------------------------------------------------------
 
@@ -554,34 +596,32 @@ class AlarmStore:
         return results
 
     async def _record_many(self, conn: AnyConnection, history: Sequence[tuple[Any, ...]],
-                           announced: Sequence[tuple[Envelope, Alarm, int, EventKind]]) -> None:
+                           announced: Sequence[tuple[Envelope, Alarm, int, EventKind]],
+                           webhook_state: asyncpg.Record | None = None) -> None:
         """The history records (``_history_values``), events (outbox) and webhook notifications of several
-        changes, each kind in order and in one statement."""
+        changes, each kind in order, all in one statement (``_tail_sql``).  ``webhook_state``: the
+        ``_WEBHOOK_STATE`` row, when the caller read it already."""
         if not history:
             return
-        await conn.execute(_INSERT_HISTORY_MANY, *_columns(history, len(_HISTORY_TYPES)))
-        await self.outbox.add_many(conn, [envelope for envelope, *_ in announced])
+        notes: list[tuple[object, ...]] = []
         if self.webhooks:
-            await self._enqueue_many(conn, announced)
-
-    async def _enqueue_many(self, conn: AnyConnection, announced: Sequence[tuple[Envelope, Alarm, int, EventKind]],
-                            ) -> int:
-        """``webhooks.enqueue`` of every announced change, in order: one notification row each (its roost body
-        rendered once), in one statement; the dispatcher's fan-out makes the deliveries.  Nothing is
-        written while no subscription exists."""
-        ids = sorted({alarm.alarm_id for _, alarm, _, _ in announced})
-        row = await conn.fetchrow(
-            f"""SELECT EXISTS (SELECT 1 FROM {webhooks.SUBSCRIPTIONS}) AS subscribed,
-                       array(SELECT alarm_id FROM {SCHEMA}.suppression
-                             WHERE suppressed AND alarm_id = ANY($1::text[])) AS suppressed,
-                       {webhooks.LOCK_FOR_NOTIFICATIONS} AS locked""", ids)
-        assert row is not None
-        if not row["subscribed"]:
-            return 0
-        suppressed = set(row["suppressed"])
-        rows = [_notification_values(envelope, alarm, version, kind, alarm.alarm_id in suppressed)
-                for envelope, alarm, version, kind in announced]
-        return await webhooks.insert_notifications(conn, rows, locked=True)
+            if webhook_state is None:
+                webhook_state = await conn.fetchrow(_WEBHOOK_STATE,
+                                                    sorted({alarm.alarm_id for _, alarm, _, _ in announced}))
+                assert webhook_state is not None
+            if webhook_state["subscribed"]:
+                suppressed = set(webhook_state["suppressed"])
+                notes = [_notification_values(envelope, alarm, version, kind, alarm.alarm_id in suppressed)
+                         for envelope, alarm, version, kind in announced]
+        messages = [self.outbox.message(envelope) for envelope, *_ in announced]
+        outbox = ([m.message_id for m in messages], [m.subject for m in messages],
+                  [ordering_key(e, m.subject) for (e, *_), m in zip(announced, messages, strict=True)],
+                  [json.dumps(dict(m.headers)) for m in messages], [m.body for m in messages])
+        sql = self._tail.get(self.outbox.schema)
+        if sql is None:
+            sql = self._tail[self.outbox.schema] = _tail_sql(self.outbox.schema)
+        await conn.fetchrow(sql, *_columns(history, len(_HISTORY_TYPES)), *outbox, *_columns(notes, 7),
+                            self.outbox.channel, webhooks.NOTIFY_CHANNEL)
 
     # -- customer logs --------------------------------------------------------------------------------
 

@@ -297,14 +297,14 @@ async def test_a_clear_waiting_for_a_batch_that_changes_the_alarm_clears_it_afte
     await site.service.handle_alone(message(envelope("roost.fault.set", {
         "alarm_id": "950.006", "entity_instance_id": entity, "severity": "minor", "reason_text": "first"})))
     paused, go = asyncio.Event(), asyncio.Event()
-    add_many = site.service.store.outbox.add_many
+    record_many = site.service.store._record_many
 
-    async def slow_add_many(conn: Any, envelopes: Any, subject: str | None = None) -> int:
+    async def slow_record_many(conn: Any, *args: Any, **kwargs: Any) -> None:
         paused.set()                 # the batch holds the row, changed, in its open transaction
         await go.wait()
-        return await add_many(conn, envelopes, subject)
+        await record_many(conn, *args, **kwargs)
 
-    site.service.store.outbox.add_many = slow_add_many  # type: ignore[method-assign]
+    site.service.store._record_many = slow_record_many  # type: ignore[method-assign]
     change = message(envelope("roost.fault.set", {"alarm_id": "950.006", "entity_instance_id": entity,
                                                   "severity": "major", "reason_text": "second"}))
     other = message(envelope("roost.fault.set", {"alarm_id": "950.003", "entity_instance_id": "host=x.network=a",
