@@ -86,6 +86,7 @@ from services.alarms.store import (
     BatchOp,
     Cleared,
     ClearOp,
+    InboxClaim,
     Origin,
     Reasserted,
     SetOp,
@@ -409,13 +410,29 @@ class AlarmsService:
 
     async def _apply_together(self, messages: Sequence[Message]) -> list[_Done | None]:
         """Every message in one transaction, in order; None for a duplicate."""
+        ops = [_batch_op(m) for m in messages]
+        if all(op is not None for op in ops):
+            # The usual batch, sets and exact clears only: the inbox claimed with the locks, the whole batch
+            # in a fixed number of statements (``AlarmStore.apply_many``).
+            claim = InboxClaim(self._inbox.schema, INBOX_CONSUMER, [m.envelope.id for m in messages])
+            async with self.pool.acquire() as conn, conn.transaction():
+                done = await self.store.apply_many(conn, [op for op in ops if op is not None], inbox=claim)
+            for message, result in zip(messages, done, strict=True):
+                if result is None:
+                    with _context(message):
+                        log.info("duplicate fault message dropped", message_id=message.envelope.id)
+            return list(done)
+        return await self._apply_mixed(messages)
+
+    async def _apply_mixed(self, messages: Sequence[Message]) -> list[_Done | None]:
+        """Every message in one transaction, in order, the other kinds among them; None for a duplicate."""
         results: list[_Done | None] = [None] * len(messages)
         run: list[tuple[int, BatchOp]] = []
 
         async def flush(conn: AnyConnection) -> None:
             if run:
                 for (i, _), result in zip(run, await self.store.apply_many(conn, [op for _, op in run]), strict=True):
-                    results[i] = result
+                    results[i] = result         # (no inbox claim here: never None)
                 run.clear()
 
         async with self.pool.acquire() as conn, conn.transaction():

@@ -279,6 +279,44 @@ _WEBHOOK_STATE = f"""
            AS suppressed"""
 
 
+@dataclass(frozen=True, slots=True)
+class InboxClaim:
+    """The inbox rows a batch claims with its locks (``AlarmStore.apply_many``): consumer ``consumer`` in
+    ``<schema>.inbox``, one message id per op."""
+
+    schema: str
+    consumer: str
+    message_ids: Sequence[str]
+
+
+def _head_sql(inbox_schema: str | None) -> str:
+    """The head of a batch in ONE statement: the inbox rows of its messages ($3 consumer, $4 ids; none
+    without an inbox), the rows of its alarm instances ($1, $2) locked FOR UPDATE in key order, and the
+    webhook state (``_WEBHOOK_STATE`` of the alarm ids $5); one row per locked alarm, or one of NULLs."""
+    fresh = (f"""INSERT INTO {inbox_schema}.inbox (consumer, message_id)
+                 SELECT $3::text, m FROM unnest($4::text[]) AS m ON CONFLICT DO NOTHING RETURNING message_id"""
+             if inbox_schema is not None else "SELECT m AS message_id FROM unnest($4::text[]) AS m WHERE $3::text = ''")
+    return f"""
+    WITH fresh AS ({fresh}),
+    st AS (
+        SELECT EXISTS (SELECT 1 FROM {webhooks.SUBSCRIPTIONS}) AS _subscribed,
+               array(SELECT alarm_id FROM {SCHEMA}.suppression WHERE suppressed AND alarm_id = ANY($5::text[]))
+               AS _suppressed,
+               array(SELECT message_id FROM fresh) AS _fresh),
+    locked AS (
+        {_LOCK_MANY})
+    SELECT st._subscribed AS subscribed, st._suppressed AS suppressed, st._fresh, locked.*
+    FROM st LEFT JOIN locked ON true"""
+
+
+_ACTIVE_FIELDS = tuple(c.strip() for c in _ALARM_COLUMNS.split(","))
+
+
+def _stored_locked(row: asyncpg.Record) -> StoredAlarm:
+    data = {c: row[c] for c in _ACTIVE_FIELDS}
+    return StoredAlarm(Alarm.model_validate(data), row["owner"], int(row["version"]))
+
+
 def _tail_sql(outbox_schema: str) -> str:
     """The tail of a batch in ONE statement: its history records ($1..$19), its events in the outbox
     ($20..$24, ``Outbox.add_many``'s rows) and its webhook notifications ($25..$31, ``webhooks.
@@ -394,6 +432,7 @@ class AlarmStore:
         self.webhooks = webhooks
         self.clock = clock
         self._tail: dict[str, str] = {}
+        self._head: dict[str, str] = {}
 
     # -- set ------------------------------------------------------------------------------------------
 
@@ -520,23 +559,44 @@ class AlarmStore:
 
     # -- batches ------------------------------------------------------------------------------------
 
-    async def apply_many(self, conn: AnyConnection, ops: Sequence[BatchOp]) -> list[Applied | tuple[Cleared, ...]]:
+    async def apply_many(self, conn: AnyConnection, ops: Sequence[BatchOp], *, inbox: InboxClaim | None = None,
+                         ) -> list[Applied | tuple[Cleared, ...] | None]:
         """Apply sets and exact clears in order, as :meth:`set` and :meth:`clear` one after the other would,
         in a fixed number of statements.  Returns each op's result (a clear: the alarm it cleared, or
         nothing).  An ``AlarmError`` for an op the catalogue refuses; :class:`BatchConflict` when a
-        concurrent transaction raised one of the instances first (roll back, apply one by one)."""
+        concurrent transaction raised one of the instances first (roll back, apply one by one).
+
+        ``inbox``: the ops' message ids (one per op), claimed in the consumer's inbox in the statement that
+        locks the rows: an op whose message was seen before (or earlier in ``ops``) is skipped, its
+        result None (a duplicate)."""
         _in_transaction(conn)
         if not ops:
             return []
+        if inbox is not None and len(inbox.message_ids) != len(ops):
+            raise ValueError("one message id per op")
         keys = sorted({op.key for op in ops})
-        rows = await conn.fetch(_LOCK_MANY, [k.alarm_id for k in keys], [k.entity_instance_id for k in keys])
-        initial = {s.alarm.key: s for s in map(_stored, rows)}
+        sql = self._head.get(inbox.schema if inbox is not None else "")
+        if sql is None:
+            sql = self._head[inbox.schema if inbox is not None else ""] = _head_sql(
+                inbox.schema if inbox is not None else None)
+        rows = await conn.fetch(sql, [k.alarm_id for k in keys], [k.entity_instance_id for k in keys],
+                                inbox.consumer if inbox is not None else None,
+                                list(dict.fromkeys(inbox.message_ids)) if inbox is not None else [],
+                                sorted({k.alarm_id for k in keys}))
+        webhook_state = rows[0]
+        fresh = set(webhook_state["_fresh"]) if inbox is not None else set()
+        initial = {s.alarm.key: s for s in (_stored_locked(r) for r in rows if r["uuid"] is not None)}
         state: dict[AlarmKey, StoredAlarm | None] = dict(initial)
         touched: set[AlarmKey] = set()
         history: list[tuple[Any, ...]] = []
         announced: list[tuple[Envelope, Alarm, int, EventKind]] = []
-        results: list[Applied | tuple[Cleared, ...]] = []
-        for op in ops:
+        results: list[Applied | tuple[Cleared, ...] | None] = []
+        for i, op in enumerate(ops):
+            if inbox is not None:
+                if inbox.message_ids[i] not in fresh:
+                    results.append(None)        # a duplicate: applied before
+                    continue
+                fresh.discard(inbox.message_ids[i])
             current = state.get(op.key)
             if isinstance(op, SetOp):
                 outcome = _with_repair_action(
@@ -592,7 +652,7 @@ class AlarmStore:
             count = await conn.fetchval(_INSERT_ACTIVE_MANY, *_columns(inserted, len(_ALARM_TYPES)))
             if count != len(inserted):
                 raise BatchConflict("a concurrent transaction raised an alarm instance of this batch first")
-        await self._record_many(conn, history, announced)
+        await self._record_many(conn, history, announced, webhook_state)
         return results
 
     async def _record_many(self, conn: AnyConnection, history: Sequence[tuple[Any, ...]],
