@@ -496,23 +496,29 @@ def agent_list(obj: Context, as_json: bool) -> None:
 @click.option("--ca-file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CA certificate to verify a TLS broker with.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where the agent keeps its state: the heartbeat boot counter and config "
-                   "(default: DATA_DIR/agents/NAME).")
+              help="Where the agent keeps its state: the heartbeat boot counter and config, the release it "
+                   "runs (default: DATA_DIR/agents/NAME).")
 @click.option("--no-heartbeat", is_flag=True, help="Do not answer heartbeats (hello and hardware only).")
+@click.option("--simulate-update-failure", "fail_releases", multiple=True, metavar="RELEASE",
+              help="Fail the (simulated) install of RELEASE (tests and the demo; may be repeated).")
+@click.option("--simulate-install-seconds", type=click.FloatRange(0, 3600), default=0.0, show_default=True,
+              help="How long a simulated install takes.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @pass_ctx
 def agent_run(obj: Context, name: str, credentials: Path | None, run_bus_url: str | None, interval: float,
               inventory_every: int, root: Path, include_virtual_ports: bool, ca_file: Path | None,
-              state_dir: Path | None, no_heartbeat: bool, log_level: str) -> None:
-    """Run the host agent NAME until SIGTERM / Ctrl-C: hello every --interval, hardware when it changes, and
-    answer heartbeats as the heartbeat service tells it."""
+              state_dir: Path | None, no_heartbeat: bool, fail_releases: tuple[str, ...],
+              simulate_install_seconds: float, log_level: str) -> None:
+    """Run the host agent NAME until SIGTERM / Ctrl-C: hello every --interval, hardware when it changes,
+    answer heartbeats as the heartbeat service tells it, and report and install (simulated) releases."""
     from services.core.logging import configure_logging
 
     fmt = os.environ.get("ROOST_LOG_FORMAT", "auto")
     configure_logging(fmt if fmt in ("json", "console") else "auto", log_level)  # type: ignore[arg-type]
     run(_run(obj, name, credentials, run_bus_url, interval, inventory_every, root, include_virtual_ports,
-             ca_file, state_dir or obj.data_dir / "agents" / name, not no_heartbeat))
+             ca_file, state_dir or obj.data_dir / "agents" / name, not no_heartbeat, fail_releases,
+             simulate_install_seconds))
 
 
 def _local_login(data_dir: Path, name: str, user: str) -> tuple[SecretStr, str | None]:
@@ -539,9 +545,11 @@ def _local_keys(data_dir: Path) -> ClusterKeys | None:
 
 async def _run(obj: Context, name: str, credentials: Path | None, run_bus_url: str | None, interval: float,
                inventory_every: int, root: Path, include_virtual_ports: bool, ca_file: Path | None,
-               state_dir: Path, heartbeat: bool) -> None:
+               state_dir: Path, heartbeat: bool, fail_releases: tuple[str, ...] = (),
+               install_seconds: float = 0.0) -> None:
     from services.heartbeat.agent import HeartbeatAgentComponent
     from services.inventory.agent.agent import AgentComponent, HostAgent
+    from services.orchestrator.agent import UpdateAgentComponent
 
     user = check_name(name)
     if credentials is not None:
@@ -559,6 +567,8 @@ async def _run(obj: Context, name: str, credentials: Path | None, run_bus_url: s
     elif heartbeat and keys is not None:
         await asyncio.to_thread(state_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
         components.append(HeartbeatAgentComponent(keys, state_dir))
+    await asyncio.to_thread(state_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+    components.append(UpdateAgentComponent(state_dir, fail_releases=fail_releases, install_seconds=install_seconds))
     url = run_bus_url or url or obj._bus_url
     if not url:
         raise CliError("no bus URL: pass --bus-url, or enroll with --agent-bus-url, or start `roost up`", code=2)

@@ -35,16 +35,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from schemas.orchestrator import MAX_PARALLEL, MIN_PARALLEL, AlarmRestrictions, ApplyType, StepResult
+from schemas.orchestrator import StrategyOptions as StrategyCreate
 
-ApplyType = Literal["serial", "parallel", "ignore"]
-AlarmRestrictions = Literal["strict", "relaxed", "permissive"]
-StepResult = Literal["initial", "inprogress", "wait", "success", "degraded", "failed", "timed-out", "aborted"]
-
-MIN_PARALLEL = 2
-MAX_PARALLEL = 10
+__all__ = ["MAX_PARALLEL", "MIN_PARALLEL", "AlarmRestrictions", "ApplyType", "BuildError", "HostInfo", "Plan",
+           "Release", "Stage", "Step", "StepResult", "StrategyCreate", "build"]
 
 # step names and their timeouts in seconds (VIM _strategy_steps at HEAD)
 QUERY_ALARMS = "query-alarms"
@@ -65,25 +63,6 @@ NO_REBOOT_DELAY = 30       # system-stabilize after an update without one
 
 class BuildError(ValueError):
     """The strategy cannot be built; the message says why (the VIM's build-failed reason)."""
-
-
-class StrategyCreate(BaseModel):
-    """What an operator asks for (``roost strategy create``)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    controller_apply_type: ApplyType = "serial"
-    storage_apply_type: ApplyType = "serial"
-    worker_apply_type: ApplyType = "serial"
-    max_parallel_worker_hosts: int = Field(default=MIN_PARALLEL, ge=MIN_PARALLEL, le=MAX_PARALLEL)
-    alarm_restrictions: AlarmRestrictions = "strict"
-    stop_on_failure: bool = True
-
-    @model_validator(mode="after")
-    def _controllers_not_parallel(self) -> StrategyCreate:
-        if self.controller_apply_type == "parallel":
-            raise ValueError("parallel apply type not allowed for controllers")
-        return self
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +101,8 @@ class Step:
     retry_delay: int = 0
     result: StepResult = "initial"
     reason: str = ""
+    started_at: datetime | None = None       # the durable "started" marker (written before the step acts)
+    finished_at: datetime | None = None
 
     @property
     def entity_type(self) -> str:
@@ -131,13 +112,22 @@ class Step:
         return {"name": self.name, "timeout": self.timeout, "entity_type": self.entity_type,
                 "entity_names": list(self.entity_names), "entity_uuids": list(self.entity_uuids),
                 "max_retries": self.max_retries, "retry_delay": self.retry_delay, "result": self.result,
-                "reason": self.reason}
+                "reason": self.reason, "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Step:
         return cls(name=data["name"], timeout=int(data["timeout"]), entity_names=list(data["entity_names"]),
                    entity_uuids=list(data["entity_uuids"]), max_retries=int(data["max_retries"]),
-                   retry_delay=int(data["retry_delay"]), result=data["result"], reason=data["reason"])
+                   retry_delay=int(data["retry_delay"]), result=data["result"], reason=data["reason"],
+                   started_at=_when(data.get("started_at")), finished_at=_when(data.get("finished_at")))
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _when(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
 
 
 @dataclass
