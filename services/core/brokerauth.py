@@ -342,7 +342,9 @@ _SERVICES = (
             reads=("roost.agent.>", DEGRADES, "roost.heartbeat.host_health", "roost.heartbeat.active_controller"),
             sends=(f"{COMMAND_PREFIX}.hostservices.>", f"{COMMAND_PREFIX}.heartbeat.>", f"{COMMAND_PREFIX}.agent.>")),
     service("heartbeat", events=("heartbeat",), serves=("heartbeat",), reads=("roost.host.>",),
-            sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>")),
+            sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>"),
+            # with a controller pair, each controller's monitor reads every host event (its own group)
+            consumers=tuple(Consumer(f"heartbeat-controller-{i}", "roost.host.>") for i in (0, 1))),
     service("alarms", events=("alarm",), serves=("alarm",), reads=(FAULTS, "roost.host.deleted")),
     service("orchestrator", events=("strategy",), serves=("strategy", "hostservices"),
             sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>")),

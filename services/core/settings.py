@@ -165,6 +165,11 @@ class HeartbeatSettings(BaseModel):
     period: float = Field(default=0.1, ge=0.01, le=10.0, description="seconds between heartbeat requests")
     require_auth: dict[HeartbeatNetwork, bool] = Field(
         default_factory=dict, description="per network; missing: authentication required")
+    peer: str | None = Field(default=None, pattern=r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
+                             description="the other controller: runs the controller pair with it")
+    peer_addresses: dict[HeartbeatNetwork, str] = Field(
+        default_factory=dict, description="where the other controller's monitor listens (at the same port)")
+    fence_timeout: float = Field(default=20.0, gt=0, le=300, description="seconds for a fence to read back Off")
 
 
 def default_data_dir() -> Path:

@@ -30,6 +30,7 @@ class Target:
     node_id: NodeId
     addresses: Mapping[Path, str]
     agent: str | None
+    personality: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +51,8 @@ def target_of(host: Host, *, own_hostname: str, networks: Iterable[Path]) -> Tar
     addresses = {Path.of(net): str(ip) for net, ip in host.addresses.items() if Path.of(net) in wanted}
     if not addresses:
         return None
-    return Target(host.uuid, host.hostname, host.node_id, dict(sorted(addresses.items())), host.agent)
+    return Target(host.uuid, host.hostname, host.node_id, dict(sorted(addresses.items())), host.agent,
+                  host.personality)
 
 
 class HostBook:

@@ -22,6 +22,12 @@ Stalls: if the event loop itself was stalled (a timer or the send loop ran more 
 silence measured across the stall says nothing about the hosts: evaluation holds off for ``stall_hold``
 after the loop runs again, so fresh answers are read before anyone can be declared down.
 
+The peer controller (``set_peer``): its monitor is sent a heartbeat on every path each round (role and
+epoch in the header: its "claim"), and its heartbeats to us feed one ``PathHealth`` per path; whether any
+of them is heard goes to ``on_peer(reachable)``.  Its datagrams (heartbeats and lease messages) and the
+lease grants and refusals of monitored hosts go to ``on_pair(datagram, source, now)``, for the pair
+(``services.heartbeat.pairnode``); ``send_lease`` sends the pair's lease messages.
+
 Out: ``on_health(HealthChange)`` for each host verdict that changed (with a version that grows per host,
 from ``version_base``), ``on_alarm(AlarmIntent)`` for 950.003 / 950.009 from the verdict and 950.006 from
 the drop counter.  Callbacks are called from the loop; one that raises is logged and skipped.
@@ -49,9 +55,9 @@ from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.paths import EPSILON, PathHealth, PathPolicy, PathState, heard_paths
 from services.heartbeat.transport import DEFAULT_PORT, Addr, Clock, PathNode, PathSpec
 from services.heartbeat.verdict import HostVerdict, PathView, Verdict, VerdictPolicy
-from services.heartbeat.wire import Datagram, KeyReport, MsgType, Payload, Role
+from services.heartbeat.wire import Datagram, KeyReport, LeaseFields, MsgType, Payload, Role
 
-__all__ = ["HealthChange", "HeartbeatMonitor", "MonitoredHost", "PathStatus"]
+__all__ = ["HealthChange", "HeartbeatMonitor", "MonitoredHost", "PathStatus", "PeerMonitor"]
 
 log = structlog.get_logger("roost.heartbeat.monitor")
 
@@ -60,6 +66,11 @@ MONITOR_BOOT_COUNTER_FILE = "heartbeat-monitor-boot-counter"
 
 _T = TypeVar("_T")
 _MNFA_WATCHED = frozenset({PathState.SUSPECT, PathState.ASYMMETRIC})
+_HEARING = frozenset({PathState.UP, PathState.SUSPECT, PathState.ASYMMETRIC})
+_MONITOR_ROLES = frozenset({Role.STANDBY, Role.ACTIVE})
+_PEER_MESSAGES = frozenset({MsgType.HEARTBEAT, MsgType.LEASE_REQUEST, MsgType.LEASE_GRANT, MsgType.LEASE_REFUSE,
+                            MsgType.LEASE_RELEASE})
+_VOTES = frozenset({MsgType.LEASE_GRANT, MsgType.LEASE_REFUSE})
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +111,16 @@ class MonitoredHost:
 
 
 @dataclass(slots=True)
+class PeerMonitor:
+    """The other controller's monitor: where it listens, and what we hear of it per path."""
+
+    node_id: NodeId
+    addresses: dict[Path, Addr]
+    health: dict[Path, PathHealth] = field(default_factory=dict)
+    reachable: bool = False
+
+
+@dataclass(slots=True)
 class _Round:
     """The seqs sent on one path in one round: for the freshness of echoes and the RTT."""
 
@@ -126,7 +147,9 @@ class HeartbeatMonitor(PathNode):
                  on_health: Callable[[HealthChange], None] | None = None,
                  on_alarm: Callable[[AlarmIntent], None] | None = None,
                  version_base: int | None = None, stall_after: Seconds | None = None,
-                 stall_hold: Seconds | None = None) -> None:
+                 stall_hold: Seconds | None = None,
+                 on_pair: Callable[[Datagram, Addr, Seconds], None] | None = None,
+                 on_peer: Callable[[bool], None] | None = None) -> None:
         policy = path_policy or PathPolicy()
         if period is not None and period != policy.period:
             policy = dataclasses.replace(policy, period=period)
@@ -156,6 +179,9 @@ class HeartbeatMonitor(PathNode):
         self._timer_at: Seconds | None = None
         self._soon: asyncio.Handle | None = None
         self._hold_until: Seconds = 0.0
+        self.peer: PeerMonitor | None = None
+        self.on_pair = on_pair
+        self.on_peer = on_peer
 
     def __repr__(self) -> str:
         return f"HeartbeatMonitor(node_id={self.node_id}, hosts={len(self.hosts)})"
@@ -178,6 +204,8 @@ class HeartbeatMonitor(PathNode):
         for host in self.hosts.values():       # a host added before start gets its full time to come up
             for path in host.health:
                 host.health[path] = PathHealth(now, self.policy)
+        if self.peer is not None:
+            self.peer.health = {p: PathHealth(now, self.policy) for p in self.peer.addresses}
         self._sender = asyncio.create_task(self._send_loop(), name=f"heartbeat-monitor-{self.node_id}")
         self._schedule()
         log.info("heartbeat monitor started", node_id=self.node_id, boot_counter=node.boot.value,
@@ -243,9 +271,40 @@ class HeartbeatMonitor(PathNode):
         log.info("heartbeat no longer monitoring host", host=hostname)
         self._changed()
 
+    def set_peer(self, node_id: NodeId, addresses: Mapping[Path, str | Addr], *, port: int) -> None:
+        """The other controller's monitor: its node id and its address per path (an IP with ``port``)."""
+        if node_id == self.node_id or node_id in self._by_id:
+            raise ValueError(f"node id {node_id} is this monitor's or a monitored host's")
+        wanted = {p: _addr(a, port) for p, a in addresses.items() if p in self.specs}
+        now = self.now() if self.node is not None else 0.0
+        self.peer = PeerMonitor(node_id, wanted, {p: PathHealth(now, self.policy) for p in wanted})
+        self._reindex()
+        log.info("heartbeat peer monitor", node_id=node_id,
+                 paths={p.network: f"{a[0]}:{a[1]}" for p, a in wanted.items()})
+
+    def send_lease(self, node_id: NodeId, addresses: Mapping[Path, Addr], msg_type: MsgType, lease: LeaseFields) -> int:
+        """A lease message to ``node_id`` on every path we share; how many were sent."""
+        sent = 0
+        for path, addr in addresses.items():
+            endpoint = self.endpoints.get(path)
+            if endpoint is not None and endpoint.send(addr, Payload(lease=lease), dest=node_id, role=self.role,
+                                                      epoch=self.epoch, msg_type=msg_type) is not None:
+                sent += 1
+        return sent
+
+    def voter_addresses(self, node_id: NodeId) -> dict[Path, Addr]:
+        """Where a voter (the peer monitor or a monitored host's agent) listens, per path."""
+        if self.peer is not None and node_id == self.peer.node_id:
+            return dict(self.peer.addresses)
+        host = self._by_id.get(node_id)
+        return dict(host.addresses) if host is not None else {}
+
     def _reindex(self) -> None:
         self._by_ip = {addr[0]: h.hostname for h in self.hosts.values() for addr in h.addresses.values()}
-        self.keyring.set_peers(self._by_id)
+        peers: set[NodeId] = set(self._by_id)
+        if self.peer is not None:
+            peers.add(self.peer.node_id)
+        self.keyring.set_peers(peers)
 
     def status(self) -> dict[str, dict[Path, PathStatus]]:
         """Every host's paths, as seen now."""
@@ -290,6 +349,10 @@ class HeartbeatMonitor(PathNode):
                 if seq is not None:
                     first = seq if first is None else first
                     last = seq
+            peer = self.peer
+            if peer is not None and path in peer.addresses:
+                digest = Payload(keys, {peer.node_id: heard_paths(peer.health, now)})
+                endpoint.send(peer.addresses[path], digest, dest=peer.node_id, role=self.role, epoch=self.epoch)
             rounds = self._rounds[path]
             if first is not None and last is not None:
                 rounds.append(_Round(now, first, last))
@@ -312,15 +375,32 @@ class HeartbeatMonitor(PathNode):
 
     def _accept(self, datagram: Datagram, source: Addr) -> DropReason | None:
         h = datagram.header
+        peer = self.peer
+        if peer is not None and h.sender == peer.node_id:
+            if h.path not in peer.addresses or h.role not in _MONITOR_ROLES or h.msg_type not in _PEER_MESSAGES:
+                return DropReason.UNKNOWN_SENDER
+            if h.msg_type is not MsgType.HEARTBEAT and datagram.payload.lease is None:
+                return DropReason.MALFORMED
+            return None
         host = self._by_id.get(h.sender)
-        if host is None or h.path not in host.addresses:
+        if host is None or h.path not in host.addresses or h.role is not Role.HOST:
             return DropReason.UNKNOWN_SENDER
-        if h.msg_type is not MsgType.HEARTBEAT or h.role is not Role.HOST:
-            return DropReason.UNKNOWN_SENDER      # the pair's messages come to this socket later, not yet
+        if h.msg_type in _VOTES:
+            return None if datagram.payload.lease is not None else DropReason.MALFORMED
+        if h.msg_type is not MsgType.HEARTBEAT:
+            return DropReason.UNKNOWN_SENDER
         return None
 
     def _on_answer(self, datagram: Datagram, source: Addr, now: Seconds) -> None:
         h, payload = datagram.header, datagram.payload
+        peer = self.peer
+        if peer is not None and h.sender == peer.node_id:
+            self._from_peer(peer, datagram, source, now)
+            return
+        if h.msg_type is not MsgType.HEARTBEAT:
+            if self.on_pair is not None and self._by_id.get(h.sender) is not None:
+                self.on_pair(datagram, source, now)
+            return
         host = self._by_id.get(h.sender)
         if host is None:
             return
@@ -346,6 +426,32 @@ class HeartbeatMonitor(PathNode):
         if transition is not None:
             self._log_transition(host, h.path, transition.before, transition.after, transition.reason)
             self._changed()
+
+    def _from_peer(self, peer: PeerMonitor, datagram: Datagram, source: Addr, now: Seconds) -> None:
+        h = datagram.header
+        addr = peer.addresses.get(h.path)
+        if addr is None or source[0] != addr[0]:
+            self.ignored["wrong_source"] += 1
+            return
+        if h.msg_type is MsgType.HEARTBEAT:
+            health = peer.health.get(h.path)
+            if health is not None:
+                health.heard(now, self._hears_me(datagram))
+            self._keys_reported(now, h.sender, datagram.payload.keys)
+            self._peer_check()
+        if self.on_pair is not None:
+            self.on_pair(datagram, source, now)
+
+    def _peer_check(self) -> None:
+        peer = self.peer
+        if peer is None:
+            return
+        reachable = any(x.state in _HEARING for x in peer.health.values())
+        if reachable != peer.reachable:
+            peer.reachable = reachable
+            log.info("heartbeat peer monitor", reachable=reachable, node_id=peer.node_id,
+                     paths={p.network: x.state.value for p, x in peer.health.items()})
+            self._call(self.on_peer, reachable)
 
     # -- judging ---------------------------------------------------------------------------------------------
 
@@ -392,6 +498,12 @@ class HeartbeatMonitor(PathNode):
                     t = health.advance(now)
                     if t is not None:
                         self._log_transition(host, path, t.before, t.after, t.reason)
+        if self.peer is not None:
+            for health in self.peer.health.values():
+                deadline = health.next_deadline()
+                if deadline is not None and deadline <= now + EPSILON:
+                    health.advance(now)
+            self._peer_check()
         if self._going_down(now):
             return                      # judged once the host's other paths went down too: no degraded blip
         views = {h.hostname: {p: PathView.of(x, now) for p, x in h.health.items()} for h in self.hosts.values()}
@@ -443,6 +555,8 @@ class HeartbeatMonitor(PathNode):
             if verdict is not None and verdict.state == "degraded" and all(
                     x.state is PathState.DOWN for x in host.health.values()):
                 times.append(now + self.period)     # waiting for confirmation by witnesses: once a period
+        if self.peer is not None:
+            times += [d for x in self.peer.health.values() if (d := x.next_deadline()) is not None]
         node = self.node
         for other in (self.verdict.next_deadline(), self.keyring.next_deadline(),
                       node.drops.next_deadline() if node is not None else None):

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from schemas.heartbeat import ActiveController
 from services.heartbeat.model import (
@@ -305,6 +305,16 @@ class PairController:
         return self.phase is Phase.ACTIVE
 
     # -- inputs -------------------------------------------------------------------------------------
+
+    def set_voters(self, now: Seconds, voters: Iterable[NodeId]) -> list[Effect]:
+        """The voters changed (a worker unlocked, locked, added or deleted): both controllers stay voters;
+        votes of voters that left no longer count.  Quorum follows the new set from now on."""
+        wanted = frozenset(voters) | {self.config.me, self.config.peer}
+        if wanted == self.config.voters:
+            return []
+        self.config = replace(self.config, voters=wanted)
+        self.votes = {v: until for v, until in self.votes.items() if v in wanted}
+        return self.tick(now)
 
     def force(self, now: Seconds) -> list[Effect]:
         """The operator vouches that the peer is off: lift ``wait_for_all`` and any fence requirement."""

@@ -12,8 +12,13 @@ path it arrived on, to the address it came from, with
   periods (``paths.heard_paths``): the "what I hear" digest the monitors use for asymmetric paths and as
   witness reports.
 
-It sends nothing unasked.  The keyring comes from the master key handed to the constructor (how the agent
-gets it at enrolment is not decided here).  ``monitors``: the node ids it answers (None: any node whose
+It sends nothing unasked.  The keyring comes from the master key handed to the constructor (the agent's
+enrolment, ``services.heartbeat.agent``).
+
+It is also a voter of the controller pair (``pair.LeaseVoter``): a ``LEASE_REQUEST`` from a monitor is
+answered with ``LEASE_GRANT`` or ``LEASE_REFUSE`` on the path it came on (a refusal carries the voter's
+epoch in ``ttl_ms``), ``hears_holder`` being whether this host hears the current holder's monitor on any
+path; a ``LEASE_RELEASE`` ends the holder's grant.  ``monitors``: the node ids it answers (None: any node whose
 authenticated datagram says it is a controller's monitor; others are ``UNKNOWN_SENDER``).
 """
 
@@ -30,9 +35,10 @@ import structlog
 from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
-from services.heartbeat.paths import PathHealth, PathPolicy, heard_paths
+from services.heartbeat.pair import LeaseGrant, LeaseRelease, LeaseRequest, LeaseVoter, PairPolicy
+from services.heartbeat.paths import PathHealth, PathPolicy, PathState, heard_paths
 from services.heartbeat.transport import BOOT_COUNTER_FILE, Addr, Clock, PathNode, PathSpec
-from services.heartbeat.wire import Datagram, KeyReport, MsgType, Payload, Role
+from services.heartbeat.wire import Datagram, KeyReport, LeaseFields, MsgType, Payload, Role
 
 if TYPE_CHECKING:
     from services.inventory.agent.agent import HostAgent
@@ -42,6 +48,8 @@ __all__ = ["HeartbeatResponder"]
 log = structlog.get_logger("roost.heartbeat.responder")
 
 MONITOR_ROLES = frozenset({Role.STANDBY, Role.ACTIVE})
+MONITOR_MESSAGES = frozenset({MsgType.HEARTBEAT, MsgType.LEASE_REQUEST, MsgType.LEASE_RELEASE})
+HEARING = frozenset({PathState.UP, PathState.SUSPECT, PathState.ASYMMETRIC})   # we hear them (they may not hear us)
 
 
 class HeartbeatResponder(PathNode):
@@ -55,7 +63,8 @@ class HeartbeatResponder(PathNode):
                  paths: Iterable[PathSpec], state_dir: FsPath | str, hostname: str = "",
                  monitors: Iterable[NodeId] | None = None, policy: PathPolicy | None = None,
                  burst_policy: BurstPolicy | None = None, clock: Clock | None = None,
-                 on_alarm: Callable[[AlarmIntent], None] | None = None, forget_after: Seconds = 60.0) -> None:
+                 on_alarm: Callable[[AlarmIntent], None] | None = None, forget_after: Seconds = 60.0,
+                 pair_policy: PairPolicy | None = None) -> None:
         specs: dict[Path, PathSpec] = {}
         for spec in paths:
             if spec.path in specs:
@@ -70,6 +79,8 @@ class HeartbeatResponder(PathNode):
         self.heard: dict[NodeId, dict[Path, PathHealth]] = {}   # per monitor, per path
         self.epoch = 0                                           # the highest epoch an active monitor sent
         self.answered = 0
+        self.pair_policy = pair_policy or PairPolicy()
+        self.voter: LeaseVoter | None = None                      # made at start: its quiet period starts then
         self._housekeeping: asyncio.Task[None] | None = None
         if self.monitors is not None:
             self.keyring.set_peers(self.monitors)
@@ -86,6 +97,7 @@ class HeartbeatResponder(PathNode):
             raise RuntimeError("the responder is already started")
         node = await self._open(BOOT_COUNTER_FILE, self.hostname or (agent.name if agent is not None else ""),
                                 self._on_request, self._accept)
+        self.voter = LeaseVoter(self.node_id, node.clock(), self.pair_policy)
         self._housekeeping = asyncio.create_task(self._housekeep(), name=f"heartbeat-responder-{self.node_id}")
         log.info("heartbeat responder started", node_id=self.node_id, boot_counter=node.boot.value,
                  paths={p.network: f"{e.local_address}" for p, e in self.endpoints.items()},
@@ -108,8 +120,10 @@ class HeartbeatResponder(PathNode):
 
     def _accept(self, datagram: Datagram, source: Addr) -> DropReason | None:
         h = datagram.header
-        if h.msg_type is not MsgType.HEARTBEAT or h.role not in MONITOR_ROLES:
+        if h.msg_type not in MONITOR_MESSAGES or h.role not in MONITOR_ROLES:
             return DropReason.UNKNOWN_SENDER
+        if h.msg_type is not MsgType.HEARTBEAT and datagram.payload.lease is None:
+            return DropReason.MALFORMED
         if self.monitors is not None and h.sender not in self.monitors:
             return DropReason.UNKNOWN_SENDER
         return None
@@ -127,6 +141,9 @@ class HeartbeatResponder(PathNode):
         health.heard(now, self._hears_me(datagram))
         if h.role is Role.ACTIVE and h.epoch > self.epoch:
             self.epoch = h.epoch
+        if h.msg_type is not MsgType.HEARTBEAT:
+            self._lease(datagram, source, now)
+            return
         self._keys_reported(now, h.sender, payload.keys)
         primary, held = self.keyring.held()
         digest = self._digest(now)
@@ -136,6 +153,32 @@ class HeartbeatResponder(PathNode):
         payload = Payload(KeyReport(primary, held), digest)
         if endpoint.send(source, payload, dest=h.sender, role=Role.HOST, echo_seq=h.seq, epoch=self.epoch) is not None:
             self.answered += 1
+
+    def hears(self, monitor: NodeId | None) -> bool:
+        """Whether this host hears ``monitor`` on any path now."""
+        paths = self.heard.get(monitor) if monitor is not None else None
+        return paths is not None and any(p.state in HEARING for p in paths.values())
+
+    def _lease(self, datagram: Datagram, source: Addr, now: Seconds) -> None:
+        h, lease, voter = datagram.header, datagram.payload.lease, self.voter
+        endpoint = self.endpoints.get(h.path)
+        if lease is None or voter is None or endpoint is None:
+            return
+        if h.msg_type is MsgType.LEASE_RELEASE:
+            voter.release(LeaseRelease(lease.candidate, lease.epoch))
+            return
+        if lease.candidate != h.sender:
+            return                                   # a controller asks for itself only
+        answer = voter.request(now, LeaseRequest(lease.candidate, lease.epoch, lease.request_id, lease.kind),
+                               hears_holder=self.hears(voter.holder))
+        if isinstance(answer, LeaseGrant):
+            msg, fields = MsgType.LEASE_GRANT, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
+                                                            int(answer.ttl * 1000), lease.kind)
+        else:
+            msg, fields = MsgType.LEASE_REFUSE, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
+                                                             answer.voter_epoch, lease.kind)
+        endpoint.send(source, Payload(lease=fields), dest=h.sender, role=Role.HOST, echo_seq=h.seq,
+                      epoch=self.epoch, msg_type=msg)
 
     def _digest(self, now: Seconds) -> dict[NodeId, frozenset[Path]]:
         digest = {monitor: heard_paths(paths, now) for monitor, paths in self.heard.items()}

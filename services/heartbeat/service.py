@@ -24,15 +24,21 @@ turns it into availability and raises 950.002 for a failed host) and ``roost.fau
 alarms the monitor raises (950.003 network lost, 950.006 authentication failures, 950.009 multi-node
 failure).  The monitor's callbacks are synchronous: they queue, and one writer commits each batch.
 
-Not here yet: the controller pair over the network (``pair`` is built and simulated, not wired), fencing
-through the BMC, swact (``roost.cmd.heartbeat.swact`` is refused, saying so, so inventory's swact changes
-nothing), and the recovery of a failed host through its BMC.
+The controller pair (``heartbeat.peer`` set): the monitor also heartbeats the other controller's monitor,
+and ``pairnode.PairNode`` runs ``pair.PairController`` over the same sockets, the workers' agents voting
+(``responder``).  Only the active controller's monitor publishes host health and the network alarms; on
+becoming active it reasserts the alarms standing here and republishes every host's verdict.  The pair
+announces ``roost.heartbeat.active_controller``, fences the peer through its BMC (``fencing``, from
+inventory's sealed ``roost.host.bmc_access``) before a takeover, and carries out ``roost.cmd.heartbeat.swact``
+(the standby passes it on by asking for a redelivery, so the active takes it).  Each controller reads the
+host events in a consumer group of its own.  Not here yet: a witness voter process.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import zlib
 from collections.abc import Sequence
@@ -45,20 +51,25 @@ import structlog
 from fastapi import APIRouter
 
 from schemas import inventory as inv
-from schemas.heartbeat import AgentHeartbeatConfig
+from schemas.heartbeat import AgentHeartbeatConfig, Swact, SwactResult
 from services.core.bus.abc import RequestTimeout
-from services.core.bus.bus import Message, Reject, is_unhandled
+from services.core.bus.bus import Message, Reject, RetryLater, is_unhandled
 from services.core.host import ServiceContext
 from services.core.secrets import SecretStore
 from services.core.settings import HeartbeatSettings
 from services.heartbeat import metrics
+from services.heartbeat.fencing import Fencer
 from services.heartbeat.hostbook import Change, HostBook, Target
 from services.heartbeat.keystore import ClusterKeys, begin_rotation, ensure_cluster_keys, finish_rotation, seal_next
-from services.heartbeat.model import AlarmIntent, NodeId, Path
+from services.heartbeat.model import ALARM_FENCE_FAILED, ALARM_SPLIT_BRAIN, AlarmIntent, NodeId, Path
 from services.heartbeat.monitor import HealthChange, HeartbeatMonitor
+from services.heartbeat.pair import Announce, PairPolicy
+from services.heartbeat.pairnode import PairNode
 from services.heartbeat.paths import PathPolicy, PathState
 from services.heartbeat.transport import PathSpec
 from services.heartbeat.verdict import VerdictPolicy
+from services.heartbeat.wire import Role
+from services.inventory.bmc.vault import FencingSealer
 
 __all__ = ["HeartbeatService", "monitor_node_id"]
 
@@ -73,8 +84,23 @@ AGENT_CONFIG = "roost.cmd.agent.heartbeat"
 
 def monitor_node_id(controller: str) -> NodeId:
     """The monitor's node id on ``controller``: above every host's (inventory numbers hosts from 1), and
-    distinct from the host's own, since the controller's agent answers as the host."""
-    return 0xF000_0000 | (zlib.crc32(f"monitor/{controller}".encode()) & 0x0FFF_FFFF)
+    distinct from the host's own, since the controller's agent answers as the host.  ``controller-N`` gets
+    ``0xF0000000 + N``, so controller-0 has the lower id: the pair prefers it at start-up."""
+    match = re.fullmatch(r"controller-(\d{1,6})", controller)
+    if match is not None:
+        return 0xF000_0000 + int(match.group(1))
+    return 0xF100_0000 | (zlib.crc32(f"monitor/{controller}".encode()) & 0x00FF_FFFF)
+
+
+@dataclass(frozen=True, slots=True)
+class _Reassert:
+    """Became active: the whole set of heartbeat alarms standing here (``roost.fault.reassert``)."""
+
+    alarms: tuple[AlarmIntent, ...]
+
+
+_Out = HealthChange | AlarmIntent | Announce | _Reassert
+PAIR_ALARMS = frozenset({ALARM_SPLIT_BRAIN, ALARM_FENCE_FAILED})
 
 
 @dataclass(slots=True)
@@ -96,8 +122,9 @@ class HeartbeatService:
     def __init__(self, *, config: HeartbeatSettings | None = None, secrets: SecretStore | None = None,
                  path_policy: PathPolicy | None = None, verdict_policy: VerdictPolicy | None = None,
                  list_retry: float = 2.0, config_resend: float = 30.0, config_retry: float = 2.0,
-                 request_timeout: float = 5.0) -> None:
+                 request_timeout: float = 5.0, pair_policy: PairPolicy | None = None) -> None:
         self.config = config
+        self.pair_policy = pair_policy
         self.secrets = secrets
         self.path_policy = path_policy
         self.verdict_policy = verdict_policy
@@ -111,7 +138,11 @@ class HeartbeatService:
         self.listed = asyncio.Event()        # inventory's list has been merged
         self._ctx: ServiceContext | None = None
         self._settings = HeartbeatSettings()
-        self._out: asyncio.Queue[HealthChange | AlarmIntent] = asyncio.Queue()
+        self._out: asyncio.Queue[_Out] = asyncio.Queue()
+        self.pair: PairNode | None = None
+        self.fencer: Fencer | None = None
+        self._standing: dict[tuple[str, str], AlarmIntent] = {}     # the alarms the monitor and pair hold now
+        self._workers: frozenset[NodeId] = frozenset()
         self._agents: dict[str, _AgentState] = {}
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -144,17 +175,31 @@ class HeartbeatService:
         self.book = HostBook(own_hostname=cfg.controller, networks=networks)
         state_dir = ctx.settings.data_dir / "heartbeat" / cfg.controller
         state_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.peer is not None and (cfg.port == 0 or not cfg.peer_addresses or not networks):
+            raise ValueError("heartbeat.peer needs heartbeat.addresses, heartbeat.peer_addresses and a fixed "
+                             "heartbeat.port (the peer's monitor listens at the same port)")
         self.monitor = HeartbeatMonitor(
             node_id=monitor_node_id(cfg.controller), cluster_id=keys.cluster_id, master_key=keys.master,
             paths=[PathSpec(p, a, cfg.port, cfg.require_auth.get(p.network, True)) for p, a in networks.items()],
             state_dir=state_dir, hostname=cfg.controller, period=cfg.period, path_policy=self.path_policy,
-            verdict_policy=self.verdict_policy, on_health=self._out.put_nowait, on_alarm=self._out.put_nowait)
+            verdict_policy=self.verdict_policy, on_health=self._health, on_alarm=self._alarm,
+            role=Role.STANDBY if cfg.peer is not None else Role.ACTIVE)
         if keys.next is not None:
             self.monitor.keyring.install(keys.next)
             log.info("heartbeat key rotation resumed", fingerprint=f"{keys.next.key_id:08x}")
-        await self._reassert()
+        if cfg.peer is not None:
+            peer_id = monitor_node_id(cfg.peer)
+            self.monitor.set_peer(peer_id, {Path.of(n): a for n, a in cfg.peer_addresses.items()}, port=cfg.port)
+            self.fencer = Fencer(FencingSealer.from_store(store), timeout=cfg.fence_timeout)
+            self.pair = PairNode(self.monitor, me_name=cfg.controller, peer_name=cfg.peer, peer_id=peer_id,
+                                 fencer=self.fencer, state_dir=state_dir, system="roost", emit=self._pair_out,
+                                 on_role=self._on_role, policy=self.pair_policy)
+        else:
+            await self._reassert()      # a controller pair reasserts when it becomes active
         if networks:
             await self.monitor.start()
+            if self.pair is not None:
+                self.pair.start()
         else:
             log.warning("heartbeat: no heartbeat network is configured for this controller "
                         "(heartbeat.addresses): monitoring nothing", controller=cfg.controller)
@@ -162,7 +207,9 @@ class HeartbeatService:
         self._tasks = [asyncio.create_task(self._write_loop(), name="heartbeat-writer"),
                        asyncio.create_task(self._list_hosts(), name="heartbeat-host-list"),
                        asyncio.create_task(self._agent_loop(), name="heartbeat-agent-configs")]
-        await ctx.bus.subscribe(HOST_EVENTS, GROUP, self.on_host_event)
+        # with a pair, each controller reads every host event: a group of its own
+        await ctx.bus.subscribe(HOST_EVENTS, GROUP if cfg.peer is None else f"{GROUP}-{cfg.controller}",
+                                self.on_host_event)
         await ctx.bus.serve(COMMANDS, GROUP, self.command)
 
     async def stop(self) -> None:
@@ -172,6 +219,8 @@ class HeartbeatService:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.pair is not None:
+            await self.pair.stop()
         if self.monitor is not None:
             await self.monitor.stop()
         with contextlib.suppress(Exception):
@@ -194,9 +243,27 @@ class HeartbeatService:
         if message.envelope.type == "roost.cmd.heartbeat.keys_rotate":
             return await self.rotate_keys()
         if message.envelope.type == "roost.cmd.heartbeat.swact":
-            raise Reject("swact is not carried out yet: this heartbeat service does not run the controller pair "
-                         "(services.heartbeat.pair is not wired to the network)")
+            return self._swact(message).model_dump(mode="json")
         raise Reject(f"the heartbeat service does not handle {message.envelope.type}")
+
+    def _swact(self, message: Message) -> SwactResult:
+        data, pair = message.data, self.pair
+        assert isinstance(data, Swact)
+        if pair is None:
+            raise Reject("no controller pair is configured (heartbeat.peer): there is nothing to swact to")
+        if not pair.active:
+            if message.attempt >= 5:
+                raise Reject(f"{self._settings.controller} is not active, and the active controller did not take "
+                             "the swact")
+            raise RetryLater(0.2, f"{self._settings.controller} is not the active controller")   # the other takes it
+        if data.from_host != self._settings.controller or data.to_host != pair.peer_name:
+            raise Reject(f"the active controller is {self._settings.controller} and its peer {pair.peer_name}, "
+                         f"not {data.from_host} to {data.to_host}")
+        why = pair.swact()
+        if why is not None:
+            raise Reject(why)
+        return SwactResult(active=data.to_host, detail=f"{data.from_host} stepped down and handed over to "
+                                                       f"{data.to_host}")
 
     # -- key rotation -----------------------------------------------------------------------------------
 
@@ -242,6 +309,8 @@ class HeartbeatService:
             self._changed(self._book.apply(data.host))
         elif isinstance(data, inv.HostDeleted):
             self._changed(self._book.delete(data.entity_id, data.version))
+        elif isinstance(data, inv.BmcAccess) and self.fencer is not None:
+            self.fencer.learn(data)
 
     @property
     def _book(self) -> HostBook:
@@ -284,6 +353,11 @@ class HeartbeatService:
                 return
             self._agents.setdefault(change.uuid, _AgentState()).config = self._agent_config(after)
             self._wake.set()
+        workers = frozenset(t.node_id for t in self._book.targets.values() if t.personality == "worker")
+        if workers != self._workers:
+            self._workers = workers
+            if self.pair is not None:
+                self.pair.set_voters(workers)
 
     # -- the agents ---------------------------------------------------------------------------------------
 
@@ -358,6 +432,43 @@ class HeartbeatService:
 
     # -- out ------------------------------------------------------------------------------------------------
 
+    @property
+    def publishing(self) -> bool:
+        """Whether this monitor's verdicts go out: always alone, only while active in a pair."""
+        return self.pair is None or self.pair.active
+
+    def _health(self, change: HealthChange) -> None:
+        if self.publishing:
+            self._out.put_nowait(change)
+
+    def _alarm(self, intent: AlarmIntent) -> None:
+        key = (intent.alarm_id, intent.entity_instance_id)
+        if intent.raise_:
+            self._standing[key] = intent
+        else:
+            self._standing.pop(key, None)
+        if self.publishing or intent.alarm_id in PAIR_ALARMS:
+            self._out.put_nowait(intent)
+
+    def _pair_out(self, item: Announce | AlarmIntent) -> None:
+        if isinstance(item, AlarmIntent):
+            self._alarm(item)
+        else:
+            self._out.put_nowait(item)
+
+    def _on_role(self, active: bool) -> None:
+        """Became active: take over publishing (every alarm standing here, every host's current verdict)."""
+        monitor = self.monitor
+        if not active or monitor is None:
+            return
+        self._out.put_nowait(_Reassert(tuple(self._standing.values())))
+        now = monitor.now()
+        for host in monitor.hosts.values():
+            verdict = monitor.current(host.hostname)
+            if verdict is not None:
+                host.version += 1
+                self._out.put_nowait(HealthChange(verdict, host.entity_id, monitor.version_base + host.version, now))
+
     async def _reassert(self) -> None:
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             await self.ctx.outbox.add(conn, self.ctx.bus.envelope("roost.fault.reassert", {"alarms": []}))
@@ -377,17 +488,25 @@ class HeartbeatService:
                     await asyncio.sleep(1.0)
 
     async def _flush(self) -> None:
-        batch = []
+        batch: list[_Out] = []
         while not self._out.empty():
             batch.append(self._out.get_nowait())
         if batch:
             await self._write(batch)
 
-    async def _write(self, batch: list[HealthChange | AlarmIntent]) -> None:
+    async def _write(self, batch: list[_Out]) -> None:
         bus, outbox = self.ctx.bus, self.ctx.outbox
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             for item in batch:
-                if isinstance(item, HealthChange):
+                if isinstance(item, Announce):
+                    names = self.pair.names if self.pair is not None else {}
+                    await outbox.add(conn, bus.envelope("roost.heartbeat.active_controller", item.event(names),
+                                                        subject="controller-pair"))
+                elif isinstance(item, _Reassert):
+                    await outbox.add(conn, bus.envelope("roost.fault.reassert", {"alarms": [
+                        {"alarm_id": a.alarm_id, "entity_instance_id": a.entity_instance_id,
+                         "severity": a.severity, "reason_text": a.reason[:255]} for a in item.alarms]}))
+                elif isinstance(item, HealthChange):
                     if item.entity_id is None:
                         continue
                     if item.verdict.state == "failed":
@@ -436,6 +555,8 @@ class HeartbeatService:
             "hosts": hosts,
             "rejected": {f"{p.network}/{r.value}": n for (p, r), n in sorted(drops.items(), key=lambda x: str(x))},
             "keys": self._key_status(),
+            "pair": self.pair.status() if self.pair is not None else None,
+            "bmcs_known": self.fencer.known() if self.fencer is not None else [],
         }
 
     def _key_status(self) -> list[dict[str, Any]]:

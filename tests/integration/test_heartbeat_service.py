@@ -188,7 +188,11 @@ async def add_host(cluster: Cluster, name: str, mac: str, n: int) -> None:
 
 
 async def unlock_when_online(cluster: Cluster, name: str) -> None:
-    await wait_until(lambda: _is(cluster, name, "online"), 30, f"{name} online (its agent's hello)")
+    async def ready() -> bool:
+        host = await cluster.host(name)
+        return bool(host["availability"] == "online" and host["inventoried"])
+
+    await wait_until(ready, 30, f"{name} online and inventoried (its agent's hello and hardware)")
     await cluster.ok("roost.cmd.host.unlock", {"host": name})
     await wait_until(lambda: _is(cluster, name, "available"), 30, f"{name} available")
 

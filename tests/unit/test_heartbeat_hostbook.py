@@ -44,7 +44,7 @@ def host(version: int = 1, **changes: Any) -> Host:
 def test_an_unlocked_provisioned_host_is_monitored_on_the_networks_the_monitor_has() -> None:
     target = target_of(host(), own_hostname="controller-0", networks=BOTH)
     assert target == Target("u-1", "worker-1", 7, {HbPath.MGMT: "10.0.0.7", HbPath.CLUSTER_HOST: "10.1.0.7"},
-                            "worker-1")
+                            "worker-1", "worker")
 
 
 @pytest.mark.parametrize("changes", [
@@ -74,8 +74,9 @@ def test_the_newest_version_wins_whatever_the_order() -> None:
 
 
 def test_monitor_node_ids_are_above_inventorys_and_distinct_per_controller() -> None:
-    ids = {monitor_node_id(c) for c in ("controller-0", "controller-1")}
-    assert len(ids) == 2 and all(0xF000_0000 <= i <= 0xFFFF_FFFF for i in ids)
+    ids = [monitor_node_id(c) for c in ("controller-0", "controller-1", "edge-ctl")]
+    assert len(set(ids)) == 3 and all(0xF000_0000 <= i <= 0xFFFF_FFFF for i in ids)
+    assert ids[0] < ids[1], "controller-0 is the pair's preferred controller at start-up"
 
 
 def test_cluster_keys_are_created_once_and_never_replaced(tmp_path: Path) -> None:
