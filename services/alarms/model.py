@@ -334,7 +334,10 @@ def decide_set(current: Alarm | None, request: SetRequest, catalogue: Catalogue,
     if current is not None and current.severity is request.severity and current.reason_text == request.reason_text:
         return SetOutcome(Change.UNCHANGED, current)
     severity = request.severity
-    alarm = Alarm(
+    # Constructed, not validated again: every value is the validated request's, the loaded catalogue's or
+    # derived from them (the entity's keys, a text cut to FM's limit), so the checks would only repeat
+    # (this runs for every set).
+    alarm = Alarm.model_construct(
         uuid=current.uuid if current is not None else new_uuid(),
         alarm_id=definition.id,
         alarm_state=AlarmState.SET,

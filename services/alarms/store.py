@@ -28,6 +28,7 @@ the ops one by one.
 from __future__ import annotations
 
 import json
+import os
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ import asyncpg
 from schemas import alarms as msg
 from schemas.envelope import Envelope, Principal, utcnow
 from schemas.registry import Registry
-from services.alarms.catalogue import AlarmError, Catalogue
+from services.alarms.catalogue import AlarmError, AlarmType, Catalogue, Severity
 from services.alarms.model import (
     Alarm,
     AlarmKey,
@@ -231,10 +232,60 @@ def _clear_event(stored: StoredAlarm, version: int, cause: ClearCause, now: date
                                    alarm=_record(alarm, "clear"), cause=cause)
 
 
+def _json_time(value: datetime) -> str:
+    """A datetime as pydantic's JSON mode writes it (``Z`` for UTC, else the offset); pure."""
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _record_data(alarm: Alarm, state: Literal["set", "clear"]) -> dict[str, Any]:
+    """``_record(alarm, state).model_dump(mode="json")``, built directly (this runs for every op); pure."""
+    return {"uuid": str(alarm.uuid), "alarm_id": alarm.alarm_id, "alarm_state": state,
+            "entity_type_id": alarm.entity_type_id, "entity_instance_id": alarm.entity_instance_id,
+            "timestamp": _json_time(alarm.timestamp), "severity": alarm.severity.value,
+            "reason_text": alarm.reason_text, "alarm_type": alarm.alarm_type.value,
+            "probable_cause": alarm.probable_cause, "proposed_repair_action": alarm.proposed_repair_action,
+            "service_affecting": alarm.service_affecting, "suppression": alarm.suppression,
+            "inhibit_alarms": alarm.inhibit_alarms, "mgmt_affecting": alarm.mgmt_affecting,
+            "degrade_affecting": alarm.degrade_affecting, "created_at": _json_time(alarm.created_at),
+            "updated_at": _json_time(alarm.updated_at)}
+
+
+def _event_data(kind: EventKind, alarm: Alarm, version: int, owner: str, *,
+                changes: Sequence[dict[str, str]] = (), cause: ClearCause = "cleared") -> dict[str, Any]:
+    """The data of a ``roost.alarm.raised|changed|cleared`` event as its model dumps it in JSON mode (what
+    ``_set_event`` / ``_clear_event`` build as models), built directly: this runs for every op of a batch,
+    and the registry's model checks it again at every consumer; pure."""
+    data: dict[str, Any] = {"entity_id": str(alarm.uuid), "version": version, "owner": owner,
+                            "alarm": _record_data(alarm, "clear" if kind is EventKind.CLEARED else "set")}
+    if kind is EventKind.CHANGED:
+        data["changes"] = [dict(c) for c in changes]
+    elif kind is EventKind.CLEARED:
+        data["cause"] = cause
+    return data
+
+
+class _Uuids:
+    """Random (version 4) uuids, 16 bytes of ``os.urandom`` each, drawn many at a time (one system call per
+    batch instead of one per uuid)."""
+
+    def __init__(self, count: int = 256) -> None:
+        self.count = count
+        self._pool = b""
+        self._at = 0
+
+    def __call__(self) -> uuidlib.UUID:
+        if self._at + 16 > len(self._pool):
+            self._pool, self._at = os.urandom(16 * self.count), 0
+        raw = self._pool[self._at:self._at + 16]
+        self._at += 16
+        return uuidlib.UUID(bytes=raw, version=4)
+
+
 def _history_values(alarm: Alarm, *, state: str, change: str, changes: list[dict[str, str]], owner: str,
-                    version: int, cause: str | None = None) -> tuple[Any, ...]:
+                    version: int, cause: str | None = None,
+                    new_uuid: Callable[[], uuidlib.UUID] = uuidlib.uuid4) -> tuple[Any, ...]:
     """One ``event_log`` row of an alarm record, in ``_HISTORY_COLUMNS`` order."""
-    return (uuidlib.uuid4(), alarm.alarm_id, state, change, json.dumps(changes), cause, alarm.uuid,
+    return (new_uuid(), alarm.alarm_id, state, change, json.dumps(changes), cause, alarm.uuid,
             alarm.entity_type_id, alarm.entity_instance_id, alarm.timestamp, alarm.severity.value,
             alarm.reason_text, alarm.alarm_type.value, alarm.probable_cause, alarm.proposed_repair_action,
             alarm.service_affecting, alarm.suppression, owner, version)
@@ -309,12 +360,18 @@ def _head_sql(inbox_schema: str | None) -> str:
     FROM st LEFT JOIN locked ON true"""
 
 
-_ACTIVE_FIELDS = tuple(c.strip() for c in _ALARM_COLUMNS.split(","))
-
-
 def _stored_locked(row: asyncpg.Record) -> StoredAlarm:
-    data = {c: row[c] for c in _ACTIVE_FIELDS}
-    return StoredAlarm(Alarm.model_validate(data), row["owner"], int(row["version"]))
+    """A locked row of a batch as a ``StoredAlarm``: constructed from our own row, not validated again (the
+    row was written from a validated ``Alarm``; this runs for every op); the enums made as ``_stored`` would."""
+    alarm = Alarm.model_construct(
+        uuid=row["uuid"], alarm_id=row["alarm_id"], alarm_state=AlarmState(row["alarm_state"]),
+        entity_type_id=row["entity_type_id"], entity_instance_id=row["entity_instance_id"],
+        timestamp=row["timestamp"], severity=Severity(row["severity"]), reason_text=row["reason_text"],
+        alarm_type=AlarmType(row["alarm_type"]), probable_cause=row["probable_cause"],
+        proposed_repair_action=row["proposed_repair_action"], service_affecting=row["service_affecting"],
+        suppression=row["suppression"], inhibit_alarms=row["inhibit_alarms"], mgmt_affecting=row["mgmt_affecting"],
+        degrade_affecting=row["degrade_affecting"], created_at=row["created_at"], updated_at=row["updated_at"])
+    return StoredAlarm(alarm, row["owner"], int(row["version"]))
 
 
 def _tail_sql(outbox_schema: str) -> str:
@@ -433,6 +490,7 @@ class AlarmStore:
         self.clock = clock
         self._tail: dict[str, str] = {}
         self._head: dict[str, str] = {}
+        self._uuids = _Uuids()
 
     # -- set ------------------------------------------------------------------------------------------
 
@@ -600,8 +658,8 @@ class AlarmStore:
             current = state.get(op.key)
             if isinstance(op, SetOp):
                 outcome = _with_repair_action(
-                    decide_set(current.alarm if current else None, op.request, self.catalogue, self.clock()),
-                    op.repair_action)
+                    decide_set(current.alarm if current else None, op.request, self.catalogue, self.clock(),
+                               new_uuid=self._uuids), op.repair_action)
                 if outcome.change is Change.UNCHANGED:
                     results.append(Applied(outcome))
                     continue
@@ -610,11 +668,13 @@ class AlarmStore:
                     raise BatchConflict(f"alarm {alarm.key} is not the requested {op.key}")
                 version = 1 if current is None else current.version + 1
                 state[op.key] = StoredAlarm(alarm, op.origin.owner, version)
-                change, changes, event, kind = _set_event(outcome, alarm, version, op.origin.owner)
-                history.append(_history_values(alarm, state="set", change=change, changes=changes,
-                                               owner=op.origin.owner, version=version))
-                announced.append((self._envelope(f"roost.alarm.{change}", event, op.origin, f"alarm/{alarm.uuid}"),
-                                  alarm, version, kind))
+                kind = EventKind.RAISED if outcome.change is Change.RAISED else EventKind.CHANGED
+                changes = [{"field": c.field, "old": c.old, "new": c.new} for c in outcome.changes]
+                history.append(_history_values(alarm, state="set", change=kind.value, changes=changes,
+                                               owner=op.origin.owner, version=version, new_uuid=self._uuids))
+                data = _event_data(kind, alarm, version, op.origin.owner, changes=changes)
+                announced.append((self._event_envelope(f"roost.alarm.{kind.value}", data, op.origin,
+                                                       f"alarm/{alarm.uuid}"), alarm, version, kind))
                 results.append(Applied(outcome, version))
             else:
                 found = decide_clear([current.alarm] if current else [], op.request, self.catalogue).found
@@ -622,11 +682,15 @@ class AlarmStore:
                     results.append(())
                     continue
                 version = current.version + 1
-                alarm, cleared = _clear_event(current, version, "cleared", self.clock())
+                now = self.clock()
+                alarm = current.alarm.model_copy(update={"alarm_state": AlarmState.CLEAR, "timestamp": now,
+                                                         "updated_at": now})
                 state[op.key] = None
                 history.append(_history_values(alarm, state="clear", change="cleared", changes=[],
-                                               owner=current.owner, version=version, cause="cleared"))
-                announced.append((self._envelope("roost.alarm.cleared", cleared, op.origin, f"alarm/{alarm.uuid}"),
+                                               owner=current.owner, version=version, cause="cleared",
+                                               new_uuid=self._uuids))
+                data = _event_data(EventKind.CLEARED, alarm, version, current.owner, cause="cleared")
+                announced.append((self._event_envelope("roost.alarm.cleared", data, op.origin, f"alarm/{alarm.uuid}"),
                                   alarm, version, EventKind.CLEARED))
                 results.append((Cleared(alarm, current.owner, version, "cleared"),))
             touched.add(op.key)
@@ -790,6 +854,14 @@ class AlarmStore:
                        changes: list[dict[str, str]], owner: str, version: int, cause: str | None = None) -> None:
         await conn.execute(_INSERT_HISTORY, *_history_values(alarm, state=state, change=change, changes=changes,
                                                              owner=owner, version=version, cause=cause))
+
+    def _event_envelope(self, type: str, data: dict[str, Any], origin: Origin, subject: str) -> Envelope:
+        """``_envelope`` of an event whose ``data`` is already its model's JSON form (``_event_data``): the
+        envelope is constructed, not validated again (its attributes are ours; the consumers validate)."""
+        return Envelope.model_construct(
+            id=str(self._uuids()), source=self.source, type=type, time=utcnow(), subject=subject,
+            correlationid=origin.correlationid if origin.correlationid is not None else str(self._uuids()),
+            causationid=origin.causationid, principal=origin.principal, data=data)
 
     def _envelope(self, type: str, data: Any, origin: Origin, subject: str) -> Envelope:
         attrs: dict[str, Any] = {"subject": subject, "causationid": origin.causationid,
