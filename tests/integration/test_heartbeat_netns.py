@@ -285,8 +285,13 @@ async def test_every_link_down_fails_the_host_within_the_bound_and_it_recovers(s
 
     for path in Path:
         veths.set_inner(path, "up")
+    up_at = site.now()
     healthy = await site.wait_state("healthy", after=mark, timeout=10.0)
-    print(f"links up: healthy {healthy.at - failed.at:.3f} s after the failure")
+    # Measured here: about 0.11 s, not the flap damping's 10 periods.  While the host's links were down, the
+    # kernel queued the monitor's requests waiting for ARP; when they come back it delivers them at once, and
+    # the answers to the last second's requests arrive together, each fresh enough to count as a good
+    # heartbeat: 10 of them bring a DOWN path straight UP (issue 5 report; the damping counts answers, not time).
+    print(f"links up: healthy {healthy.at - up_at:.3f} s later")
     states = [c.verdict.state for c in site.changes[mark:]]
     # the paths come back a few ms apart: the first one back may show the host degraded for that long
     assert states[0] == "failed" and states[-1] == "healthy" and states.count("failed") == 1, states
