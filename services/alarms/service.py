@@ -6,13 +6,17 @@ the history record, the ``roost.alarm.*`` event in the outbox and the webhook de
 (:class:`services.alarms.store.AlarmStore`).  The raising service, the owner of what it sets, is the
 envelope's ``source`` (which broker permissions restrict).
 
-Group commit: the consumer runs ``batch_size`` handlers at once (``ConsumerOptions.concurrency``); each
-queues its message in the order the consumer handed them over and waits; one task at a time takes up to
+Group commit: the consumer runs ``batch_size * pipeline`` handlers at once (``ConsumerOptions.concurrency``);
+each queues its message in the order the consumer handed them over and waits; the committer takes up to
 ``batch_size`` queued messages and applies them in order in ONE transaction (sets and exact clears through
 :meth:`~services.alarms.store.AlarmStore.apply_many`, a few statements for the whole run; the other
 kinds one by one inside it); after the commit every handler returns and its message is acked.  While
 one batch commits the next one gathers, so a quiet service commits each message at once and a busy one
-commits many per transaction.  Should the batch fail for any reason (an input the catalogue refuses, a
+commits many per transaction.  Pipelining: up to ``pipeline`` (2) batches commit at once, on their own
+connections, when they touch no alarm instance in common and hold only sets and exact clears (a batch
+sharing an instance with one in flight, or holding another kind, waits until the batches before it are
+done): the Python work of one overlaps the database work of the other, and the order per alarm instance
+is the order of the messages, as without it.  Should the batch fail for any reason (an input the catalogue refuses, a
 concurrent raise of the same instance, the database), it is rolled back and each of its messages is
 applied alone, in order, in its own transaction, exactly as without batching: a bad message is
 dead-lettered alone and the others commit.  ``batch_size=1`` applies every message alone.
@@ -58,7 +62,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import asyncpg
 import structlog
@@ -187,6 +191,8 @@ class _Queued:
 
     message: Message
     outcome: asyncio.Future[None]
+    op: BatchOp | None            # its batchable form (``_batch_op``), None for another kind
+    refused: bool = False         # ``_batch_op`` refused it (the batch holding it fails as a whole)
 
 
 def _first_error(exc: ValueError) -> str:
@@ -206,6 +212,14 @@ def _batch_op(message: Message) -> BatchOp | None:
         return ClearOp(ClearRequest(alarm_id=data.alarm_id, entity_instance_id=data.entity_instance_id),
                        Origin.of(message.envelope))
     return None
+
+
+def _batch_ops(batch: Sequence[_Queued]) -> list[BatchOp | None]:
+    """The batchable forms of a batch's messages (``_batch_op``); all None when one was refused (the batch
+    then fails as a whole and its messages are applied alone, each with its own outcome)."""
+    if any(q.refused for q in batch):
+        return [None] * len(batch)
+    return [q.op for q in batch]
 
 
 def _context(message: Message) -> contextlib.AbstractContextManager[None]:
@@ -233,10 +247,13 @@ class AlarmsService:
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
                  webhook_retention: timedelta = timedelta(days=7),
-                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 64,
+                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 64, pipeline: int = 2,
                  dispatcher: DispatcherMode | None = None, database_url: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
+        if pipeline < 1:
+            raise ValueError("pipeline must be at least 1")
+        self.pipeline = pipeline
         mode = dispatcher if dispatcher is not None else os.environ.get(DISPATCHER_ENV, "inline") or "inline"
         if mode not in ("inline", "process"):
             raise ValueError(f"{DISPATCHER_ENV} must be inline or process, not {mode!r}")
@@ -246,6 +263,7 @@ class AlarmsService:
         self.batch_size = batch_size
         self._queued: list[_Queued] = []
         self._committer: asyncio.Task[None] | None = None
+        self._arrival: asyncio.Future[None] | None = None      # the committer waits for a message to come
         self.history_retention = history_retention
         self.retention_interval = retention_interval
         self.webhook_retention = webhook_retention
@@ -266,9 +284,10 @@ class AlarmsService:
 
     @property
     def consumer_options(self) -> ConsumerOptions:
-        """How the fault consumer runs: ``batch_size`` handlers at once, so that a batch can gather."""
-        return ConsumerOptions(concurrency=self.batch_size,
-                               prefetch=max(ConsumerOptions().prefetch, 2 * self.batch_size))
+        """How the fault consumer runs: ``batch_size * pipeline`` handlers at once, so that batches can gather
+        while others commit."""
+        concurrency = self.batch_size * (self.pipeline if self.batch_size > 1 else 1)
+        return ConsumerOptions(concurrency=concurrency, prefetch=max(ConsumerOptions().prefetch, 2 * concurrency))
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -347,8 +366,14 @@ class AlarmsService:
         if self.batch_size == 1:
             await self.handle_alone(message)
             return
-        queued = _Queued(message, asyncio.get_running_loop().create_future())
+        try:
+            op, refused = _batch_op(message), False
+        except (AlarmError, ValueError):
+            op, refused = None, True
+        queued = _Queued(message, asyncio.get_running_loop().create_future(), op, refused)
         self._queued.append(queued)
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)
         if self._committer is None or self._committer.done():
             # a context of its own: the committer's logs are about no message in particular
             self._committer = asyncio.create_task(self._commit_queued(), name="alarms-faults-committer",
@@ -371,25 +396,49 @@ class AlarmsService:
         _count(done)        # committed
 
     async def _commit_queued(self) -> None:
-        """Commit the queued messages, ``batch_size`` at a time, until none is left."""
-        batch: list[_Queued] = []
+        """Commit the queued messages, ``batch_size`` at a time, up to ``pipeline`` batches at once when
+        they touch disjoint alarm instances, in order, until none is left."""
+        running: dict[asyncio.Task[None], tuple[list[_Queued], frozenset[AlarmKey] | None]] = {}
         try:
-            while self._queued:
-                batch = self._queued[:self.batch_size]
-                del self._queued[:len(batch)]
-                await self._apply_batch(batch)
-            batch = []
+            while self._queued or running:
+                if self._queued and len(running) < self.pipeline:
+                    batch = self._queued[:self.batch_size]
+                    ops = _batch_ops(batch)
+                    keys = frozenset(op.key for op in ops if op is not None) if None not in ops else None
+                    if not running or (keys is not None and all(
+                            other is not None and keys.isdisjoint(other) for _, other in running.values())):
+                        del self._queued[:len(batch)]
+                        task = asyncio.create_task(self._apply_batch(batch, ops), name="alarms-faults-batch")
+                        running[task] = (batch, keys)
+                        continue
+                # wait for a batch to end, or (with room for one more and nothing queued) for a message
+                waits: set[asyncio.Future[Any]] = set(running)
+                if not self._queued and len(running) < self.pipeline:
+                    self._arrival = asyncio.get_running_loop().create_future()
+                    waits.add(self._arrival)
+                done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                self._arrival = None
+                for ended in [t for t in running if t in done]:
+                    running.pop(ended)
+                    ended.result()
         finally:
-            if batch:       # cancelled mid-batch: its handlers and the queued ones fail; the bus delivers again
-                left, self._queued = [*batch, *self._queued], []
-                for queued in left:
-                    _settle(queued.outcome, RuntimeError("the alarms service stopped before applying it"))
+            # cancelled (stop) or broken: the handlers of the batches in hand and the queued ones fail; the bus
+            # delivers them again
+            for task in running:
+                task.cancel()
+            left = [q for task, (batch, _) in running.items() for q in batch]
+            if running:
+                await asyncio.gather(*running, return_exceptions=True)
+            left, self._queued = [*left, *self._queued], []
+            for queued in left:
+                _settle(queued.outcome, RuntimeError("the alarms service stopped before applying it"))
 
-    async def _apply_batch(self, batch: Sequence[_Queued]) -> None:
+    async def _apply_batch(self, batch: Sequence[_Queued], ops: Sequence[BatchOp | None] | None = None) -> None:
         """Apply ``batch`` in one transaction and settle each handler's outcome; should that fail, apply
-        each message alone, in order (its own outcome: applied, ``Reject``, or an error to retry)."""
+        each message alone, in order (its own outcome: applied, ``Reject``, or an error to retry).  ``ops``:
+        its messages' batchable forms (``_batch_ops``), when known."""
         try:
-            done = await self._apply_together([q.message for q in batch])
+            done = await self._apply_together([q.message for q in batch], ops)
         except Exception as exc:
             if len(batch) > 1:
                 log.info("fault batch not applied as one; applying its messages one by one",
@@ -408,9 +457,11 @@ class AlarmsService:
                 _count(result)          # committed
             _settle(queued.outcome, None)
 
-    async def _apply_together(self, messages: Sequence[Message]) -> list[_Done | None]:
+    async def _apply_together(self, messages: Sequence[Message], ops: Sequence[BatchOp | None] | None = None,
+                              ) -> list[_Done | None]:
         """Every message in one transaction, in order; None for a duplicate."""
-        ops = [_batch_op(m) for m in messages]
+        if ops is None:
+            ops = [_batch_op(m) for m in messages]
         if all(op is not None for op in ops):
             # The usual batch, sets and exact clears only: the inbox claimed with the locks, the whole batch
             # in a fixed number of statements (``AlarmStore.apply_many``).
