@@ -247,7 +247,7 @@ class AlarmsService:
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
                  webhook_retention: timedelta = timedelta(days=7),
-                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 64, pipeline: int = 2,
+                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 128, pipeline: int = 2,
                  dispatcher: DispatcherMode | None = None, database_url: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")

@@ -2,7 +2,7 @@
 
 The fan-out (``store.fan_out``) runs in a task of its own, on a connection of its own (its short wait for
 the writers' lock never holds up the sending), when a notification was announced, when deliveries made
-room, or at the poll: it turns notifications into delivery rows, only ``ahead`` (512) pending rows per
+room, or at the poll: it turns notifications into delivery rows, only ``ahead`` (128) pending rows per
 subscription ahead of the sending (the notifications beyond stay durably queued behind the
 subscription's cursor; a dead subscriber costs no rows per alarm).  Each cycle of the sending loop:
 (a) the outcomes of the requests that succeeded since the last cycle, written in one statement; (b) one
@@ -170,8 +170,8 @@ def describe(exc: BaseException) -> str:
 class DispatcherSettings:
     timeout: float = 10.0                # one request, end to end
     lease: float | None = None           # claim lifetime; default timeout + 30 s; must exceed timeout
-    per_subscription: int = 16           # requests in flight per subscription (all replicas)
-    max_in_flight: int = 64              # requests in flight in this dispatcher
+    per_subscription: int = 32           # requests in flight per subscription (all replicas)
+    max_in_flight: int = 128             # requests in flight in this dispatcher
     min_backoff: float = 1.0
     max_backoff: float = 3600.0
     max_retry_after: float = 6 * 3600.0
@@ -180,7 +180,7 @@ class DispatcherSettings:
     grace: float = 5.0                   # stop(): how long requests in flight may finish
     db_backoff: float = 1.0              # wait after a database error in the claim loop
     window: int = 256                    # oldest pending rows per subscription a claim looks at
-    ahead: int | None = 512              # fan-out: pending delivery rows made ahead per subscription (None: all)
+    ahead: int | None = 128              # fan-out: pending delivery rows made ahead per subscription (None: all)
 
     @property
     def effective_lease(self) -> float:
