@@ -367,6 +367,10 @@ class PairController:
         self.epoch = max(self.epoch, refusal.voter_epoch)
         if refusal.epoch == self.target:
             self.votes.pop(refusal.voter, None)
+        if self.phase is Phase.ELECTING and refusal.epoch == self.target and refusal.voter_epoch >= self.target:
+            # a voter already granted this epoch (or a newer one) to someone else: ask again, one higher;
+            # asking for the same epoch would be refused by it for ever
+            return self._elect(now, self.kind) + self.tick(now)
         return self.tick(now)
 
     def fence_result(self, now: Seconds, epoch: int, ok: bool) -> list[Effect]:
@@ -437,7 +441,8 @@ class PairController:
 
     def _elect(self, now: Seconds, kind: LeaseKind) -> list[Effect]:
         self.phase, self.kind = Phase.ELECTING, kind
-        self.target = self.epoch = self.epoch + 1
+        # never an epoch our own voter already granted (to the peer, whose claim may not have reached us)
+        self.target = self.epoch = max(self.epoch, self.voter.epoch) + 1
         self.votes = {}
         self.fenced = self.forced and kind is LeaseKind.TAKEOVER
         self.fence_attempts = 0

@@ -223,6 +223,8 @@ class PairNode:
                 self._spawn(self._fence(effect))
             elif isinstance(effect, PersistEpoch):
                 write_private(self.state_dir / EPOCH_FILE, f"{effect.epoch}\n")
+                log.info("controller pair: asking the voters for an epoch", me=self.me_name, epoch=effect.epoch,
+                         kind=ctrl.kind.name.lower(), voters=len(ctrl.config.voters))
             elif isinstance(effect, BecomeActive):
                 self.monitor.role, self.monitor.epoch = Role.ACTIVE, effect.epoch
                 log.warning("controller pair: active", me=self.me_name, epoch=effect.epoch)

@@ -36,7 +36,7 @@ from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.pair import LeaseGrant, LeaseRelease, LeaseRequest, LeaseVoter, PairPolicy
-from services.heartbeat.paths import PathHealth, PathPolicy, PathState, heard_paths
+from services.heartbeat.paths import PathHealth, PathPolicy, heard_paths
 from services.heartbeat.transport import BOOT_COUNTER_FILE, Addr, Clock, PathNode, PathSpec
 from services.heartbeat.wire import Datagram, KeyReport, LeaseFields, MsgType, Payload, Role
 
@@ -49,7 +49,6 @@ log = structlog.get_logger("roost.heartbeat.responder")
 
 MONITOR_ROLES = frozenset({Role.STANDBY, Role.ACTIVE})
 MONITOR_MESSAGES = frozenset({MsgType.HEARTBEAT, MsgType.LEASE_REQUEST, MsgType.LEASE_RELEASE})
-HEARING = frozenset({PathState.UP, PathState.SUSPECT, PathState.ASYMMETRIC})   # we hear them (they may not hear us)
 
 
 class HeartbeatResponder(PathNode):
@@ -154,10 +153,12 @@ class HeartbeatResponder(PathNode):
         if endpoint.send(source, payload, dest=h.sender, role=Role.HOST, echo_seq=h.seq, epoch=self.epoch) is not None:
             self.answered += 1
 
-    def hears(self, monitor: NodeId | None) -> bool:
-        """Whether this host hears ``monitor`` on any path now."""
+    def hears(self, monitor: NodeId | None, now: Seconds) -> bool:
+        """Whether this host heard ``monitor`` on any path within the down time (by the clock: nothing
+        advances these paths when the monitor falls silent)."""
         paths = self.heard.get(monitor) if monitor is not None else None
-        return paths is not None and any(p.state in HEARING for p in paths.values())
+        return paths is not None and any(p.last_heard is not None and p.silence(now) < p.policy.down_time
+                                         for p in paths.values())
 
     def _lease(self, datagram: Datagram, source: Addr, now: Seconds) -> None:
         h, lease, voter = datagram.header, datagram.payload.lease, self.voter
@@ -170,7 +171,7 @@ class HeartbeatResponder(PathNode):
         if lease.candidate != h.sender:
             return                                   # a controller asks for itself only
         answer = voter.request(now, LeaseRequest(lease.candidate, lease.epoch, lease.request_id, lease.kind),
-                               hears_holder=self.hears(voter.holder))
+                               hears_holder=self.hears(voter.holder, now))
         if isinstance(answer, LeaseGrant):
             msg, fields = MsgType.LEASE_GRANT, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
                                                             int(answer.ttl * 1000), lease.kind)

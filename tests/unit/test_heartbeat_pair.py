@@ -408,6 +408,35 @@ def test_voter_rules() -> None:
     assert isinstance(v.request(7.4, LeaseRequest(C0, 1, 8, LeaseKind.RENEW), hears_holder=True), LeaseRefusal)
 
 
+def test_a_takeover_never_asks_for_an_epoch_its_own_voter_granted() -> None:
+    """Found on the network (tests/integration/test_heartbeat_pair_service.py): the active died before its
+    claim of epoch 1 reached the standby, whose own voter had granted it epoch 1; the standby asked for
+    epoch 1 again, and voters holding the dead active's grant refused it for ever."""
+    cfg = PairConfig(C1, C0, voters_of((C0, C1), (10, 11)), "controller-1", "controller-0", "site")
+    c1 = PairController(cfg, 0.0)
+    assert isinstance(c1.voter.request(5.0, LeaseRequest(C0, 1, 1, LeaseKind.STARTUP), hears_holder=False),
+                      LeaseGrant)
+    c1.peer_paths(5.0, True)
+    effects = c1.peer_paths(6.0, False)
+    requests = [e.request for e in effects if isinstance(e, SendLeaseRequest)]
+    assert c1.phase is Phase.ELECTING and requests and requests[0].epoch == 2
+    assert PersistEpoch(2) in effects
+
+
+def test_a_refusal_that_shows_the_epoch_taken_asks_again_one_higher() -> None:
+    cfg = PairConfig(C1, C0, voters_of((C0, C1), (10, 11)), "controller-1", "controller-0", "site")
+    c1 = PairController(cfg, 0.0)
+    c1.peer_paths(0.5, True)
+    effects = c1.peer_paths(4.0, False)
+    [first] = [e.request for e in effects if isinstance(e, SendLeaseRequest)]
+    assert first.epoch == 1
+    effects = c1.refused(4.1, LeaseRefusal(10, C1, 1, first.request_id, 1, "already voted for 1 in epoch 1"))
+    [again] = [e.request for e in effects if isinstance(e, SendLeaseRequest)]
+    assert again.epoch == 2 and c1.target == 2 and PersistEpoch(2) in effects
+    effects = c1.refused(4.2, LeaseRefusal(11, C1, 2, again.request_id, 1, "the lease of 1 is live"))
+    assert not [e for e in effects if isinstance(e, SendLeaseRequest | PersistEpoch)], "an older epoch: wait"
+
+
 def test_config_rules() -> None:
     with pytest.raises(ValueError):
         PairConfig(C0, C0, frozenset({C0}), "a", "a", "s")
