@@ -314,6 +314,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def waited_seconds(pid: int) -> float:
+    """Time the process's threads spent runnable but waiting for a CPU (/proc/<pid>/schedstat; 0 if absent)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for task in FsPath(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                total += int((task / "schedstat").read_text().split()[1])
+    return total / 1e9
+
+
 def run_loadgen(config: dict[str, Any]) -> None:
     """The load generator's process: ``hosts`` simulated hosts, one socket per host and path, answering every
     request at once (no verification of the request: the monitor is what is measured)."""
@@ -372,6 +382,8 @@ async def run_monitor(config: dict[str, Any]) -> None:
                                period=PERIOD, path_policy=PathPolicy(period=PERIOD), verdict_policy=VerdictPolicy())
     waiting = list(config["hosts"].items())
     await monitor.start()
+    for endpoint in monitor.endpoints.values():
+        endpoint.filter.loss = float(config.get("loss", 0.0))
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -479,13 +491,14 @@ def profile(pid: int, seconds: float) -> None:
             print(f"       {n / total:6.1%}  {frame}")
 
 
-def measure_cpu(count: int, window: float, warmup: float, ramp: int, state: FsPath, keys: Keys,
+def measure_cpu(count: int, window: float, warmup: float, ramp: int, loss: float, state: FsPath, keys: Keys,
                 profile_it: bool) -> CpuPoint:
     loadgen = child("loadgen", {**keys.config(), "hosts": count, "cpu": 1})
     monitor: subprocess.Popen[bytes] | None = None
     try:
         ports = read_json(loadgen)["hosts"]
-        monitor = child("monitor", {**keys.config(), "hosts": ports, "cpu": 0, "state": str(state / f"cpu-{count}")})
+        monitor = child("monitor", {**keys.config(), "hosts": ports, "cpu": 0, "loss": loss,
+                                    "state": str(state / f"cpu-{count}-{time.monotonic_ns()}")})
         pid = int(read_json(monitor)["pid"])
         added = 0
         status = ask(monitor)
@@ -502,11 +515,13 @@ def measure_cpu(count: int, window: float, warmup: float, ramp: int, state: FsPa
                 break
         time.sleep(warmup)
         before, cpu0, gen0, t0 = ask(monitor), cpu_seconds(pid), cpu_seconds(loadgen.pid), time.monotonic()
+        wait0 = waited_seconds(pid)
         if profile_it:
             profile(pid, window)
         else:
             time.sleep(window)
         after, cpu1, gen1, t1 = ask(monitor), cpu_seconds(pid), cpu_seconds(loadgen.pid), time.monotonic()
+        wait1 = waited_seconds(pid)
     finally:
         for proc in (monitor, loadgen):
             if proc is not None:
@@ -519,24 +534,26 @@ def measure_cpu(count: int, window: float, warmup: float, ramp: int, state: FsPa
     note = (f"rounds {(after['rounds'] - before['rounds']) / elapsed:.1f}/s, answers credited "
             f"{(after['received'] - before['received']) / elapsed / count / len(Path):.2f} per host-path per second"
             f"{', ignored ' + str(dict(ignored)) if ignored else ''}, stalls {after['stalls'] - before['stalls']}, "
-            f"verdicts {after['states']}")
+            f"verdicts {after['states']}; the monitor waited for its CPU {(wait1 - wait0) / elapsed:.1%} of the time "
+            "(others' load)")
     if not healthy:
         note += f" (at the start of the window {before['states']})"
     return CpuPoint(added, (cpu1 - cpu0) / elapsed, (gen1 - gen0) / elapsed, datagrams, healthy, note)
 
 
-def bench_cpu(counts: Sequence[int], runs: int, window: float, warmup: float, ramp: int, state: FsPath,
-              profile_at: int | None) -> None:
+def bench_cpu(counts: Sequence[int], runs: int, window: float, warmup: float, ramp: int, loss: float,
+              state: FsPath, profile_at: int | None) -> None:
     cpus = sorted(os.sched_getaffinity(0))
     print(f"\n3. monitor CPU per monitored host, 10 Hz on 3 paths: the monitor pinned to CPU {cpus[0]}, the load "
           f"generator to CPU {cpus[1 % len(cpus)]}; counts {', '.join(map(str, counts))}, {runs} run(s), "
-          f"{window:g} s windows after {warmup:g} s of warm-up; hosts added {ramp} at a time", flush=True)
+          f"{window:g} s windows after {warmup:g} s of warm-up; hosts added {ramp} at a time"
+          f"{f'; {loss:.0%} of datagrams lost each way in the monitor sockets' if loss else ''}", flush=True)
     keys = Keys()
     points: list[CpuPoint] = []
     for run in range(runs):
         for count in counts:
             here = profile_at is not None and run == runs - 1 and count == profile_at
-            point = measure_cpu(count, window, warmup, ramp, state, keys, here)
+            point = measure_cpu(count, window, warmup, ramp, loss, state, keys, here)
             points.append(point)
             print(f"   run {run + 1}, {point.hosts:4d} hosts: monitor {point.monitor:6.1%} of a core, "
                   f"{point.monitor / count * 100:.3f} % per host, {point.monitor / point.datagrams * 1e6:5.1f} us per "
@@ -610,6 +627,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=int, default=2, help="runs of the CPU series")
     parser.add_argument("--window", type=float, default=20.0, help="seconds over which the monitor's CPU is read")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds after every host is healthy")
+    parser.add_argument("--cpu-loss", type=float, default=0.0,
+                        help="the CPU figure with this share of datagrams lost each way (a diagnostic: the cost of "
+                             "path transitions)")
     parser.add_argument("--ramp", type=int, default=10,
                         help="hosts added to the monitor at a time, each batch once the ones before are healthy")
     parser.add_argument("--profile", action="store_true", help="py-spy the monitor at the largest count (last run)")
@@ -643,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if "cpu" in set(args.only or ["latency", "loss", "cpu"]):
             counts = [int(c) for c in args.counts.split(",") if c]
             profile_at = (args.profile_at or max(counts)) if args.profile else None
-            bench_cpu(counts, args.runs, args.window, args.warmup, args.ramp, FsPath(tmp), profile_at)
+            bench_cpu(counts, args.runs, args.window, args.warmup, args.ramp, args.cpu_loss, FsPath(tmp), profile_at)
     print(f"\ndone in {time.monotonic() - started:.0f} s; load average {load_average()}")
     return 0
 
