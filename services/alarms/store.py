@@ -58,7 +58,7 @@ from services.alarms.model import (
     decide_set,
 )
 from services.alarms.webhooks import store as webhooks
-from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, dumps_body, rfc3339
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, rfc3339
 from services.core.db.outbox import Outbox, ordering_key
 from services.core.db.pool import AnyConnection
 
@@ -445,29 +445,34 @@ def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: E
     :func:`_notification`, the same bytes), built without the models in between: this runs for every op."""
     webhook_id = f"msg_{uuidlib.UUID(envelope.id).hex}"
     cleared = kind is EventKind.CLEARED
+    # Every dict in sorted key order, so that json.dumps without sort_keys writes dumps_body's bytes.
     payload = {
-        "type": f"alarm.{kind.value}",
-        "timestamp": rfc3339(envelope.time),
         "data": {
-            "id": webhook_id,
-            "event": kind.value,
-            "version": version,
             "alarm": {
-                "uuid": str(alarm.uuid), "alarm_id": alarm.alarm_id, "alarm_state": "clear" if cleared else "set",
-                "entity_type_id": alarm.entity_type_id, "entity_instance_id": alarm.entity_instance_id,
-                "timestamp": rfc3339(alarm.timestamp), "severity": alarm.severity.value,
-                "reason_text": alarm.reason_text, "alarm_type": alarm.alarm_type.value,
-                "probable_cause": alarm.probable_cause, "proposed_repair_action": alarm.proposed_repair_action,
-                "service_affecting": alarm.service_affecting, "suppression": alarm.suppression,
+                "alarm_id": alarm.alarm_id, "alarm_state": "clear" if cleared else "set",
+                "alarm_type": alarm.alarm_type.value, "created_at": rfc3339(alarm.created_at),
+                "degrade_affecting": str(alarm.degrade_affecting), "entity_instance_id": alarm.entity_instance_id,
+                "entity_type_id": alarm.entity_type_id, "inhibit_alarms": alarm.inhibit_alarms,
+                "mgmt_affecting": str(alarm.mgmt_affecting), "probable_cause": alarm.probable_cause,
+                "proposed_repair_action": alarm.proposed_repair_action, "reason_text": alarm.reason_text,
+                "service_affecting": alarm.service_affecting, "severity": alarm.severity.value,
+                "suppression": alarm.suppression,
                 "suppression_status": "suppressed" if suppressed else "unsuppressed",
-                "inhibit_alarms": alarm.inhibit_alarms, "mgmt_affecting": str(alarm.mgmt_affecting),
-                "degrade_affecting": str(alarm.degrade_affecting), "created_at": rfc3339(alarm.created_at),
-                "updated_at": rfc3339(alarm.updated_at),
+                "timestamp": rfc3339(alarm.timestamp), "updated_at": rfc3339(alarm.updated_at),
+                "uuid": str(alarm.uuid),
             },
+            "event": kind.value,
+            "id": webhook_id,
+            "version": version,
         },
+        "timestamp": rfc3339(envelope.time),
+        "type": f"alarm.{kind.value}",
     }
     return (webhook_id, f"{alarm.alarm_id}|{alarm.entity_instance_id}", f"alarm.{kind.value}", alarm.alarm_id,
-            alarm.severity.value, alarm.entity_instance_id, dumps_body(payload))
+            alarm.severity.value, alarm.entity_instance_id, _dumps_sorted(payload).encode("utf-8"))
+
+
+_dumps_sorted = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def _in_transaction(conn: AnyConnection) -> None:
