@@ -217,7 +217,8 @@ async def site(veths: Veths, tmp_path: FsPath, logs: io.StringIO) -> AsyncIterat
         assert bound == {p: (veths.host_ip[p], DEFAULT_PORT) for p in Path}
         monitor.add_host(HOST, HOST_ID, bound, entity_id="00000000-0000-0000-0000-000000000030")
         await s.wait_state("healthy", after=0, timeout=10.0)
-        assert all(s.path_state(p) is PathState.UP for p in Path)
+        # healthy comes with the first path up (the others may still be establishing): wait for all three
+        await wait_until(lambda: all(s.path_state(p) is PathState.UP for p in Path), timeout=5.0, what="paths up")
         yield s
     finally:
         await monitor.stop()
@@ -246,7 +247,7 @@ async def test_one_link_down_degrades_the_host_naming_that_network(site: Site, v
     print(f"\ncluster-host link down: degraded after {degraded.at - cut_at:.3f} s")
     assert degraded.verdict.networks_down == ("cluster-host",), degraded
     assert site.path_state(cut) is PathState.DOWN
-    assert all(site.path_state(p) is PathState.UP for p in Path if p is not cut)
+    assert all(site.path_state(p).working for p in Path if p is not cut)       # up (or suspect, on a loaded machine)
     assert any(a.alarm_id == ALARM_NETWORK_LOST and a.entity_instance_id == f"host={HOST}.network=cluster-host"
                and a.raise_ for a in site.alarms), site.alarms
     # the kernel refused the monitor's requests on that path: no route while the link is down
@@ -262,7 +263,7 @@ async def test_one_link_down_degrades_the_host_naming_that_network(site: Site, v
     veths.set_outer(cut, "up")
     healthy = await site.wait_state("healthy", after=mark, timeout=10.0)
     print(f"link up: healthy after {healthy.at - degraded.at:.3f} s of degraded")
-    assert all(site.path_state(p) is PathState.UP for p in Path)
+    assert all(site.path_state(p).working for p in Path)
     assert [c.verdict.state for c in site.changes[mark:]] == ["degraded", "healthy"]
     cleared = [a for a in site.alarms if a.entity_instance_id == f"host={HOST}.network=cluster-host"]
     assert not cleared[-1].raise_, cleared
@@ -296,4 +297,4 @@ async def test_every_link_down_fails_the_host_within_the_bound_and_it_recovers(s
     # the paths come back a few ms apart: the first one back may show the host degraded for that long
     assert states[0] == "failed" and states[-1] == "healthy" and states.count("failed") == 1, states
     assert healthy.version > failed.version
-    assert all(site.path_state(p) is PathState.UP for p in Path)
+    assert all(site.path_state(p).working for p in Path)
