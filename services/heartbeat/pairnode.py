@@ -240,6 +240,9 @@ class PairNode:
                 self.emit(effect)
             elif isinstance(effect, RaiseAlarm):
                 self.emit(effect.alarm)
+        # what our heartbeats claim: the epoch we hold while active, else the newest we know of (an
+        # election's too, so the peer learns it before our grants arrive)
+        self.monitor.epoch = ctrl.target if ctrl.active else ctrl.epoch
         self._schedule()
 
     async def _fence(self, effect: FencePeer) -> None:

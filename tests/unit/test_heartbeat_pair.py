@@ -508,11 +508,29 @@ def play(schedule: Schedule, controller: type[PairController] = PairController) 
     return sim
 
 
+def settles(sim: Sim) -> bool:
+    """Liveness, once the network is healed: one active within ``SETTLE`` s whenever one is possible (both
+    controllers on; or one, which has seen its peer or has voters besides it, and a fence that can work)."""
+    up = [c for c in (C0, C1) if sim.powered[c]]
+    if not up:
+        return True
+    if len(up) == 1:
+        ctrl = sim.ctrl[up[0]]
+        if not any(sim.fence_ok) or (ctrl.config.two_node and not ctrl.peer_seen):
+            return True
+    sim.run(SETTLE)
+    return len(sim.actives()) == 1
+
+
+SETTLE = 240.0
+
+
 @PROFILE
 @given(SCHEDULES)
-def test_never_two_actives(schedule: Schedule) -> None:
+def test_never_two_actives_and_one_active_once_healed(schedule: Schedule) -> None:
     sim = play(schedule)
     assert sim.violations == [], schedule
+    assert settles(sim), (schedule, [(c, sim.ctrl[c]) for c in (C0, C1)])
 
 
 class TakesOverWithoutFencing(PairController):
@@ -541,6 +559,54 @@ class CountsAVoteTwice(PairController):
         if grant.voter in self.votes:
             self.votes[-grant.request_id] = self.votes[grant.voter]
         return effects
+
+
+class ReusesAnEpochItsVoterGranted(PairController):
+    """The bug found on the network (and then planted here): a takeover asks for the epoch after the last
+    one it heard claimed, although its own voter granted a newer one; voters holding that grant refuse
+    it for ever."""
+
+    def _elect(self, now: float, kind: LeaseKind) -> list[Effect]:
+        saved = self.voter.epoch
+        self.voter.epoch = min(saved, self.epoch)
+        try:
+            return super()._elect(now, kind)
+        finally:
+            self.voter.epoch = saved
+
+    def refused(self, now: float, refusal: LeaseRefusal) -> list[Effect]:
+        self.epoch = max(self.epoch, refusal.voter_epoch)
+        if refusal.epoch == self.target:
+            self.votes.pop(refusal.voter, None)
+        return self.tick(now)
+
+
+class ClaimsFromC0Lost(Sim):
+    """Once controller-0 starts its election, every claim it sends controller-1 is lost (datagrams are
+    lost one by one: its lease requests still arrive)."""
+
+    def send(self, a: NodeId, b: NodeId, fn: Callable[[], None]) -> None:
+        if ((a, b) == (C0, C1) and getattr(fn, "__name__", "") == "claim"
+                and self.ctrl[C0].phase is not Phase.STANDBY):
+            return
+        super().send(a, b, fn)
+
+
+def dies_as_it_wins(controller: type[PairController]) -> Sim:
+    """controller-1's voter grants controller-0 epoch 1, but controller-1 never hears it claimed; then
+    controller-0 dies."""
+    sim = ClaimsFromC0Lost(workers=2, seed=7, controller=controller)
+    sim.run(20.0)
+    assert sim.actives() == [C0] and sim.ctrl[C1].voter.epoch == 1 and sim.violations == []
+    sim.power(C0, False)
+    return sim
+
+
+def test_the_liveness_check_catches_an_epoch_reused_after_a_lost_claim() -> None:
+    sim = dies_as_it_wins(PairController)
+    assert settles(sim) and sim.actives() == [C1] and sim.violations == []
+    bugged = dies_as_it_wins(ReusesAnEpochItsVoterGranted)
+    assert not settles(bugged) and bugged.violations == [], "no second active, but nobody active either"
 
 
 @pytest.mark.parametrize("bug", [TakesOverWithoutFencing, CountsAVoteTwice])
