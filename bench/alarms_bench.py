@@ -78,6 +78,7 @@ import httpx
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
 from schemas.registry import Registry
+from services.alarms import store as alarm_store
 from services.alarms.service import FAULTS, GROUP, MIGRATIONS, AlarmsService
 from services.alarms.webhooks import (
     DispatcherSettings,
@@ -231,14 +232,29 @@ async def legacy_enqueue(conn: AnyConnection, notification: Notification) -> int
 
 
 @contextlib.contextmanager
-def legacy_webhooks() -> Iterator[None]:
-    """The service's per-message path queues webhooks the old way while this lasts."""
-    modern = webhooks.enqueue
+def legacy_webhooks(service: AlarmsService) -> Iterator[None]:
+    """The service's per-message path queues webhooks the old way while this lasts: a set through
+    ``webhooks.enqueue``, a clear through the store's tail (``_record_many``), which writes here as before
+    the batches: a statement per history record, the outbox, then ``legacy_enqueue`` per change."""
+    modern, store = webhooks.enqueue, service.store
+    modern_tail = store._record_many
+
+    async def legacy_tail(conn: AnyConnection, history: Sequence[tuple[Any, ...]],
+                          announced: Sequence[tuple[Envelope, Any, int, Any]], webhook_state: Any = None) -> None:
+        for row in history:
+            await conn.execute(alarm_store._INSERT_HISTORY, *row)
+        await store.outbox.add_many(conn, [envelope for envelope, *_ in announced])
+        for envelope, alarm, alarm_version, kind in announced:
+            suppressed = await store._suppressed(conn, alarm.alarm_id)
+            await legacy_enqueue(conn, alarm_store._notification(envelope, alarm, alarm_version, kind, suppressed))
+
     webhooks.enqueue = legacy_enqueue
+    store._record_many = legacy_tail  # type: ignore[method-assign]
     try:
         yield
     finally:
         webhooks.enqueue = modern
+        store._record_many = modern_tail  # type: ignore[method-assign]
 
 
 async def backlog(pool: asyncpg.Pool, ahead: int | None) -> int:
@@ -445,7 +461,7 @@ async def run_direct(kind: str, pool: asyncpg.Pool, service: AlarmsService, regi
     todo = deque(messages(registry, fault_envelopes(registry, ops, instances)))
     started, cpu = time.perf_counter(), time.process_time()
     if kind == "naive":
-        with legacy_webhooks():
+        with legacy_webhooks(service):
             while todo:
                 await service.handle_alone(todo.popleft())
         run = Run(kind, ops, time.perf_counter() - started, time.process_time() - cpu)
