@@ -347,7 +347,7 @@ _SERVICES = (
             consumers=tuple(Consumer(f"heartbeat-controller-{i}", "roost.host.>") for i in (0, 1))),
     service("alarms", events=("alarm",), serves=("alarm",), reads=(FAULTS, "roost.host.deleted")),
     service("orchestrator", events=("strategy",), serves=("strategy", "hostservices"),
-            sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>")),
+            sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>", f"{COMMAND_PREFIX}.alarm.>")),
     service("dcsync", events=("sync", "subcloud"), serves=("sync", "subcloud")),
 )
 

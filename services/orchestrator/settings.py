@@ -40,6 +40,17 @@ class OrchestratorSettings(BaseSettings):
                                         "for (its kubelet is not acting: the host is down)")
     eviction_grace_seconds: int | None = Field(
         default=None, ge=0, description="grace period of evicted pods (default: each pod's own)")
+    stabilize_seconds: int | None = Field(
+        default=None, ge=0, description="how long a strategy's system-stabilize step waits (default: the VIM's 15 s "
+                                        "after a reboot, 30 s without)")
+    alarms_first_delay: float = Field(default=10.0, ge=0, description="seconds wait-alarms-clear waits before its "
+                                      "first look (alarms raised by an unlock take a moment to arrive)")
+    strategy_poll_interval: float = Field(default=2.0, gt=0, description="seconds between a strategy step's looks "
+                                          "at hosts, agents and alarms")
+    retry_delay_max: float | None = Field(default=None, ge=0, description="cap on the delay between a step's "
+                                          "retries (default: the step's own, e.g. 90 s for lock-hosts)")
+    query_timeout: float = Field(default=30.0, gt=0, description="seconds a strategy waits for inventory, the "
+                                 "alarms service or an agent to answer a question")
     lock_taint_key: str = Field(default="roost.io/locked", min_length=1, max_length=316,
                                 description="key of the NoExecute taint a locked host's node carries")
 

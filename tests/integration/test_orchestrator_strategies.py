@@ -1,0 +1,393 @@
+"""Update strategies applied for real, in one process: the orchestrator with its tables on PostgreSQL, the
+real inventory service, real host agents (``HostAgent`` with the update component, on simulated host trees)
+on the in-memory bus; the alarm list is a stand-in the test controls.  (The same over NATS with agent
+processes and the real alarms service: ``test_orchestrator_strategy_site.py``.)
+
+* the orchestrator "killed" at every step boundary in turn (a crash raised at the boundary; a new instance
+  on the same database): it resumes from the persisted step, each lock, unlock and install happens once;
+* a worker whose install fails: the strategy fails, aborts, and the abort unlocks the worker;
+* an alarm that appears mid-apply under strict restrictions stops the strategy before the next stage;
+* a PodDisruptionBudget refusing the drain of a worker for a while: the lock step waits, then goes on;
+* the commands' refusals (one strategy at a time, apply twice, delete while applying).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from schemas.alarms import AlarmListResult
+from schemas.envelope import ReplyStatus, Role
+from services.core.bus.abc import OutgoingMessage, ReceivedMessage
+from services.core.bus.bus import Bus, Message
+from services.core.bus.memory import InMemoryTransport
+from services.core.db.migrations import migrate
+from services.core.db.outbox import Outbox
+from services.core.host import ServiceContext
+from services.core.settings import load_settings
+from services.inventory.agent.agent import HostAgent
+from services.inventory.agent.simhost import make_simulated_host
+from services.orchestrator.agent import UpdateAgentComponent, saved_state
+from services.orchestrator.executor import BOUNDARIES
+from services.orchestrator.service import MIGRATIONS, OrchestratorService
+from services.orchestrator.settings import OrchestratorSettings
+from tests.support.fake_kube import FakeKube
+from tests.support.inventory_site import Site, inventory_database, running_site
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.postgres
+
+R1 = {"name": "r1", "version": "1.0.1", "reboot_required": True}
+FINAL = ("applied", "apply-failed", "aborted", "abort-failed")
+
+
+class Crash(BaseException):
+    """The orchestrator dies here (raised at a step boundary: nothing after it runs in that instance)."""
+
+
+class CountingTransport(InMemoryTransport):
+    """The orchestrator's bus connection, counting the commands it sends by (type, host or agent)."""
+
+    def __init__(self, broker: Any, sent: list[tuple[str, str]]) -> None:
+        super().__init__(broker)
+        self.sent = sent
+
+    async def request(self, message: OutgoingMessage, *, timeout: float) -> ReceivedMessage:
+        data = json.loads(message.body)["data"]
+        self.sent.append((message.subject, str(data.get("host", ""))))
+        return await super().request(message, timeout=timeout)
+
+
+@dataclass
+class Alarms:
+    """``roost.cmd.alarm.list`` as the test wants it."""
+
+    items: list[dict[str, Any]] = field(default_factory=list)
+
+    async def handle(self, _message: Message) -> BaseModel:
+        return AlarmListResult.model_validate({"items": self.items})
+
+
+def alarm(alarm_id: str, entity: str, severity: str = "minor", mgmt: bool = False) -> dict[str, Any]:
+    now = "2026-01-01T00:00:00+00:00"
+    return {"uuid": f"a-{alarm_id}", "alarm_id": alarm_id, "alarm_state": "set", "entity_type_id": "host",
+            "entity_instance_id": entity, "timestamp": now, "severity": severity, "reason_text": "test",
+            "alarm_type": "operational-violation", "probable_cause": "unknown", "proposed_repair_action": "none",
+            "service_affecting": False, "suppression": True, "inhibit_alarms": False, "mgmt_affecting": mgmt,
+            "degrade_affecting": False, "created_at": now, "updated_at": now, "suppression_status": "unsuppressed",
+            "masked": False, "owner": "test", "version": 1}
+
+
+@dataclass
+class Strategies:
+    site: Site
+    tmp: Path
+    alarms: Alarms
+    settings: OrchestratorSettings
+    sent: list[tuple[str, str]] = field(default_factory=list)
+    agents: dict[str, tuple[HostAgent, asyncio.Task[None]]] = field(default_factory=dict)
+    service: OrchestratorService | None = None
+    bus: Bus | None = None
+    starts: int = 0
+
+    async def start_orchestrator(self, boundary: Any = None) -> OrchestratorService:
+        transport = CountingTransport(self.site.broker, self.sent)
+        bus = Bus(transport, source="roost/orchestrator", authenticator=self.site.auth,
+                  token=self.site.auth.issue("orchestrator", Role.ADMIN, kind="service"))
+        await bus.connect()
+        service = OrchestratorService(self.settings, boundary=boundary)
+        ctx = ServiceContext("orchestrator", load_settings(), self.site.pool, bus, Outbox("orchestrator"))
+        await service.start(ctx)
+        self.service, self.bus = service, bus
+        self.starts += 1
+        return service
+
+    async def stop_orchestrator(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+        if self.bus is not None:
+            await self.bus.close()
+        self.service = self.bus = None
+
+    def state_dir(self, name: str) -> Path:
+        return self.tmp / "agent-state" / name
+
+    async def start_agent(self, name: str, mac: str, *, fail: tuple[str, ...] = ()) -> None:
+        root = make_simulated_host(self.tmp / "hosts" / name, name, mac)
+        agent = HostAgent(name, "nats://unused:4222", root=root, interval=5.0, transport=InMemoryTransport(
+            self.site.broker), components=[UpdateAgentComponent(self.state_dir(name), fail_releases=fail)])
+        self.agents[name] = (agent, asyncio.create_task(agent.run()))
+
+    async def add(self, name: str, personality: str, n: int, *, fail: tuple[str, ...] = ()) -> None:
+        mac = f"52:54:00:00:07:{n:02x}"
+        await self.site.ok("roost.cmd.host.add", {"personality": personality, "hostname": name, "mgmt_mac": mac})
+        await self.start_agent(name, mac, fail=fail)
+
+        async def ready() -> bool:
+            host = await self.site.host(name)
+            return bool(host["availability"] == "online" and host["inventoried"] and host["agent"] == name)
+
+        await wait_until(ready, what=f"{name} online and inventoried by its agent")
+        await self.site.ok("roost.cmd.host.unlock", {"host": name})
+        await wait_until(lambda: self.is_(name, "unlocked", "available"), what=f"{name} available")
+
+    async def is_(self, name: str, administrative: str, availability: str) -> bool:
+        host = await self.site.host(name)
+        return bool(host["administrative"] == administrative and host["availability"] == availability)
+
+    async def command(self, verb: str, data: dict[str, Any] | None = None) -> Any:
+        return await self.site.command(f"roost.cmd.strategy.{verb}", data or {})
+
+    async def ok(self, verb: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+        reply = await self.command(verb, data)
+        assert reply.ok, reply.reason
+        return dict(reply.result)
+
+    async def strategy(self) -> dict[str, Any]:
+        shown = (await self.ok("show"))["strategy"]
+        assert shown is not None
+        return dict(shown)
+
+    async def final(self, timeout: float = 60.0) -> dict[str, Any]:
+        async def done() -> bool:
+            return (await self.strategy())["state"] in FINAL
+        await wait_until(done, timeout, "the strategy in a final state")
+        return await self.strategy()
+
+    def count(self, type: str, host: str = "") -> int:
+        return sum(1 for t, h in self.sent if t == type and (not host or h == host))
+
+    def installs(self, name: str) -> list[str]:
+        return [i["release"] for i in saved_state(self.state_dir(name)).get("installs", [])]
+
+
+@contextlib.asynccontextmanager
+async def strategies(tmp_path: Path, **settings: Any) -> AsyncIterator[Strategies]:
+    options: dict[str, Any] = {"stabilize_seconds": 0, "alarms_first_delay": 0.0, "strategy_poll_interval": 0.05,
+                               "retry_delay_max": 0.1, "query_timeout": 10.0, "drain_poll_interval": 0.05, **settings}
+    async with inventory_database() as pool:
+        await migrate(pool, "orchestrator", MIGRATIONS)
+        async with running_site(pool, go_enabled_timeout=10.0, lock_timeout=15.0) as site:
+            alarms = Alarms()
+            await site.serve("roost.cmd.alarm.>", "alarms", alarms.handle)
+            here = Strategies(site, tmp_path, alarms, OrchestratorSettings(**options))
+            try:
+                yield here
+            finally:
+                await here.stop_orchestrator()
+                for agent, task in here.agents.values():
+                    agent.stop()
+                    await task
+
+
+def stage_steps(strategy: dict[str, Any]) -> list[list[tuple[str, str]]]:
+    return [[(t["name"], t["result"]) for t in stage["steps"]] for stage in strategy["apply_phase"]["stages"]]
+
+
+# -- restarts -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("boundary", BOUNDARIES)
+async def test_killed_at_every_step_boundary_it_resumes_and_never_repeats_a_lock_unlock_or_install(
+        tmp_path: Path, boundary: str) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        crashed: list[str] = []
+
+        def crash_at_first(name: str, step: str) -> None:
+            if name == boundary and step not in crashed:        # once per step: else step_acted never ends
+                crashed.append(step)
+                raise Crash(f"{name} of {step}")
+
+        service = await s.start_orchestrator(crash_at_first)
+        created = await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+        assert [t["name"] for t in created["apply_phase"]["stages"][0]["steps"]] == [
+            "query-alarms", "lock-hosts", "apply-update", "system-stabilize", "unlock-hosts", "wait-alarms-clear"]
+        await s.ok("apply")
+        async def state() -> str:
+            return str(await s.site.pool.fetchval("SELECT state FROM orchestrator.strategies"))
+
+        async def crashed_or_final() -> bool:
+            assert s.starts < 20, "more restarts than steps"
+            return service.driver_error is not None or await state() in FINAL
+
+        while True:                                      # every instance dies at its first boundary of this kind
+            await wait_until(crashed_or_final, what="a crash or the end")
+            assert service.driver_error is None or isinstance(service.driver_error, Crash)
+            await s.stop_orchestrator()
+            if await state() in FINAL:
+                break
+            service = await s.start_orchestrator(crash_at_first)
+        await s.start_orchestrator()
+        final = await s.strategy()
+        assert await s.is_("worker-0", "unlocked", "available")
+
+    assert final["state"] == "applied", final
+    assert crashed == ["query-alarms", "lock-hosts", "apply-update", "system-stabilize", "unlock-hosts",
+                       "wait-alarms-clear"]
+    assert stage_steps(final) == [[(n, "success") for n in crashed]]
+    assert s.count("roost.cmd.host.lock", "worker-0") == 1
+    assert s.count("roost.cmd.host.unlock", "worker-0") == 1
+    assert s.count("roost.cmd.agent.worker-0.update") == 1 and s.installs("worker-0") == ["r1"]
+    assert s.installs("controller-0") == []
+    if boundary == "step_acted":                # the outcome was lost with the instance: the world was asked
+        assert s.count("roost.cmd.host.show", "worker-0") >= 2
+
+
+# -- failures -------------------------------------------------------------------------------------------------
+
+
+async def test_a_failed_install_fails_the_strategy_which_aborts_and_unlocks_the_worker(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        await s.add("worker-1", "worker", 3, fail=("r1",))
+        await s.start_orchestrator()
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore", "worker_apply_type": "parallel"})
+        await s.ok("apply")
+        final = await s.final()
+        assert final["state"] == "aborted", final
+        assert "installing r1 1.0.1 failed on worker-1" in final["reason"]
+        [stage] = final["apply_phase"]["stages"]
+        assert stage["result"] == "failed"
+        assert [(t["name"], t["result"]) for t in stage["steps"]][:3] == [
+            ("query-alarms", "success"), ("lock-hosts", "success"), ("apply-update", "failed")]
+        [undo] = final["abort_phase"]["stages"]
+        assert [(t["name"], t["entity_names"], t["result"]) for t in undo["steps"]] == [
+            ("unlock-hosts", ["worker-0", "worker-1"], "success")]
+        assert await s.is_("worker-1", "unlocked", "available") and await s.is_("worker-0", "unlocked", "available")
+        assert s.installs("worker-1") == [] and s.installs("worker-0") == ["r1"]
+        events = await s.site.pool.fetch("SELECT body FROM orchestrator.outbox ORDER BY id")
+        states = [json.loads(bytes(r["body"]))["data"]["state"] for r in events
+                  if json.loads(bytes(r["body"]))["type"] == "roost.strategy.state_changed"]
+        assert states == ["ready-to-apply", "applying", "apply-failed", "aborting", "aborting", "aborted"]
+
+
+async def test_an_alarm_raised_mid_apply_stops_a_strict_strategy_before_the_next_stage(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        await s.add("worker-1", "worker", 3)
+        s.alarms.items = [alarm("950.001", "host=worker-9", "warning", mgmt=True)]      # host locked: expected
+
+        def raise_after_first_stage(name: str, step: str) -> None:
+            if (name, step) == ("step_finished", "wait-alarms-clear") and len(s.alarms.items) == 1:
+                s.alarms.items.append(alarm("950.004", "host=worker-1"))
+
+        await s.start_orchestrator(raise_after_first_stage)
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore", "alarm_restrictions": "strict"})
+        await s.ok("apply")
+        final = await s.final()
+    assert final["state"] == "aborted", final
+    first, second = final["apply_phase"]["stages"]
+    assert first["result"] == "success" and second["result"] == "failed"
+    assert second["steps"][0]["name"] == "query-alarms" and second["steps"][0]["result"] == "failed"
+    assert "950.004 host=worker-1 (minor)" in second["steps"][0]["reason"] and "strict" in final["reason"]
+    assert final["abort_phase"]["stages"] == []                 # nothing of worker-1 was touched
+    assert s.count("roost.cmd.host.lock", "worker-1") == 0 and s.installs("worker-1") == []
+
+
+async def test_relaxed_restrictions_let_a_minor_alarm_pass(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        s.alarms.items = [alarm("950.004", "host=worker-0")]
+        await s.start_orchestrator()
+        await s.ok("create", {"release": {**R1, "reboot_required": False}, "controller_apply_type": "ignore",
+                              "alarm_restrictions": "relaxed"})
+        await s.ok("apply")
+        final = await s.final()
+    assert final["state"] == "applied", final
+    assert stage_steps(final) == [[("query-alarms", "success"), ("apply-update", "success"),
+                                   ("system-stabilize", "success")]]
+    assert s.count("roost.cmd.host.lock") == 0          # no reboot needed: the worker stays in service
+
+
+@pytest.mark.slow
+async def test_a_disruption_budget_refusing_the_drain_for_a_while_holds_the_lock_step(tmp_path: Path) -> None:
+    with FakeKube() as fake:
+        for name in ("controller-0", "worker-0", "worker-1"):
+            fake.add_node(name)
+        fake.add_pod("web-0", "worker-0", labels={"app": "web"})
+        fake.add_pod("web-1", "worker-1", labels={"app": "web"})
+        fake.add_pdb("web-pdb", match_labels={"app": "web"}, min_available=2)
+        async with strategies(tmp_path, kubeconfig=fake.kubeconfig(tmp_path), drain_timeout=10.0) as s:
+            await s.add("controller-0", "controller", 1)
+            await s.add("worker-0", "worker", 2)
+            await s.start_orchestrator()
+            await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+            await s.ok("apply")
+            await wait_until(lambda: fake.evicted(429), what="the budget refusing an eviction")
+            shown = await s.strategy()
+            assert shown["state"] == "applying"
+            assert shown["apply_phase"]["stages"][0]["steps"][1]["result"] == "inprogress"   # lock-hosts waits
+            fake.add_pod("web-2", "worker-1", labels={"app": "web"})       # scaled out: one may go now
+            final = await s.final()
+        assert final["state"] == "applied", final
+        assert fake.evicted() == ["default/web-0"]
+        assert not fake.unschedulable("worker-0") and fake.taints("worker-0") == []    # unlocked: back in service
+
+
+async def test_one_strategy_at_a_time_and_what_is_refused_while_it_applies(tmp_path: Path) -> None:
+    async with strategies(tmp_path, stabilize_seconds=600) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        await s.start_orchestrator()
+        assert (await s.ok("show")) == {"strategy": None}
+        created = await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+        assert created["state"] == "ready-to-apply" and created["skipped"] == {
+            "controller-0": "controller apply type is ignore"}
+        again = await s.command("create", {"release": R1})
+        assert again.status is ReplyStatus.REJECTED and "exists already" in (again.reason or "")
+        assert (await s.ok("apply"))["state"] == "applying"
+        twice = await s.command("apply")
+        assert twice.status is ReplyStatus.REJECTED and "ready-to-apply" in (twice.reason or "")
+
+        async def stabilizing() -> bool:
+            return bool((await s.strategy())["apply_phase"]["stages"][0]["steps"][3]["result"] == "inprogress")
+
+        await wait_until(stabilizing, what="worker-0 locked, updated and stabilising")
+        refused = await s.command("delete")
+        assert refused.status is ReplyStatus.REJECTED and "abort it first" in (refused.reason or "")
+        deleted = await s.ok("delete", {"force": True})
+        assert deleted["state"] == "applying"
+        assert (await s.ok("show")) == {"strategy": None}
+        nothing = await s.command("create", {"release": R1, "controller_apply_type": "ignore"})
+        assert nothing.status is ReplyStatus.REJECTED and "no hosts need r1" in (nothing.reason or "")
+        assert "worker-0: already on r1" in (nothing.reason or "")
+        assert s.count("roost.cmd.host.unlock") == 0            # the force-deleted strategy went no further
+        assert await s.is_("worker-0", "locked", "online")
+
+
+async def test_an_abort_while_the_workers_are_locked_unlocks_them(tmp_path: Path) -> None:
+    async with strategies(tmp_path, stabilize_seconds=600) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        await s.start_orchestrator()
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+        await s.ok("apply")
+
+        async def stabilizing() -> bool:
+            steps = (await s.strategy())["apply_phase"]["stages"][0]["steps"]
+            return bool(steps[3]["result"] == "inprogress")
+
+        await wait_until(stabilizing, what="the worker locked, updated and stabilising")
+        assert await s.is_("worker-0", "locked", "online")
+        aborting = await s.ok("abort")
+        assert aborting["state"] in ("aborting", "aborted")
+        final = await s.final()
+    assert final["state"] == "aborted"
+    assert final["apply_phase"]["stages"][0]["steps"][3]["result"] == "aborted"       # the wait was cut short
+    [undo] = final["abort_phase"]["stages"]
+    assert undo["steps"][0]["name"] == "unlock-hosts" and undo["steps"][0]["result"] == "success"
+    assert s.installs("worker-0") == ["r1"]                   # an install is not undone
