@@ -267,5 +267,6 @@ def main() -> None:
     from services.cli import agent as _agent  # noqa: F401 - registers `roost agent`
     from services.cli import heartbeat as _heartbeat  # noqa: F401 - registers `roost heartbeat` and `roost keys`
     from services.cli import hosts as _hosts  # noqa: F401 - registers `roost host`
+    from services.cli import strategy as _strategy  # noqa: F401 - registers `roost strategy`
 
     cli(prog_name="roost")

@@ -1,0 +1,290 @@
+"""Update strategies on a site run as `roost up` runs it: inventory, alarms and the orchestrator hosted by
+``ServiceHost`` on the policy-enforcing NATS (each service, each agent and the operator log in as their own
+broker users), a fresh PostgreSQL database, and eight real `roost agent run` processes (2 controllers,
+6 workers) on simulated host trees, whose update component simulates the install.  The controller pair's
+swact is played by a stand-in for the heartbeat service (it serves ``roost.cmd.heartbeat.swact`` and
+announces the new active controller, as the heartbeat service does), logged in as the heartbeat user.
+
+1. r1, workers parallel (max 3), worker-4's agent told to fail r1: the controllers (the active one last,
+   swacted first) and the first three workers are updated, worker-4's install fails, the strategy fails
+   and aborts: the second batch's workers are unlocked again; nobody installed twice;
+2. r2 with `roost strategy create` and `roost strategy apply --watch` (live progress): all eight hosts
+   updated, applied; a third strategy to r2 finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, SecretStr
+
+from schemas import heartbeat as hb
+from schemas.envelope import Role
+from services.alarms.service import AlarmsService
+from services.cli.agent import EnrolledAgent, local_policy, save_enrolled, write_credentials
+from services.core.auth import PgAuthenticator, create_token
+from services.core.brokerauth_apply import apply_nats, broker_password_secret, ensure_broker_passwords
+from services.core.bus.bus import Bus, Message
+from services.core.bus.factory import transport_from_url
+from services.core.embedded.nats_server import NatsServer
+from services.core.host import Connections, ServiceHost
+from services.core.secrets import SecretStore
+from services.core.settings import load_settings, url_with_credentials
+from services.inventory.agent.simhost import make_simulated_host
+from services.inventory.service import InventoryService
+from services.orchestrator.agent import saved_state
+from services.orchestrator.service import OrchestratorService
+from services.orchestrator.settings import OrchestratorSettings
+from tests.support.postgres import fresh_database, pool_on
+from tests.support.waiting import wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.nats, pytest.mark.postgres]
+
+ROOST = [sys.executable, "-m", "services.cli"]
+CONTROLLERS = ("controller-0", "controller-1")
+WORKERS = tuple(f"worker-{i}" for i in range(6))
+HOSTS = CONTROLLERS + WORKERS
+FINAL = ("applied", "apply-failed", "aborted", "abort-failed")
+
+
+def clean_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+    env.update({"ROOST_HTTP_BASE_PORT": "0", "ROOST_LOG_FORMAT": "json"})
+    return env
+
+
+class PairStandIn:
+    """The heartbeat service's part in a swact: move the active role and announce it (versions grow)."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.version = 10
+        self.swacts: list[str] = []
+
+    async def handle(self, message: Message) -> BaseModel:
+        data = message.data
+        assert isinstance(data, hb.Swact)
+        self.swacts.append(data.from_host)
+        self.version += 2
+        await self.bus.publish(self.bus.envelope("roost.heartbeat.active_controller", hb.ActiveController(
+            entity_id="controller-pair", version=self.version, active=data.to_host, standby=data.from_host)))
+        return hb.SwactResult(active=data.to_host, detail="stand-in: role moved")
+
+
+@dataclass
+class Site:
+    data: Path
+    server: NatsServer
+    secrets: SecretStore
+    operator: Bus
+    admin: str
+    pair: PairStandIn
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def url_for(self, user: str) -> str:
+        password = self.secrets.get_text(broker_password_secret(user)).get_secret_value()
+        return url_with_credentials(self.server.url, user, password)
+
+    async def ok(self, type: str, data: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        reply = await self.operator.request(self.operator.envelope(type, data), timeout=timeout)
+        assert reply.ok, reply.reason
+        return dict(reply.result)
+
+    async def host(self, name: str) -> dict[str, Any]:
+        return await self.ok("roost.cmd.host.show", {"host": name})
+
+    def state_dir(self, name: str) -> Path:
+        return self.data / "agent-state" / name
+
+    def installs(self, name: str) -> list[str]:
+        return [i["release"] for i in saved_state(self.state_dir(name)).get("installs", [])]
+
+    def start_agent(self, name: str, mac: str, *extra: str) -> None:
+        root = make_simulated_host(self.data / "hosts" / name, name, mac)
+        argv = [*ROOST, "--data-dir", str(self.data), "agent", "run", "--name", name, "--credentials",
+                str(self.data / "agents" / f"{name}.credentials.json"), "--root", str(root), "--interval", "1",
+                "--no-heartbeat", "--state-dir", str(self.state_dir(name)), *extra]
+        log = (self.data / f"{name}.log").open("ab")
+        self.procs[name] = subprocess.Popen(argv, env=clean_env(), stdout=log, stderr=log, start_new_session=True)
+
+    async def roost(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The `roost` command, off the event loop (the services run on it)."""
+        return await asyncio.to_thread(self._roost, *args)
+
+    def _roost(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*ROOST, "--data-dir", str(self.data), "--bus-url", self.url_for("roost-cli"),
+                               "--token", self.admin, *args], env=clean_env(), capture_output=True, text=True,
+                              timeout=180)
+
+    async def strategy(self) -> dict[str, Any]:
+        shown = (await self.ok("roost.cmd.strategy.show", {}))["strategy"]
+        assert shown is not None
+        return dict(shown)
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    secrets = SecretStore.in_data_dir(data)
+    now = datetime.now(UTC).isoformat()
+    save_enrolled(data, {n: EnrolledAgent(n, now) for n in HOSTS})
+    policy = local_policy(data)
+    passwords = ensure_broker_passwords(secrets, policy)
+    config = apply_nats(policy, passwords, data / "nats" / "auth.conf", server_name="roost")
+    server = NatsServer(data / "nats", server_name="roost", config_file=config, ready_timeout=20.0)
+    await server.start()
+    for name in HOSTS:
+        write_credentials(data / "agents" / f"{name}.credentials.json", name,
+                          SecretStr(passwords[f"agent-{name}"].get_secret_value()), server.url)
+    hosts: list[ServiceHost] = []
+    buses: list[Bus] = []
+    try:
+        async with fresh_database() as db_url, pool_on(db_url) as pool:
+            async with pool.acquire() as conn:
+                admin = await create_token(conn, "operator", Role.ADMIN)
+                tokens = {n: await create_token(conn, f"service:{n}", Role.ADMIN, kind="service")
+                          for n in ("inventory", "alarms", "orchestrator", "heartbeat")}
+            settings = load_settings(data_dir=data)
+            orchestrator = OrchestratorService(OrchestratorSettings(
+                stabilize_seconds=0, alarms_first_delay=0.5, strategy_poll_interval=0.1, retry_delay_max=0.5))
+            components = (InventoryService(go_enabled_timeout=30.0, lock_timeout=30.0, agent_check_interval=0.5,
+                                           secrets=secrets), AlarmsService(webhooks=False), orchestrator)
+            for component in components:
+                host = ServiceHost(component, settings, Connections(url_with_credentials(
+                    server.url, component.name, passwords[component.name].get_secret_value()), db_url),
+                    tokens[component.name])
+                await host.start()
+                hosts.append(host)
+
+            def bus_as(user: str, token: str, **kw: Any) -> Bus:
+                return Bus(transport_from_url(url_with_credentials(server.url, user,
+                                                                   passwords[user].get_secret_value())),
+                           source=f"roost/{user}", token=token, **kw)
+
+            operator = bus_as("roost-cli", admin)
+            standin = bus_as("heartbeat", tokens["heartbeat"], authenticator=PgAuthenticator(pool))
+            for bus in (operator, standin):
+                await bus.connect()
+                buses.append(bus)
+            pair = PairStandIn(standin)
+            await standin.serve("roost.cmd.heartbeat.>", "heartbeat", pair.handle)
+            here = Site(data, server, secrets, operator, admin, pair)
+            try:
+                yield here
+            finally:
+                for proc in here.procs.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+                for bus in buses:
+                    await bus.close()
+                for host in reversed(hosts):
+                    await host.stop(asyncio.get_running_loop().time() + 20)
+    finally:
+        await server.stop()
+
+
+async def provision(site: Site, fail_on: dict[str, str]) -> None:
+    """Add the hosts, start their agents (all at once), unlock them once their agents are heard."""
+    base = random.randint(16, 200)
+    for i, name in enumerate(HOSTS):
+        mac = f"52:54:00:{base:02x}:08:{i:02x}"
+        personality = "controller" if name.startswith("controller") else "worker"
+        await site.ok("roost.cmd.host.add", {"personality": personality, "hostname": name, "mgmt_mac": mac})
+        extra = ("--simulate-update-failure", fail_on[name]) if name in fail_on else ()
+        site.start_agent(name, mac, *extra)
+
+    async def heard(name: str) -> bool:
+        host = await site.host(name)
+        return bool(host["availability"] == "online" and host["inventoried"])
+
+    for name in HOSTS:
+        await wait_until(lambda n=name: heard(n), 90, f"{name}'s agent heard")      # type: ignore[misc]
+        await site.ok("roost.cmd.host.unlock", {"host": name})
+    for name in HOSTS:
+        await wait_until(lambda n=name: available(site, n), 60, f"{name} available")  # type: ignore[misc]
+
+
+async def available(site: Site, name: str) -> bool:
+    host = await site.host(name)
+    return bool(host["administrative"] == "unlocked" and host["availability"] == "available")
+
+
+async def final(site: Site, timeout: float = 120.0) -> dict[str, Any]:
+    async def done() -> bool:
+        return (await site.strategy())["state"] in FINAL
+    await wait_until(done, timeout, "the strategy in a final state")
+    return await site.strategy()
+
+
+async def test_two_controllers_six_parallel_workers_a_failed_install_aborts_then_a_clean_update(site: Site) -> None:
+    await provision(site, {"worker-4": "r1"})
+    active = [n for n in CONTROLLERS if (await site.host(n))["active"]]
+    assert len(active) == 1
+    [was_active] = active
+
+    # 1. r1: worker-4's install fails; the strategy fails and aborts, unlocking the second batch
+    created = await site.ok("roost.cmd.strategy.create", {
+        "release": {"name": "r1", "version": "1.0.1", "reboot_required": True},
+        "worker_apply_type": "parallel", "max_parallel_worker_hosts": 3}, timeout=60)
+    stages = [s["name"] for s in created["apply_phase"]["stages"]]
+    standby = next(n for n in CONTROLLERS if n != was_active)
+    assert stages == [f"update-controller {standby}", f"update-controller {was_active}",
+                      "update-workers worker-0, worker-1, worker-2", "update-workers worker-3, worker-4, worker-5"]
+    assert [t["name"] for t in created["apply_phase"]["stages"][1]["steps"]][:3] == [
+        "query-alarms", "swact-hosts", "lock-hosts"]
+    await site.ok("roost.cmd.strategy.apply", {})
+    first = await final(site)
+    assert first["state"] == "aborted", json.dumps(first, indent=1)[:3000]
+    assert "installing r1 1.0.1 failed on worker-4" in first["reason"]
+    assert [s["result"] for s in first["apply_phase"]["stages"]] == ["success", "success", "success", "failed"]
+    [undo] = first["abort_phase"]["stages"]
+    assert undo["steps"][0]["entity_names"] == ["worker-3", "worker-4", "worker-5"]
+    assert undo["steps"][0]["result"] == "success"
+    assert site.pair.swacts == [was_active]
+    for name in HOSTS:
+        assert await available(site, name), name
+    assert {n: site.installs(n) for n in HOSTS} == {
+        **{n: ["r1"] for n in (*CONTROLLERS, "worker-0", "worker-1", "worker-2", "worker-3", "worker-5")},
+        "worker-4": []}
+    await site.ok("roost.cmd.strategy.delete", {})
+
+    # 2. r2 through the roost command, with live progress
+    created_cli = await site.roost("strategy", "create", "r2", "--version", "1.0.2", "--worker-apply-type", "parallel",
+                             "--max-parallel-worker-hosts", "3")
+    assert created_cli.returncode == 0, created_cli.stderr
+    assert "ready-to-apply" in created_cli.stdout and "release r2 1.0.2 (reboot)" in created_cli.stdout
+    applied = await site.roost("strategy", "apply", "--watch", "--interval", "0.2")
+    assert applied.returncode == 0, applied.stdout + applied.stderr
+    out = applied.stdout
+    assert "strategy applied" in out
+    assert "[apply 3.2] apply-update worker-3, worker-4, worker-5 success" in out
+    assert f"swact-hosts {standby} success" in out            # the role came back to the first active
+    second = await site.strategy()
+    assert second["state"] == "applied"
+    assert all(t["result"] == "success" for s in second["apply_phase"]["stages"] for t in s["steps"])
+    assert len(site.pair.swacts) == 2
+    for name in HOSTS:
+        assert site.installs(name)[-1] == "r2" and site.installs(name).count("r2") == 1, name
+        assert await available(site, name), name
+    shown = await site.roost("strategy", "show", "--details")
+    assert shown.returncode == 0 and "apply phase: success" in shown.stdout
+
+    # 3. every host is on r2: nothing to do
+    assert (await site.roost("strategy", "delete")).returncode == 0
+    again = await site.roost("strategy", "create", "r2", "--version", "1.0.2")
+    assert again.returncode == 1 and "no hosts need r2" in again.stderr
