@@ -31,8 +31,9 @@ operator's abort (a flag in the strategy's row) is taken up as soon as it is see
 short, an acting one finishes first.  Three failpoints (``services.core.failpoints``) let a test kill the
 process at each step boundary: ``orchestrator.step_started`` (marker committed, nothing done yet),
 ``orchestrator.step_acted`` (the step did its work, its outcome not yet committed) and
-``orchestrator.step_finished`` (outcome committed); ``boundary(name, step)`` is the same hook for in-process
-tests.
+``orchestrator.step_finished`` (outcome committed), each also as ``orchestrator.<boundary>.<step name>``
+(``orchestrator.step_acted.lock-hosts``: kill only there); ``boundary(name, step)`` is the same hook for
+in-process tests.
 """
 
 from __future__ import annotations
@@ -370,6 +371,7 @@ class Executor:
 
     def _boundary(self, name: str, step: Step) -> None:
         failpoint(f"orchestrator.{name}")
+        failpoint(f"orchestrator.{name}.{step.name}")
         if self.boundary is not None:
             self.boundary(name, step.name)
 
