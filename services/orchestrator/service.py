@@ -32,6 +32,8 @@ Update strategies (one at a time; tables in ``migrations/``, the model in ``stra
   short, an acting one finishes) and the answer is the strategy once it is ``aborting``;
 * ``roost.cmd.strategy.delete``: refused while applying or aborting unless ``force``.
 
+The same over REST: ``services.orchestrator.api`` (``/api/orchestration/sw-deploy/strategy``, the VIM's shape).
+
 The executor runs in one replica at a time (a PostgreSQL advisory lock); at start, and whenever it is
 woken or every ``DRIVE_INTERVAL`` seconds, it resumes a strategy that is applying or aborting: a restarted
 orchestrator carries on from the persisted step.
@@ -76,6 +78,14 @@ ABORT_WAIT = 10.0
 RELEASE_QUERY_TIMEOUT = 5.0
 
 
+class NoStrategy(Reject):
+    """There is no strategy (the REST API answers 404)."""
+
+
+class Unavailable(Reject):
+    """Another service the command needs did not answer (the REST API answers 503)."""
+
+
 class OrchestratorService:
     """The ``orchestrator`` component.  ``kube``: a ready ``KubeApi`` (else one is made from the settings)."""
 
@@ -93,6 +103,7 @@ class OrchestratorService:
         self._ctx: ServiceContext | None = None
         self._executor: Executor | None = None
         self._driver: asyncio.Task[None] | None = None
+        self._router: APIRouter | None = None
         self._wake = asyncio.Event()
         self.driver_error: BaseException | None = None
 
@@ -137,7 +148,10 @@ class OrchestratorService:
             await kube.close()
 
     def routers(self) -> Sequence[APIRouter]:
-        return []
+        if self._router is None:
+            from services.orchestrator.api import build_router
+            self._router = build_router(self)
+        return [self._router]
 
     async def command(self, message: Message) -> BaseModel:
         """``roost.cmd.hostservices.*``: carry out the host's node steps and say whether they are done."""
@@ -215,9 +229,9 @@ class OrchestratorService:
             reply = await bus.request(bus.envelope("roost.cmd.host.list", inv.HostList()),
                                       timeout=self.settings.query_timeout)
         except RequestTimeout:
-            raise Reject("inventory did not answer roost.cmd.host.list in time") from None
+            raise Unavailable("inventory did not answer roost.cmd.host.list in time") from None
         if not reply.ok:
-            raise Reject("inventory is not running" if is_unhandled(reply) else f"inventory: {reply.reason}")
+            raise Unavailable("inventory is not running" if is_unhandled(reply) else f"inventory: {reply.reason}")
         hosts = [h for h in inv.HostListResult.model_validate(reply.result).items
                  if h.hostname is not None and h.personality is not None]
         releases = await asyncio.gather(*(self._release_of(h) for h in hosts))
@@ -268,7 +282,7 @@ class OrchestratorService:
         async with self.ctx.pool.acquire() as conn:
             loaded = await store.load(conn)
         if loaded is None:
-            raise Reject("there is no strategy")
+            raise NoStrategy("there is no strategy")
         return store.view(loaded)
 
     async def show(self) -> msg.StrategyShowResult:
@@ -280,7 +294,7 @@ class OrchestratorService:
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             loaded = await store.load(conn, for_update=True)
             if loaded is None:
-                raise Reject("there is no strategy: create one first")
+                raise NoStrategy("there is no strategy: create one first")
             transitions = apply.begin_apply(loaded.strategy, datetime.now(UTC))
             await store.save(conn, loaded.strategy, transitions, self.ctx.bus, self.ctx.outbox)
         metrics.record_strategy_state(loaded.strategy.state)
@@ -291,7 +305,7 @@ class OrchestratorService:
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             loaded = await store.load(conn, for_update=True)
             if loaded is None:
-                raise Reject("there is no strategy")
+                raise NoStrategy("there is no strategy")
             if loaded.strategy.state != "applying":
                 raise apply.NotAllowed(f"the strategy is {loaded.strategy.state}: only a strategy being applied "
                                        "can be aborted")
@@ -310,7 +324,7 @@ class OrchestratorService:
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             loaded = await store.load(conn, for_update=True)
             if loaded is None:
-                raise Reject("there is no strategy")
+                raise NoStrategy("there is no strategy")
             apply.can_delete(loaded.strategy, force)
             await store.delete(conn, loaded.strategy.uuid)
         if self._executor is not None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from pydantic import BaseModel
 
@@ -32,6 +33,7 @@ from services.core.bus.memory import InMemoryTransport
 from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
 from services.core.host import ServiceContext
+from services.core.http import create_app
 from services.core.settings import load_settings
 from services.inventory.agent.agent import HostAgent
 from services.inventory.agent.simhost import make_simulated_host
@@ -391,3 +393,41 @@ async def test_an_abort_while_the_workers_are_locked_unlocks_them(tmp_path: Path
     [undo] = final["abort_phase"]["stages"]
     assert undo["steps"][0]["name"] == "unlock-hosts" and undo["steps"][0]["result"] == "success"
     assert s.installs("worker-0") == ["r1"]                   # an install is not undone
+
+
+# -- REST -----------------------------------------------------------------------------------------------------
+
+
+async def test_the_rest_api_in_the_vim_shape(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        service = await s.start_orchestrator()
+        app = create_app("orchestrator", authenticator=s.site.auth, routers=service.routers())
+        admin = {"Authorization": f"Bearer {s.site.admin}"}
+        reader = {"X-Auth-Token": s.site.reader}
+        base = "/api/orchestration/sw-deploy/strategy"
+        body = {"release": R1, "controller_apply_type": "ignore"}
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orchestrator") as http:
+            assert (await http.get(base, headers=reader)).json() == {"strategy": None}
+            assert (await http.post(base, json=body, headers=reader)).status_code == 403
+            assert (await http.post(base, json={**body, "max_parallel_worker_hosts": 99},
+                                    headers=admin)).status_code == 422
+            none = await http.post(f"{base}/actions", json={"action": "apply-all"}, headers=admin)
+            assert none.status_code == 404
+            created = await http.post(base, json=body, headers=admin)
+            assert created.status_code == 201 and created.json()["state"] == "ready-to-apply"
+            assert (await http.post(base, json=body, headers=admin)).status_code == 409
+            stage = await http.post(f"{base}/actions", json={"action": "apply-stage", "stage_id": "0"}, headers=admin)
+            assert stage.status_code == 400
+            applied = await http.post(f"{base}/actions", json={"action": "apply-all"}, headers=admin)
+            assert applied.status_code == 202 and applied.json()["state"] == "applying"
+            final = await s.final()
+            assert final["state"] == "applied"
+            current = await http.get("/api/orchestration/current-strategy/strategy", headers=reader)
+            assert current.json()["strategy"]["uuid"] == final["uuid"]
+            assert (await http.post(f"{base}/actions", json={"action": "abort"}, headers=admin)).status_code == 409
+            assert (await http.delete(base, headers=admin)).status_code == 204
+            assert (await http.delete(base, headers=admin)).status_code == 404
+            nothing = await http.post(base, json=body, headers=admin)
+            assert nothing.status_code == 400 and "no hosts need r1" in nothing.json()["detail"]
