@@ -217,6 +217,11 @@ class Keyring:
         self._peers = frozenset(peers)
         self._reports = {p: r for p, r in self._reports.items() if p in self._peers}
 
+    def knows(self, peer: NodeId, primary: int, held: frozenset[int]) -> bool:
+        """Whether ``peer``'s last report said exactly this (a repeat changes nothing)."""
+        last = self._reports.get(peer)
+        return last is not None and last.primary == primary and last.held == held and primary in held
+
     def report(self, now: Seconds, peer: NodeId, primary: int, held: Iterable[int]) -> None:
         """A peer's key report, from an authenticated datagram."""
         if peer in self._peers:

@@ -20,7 +20,10 @@ degraded blip and a 950.003 raised and cleared.
 
 Stalls: if the event loop itself was stalled (a timer or the send loop ran more than ``stall_after`` late),
 silence measured across the stall says nothing about the hosts: evaluation holds off for ``stall_hold``
-after the loop runs again, so fresh answers are read before anyone can be declared down.
+after the loop runs again, so fresh answers are read before anyone can be declared down.  The same when
+the answers of several hosts arrive echoing requests older than ``down_after`` (``_late_answer``): the
+hosts answered in time and we read them late, a monitor starved of CPU whose loop is never late enough
+to look stalled (measured: without this, a starved monitor failed healthy hosts).
 
 The peer controller (``set_peer``): its monitor is sent a heartbeat on every path each round (role and
 epoch in the header: its "claim"), and its heartbeats to us feed one ``PathHealth`` per path; whether any
@@ -36,7 +39,6 @@ the drop counter.  Callbacks are called from the loop; one that raises is logged
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import dataclasses
 import time
@@ -179,6 +181,7 @@ class HeartbeatMonitor(PathNode):
         self._timer_at: Seconds | None = None
         self._soon: asyncio.Handle | None = None
         self._hold_until: Seconds = 0.0
+        self._late: dict[str, Seconds] = {}            # hosts whose answers came in late, and when
         self.peer: PeerMonitor | None = None
         self.on_pair = on_pair
         self.on_peer = on_peer
@@ -362,11 +365,12 @@ class HeartbeatMonitor(PathNode):
 
     def _sent_at(self, path: Path, seq: int) -> Seconds | None:
         """When we sent ``seq`` on ``path``, if that was recent enough to count."""
-        rounds = self._rounds[path]
-        if not rounds or seq < rounds[0].first or seq > rounds[-1].last:
-            return None
-        i = bisect.bisect_right([r.first for r in rounds], seq) - 1
-        return rounds[i].at if i >= 0 and seq <= rounds[i].last else None
+        for r in reversed(self._rounds[path]):          # nearly always the newest round
+            if seq > r.last:
+                return None
+            if seq >= r.first:
+                return r.at
+        return None
 
     # -- receiving ----------------------------------------------------------------------------------------
 
@@ -414,6 +418,7 @@ class HeartbeatMonitor(PathNode):
         sent = self._sent_at(h.path, h.echo_seq)
         if sent is None or now - sent > self.policy.down_time:
             self.ignored["stale_echo"] += 1
+            self._late_answer(now, host.hostname)
             return
         host.rtt[h.path] = now - sent
         transition = health.heard(now, self._hears_me(datagram))
@@ -479,6 +484,19 @@ class HeartbeatMonitor(PathNode):
         except Exception as e:
             log.warning("heartbeat evaluation failed", error=type(e).__name__)
         self._schedule()
+
+    def _late_answer(self, now: Seconds, hostname: str) -> None:
+        """An answer that echoes a request older than ``down_after``: the host answered, we read it late.
+        When several hosts' answers come in late within two periods, the monitor itself is slow (starved
+        of CPU, its socket queue long): hold the verdicts, as for a stalled loop, instead of failing hosts
+        whose answers are waiting to be read.  One host with a slow network cannot hold everyone's."""
+        late = self._late
+        late[hostname] = now
+        horizon = now - 2 * self.period
+        for name in [n for n, t in late.items() if t < horizon]:
+            del late[name]
+        if len(late) >= max(2, len(self.hosts) // 20):
+            self._stalled(now, 0.0, f"answers of {len(late)} hosts read late")
 
     def _stalled(self, now: Seconds, late: Seconds, where: str) -> None:
         if now + self.stall_hold > self._hold_until:

@@ -65,6 +65,7 @@ class PairPolicy:
     fence_delay_standby: Seconds = 10.0  # two_node: the standby fences the unreachable active after this
     fence_backoff: Seconds = 5.0         # the first retry after a failed fence; doubles, up to 60 s
     fence_max_attempts: int = 10
+    election_timeout: Seconds = 5.0      # an election without a majority this long: given up or asked again
 
     @property
     def voter_hold(self) -> Seconds:
@@ -296,6 +297,7 @@ class PairController:
         self._standby_since: Seconds | None = None
         self.clock = now                         # the latest time handed in
         self.quiet_until: Seconds = now          # no start-up election before this (after stepping down)
+        self.elected_at: Seconds = now           # when the current election started
 
     def __repr__(self) -> str:
         return f"PairController({self.config.me}, {self.phase.value}, epoch={self.epoch}, target={self.target})"
@@ -367,10 +369,6 @@ class PairController:
         self.epoch = max(self.epoch, refusal.voter_epoch)
         if refusal.epoch == self.target:
             self.votes.pop(refusal.voter, None)
-        if self.phase is Phase.ELECTING and refusal.epoch == self.target and refusal.voter_epoch >= self.target:
-            # a voter already granted this epoch (or a newer one) to someone else: ask again, one higher;
-            # asking for the same epoch would be refused by it for ever
-            return self._elect(now, self.kind) + self.tick(now)
         return self.tick(now)
 
     def fence_result(self, now: Seconds, epoch: int, ok: bool) -> list[Effect]:
@@ -441,6 +439,7 @@ class PairController:
 
     def _elect(self, now: Seconds, kind: LeaseKind) -> list[Effect]:
         self.phase, self.kind = Phase.ELECTING, kind
+        self.elected_at = now
         # never an epoch our own voter already granted (to the peer, whose claim may not have reached us)
         self.target = self.epoch = max(self.epoch, self.voter.epoch) + 1
         self.votes = {}
@@ -531,6 +530,8 @@ class PairController:
                     return effects + self._tick_candidate(now)
                 return []
         elif not self.peer_reachable and (now - self.started >= p.voter_hold or self.peer_seen):
+            if now < self.quiet_until:
+                return []
             return self._elect(now, LeaseKind.TAKEOVER)
         if self.handover_offered:
             return self._elect(now, LeaseKind.HANDOVER)
@@ -548,6 +549,16 @@ class PairController:
 
     def _tick_candidate(self, now: Seconds) -> list[Effect]:
         effects: list[Effect] = []
+        if (self.phase is Phase.ELECTING and not self._majority(now)
+                and now - self.elected_at >= self.policy.election_timeout):
+            # An election that cannot win (both controllers asking at once, or an epoch some voter already
+            # gave away) must not go on for ever: the preferred controller asks again, above every epoch
+            # it has seen (claims, refusals, its own voter); the other gives up, releasing its own vote,
+            # and keeps quiet for a while, so the two never duel.
+            if self.config.me < self.config.peer:
+                return self._elect(now, self.kind)
+            self.quiet_until = now + self.policy.election_timeout
+            return self._abandon()
         two_node = self.config.two_node and self.kind is LeaseKind.TAKEOVER
         if self.phase is Phase.ELECTING and self._majority(now):
             if self._needs_fence(now):
@@ -575,6 +586,8 @@ class PairController:
         if self.phase is not Phase.STANDBY:
             if not (self.config.two_node and self.kind is LeaseKind.TAKEOVER and self.phase is Phase.FENCING):
                 times.append(self.renew_at)
+            if self.phase is Phase.ELECTING:
+                times.append(self.elected_at + p.election_timeout)
             if self.phase is Phase.ACTIVE and not self.config.two_node:
                 end = self.lease_end()
                 if end is not None:
@@ -586,7 +599,7 @@ class PairController:
         else:
             if not self.peer_reachable:
                 delay = p.fence_delay_standby if self.config.two_node else 0.0
-                times.append(max(self.unreachable_since + delay, self.started + p.voter_hold))
+                times.append(max(self.unreachable_since + delay, self.started + p.voter_hold, self.quiet_until))
             if self.claim is not None:
                 times.append(self.claim.at + p.claim_ttl)
             if self._standby_since is not None:

@@ -164,12 +164,6 @@ class SocketFilter:
         return not self.drop_out and not (self.loss and self.rng.random() < self.loss)
 
 
-def _backlog(transport: asyncio.DatagramTransport) -> int:
-    """Bytes asyncio holds unsent (the selector transport has it; typeshed's DatagramTransport does not)."""
-    size = getattr(transport, "get_write_buffer_size", None)
-    return int(size()) if callable(size) else 0
-
-
 Accept = Callable[[Datagram, Addr], DropReason | None]
 Handler = Callable[[Datagram, Addr, Seconds], None]
 Attribute = Callable[[Addr], str | None]
@@ -181,8 +175,7 @@ class PathEndpoint(asyncio.DatagramProtocol):
     behind a source address (for drop accounting)."""
 
     def __init__(self, node: NodeContext, spec: PathSpec, handler: Handler, *, accept: Accept | None = None,
-                 attribute: Attribute | None = None, rcvbuf: int | None = 1 << 20,
-                 max_backlog: int = 256 << 10) -> None:
+                 attribute: Attribute | None = None, rcvbuf: int | None = 1 << 20) -> None:
         self.node = node
         self.spec = spec
         self.path = spec.path
@@ -190,10 +183,10 @@ class PathEndpoint(asyncio.DatagramProtocol):
         self.accept = accept
         self.attribute = attribute
         self.rcvbuf = rcvbuf
-        self.max_backlog = max_backlog          # bytes asyncio may hold unsent before we drop instead
         self.filter = SocketFilter()
         self.sequence = SendSequence(node.boot)
         self.transport: asyncio.DatagramTransport | None = None
+        self.sock: socket.socket | None = None
         self.sent = 0
         self.received = 0                      # datagrams that passed every check
         self.send_errors = 0
@@ -215,6 +208,7 @@ class PathEndpoint(asyncio.DatagramProtocol):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             sock.bind((self.spec.address, self.spec.port))
             await loop.create_datagram_endpoint(lambda: self, sock=sock)
+            self.sock = sock
             if self.transport is None:
                 raise OSError(f"the {self.path.network} socket did not open")
         except BaseException:
@@ -223,6 +217,7 @@ class PathEndpoint(asyncio.DatagramProtocol):
         return self
 
     def close(self) -> None:
+        self.sock = None
         if self.transport is not None:
             self.transport.close()
             self.transport = None
@@ -307,12 +302,19 @@ class PathEndpoint(asyncio.DatagramProtocol):
             self.filter.tap(data, addr)
         if not self.filter.passes_out():
             return seq
-        if _backlog(transport) > self.max_backlog:
-            self.send_errors += 1               # the kernel is not taking them: a late heartbeat is worthless
+        sock = self.sock
+        try:
+            # straight to the socket, not through the transport's buffering: a datagram the kernel does not
+            # take now is dropped (a late heartbeat is worthless), and this path is sent 10 times a second
+            # per host and path
+            if sock is not None:
+                sock.sendto(data, addr)
+            else:
+                transport.sendto(data, addr)
+        except BlockingIOError:
+            self.send_errors += 1
             self.errors["backlog"] += 1
             return None
-        try:
-            transport.sendto(data, addr)
         except OSError as e:
             self.send_errors += 1
             self.errors[type(e).__name__] += 1
@@ -404,8 +406,8 @@ class PathNode:
 
     def _keys_reported(self, now: Seconds, sender: NodeId, keys: KeyReport | None) -> None:
         """A peer's authenticated ``KEYS`` report; rotation advances at once while one is under way."""
-        if keys is None:
-            return
+        if keys is None or self.keyring.knows(sender, keys.primary, keys.held):
+            return                      # the same report as last time (every answer carries one)
         self.keyring.report(now, sender, keys.primary, keys.held)
         if len(self.keyring.held()[1]) > 1:
             self._advance_keys(now)

@@ -423,18 +423,28 @@ def test_a_takeover_never_asks_for_an_epoch_its_own_voter_granted() -> None:
     assert PersistEpoch(2) in effects
 
 
-def test_a_refusal_that_shows_the_epoch_taken_asks_again_one_higher() -> None:
-    cfg = PairConfig(C1, C0, voters_of((C0, C1), (10, 11)), "controller-1", "controller-0", "site")
-    c1 = PairController(cfg, 0.0)
-    c1.peer_paths(0.5, True)
-    effects = c1.peer_paths(4.0, False)
+@pytest.mark.parametrize("me, peer", [(C0, C1), (C1, C0)])
+def test_an_election_that_cannot_win_is_asked_again_higher_or_given_up(me: NodeId, peer: NodeId) -> None:
+    """The preferred controller (the lower id) asks again above every epoch it has seen; the other gives up,
+    releasing its own vote, keeps quiet for a while, then asks again above what it saw: they never duel."""
+    cfg = PairConfig(me, peer, voters_of((C0, C1), (10, 11)), NAMES[me], NAMES[peer], "site")
+    c = PairController(cfg, 0.0)
+    c.peer_paths(0.5, True)
+    effects = c.peer_paths(4.0, False)
     [first] = [e.request for e in effects if isinstance(e, SendLeaseRequest)]
     assert first.epoch == 1
-    effects = c1.refused(4.1, LeaseRefusal(10, C1, 1, first.request_id, 1, "already voted for 1 in epoch 1"))
-    [again] = [e.request for e in effects if isinstance(e, SendLeaseRequest)]
-    assert again.epoch == 2 and c1.target == 2 and PersistEpoch(2) in effects
-    effects = c1.refused(4.2, LeaseRefusal(11, C1, 2, again.request_id, 1, "the lease of 1 is live"))
-    assert not [e for e in effects if isinstance(e, SendLeaseRequest | PersistEpoch)], "an older epoch: wait"
+    c.refused(4.1, LeaseRefusal(10, me, 1, first.request_id, 3, "already voted in epoch 3"))
+    assert c.phase is Phase.ELECTING and c.target == 1 and c.epoch == 3
+    timeout = c.policy.election_timeout
+    assert c.next_deadline() is not None and c.next_deadline() <= 4.0 + timeout   # type: ignore[operator]
+    effects = c.tick(4.0 + timeout)
+    if me < peer:
+        assert PersistEpoch(4) in effects and c.phase is Phase.ELECTING and c.target == 4
+    else:
+        assert any(isinstance(e, SendRelease) for e in effects) and c.phase is Phase.STANDBY
+        assert c.tick(4.0 + timeout + 1.0) == [], "quiet"
+        effects = c.tick(4.0 + 2 * timeout)
+        assert PersistEpoch(4) in effects and c.phase is Phase.ELECTING
 
 
 def test_config_rules() -> None:
@@ -509,15 +519,20 @@ def play(schedule: Schedule, controller: type[PairController] = PairController) 
 
 
 def settles(sim: Sim) -> bool:
-    """Liveness, once the network is healed: one active within ``SETTLE`` s whenever one is possible (both
-    controllers on; or one, which has seen its peer or has voters besides it, and a fence that can work)."""
+    """Liveness, once the network is healed: one active within ``SETTLE`` s whenever one is possible: a
+    majority of the voters is powered (two_node: both controllers, or the one left has seen its peer), and
+    with one controller left, a fence can work."""
     up = [c for c in (C0, C1) if sim.powered[c]]
     if not up:
         return True
-    if len(up) == 1:
-        ctrl = sim.ctrl[up[0]]
-        if not any(sim.fence_ok) or (ctrl.config.two_node and not ctrl.peer_seen):
-            return True
+    ctrl = sim.ctrl[up[0]]
+    if ctrl.config.two_node:
+        possible = len(up) == 2 or (ctrl.peer_seen and any(sim.fence_ok))
+    else:
+        powered = sum(1 for v in ctrl.config.voters if sim.powered[v])
+        possible = powered >= ctrl.config.quorum and (len(up) == 2 or any(sim.fence_ok))
+    if not possible:
+        return True
     sim.run(SETTLE)
     return len(sim.actives()) == 1
 
@@ -562,9 +577,9 @@ class CountsAVoteTwice(PairController):
 
 
 class ReusesAnEpochItsVoterGranted(PairController):
-    """The bug found on the network (and then planted here): a takeover asks for the epoch after the last
-    one it heard claimed, although its own voter granted a newer one; voters holding that grant refuse
-    it for ever."""
+    """The bugs found on the network (and planted here): a takeover asks for the epoch after the last one it
+    heard claimed, although its own voter granted a newer one; and an election that cannot win is never
+    given up, so voters holding that grant refuse it for ever."""
 
     def _elect(self, now: float, kind: LeaseKind) -> list[Effect]:
         saved = self.voter.epoch
@@ -574,11 +589,9 @@ class ReusesAnEpochItsVoterGranted(PairController):
         finally:
             self.voter.epoch = saved
 
-    def refused(self, now: float, refusal: LeaseRefusal) -> list[Effect]:
-        self.epoch = max(self.epoch, refusal.voter_epoch)
-        if refusal.epoch == self.target:
-            self.votes.pop(refusal.voter, None)
-        return self.tick(now)
+    def _tick_candidate(self, now: float) -> list[Effect]:
+        self.elected_at = now                 # ... and an election that cannot win goes on for ever
+        return super()._tick_candidate(now)
 
 
 class ClaimsFromC0Lost(Sim):
