@@ -1,6 +1,6 @@
 """The alarms service's speed targets (issue 3), each next to a baseline measured in the same run.
 
-    .venv/bin/python bench/alarms_bench.py            # the default run, about 3.5 minutes
+    .venv/bin/python bench/alarms_bench.py            # the default run, about 4 minutes
     .venv/bin/python bench/alarms_bench.py --quick    # a look in about 35 seconds
 
 1. **Sustained set / clear rate**, every op persisted (active row, history record, ``roost.alarm.*``
@@ -10,37 +10,40 @@
    * ``naive``, the baseline: one transaction per message, the simplest way, doing the full old-style
      writes: the service's own per-message path (``AlarmsService.handle_alone``), one message after the
      other, which is how the service applied every fault before group commit (consumer concurrency 1),
-     with the webhook queueing of before the lazy fan-out (``legacy_enqueue``: one delivery row per
-     subscription in the alarm's transaction, each with its own rendered body).
-   * ``roost``: the service's entry point as the bus calls it (``AlarmsService.handle``) from ``--batch``
-     (64) concurrent callers taking the messages in order, as the consumer's workers do: group commit,
-     several messages per transaction (``AlarmStore.apply_many``), one webhook notification row per op
-     committed with it ("durably queued": from then on nothing can lose it); and at the same time, as the
-     service's dispatcher does, the fan-out (``webhooks.fan_out``) making the 10 delivery rows of each
-     notification.  The rate counts until the last delivery row is made (not just the last op applied),
-     so a fan-out that falls behind lowers it; the lag (last op committed -> its deliveries made) and
-     the largest backlog not yet fanned out during the run are printed too.
+     with the webhook queueing of before the lazy fan-out (``legacy_webhooks``: one delivery row per
+     subscription in the alarm's transaction, each with its own rendered body, for sets and clears).
+   * ``roost``: the service's entry point as the bus calls it (``AlarmsService.handle``) from as many
+     concurrent callers as the consumer runs handlers (``--batch`` 128 x pipeline 2), taking the messages
+     in order: group commit, up to 128 messages per transaction (``AlarmStore.apply_many``), two batches
+     at once when they share no alarm instance, one webhook notification row per op committed with it
+     ("durably queued": from then on nothing can lose it); and at the same time, as the service's
+     dispatcher does, its fan-out (``webhooks.fan_out(ahead=128)``), which makes delivery rows only 128
+     per subscriber ahead of the sending (here nothing is sent: after the first 128 it only finds the
+     windows full).  After each run every op must be queued for every subscriber (pending rows plus the
+     notifications behind its cursor).  The lag (last op committed -> fan-out done) and the largest
+     fan-out backlog are printed too, and a reference row makes every delivery row (no window).
    * both without a broker, the service in the bench's process, called directly;
    * ``roost via NATS``: the whole path from the bus.  The ops wait in JetStream (published beforehand,
      not timed); the alarms service runs in a process of its own, hosted as ``roost up`` hosts it
      (``ServiceHost``: bus consumer, outbox relay publishing the ``roost.alarm.*`` events to NATS) with
      the fan-out running but no sending (the subscribers are unreachable; sending is figure 2); the
-     clock runs from the service's start to the last inbox row and the last delivery row made.
+     clock runs from the service's start to the last inbox row and the fan-out done.
 
 2. **Webhook deliveries per second**: ``--deliveries`` queued rows over ``--subscribers`` subscriptions,
-   sent by the ``WebhookDispatcher`` (default settings) in the bench's process to the receiver; the
-   clock stops when the dispatcher has recorded the last one delivered.  Baseline ``raw``: httpx alone
-   POSTing the same bodies, signed the same way, with as many requests in flight as the dispatcher
-   allows here (``per_subscription`` x subscribers, at most ``max_in_flight``), no queue.  Diagnostic
-   rows: both with 8 in flight.
+   sent by the ``WebhookDispatcher`` (default settings; its lean HTTP/1.1 client) in the bench's process
+   to the receiver; the clock stops when the dispatcher has recorded the last one delivered.  Baseline
+   ``raw``: httpx alone POSTing the same bodies, signed the same way, with as many requests in flight as
+   the dispatcher allows here (``per_subscription`` x subscribers, at most ``max_in_flight``), no queue.
+   Diagnostic rows: both with 8 in flight.
 
 3. **Latency from set to webhook received** at a steady ``--rate`` (1,000) ops/s (sets and clears of
    ``2 x rate`` instances in turn) for ``--seconds``, one subscriber, then ``--drain`` seconds for the
    rest to arrive: from the publish of ``roost.fault.set`` on NATS (the time is taken just before
    ``Bus.publish``, in the bench's process) to the receiver reading the request (its clock, same
    machine).  A raise not received by the end counts as later than any.  Target: p99 at most 200 ms.
-   The alarms service runs in its own process as in 1, with its dispatcher (default settings).  Also
-   at ``--reference-rate`` (100) ops/s, for reference.
+   The alarms service runs in its own process as in 1, its dispatcher (default settings) in a child
+   process of its own (``--dispatcher process``, the service's ``dispatcher="process"``; ``inline``: in
+   the service's process).  Also at ``--reference-rate`` (100) ops/s, for reference.
 
 The receiver is a raw asyncio HTTP/1.1 server in a process of its own; it verifies nothing unless
 ``--verify`` (then it checks every Standard Webhooks signature and counts failures).  PostgreSQL and
