@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
 from schemas.alarms import AlarmListResult
@@ -249,7 +250,13 @@ async def test_killed_at_every_step_boundary_it_resumes_and_never_repeats_a_lock
 # -- failures -------------------------------------------------------------------------------------------------
 
 
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
 async def test_a_failed_install_fails_the_strategy_which_aborts_and_unlocks_the_worker(tmp_path: Path) -> None:
+    failures = sample("roost_orchestrator_strategy_step_failures_total", step="apply-update", result="failed")
+    aborted = sample("roost_orchestrator_strategies_total", state="aborted")
     async with strategies(tmp_path) as s:
         await s.add("controller-0", "controller", 1)
         await s.add("worker-0", "worker", 2)
@@ -273,6 +280,16 @@ async def test_a_failed_install_fails_the_strategy_which_aborts_and_unlocks_the_
         states = [json.loads(bytes(r["body"]))["data"]["state"] for r in events
                   if json.loads(bytes(r["body"]))["type"] == "roost.strategy.state_changed"]
         assert states == ["ready-to-apply", "applying", "apply-failed", "aborting", "aborting", "aborted"]
+        steps = [json.loads(bytes(r["body"]))["data"] for r in events
+                 if json.loads(bytes(r["body"]))["type"] == "roost.strategy.step_changed"]
+        assert [(d["step_name"], d["result"]) for d in steps][:3] == [
+            ("query-alarms", "inprogress"), ("query-alarms", "success"), ("lock-hosts", "inprogress")]
+        versions = [json.loads(bytes(r["body"]))["data"]["version"] for r in events]
+        assert versions == list(range(1, len(versions) + 1))          # one per transition, in order
+    assert sample("roost_orchestrator_strategy_step_failures_total", step="apply-update", result="failed") == \
+        failures + 1
+    assert sample("roost_orchestrator_strategies_total", state="aborted") == aborted + 1
+    assert sample("roost_orchestrator_strategy_state", state="aborted") == 1
 
 
 async def test_an_alarm_raised_mid_apply_stops_a_strict_strategy_before_the_next_stage(tmp_path: Path) -> None:
