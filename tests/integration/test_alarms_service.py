@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -533,11 +534,15 @@ async def test_the_webhook_dispatcher_in_a_process_of_its_own_relays_hooks_and_m
         await wait_until(lambda: (PROMETHEUS.get_sample_value("roost_webhook_deliveries_total",
                                                               {"outcome": "dead_letter"}) or 0) > dead_before,
                          what="the child's dead letter counted here")
+        first = child.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)                 # a crash: the service starts it again
+        await wait_until(lambda: child.starts == 2 and child.pid not in (None, first), what="the child restarted")
     finally:
         await s.service.stop()
         for bus in s.buses:
             await bus.close()
-    assert child.pid is None and child.starts == 1
+    assert child.pid is None and child.starts == 2
 
 
 async def failing_subscriber_alarm_raised_and_cleared(site: Site) -> None:

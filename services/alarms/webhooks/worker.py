@@ -40,7 +40,7 @@ import structlog
 
 from services.alarms.webhooks import metrics
 from services.alarms.webhooks.dispatcher import DispatcherSettings, SubscriptionHook, WebhookDispatcher, describe
-from services.core.db.pool import create_pool
+from services.core.db.pool import DatabaseUnavailable, create_pool
 from services.core.logging import configure_logging
 
 log = structlog.get_logger("roost.alarms.webhooks")
@@ -78,6 +78,7 @@ class DispatcherProcess:
         self._process: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._exited = asyncio.Event()           # a child exited (set once per exit)
         self._stopping = False
         self._hooks: set[asyncio.Task[None]] = set()
 
@@ -86,15 +87,20 @@ class DispatcherProcess:
         return self._process.pid if self._process is not None and self._process.returncode is None else None
 
     async def start(self) -> None:
-        """Start the child and wait until its dispatcher runs (at most ``start_timeout``; should it not come
-        up, this logs it and the supervisor keeps trying)."""
+        """Start the child and wait until its dispatcher runs (at most ``start_timeout``, and not after the
+        child exited: should it not come up, this logs it and the supervisor keeps trying)."""
         if self._supervisor is None or self._supervisor.done():
             self._stopping = False
+            self._exited.clear()
             self._supervisor = asyncio.create_task(self._supervise(), name="webhook-dispatcher-process")
+        ready = asyncio.create_task(self._ready.wait())
+        exited = asyncio.create_task(self._exited.wait())
         try:
-            async with asyncio.timeout(self.start_timeout):
-                await self._ready.wait()
-        except TimeoutError:
+            await asyncio.wait([ready, exited], timeout=self.start_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+            exited.cancel()
+        if not self._ready.is_set():
             log.warning("webhook dispatcher process not ready yet; still trying", timeout=self.start_timeout)
 
     async def stop(self) -> None:
@@ -116,16 +122,20 @@ class DispatcherProcess:
             await asyncio.gather(*self._hooks, return_exceptions=True)
 
     async def _supervise(self) -> None:
+        delay = self.restart_delay
         while not self._stopping:
+            self._ready.clear()
             try:
                 await self._run_child()
             except (OSError, ValueError) as exc:
                 log.error("webhook dispatcher process could not run", error=describe(exc))
             if self._stopping:
                 return
-            log.warning("webhook dispatcher process exited; starting it again", delay=self.restart_delay,
+            # a child that never came up (the database down, say) is retried less and less often
+            delay = self.restart_delay if self._ready.is_set() else min(30.0, delay * 2)
+            log.warning("webhook dispatcher process exited; starting it again", delay=delay,
                         exit_code=self._process.returncode if self._process is not None else None)
-            await asyncio.sleep(self.restart_delay)
+            await asyncio.sleep(delay)
 
     async def _run_child(self) -> None:
         env = {**os.environ, URL_ENV: self.database_url, SETTINGS_ENV: json.dumps(dataclasses.asdict(self.settings)),
@@ -143,6 +153,7 @@ class DispatcherProcess:
             if process.returncode is None and not self._stopping:
                 process.kill()
             await process.wait()
+            self._exited.set()
 
     def _handle(self, line: bytes) -> None:
         try:
@@ -231,8 +242,12 @@ def main() -> None:
     log_format, _, level = os.environ.pop(LOG_ENV, "json INFO").partition(" ")
     configure_logging("console" if log_format == "console" else "auto" if log_format == "auto" else "json",
                       level or "INFO")
-    with contextlib.suppress(BrokenPipeError):
-        asyncio.run(_child())
+    try:
+        with contextlib.suppress(BrokenPipeError):
+            asyncio.run(_child())
+    except DatabaseUnavailable as exc:
+        log.error("webhook dispatcher process: no database", error=str(exc))
+        sys.exit(1)
 
 
 if __name__ == "__main__":
