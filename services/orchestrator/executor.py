@@ -5,13 +5,16 @@ only on what is not done yet, so a step resumed after a restart never repeats wh
 
 * ``lock-hosts``: ``roost.cmd.host.show``; a host locked already is done; a host with an action under way
   (a lock sent before the restart, still draining) is waited for; only an unlocked, idle host is sent
-  ``roost.cmd.host.lock`` (refusals are retried ``max_retries`` times, ``retry_delay`` apart).  Inventory's
+  ``roost.cmd.host.lock`` (refusals are retried ``max_retries`` times, ``retry_delay`` apart).  No marker is
+  needed: a lock that went out just before a restart and is still queued is refused by inventory if it
+  comes again (it refuses to lock a host that is locked or has an action under way).  Inventory's
   lock asks this very service to disable the host's services (``roost.cmd.hostservices.disable``): that
   is served by its own consumer, concurrently, so the step waiting for the lock does not block it;
 * ``unlock-hosts``: likewise (``roost.cmd.host.unlock`` only to a locked, idle host), then waits until the
   host is enabled and available again (its in-test checks passed); a host that fails them fails the step;
-* ``swact-hosts``: ``roost.cmd.host.swact`` only while the host is still the active controller, then waits
-  until it is not;
+* ``swact-hosts``: ``roost.cmd.host.swact`` only while the host is still the active controller and no swact
+  was sent for it (``sent``, committed before the command goes out: inventory hears of the new active
+  controller only later, so the world alone cannot tell), then waits until it is not;
 * ``apply-update``: asks the host's agent which release it runs (``roost.cmd.agent.<agent>.release``); only
   a host not on the target release is sent ``roost.cmd.agent.<agent>.update`` (which is idempotent on the
   agent too).  A refused install fails the step with the agent's reason; an agent that does not answer
@@ -32,8 +35,8 @@ short, an acting one finishes first.  Three failpoints (``services.core.failpoin
 process at each step boundary: ``orchestrator.step_started`` (marker committed, nothing done yet),
 ``orchestrator.step_acted`` (the step did its work, its outcome not yet committed) and
 ``orchestrator.step_finished`` (outcome committed), each also as ``orchestrator.<boundary>.<step name>``
-(``orchestrator.step_acted.lock-hosts``: kill only there); ``boundary(name, step)`` is the same hook for
-in-process tests.
+(``orchestrator.step_acted.lock-hosts``: kill only there); ``boundary(name, ref, step)`` is the same hook
+for in-process tests.
 """
 
 from __future__ import annotations
@@ -93,11 +96,23 @@ def _same(release: msg.Release | None, target: msg.Release) -> bool:
 
 
 class StepRunner:
-    """Carries out steps against inventory, the alarms service and the agents, over the bus."""
+    """Carries out steps against inventory, the alarms service and the agents, over the bus.  ``remember``
+    persists the step (its ``sent`` list) before a command that must not go twice is sent."""
 
     def __init__(self, bus: Bus, settings: OrchestratorSettings) -> None:
         self.bus = bus
         self.settings = settings
+        self.remember: Callable[[], Awaitable[None]] | None = None
+
+    async def _mark(self, step: Step, host: str, sent: bool) -> None:
+        if sent and host not in step.sent:
+            step.sent.append(host)
+        elif not sent and host in step.sent:
+            step.sent.remove(host)
+        else:
+            return
+        if self.remember is not None:
+            await self.remember()
 
     # -- asking ---------------------------------------------------------------------------------------
 
@@ -280,13 +295,17 @@ class StepRunner:
                 progress[name] = f"unlock refused: {last}"
 
     async def _swact(self, name: str, step: Step, progress: dict[str, str]) -> str:
+        """A swact is not repeated even after a restart: the host is recorded in ``step.sent`` (committed)
+        before the command goes out; with it recorded, the step only waits for the role to move (a second
+        swact while inventory has not yet heard of the first would move the role back)."""
         attempts, last = 0, ""
         while True:
             host = await self._retrying(lambda: self.host(name), progress, name)
             if not host.active:
-                return f"{name} is not the active controller" + ("" if attempts else " (it was not already)")
-            if host.action != "none":
-                progress[name] = f"waiting: {host.task or host.action}"
+                return f"{name} is no longer the active controller" if name in step.sent or attempts else \
+                    f"{name} was not the active controller"
+            if name in step.sent or host.action != "none":
+                progress[name] = "swact sent; waiting for the role to move"
                 await self.pause()
                 continue
             if attempts > step.max_retries:
@@ -294,17 +313,12 @@ class StepRunner:
             if attempts:
                 await self.pause(self.retry_delay(step) or None)
             attempts += 1
+            await self._mark(step, name, True)
             reply = await self._request("roost.cmd.host.swact", inv.HostSwact(host=name), timeout=_left(step))
-            if not reply.ok:
+            if not reply.ok and reply.reason != "no answer in time":
                 last = "inventory does not answer" if is_unhandled(reply) else reply.reason or "refused"
                 progress[name] = f"swact refused: {last}"
-            else:
-                progress[name] = "swact accepted; waiting for the role to move"
-                await self._retrying(lambda: self._until_not_active(name), progress, name)
-
-    async def _until_not_active(self, name: str) -> None:
-        while (await self.host(name)).active:
-            await self.pause()
+                await self._mark(step, name, False)          # refused: it did not happen, it may be asked again
 
     async def _update(self, name: str, target: msg.Release, step: Step, progress: dict[str, str]) -> str:
         host = await self._retrying(lambda: self.host(name), progress, name)
@@ -360,7 +374,7 @@ class Executor:
     the caller holds ``store.LOCK_KEY``."""
 
     def __init__(self, pool: asyncpg.Pool, bus: Bus, outbox: Outbox, runner: StepRunner, *,
-                 boundary: Callable[[str, str], None] | None = None, abort_poll: float = 0.5) -> None:
+                 boundary: Callable[[str, StepRef, Step], None] | None = None, abort_poll: float = 0.5) -> None:
         self.pool = pool
         self.bus = bus
         self.outbox = outbox
@@ -368,12 +382,19 @@ class Executor:
         self.boundary = boundary
         self.abort_poll = abort_poll
         self.abort_wake = asyncio.Event()
+        self._current: Strategy | None = None
+        runner.remember = self._remember
 
-    def _boundary(self, name: str, step: Step) -> None:
+    async def _remember(self) -> None:
+        """Commit the strategy as it is (a step's ``sent`` list), before a command that must not go twice."""
+        if self._current is not None:
+            await self._save(self._current, [])
+
+    def _boundary(self, name: str, ref: StepRef, step: Step) -> None:
         failpoint(f"orchestrator.{name}")
         failpoint(f"orchestrator.{name}.{step.name}")
         if self.boundary is not None:
-            self.boundary(name, step.name)
+            self.boundary(name, ref, step)
 
     async def run(self) -> str | None:
         """Apply (or go on applying) the strategy; its state when nothing more is to run, None: there is none."""
@@ -382,7 +403,7 @@ class Executor:
         if loaded is None:
             metrics.record_strategy_state(None)
             return None
-        s = loaded.strategy
+        s = self._current = loaded.strategy
         if s.state not in apply.RUNNING_STATES:
             metrics.record_strategy_state(s.state)
             return s.state
@@ -395,16 +416,16 @@ class Executor:
                          step=step.name, hosts=step.entity_names, started_at=str(step.started_at))
             else:
                 await self._save(s, apply.start_step(s, ref, _now()))
-                self._boundary("step_started", step)
+                self._boundary("step_started", ref, step)
             log.info("strategy: step", phase=ref.phase, stage=ref.stage_id, step=step.name, hosts=step.entity_names)
             outcome = await self._run_step(s, ref, step, resumed)
-            self._boundary("step_acted", step)
+            self._boundary("step_acted", ref, step)
             await self._save(s, apply.finish_step(s, ref, outcome, _now()))
             assert step.started_at is not None and step.finished_at is not None
             metrics.record_step(step.name, outcome.result, (step.finished_at - step.started_at).total_seconds())
             log.info("strategy: step done", step=step.name, hosts=step.entity_names, result=outcome.result,
                      reason=outcome.reason, state=s.state)
-            self._boundary("step_finished", step)
+            self._boundary("step_finished", ref, step)
         if s.state in apply.FINAL_STATES:
             log.info("strategy: done", state=s.state, reason=s.reason)
         return s.state

@@ -58,11 +58,12 @@ from services.core.bus.abc import ConsumerOptions, RequestTimeout
 from services.core.bus.bus import Message, Reject, is_unhandled
 from services.core.host import ServiceContext
 from services.orchestrator import apply, metrics, store
+from services.orchestrator.apply import StepRef
 from services.orchestrator.executor import Executor, StepRunner
 from services.orchestrator.kube import KubeApi, KubernetesApi
 from services.orchestrator.maintenance import HostMaintenance
 from services.orchestrator.settings import OrchestratorSettings, load_orchestrator_settings
-from services.orchestrator.strategy import SYSTEM_STABILIZE, BuildError, HostInfo, Release, build
+from services.orchestrator.strategy import SYSTEM_STABILIZE, BuildError, HostInfo, Release, Step, build
 
 log = structlog.get_logger("roost.orchestrator")
 
@@ -93,7 +94,7 @@ class OrchestratorService:
     migrations: Path | None = MIGRATIONS
 
     def __init__(self, settings: OrchestratorSettings | None = None, *, kube: KubeApi | None = None,
-                 boundary: Callable[[str, str], None] | None = None) -> None:
+                 boundary: Callable[[str, StepRef, Step], None] | None = None) -> None:
         """``boundary``: called at each step boundary of a strategy (tests: a crash there)."""
         self.settings = settings if settings is not None else OrchestratorSettings()
         self._kube = kube

@@ -63,7 +63,7 @@ async def load(conn: AnyConnection, *, for_update: bool = False) -> Loaded | Non
         by_stage.setdefault((r["phase"], r["stage_id"]), []).append(Step(
             r["name"], r["timeout"], list(r["entity_names"]), list(r["entity_uuids"]), max_retries=r["max_retries"],
             retry_delay=r["retry_delay"], result=r["result"], reason=r["reason"], started_at=r["started_at"],
-            finished_at=r["finished_at"]))
+            finished_at=r["finished_at"], sent=list(r["sent"])))
 
     def phase(name: str) -> Phase | None:
         p = phases.get(name)
@@ -131,10 +131,10 @@ async def _write_phases(conn: AnyConnection, s: Strategy) -> None:
     await conn.executemany(
         f"""INSERT INTO {SCHEMA}.strategy_steps (strategy, phase, stage_id, step_id, name, entity_names, entity_uuids,
                                                  timeout, max_retries, retry_delay, result, reason, started_at,
-                                                 finished_at)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)""",
+                                                 finished_at, sent)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)""",
         [(s.uuid, p.name, i, j, t.name, t.entity_names, t.entity_uuids, t.timeout, t.max_retries, t.retry_delay,
-          t.result, t.reason, t.started_at, t.finished_at)
+          t.result, t.reason, t.started_at, t.finished_at, t.sent)
          for p in phases for i, st in enumerate(p.stages) for j, t in enumerate(st.steps)])
 
 

@@ -103,6 +103,7 @@ class Step:
     reason: str = ""
     started_at: datetime | None = None       # the durable "started" marker (written before the step acts)
     finished_at: datetime | None = None
+    sent: list[str] = field(default_factory=list)   # hosts sent a command that must not go twice (swact)
 
     @property
     def entity_type(self) -> str:
@@ -112,14 +113,16 @@ class Step:
         return {"name": self.name, "timeout": self.timeout, "entity_type": self.entity_type,
                 "entity_names": list(self.entity_names), "entity_uuids": list(self.entity_uuids),
                 "max_retries": self.max_retries, "retry_delay": self.retry_delay, "result": self.result,
-                "reason": self.reason, "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at)}
+                "reason": self.reason, "started_at": _iso(self.started_at), "finished_at": _iso(self.finished_at),
+                "sent": list(self.sent)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Step:
         return cls(name=data["name"], timeout=int(data["timeout"]), entity_names=list(data["entity_names"]),
                    entity_uuids=list(data["entity_uuids"]), max_retries=int(data["max_retries"]),
                    retry_delay=int(data["retry_delay"]), result=data["result"], reason=data["reason"],
-                   started_at=_when(data.get("started_at")), finished_at=_when(data.get("finished_at")))
+                   started_at=_when(data.get("started_at")), finished_at=_when(data.get("finished_at")),
+                   sent=list(data.get("sent", [])))
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -4,7 +4,8 @@ on the in-memory bus; the alarm list is a stand-in the test controls.  (The same
 processes and the real alarms service: ``test_orchestrator_strategy_site.py``.)
 
 * the orchestrator "killed" at every step boundary in turn (a crash raised at the boundary; a new instance
-  on the same database): it resumes from the persisted step, each lock, unlock and install happens once;
+  on the same database) over 2 controllers and a worker: it resumes from the persisted step, each swact,
+  lock, unlock and install happens once (the swact of the pair is a stand-in for the heartbeat service's);
 * a worker whose install fails: the strategy fails, aborts, and the abort unlocks the worker;
 * an alarm that appears mid-apply under strict restrictions stops the strategy before the next stage;
 * a PodDisruptionBudget refusing the drain of a worker for a while: the lock step waits, then goes on;
@@ -26,10 +27,11 @@ import pytest
 from prometheus_client import REGISTRY
 from pydantic import BaseModel
 
+from schemas import heartbeat as hb
 from schemas.alarms import AlarmListResult
-from schemas.envelope import ReplyStatus, Role
+from schemas.envelope import Envelope, ReplyStatus, Role
 from services.core.bus.abc import OutgoingMessage, ReceivedMessage
-from services.core.bus.bus import Bus, Message
+from services.core.bus.bus import Bus, Message, Reject
 from services.core.bus.memory import InMemoryTransport
 from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
@@ -39,9 +41,11 @@ from services.core.settings import load_settings
 from services.inventory.agent.agent import HostAgent
 from services.inventory.agent.simhost import make_simulated_host
 from services.orchestrator.agent import UpdateAgentComponent, saved_state
+from services.orchestrator.apply import StepRef
 from services.orchestrator.executor import BOUNDARIES
 from services.orchestrator.service import MIGRATIONS, OrchestratorService
 from services.orchestrator.settings import OrchestratorSettings
+from services.orchestrator.strategy import Step
 from tests.support.fake_kube import FakeKube
 from tests.support.inventory_site import Site, inventory_database, running_site
 from tests.support.waiting import wait_until
@@ -89,12 +93,46 @@ def alarm(alarm_id: str, entity: str, severity: str = "minor", mgmt: bool = Fals
             "masked": False, "owner": "test", "version": 1}
 
 
+class PairStandIn:
+    """The heartbeat service's part in a swact (``roost.cmd.heartbeat.swact``): move the active role and
+    announce it as the heartbeat service does: after it answered, a moment later (``announce_delay``), so an
+    orchestrator restarted right after the swact finds inventory not yet told; like a real controller pair,
+    it refuses to swact from a controller that is not active (a repeated swact would be caught here)."""
+
+    announce_delay = 0.3
+
+    def __init__(self) -> None:
+        self.bus: Bus | None = None
+        self.active: str | None = None
+        self.version = 10
+        self.swacts: list[str] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    async def handle(self, message: Message) -> BaseModel:
+        data = message.data
+        assert isinstance(data, hb.Swact) and self.bus is not None
+        if self.active is not None and data.from_host != self.active:
+            raise Reject(f"{data.from_host} is not the active controller")
+        self.swacts.append(data.from_host)
+        self.active, self.version = data.to_host, self.version + 2
+        announcement = self.bus.envelope("roost.heartbeat.active_controller", hb.ActiveController(
+            entity_id="controller-pair", version=self.version, active=data.to_host, standby=data.from_host))
+        self.tasks.append(asyncio.create_task(self._announce(announcement)))
+        return hb.SwactResult(active=data.to_host)
+
+    async def _announce(self, announcement: Envelope) -> None:
+        await asyncio.sleep(self.announce_delay)
+        assert self.bus is not None
+        await self.bus.publish(announcement)
+
+
 @dataclass
 class Strategies:
     site: Site
     tmp: Path
     alarms: Alarms
     settings: OrchestratorSettings
+    pair: PairStandIn
     sent: list[tuple[str, str]] = field(default_factory=list)
     agents: dict[str, tuple[HostAgent, asyncio.Task[None]]] = field(default_factory=dict)
     service: OrchestratorService | None = None
@@ -181,7 +219,10 @@ async def strategies(tmp_path: Path, **settings: Any) -> AsyncIterator[Strategie
         async with running_site(pool, go_enabled_timeout=10.0, lock_timeout=15.0) as site:
             alarms = Alarms()
             await site.serve("roost.cmd.alarm.>", "alarms", alarms.handle)
-            here = Strategies(site, tmp_path, alarms, OrchestratorSettings(**options))
+            pair = PairStandIn()
+            pair.bus = await site.bus("roost/heartbeat")
+            await site.serve("roost.cmd.heartbeat.>", "heartbeat", pair.handle)
+            here = Strategies(site, tmp_path, alarms, OrchestratorSettings(**options), pair)
             try:
                 yield here
             finally:
@@ -200,28 +241,33 @@ def stage_steps(strategy: dict[str, Any]) -> list[list[tuple[str, str]]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("boundary", BOUNDARIES)
-async def test_killed_at_every_step_boundary_it_resumes_and_never_repeats_a_lock_unlock_or_install(
+async def test_killed_at_every_step_boundary_it_resumes_and_never_repeats_a_swact_lock_unlock_or_install(
         tmp_path: Path, boundary: str) -> None:
     async with strategies(tmp_path) as s:
-        await s.add("controller-0", "controller", 1)
-        await s.add("worker-0", "worker", 2)
-        crashed: list[str] = []
+        await s.add("controller-0", "controller", 1)                # active: unlocked first
+        await s.add("controller-1", "controller", 2)
+        await s.add("worker-0", "worker", 3)
+        crashed: list[tuple[str, int, int, str]] = []
 
-        def crash_at_first(name: str, step: str) -> None:
-            if name == boundary and step not in crashed:        # once per step: else step_acted never ends
-                crashed.append(step)
-                raise Crash(f"{name} of {step}")
+        def crash_once_per_step(name: str, ref: StepRef, step: Step) -> None:
+            key = (ref.phase, ref.stage_id, ref.step_id, step.name)
+            if name == boundary and key not in crashed:      # once per step: else step_acted never ends
+                crashed.append(key)
+                raise Crash(f"{name} of {step.name}")
 
-        service = await s.start_orchestrator(crash_at_first)
-        created = await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
-        assert [t["name"] for t in created["apply_phase"]["stages"][0]["steps"]] == [
-            "query-alarms", "lock-hosts", "apply-update", "system-stabilize", "unlock-hosts", "wait-alarms-clear"]
+        service = await s.start_orchestrator(crash_once_per_step)
+        created = await s.ok("create", {"release": R1})
+        plan = [[t["name"] for t in stage["steps"]] for stage in created["apply_phase"]["stages"]]
+        assert [stage["name"] for stage in created["apply_phase"]["stages"]] == [
+            "update-controller controller-1", "update-controller controller-0", "update-workers worker-0"]
+        assert plan[1][:3] == ["query-alarms", "swact-hosts", "lock-hosts"]
         await s.ok("apply")
+
         async def state() -> str:
             return str(await s.site.pool.fetchval("SELECT state FROM orchestrator.strategies"))
 
         async def crashed_or_final() -> bool:
-            assert s.starts < 20, "more restarts than steps"
+            assert s.starts < 40, "more restarts than steps"
             return service.driver_error is not None or await state() in FINAL
 
         while True:                                      # every instance dies at its first boundary of this kind
@@ -230,19 +276,21 @@ async def test_killed_at_every_step_boundary_it_resumes_and_never_repeats_a_lock
             await s.stop_orchestrator()
             if await state() in FINAL:
                 break
-            service = await s.start_orchestrator(crash_at_first)
+            service = await s.start_orchestrator(crash_once_per_step)
         await s.start_orchestrator()
         final = await s.strategy()
-        assert await s.is_("worker-0", "unlocked", "available")
+        for name in ("controller-0", "controller-1", "worker-0"):
+            assert await s.is_(name, "unlocked", "available"), name
+        assert (await s.site.host("controller-1"))["active"]
 
     assert final["state"] == "applied", final
-    assert crashed == ["query-alarms", "lock-hosts", "apply-update", "system-stabilize", "unlock-hosts",
-                       "wait-alarms-clear"]
-    assert stage_steps(final) == [[(n, "success") for n in crashed]]
-    assert s.count("roost.cmd.host.lock", "worker-0") == 1
-    assert s.count("roost.cmd.host.unlock", "worker-0") == 1
-    assert s.count("roost.cmd.agent.worker-0.update") == 1 and s.installs("worker-0") == ["r1"]
-    assert s.installs("controller-0") == []
+    assert [k[3] for k in crashed] == [name for stage in plan for name in stage]     # every boundary, in turn
+    assert stage_steps(final) == [[(n, "success") for n in stage] for stage in plan]
+    assert s.pair.swacts == ["controller-0"] and s.count("roost.cmd.host.swact") == 1
+    for name in ("controller-0", "controller-1", "worker-0"):
+        assert s.count("roost.cmd.host.lock", name) == 1, name
+        assert s.count("roost.cmd.host.unlock", name) == 1, name
+        assert s.count(f"roost.cmd.agent.{name}.update") == 1 and s.installs(name) == ["r1"], name
     if boundary == "step_acted":                # the outcome was lost with the instance: the world was asked
         assert s.count("roost.cmd.host.show", "worker-0") >= 2
 
@@ -299,8 +347,8 @@ async def test_an_alarm_raised_mid_apply_stops_a_strict_strategy_before_the_next
         await s.add("worker-1", "worker", 3)
         s.alarms.items = [alarm("950.001", "host=worker-9", "warning", mgmt=True)]      # host locked: expected
 
-        def raise_after_first_stage(name: str, step: str) -> None:
-            if (name, step) == ("step_finished", "wait-alarms-clear") and len(s.alarms.items) == 1:
+        def raise_after_first_stage(name: str, _ref: StepRef, step: Step) -> None:
+            if (name, step.name) == ("step_finished", "wait-alarms-clear") and len(s.alarms.items) == 1:
                 s.alarms.items.append(alarm("950.004", "host=worker-1"))
 
         await s.start_orchestrator(raise_after_first_stage)
