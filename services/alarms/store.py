@@ -374,16 +374,42 @@ def _stored_locked(row: asyncpg.Record) -> StoredAlarm:
     return StoredAlarm(alarm, row["owner"], int(row["version"]))
 
 
-def _tail_sql(outbox_schema: str) -> str:
+def _arrays(types: Sequence[str], start: int) -> str:
+    return ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start))
+
+
+def _tail_sql(outbox_schema: str, active: bool = False) -> str:
     """The tail of a batch in ONE statement: its history records ($1..$19), its events in the outbox
     ($20..$24, ``Outbox.add_many``'s rows) and its webhook notifications ($25..$31, ``webhooks.
     insert_notifications``'s rows, seqs taken only after the writers' shared fan-out lock: the lock is a
     row the insert joins, so it is held before the first seq), each kind in order; the NOTIFYs of the
-    outbox ($32) and of the webhooks ($33) when something new was written.  Data-modifying CTEs all run
-    to completion, referenced or not."""
+    outbox ($32) and of the webhooks ($33) when something new was written.  With ``active``, also the
+    batch's active rows: deleted ($34 uuids), updated ($35..$54) and inserted ($55..$74, ``ON CONFLICT DO
+    NOTHING``: ``inserted`` says how many were), which the caller only folds in when no instance is both
+    deleted and inserted (the order of a statement's CTEs is not defined).  Data-modifying CTEs all run to
+    completion, referenced or not."""
     history = ", ".join(f"${i}::{t}[]" for i, t in enumerate(_HISTORY_TYPES, 1))
+    width = len(_ALARM_TYPES)
+    rows = f"""
+    ad AS (
+        DELETE FROM {SCHEMA}.active_alarms WHERE uuid = ANY($34::uuid[])),
+    au AS (
+        UPDATE {SCHEMA}.active_alarms AS a
+        SET entity_type_id = v.entity_type_id, timestamp = v.timestamp, severity = v.severity,
+            reason_text = v.reason_text, alarm_type = v.alarm_type, probable_cause = v.probable_cause,
+            proposed_repair_action = v.proposed_repair_action, service_affecting = v.service_affecting,
+            suppression = v.suppression, inhibit_alarms = v.inhibit_alarms, mgmt_affecting = v.mgmt_affecting,
+            degrade_affecting = v.degrade_affecting, updated_at = v.updated_at, owner = v.owner, version = v.version
+        FROM unnest({_arrays(_ALARM_TYPES, 35)}) AS v({_ALARM_COLUMNS}, owner, version)
+        WHERE a.uuid = v.uuid),
+    ai AS (
+        INSERT INTO {SCHEMA}.active_alarms ({_ALARM_COLUMNS}, owner, version)
+        SELECT * FROM unnest({_arrays(_ALARM_TYPES, 35 + width)})
+        ON CONFLICT ON CONSTRAINT active_alarms_instance DO NOTHING
+        RETURNING 1),""" if active else ""
+    inserted = "(SELECT count(*) FROM ai)" if active else "0"
     return f"""
-    WITH h AS (
+    WITH {rows} h AS (
         INSERT INTO {SCHEMA}.event_log ({_HISTORY_COLUMNS})
         SELECT c1, c2, c3, c4, c5::jsonb, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17, c18, c19
         FROM unnest({history}) WITH ORDINALITY
@@ -410,8 +436,9 @@ def _tail_sql(outbox_schema: str) -> str:
         ON CONFLICT (webhook_id) DO NOTHING
         RETURNING 1),
     c AS (
-        SELECT (SELECT count(*) FROM o) AS events, (SELECT count(*) FROM nt) AS notes, (SELECT count(*) FROM h) AS h)
-    SELECT c.events, c.notes, CASE WHEN c.events > 0 THEN pg_notify($32, '') END AS o_notified,
+        SELECT (SELECT count(*) FROM o) AS events, (SELECT count(*) FROM nt) AS notes, (SELECT count(*) FROM h) AS h,
+               {inserted} AS inserted)
+    SELECT c.events, c.notes, c.inserted, CASE WHEN c.events > 0 THEN pg_notify($32, '') END AS o_notified,
            CASE WHEN c.notes > 0 THEN pg_notify($33, '') END AS n_notified
     FROM c"""
 def _active_values(stored: StoredAlarm) -> tuple[Any, ...]:
@@ -493,7 +520,7 @@ class AlarmStore:
         self.source = source
         self.webhooks = webhooks
         self.clock = clock
-        self._tail: dict[str, str] = {}
+        self._tail: dict[tuple[str, bool], str] = {}
         self._head: dict[str, str] = {}
         self._uuids = _Uuids()
 
@@ -706,13 +733,18 @@ class AlarmStore:
         gone: list[uuidlib.UUID] = []
         updated: list[tuple[Any, ...]] = []
         inserted: list[tuple[Any, ...]] = []
+        reraised = False            # an instance cleared and raised again in this batch: deleted and inserted
         for key in sorted(touched):
             before, after = initial.get(key), state[key]
             if before is not None and (after is None or after.alarm.uuid != before.alarm.uuid):
                 gone.append(before.alarm.uuid)
+                reraised = reraised or after is not None
             if after is not None:
                 same = before is not None and after.alarm.uuid == before.alarm.uuid
                 (updated if same else inserted).append(_active_values(after))
+        if not reraised:        # the usual case: the rows are written with the tail, in its one statement
+            await self._record_many(conn, history, announced, webhook_state, active=(gone, updated, inserted))
+            return results
         if gone:
             await conn.execute(f"DELETE FROM {SCHEMA}.active_alarms WHERE uuid = ANY($1::uuid[])", gone)
         if updated:
@@ -726,11 +758,15 @@ class AlarmStore:
 
     async def _record_many(self, conn: AnyConnection, history: Sequence[tuple[Any, ...]],
                            announced: Sequence[tuple[Envelope, Alarm, int, EventKind]],
-                           webhook_state: asyncpg.Record | None = None) -> None:
+                           webhook_state: asyncpg.Record | None = None,
+                           active: tuple[Sequence[uuidlib.UUID], Sequence[tuple[Any, ...]],
+                                         Sequence[tuple[Any, ...]]] | None = None) -> None:
         """The history records (``_history_values``), events (outbox) and webhook notifications of several
         changes, each kind in order, all in one statement (``_tail_sql``).  ``webhook_state``: the
-        ``_WEBHOOK_STATE`` row, when the caller read it already."""
-        if not history:
+        ``_WEBHOOK_STATE`` row, when the caller read it already.  ``active``: the active rows to delete (by
+        uuid), update and insert (``_active_values``) in the same statement; :class:`BatchConflict` when an
+        insert met a row a concurrent transaction inserted first."""
+        if not history and active is None:
             return
         notes: list[tuple[object, ...]] = []
         if self.webhooks:
@@ -746,11 +782,19 @@ class AlarmStore:
         outbox = ([m.message_id for m in messages], [m.subject for m in messages],
                   [ordering_key(e, m.subject) for (e, *_), m in zip(announced, messages, strict=True)],
                   [json.dumps(dict(m.headers)) for m in messages], [m.body for m in messages])
-        sql = self._tail.get(self.outbox.schema)
+        key = (self.outbox.schema, active is not None)
+        sql = self._tail.get(key)
         if sql is None:
-            sql = self._tail[self.outbox.schema] = _tail_sql(self.outbox.schema)
-        await conn.fetchrow(sql, *_columns(history, len(_HISTORY_TYPES)), *outbox, *_columns(notes, 7),
-                            self.outbox.channel, webhooks.NOTIFY_CHANNEL)
+            sql = self._tail[key] = _tail_sql(self.outbox.schema, active is not None)
+        rows: list[Any] = []
+        if active is not None:
+            gone, updated, inserted = active
+            rows = [list(gone), *_columns(updated, len(_ALARM_TYPES)), *_columns(inserted, len(_ALARM_TYPES))]
+        done = await conn.fetchrow(sql, *_columns(history, len(_HISTORY_TYPES)), *outbox, *_columns(notes, 7),
+                                   self.outbox.channel, webhooks.NOTIFY_CHANNEL, *rows)
+        assert done is not None
+        if active is not None and done["inserted"] != len(active[2]):
+            raise BatchConflict("a concurrent transaction raised an alarm instance of this batch first")
 
     # -- customer logs --------------------------------------------------------------------------------
 
