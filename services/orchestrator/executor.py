@@ -80,6 +80,7 @@ log = structlog.get_logger("roost.orchestrator.strategy")
 T = TypeVar("T")
 BOUNDARIES = ("step_started", "step_acted", "step_finished")
 IN_SERVICE = ("available", "degraded")
+NO_ANSWER = "no answer in time"
 ALARMS_SHOWN = 5
 
 
@@ -123,7 +124,7 @@ class StepRunner:
             return await self.bus.request(envelope, subject=subject, timeout=timeout or self.settings.query_timeout)
         except (RequestTimeout, TimeoutError):
             return CommandReply.model_validate({"status": "failed", "command_id": envelope.id, "command_type": type,
-                                                "reason": "no answer in time"})
+                                                "reason": NO_ANSWER})
 
     async def host(self, name: str) -> inv.Host:
         reply = await self._request("roost.cmd.host.show", inv.HostCommand(host=name))
@@ -315,7 +316,7 @@ class StepRunner:
             attempts += 1
             await self._mark(step, name, True)
             reply = await self._request("roost.cmd.host.swact", inv.HostSwact(host=name), timeout=_left(step))
-            if not reply.ok and reply.reason != "no answer in time":
+            if not reply.ok and reply.reason != NO_ANSWER:
                 last = "inventory does not answer" if is_unhandled(reply) else reply.reason or "refused"
                 progress[name] = f"swact refused: {last}"
                 await self._mark(step, name, False)          # refused: it did not happen, it may be asked again
@@ -330,7 +331,8 @@ class StepRunner:
             reply = await self._request("roost.cmd.agent.release", msg.AgentReleaseQuery(),
                                         subject=f"roost.cmd.agent.{agent}.release")
             if not reply.ok:
-                progress[name] = "its agent does not answer" if is_unhandled(reply) else f"agent: {reply.reason}"
+                silent = is_unhandled(reply) or reply.reason == NO_ANSWER
+                progress[name] = "its agent does not answer" if silent else f"agent: {reply.reason}"
                 await self.pause()
                 continue
             running = msg.AgentRelease.model_validate(reply.result).release
@@ -343,7 +345,7 @@ class StepRunner:
             sent = True
             if reply.ok:
                 continue                                  # read back what the agent runs now
-            if is_unhandled(reply) or reply.reason == "no answer in time":
+            if is_unhandled(reply) or reply.reason == NO_ANSWER:
                 progress[name] = "its agent does not answer"
                 await self.pause()
                 continue

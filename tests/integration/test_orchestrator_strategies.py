@@ -496,3 +496,33 @@ async def test_the_rest_api_in_the_vim_shape(tmp_path: Path) -> None:
             assert (await http.delete(base, headers=admin)).status_code == 404
             nothing = await http.post(base, json=body, headers=admin)
             assert nothing.status_code == 400 and "no hosts need r1" in nothing.json()["detail"]
+
+
+async def test_an_agent_that_does_not_answer_times_the_update_out_and_the_abort_unlocks_once_it_is_back(
+        tmp_path: Path) -> None:
+    async with strategies(tmp_path, query_timeout=1.0) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        await s.start_orchestrator()
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+        # step timeouts are data: this one short, so that the test does not wait the VIM's 1800 s
+        await s.site.pool.execute("UPDATE orchestrator.strategy_steps SET timeout = 3 WHERE name = 'apply-update'")
+        agent, task = s.agents.pop("worker-0")
+        agent.stop()
+        await task                                                      # the agent is down
+        await s.ok("apply")
+
+        async def timed_out() -> bool:
+            steps = (await s.strategy())["apply_phase"]["stages"][0]["steps"]
+            return bool(steps[2]["result"] == "timed-out")
+
+        await wait_until(timed_out, 30, "apply-update timed out")
+        shown = await s.strategy()
+        assert "not done within 3 s" in shown["apply_phase"]["stages"][0]["steps"][2]["reason"]
+        assert "its agent does not answer" in shown["apply_phase"]["stages"][0]["steps"][2]["reason"]
+        await s.start_agent("worker-0", "52:54:00:00:07:02")          # back: the unlock's in-test passes
+        final = await s.final()
+        assert final["state"] == "aborted", final
+        assert final["abort_phase"]["stages"][0]["steps"][0]["result"] == "success"
+        assert await s.is_("worker-0", "unlocked", "available")
+        assert s.installs("worker-0") == []
