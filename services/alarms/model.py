@@ -371,9 +371,12 @@ def decide_clear(active: Iterable[Alarm], request: ClearRequest, catalogue: Cata
     if request.alarm_id is not None:
         catalogue.alarm(request.alarm_id)
     target = EntityInstanceId.parse(request.entity_instance_id)
+    # An exact clear compares the texts: a parsed id's text is its canonical form (``str(parse(t)) == t`` for
+    # every valid t), and both are valid; a prefix clear compares segments.
+    text = str(target)
     cleared = [a for a in active
                if (request.alarm_id is None or a.alarm_id == request.alarm_id)
-               and target.matches(a.entity, prefix=request.prefix)]
+               and (target.matches(a.entity, prefix=True) if request.prefix else a.entity_instance_id == text)]
     return ClearOutcome(tuple(sorted(cleared, key=lambda a: a.key)))
 
 

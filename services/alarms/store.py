@@ -285,7 +285,7 @@ def _history_values(alarm: Alarm, *, state: str, change: str, changes: list[dict
                     version: int, cause: str | None = None,
                     new_uuid: Callable[[], uuidlib.UUID] = uuidlib.uuid4) -> tuple[Any, ...]:
     """One ``event_log`` row of an alarm record, in ``_HISTORY_COLUMNS`` order."""
-    return (new_uuid(), alarm.alarm_id, state, change, json.dumps(changes), cause, alarm.uuid,
+    return (new_uuid(), alarm.alarm_id, state, change, json.dumps(changes) if changes else "[]", cause, alarm.uuid,
             alarm.entity_type_id, alarm.entity_instance_id, alarm.timestamp, alarm.severity.value,
             alarm.reason_text, alarm.alarm_type.value, alarm.probable_cause, alarm.proposed_repair_action,
             alarm.service_affecting, alarm.suppression, owner, version)
@@ -470,7 +470,10 @@ def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: E
                          ) -> tuple[object, ...]:
     """The ``webhook_notifications`` row of an announced change (``webhooks.notification_values`` of
     :func:`_notification`, the same bytes), built without the models in between: this runs for every op."""
-    webhook_id = f"msg_{uuidlib.UUID(envelope.id).hex}"
+    ident = envelope.id
+    canonical = len(ident) == 36 and ident[8] == ident[13] == ident[18] == ident[23] == "-" and ident == ident.lower()
+    hexed = ident.replace("-", "") if canonical else uuidlib.UUID(ident).hex    # str(uuid4()): canonical
+    webhook_id = f"msg_{hexed}"
     cleared = kind is EventKind.CLEARED
     # Every dict in sorted key order, so that json.dumps without sort_keys writes dumps_body's bytes.
     payload = {

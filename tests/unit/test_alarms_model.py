@@ -137,6 +137,14 @@ def test_any_entity_prints_and_parses_back(entity: EntityInstanceId) -> None:
 
 @PROPERTY
 @given(ENTITIES, ENTITIES)
+def test_an_exact_match_is_a_match_of_the_texts(a: EntityInstanceId, b: EntityInstanceId) -> None:
+    """decide_clear compares the texts of an exact clear: the printed text is canonical."""
+    assert str(EntityInstanceId.parse(str(a))) == str(a)
+    assert (str(a) == str(b)) == a.matches(b) == (EntityInstanceId.parse(str(a)) == EntityInstanceId.parse(str(b)))
+
+
+@PROPERTY
+@given(ENTITIES, ENTITIES)
 def test_prefix_matching_is_segment_wise(a: EntityInstanceId, b: EntityInstanceId) -> None:
     text_a, text_b = str(a), str(b)
     # a string prefix counts only when it ends on a segment boundary
