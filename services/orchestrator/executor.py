@@ -35,14 +35,15 @@ short, an acting one finishes first.  Three failpoints (``services.core.failpoin
 process at each step boundary: ``orchestrator.step_started`` (marker committed, nothing done yet),
 ``orchestrator.step_acted`` (the step did its work, its outcome not yet committed) and
 ``orchestrator.step_finished`` (outcome committed), each also as ``orchestrator.<boundary>.<step name>``
-(``orchestrator.step_acted.lock-hosts``: kill only there); ``boundary(name, ref, step)`` is the same hook
-for in-process tests.
+(``orchestrator.step_acted.lock-hosts``: kill only there); ``boundary(name, ref, step)`` (plain or async) is
+the same hook for in-process tests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -376,7 +377,7 @@ class Executor:
     the caller holds ``store.LOCK_KEY``."""
 
     def __init__(self, pool: asyncpg.Pool, bus: Bus, outbox: Outbox, runner: StepRunner, *,
-                 boundary: Callable[[str, StepRef, Step], None] | None = None, abort_poll: float = 0.5) -> None:
+                 boundary: Callable[[str, StepRef, Step], object] | None = None, abort_poll: float = 0.5) -> None:
         self.pool = pool
         self.bus = bus
         self.outbox = outbox
@@ -392,11 +393,13 @@ class Executor:
         if self._current is not None:
             await self._save(self._current, [])
 
-    def _boundary(self, name: str, ref: StepRef, step: Step) -> None:
+    async def _boundary(self, name: str, ref: StepRef, step: Step) -> None:
         failpoint(f"orchestrator.{name}")
         failpoint(f"orchestrator.{name}.{step.name}")
         if self.boundary is not None:
-            self.boundary(name, ref, step)
+            outcome = self.boundary(name, ref, step)
+            if inspect.isawaitable(outcome):
+                await outcome
 
     async def run(self) -> str | None:
         """Apply (or go on applying) the strategy; its state when nothing more is to run, None: there is none."""
@@ -418,16 +421,16 @@ class Executor:
                          step=step.name, hosts=step.entity_names, started_at=str(step.started_at))
             else:
                 await self._save(s, apply.start_step(s, ref, _now()))
-                self._boundary("step_started", ref, step)
+                await self._boundary("step_started", ref, step)
             log.info("strategy: step", phase=ref.phase, stage=ref.stage_id, step=step.name, hosts=step.entity_names)
             outcome = await self._run_step(s, ref, step, resumed)
-            self._boundary("step_acted", ref, step)
+            await self._boundary("step_acted", ref, step)
             await self._save(s, apply.finish_step(s, ref, outcome, _now()))
             assert step.started_at is not None and step.finished_at is not None
             metrics.record_step(step.name, outcome.result, (step.finished_at - step.started_at).total_seconds())
             log.info("strategy: step done", step=step.name, hosts=step.entity_names, result=outcome.result,
                      reason=outcome.reason, state=s.state)
-            self._boundary("step_finished", ref, step)
+            await self._boundary("step_finished", ref, step)
         if s.state in apply.FINAL_STATES:
             log.info("strategy: done", state=s.state, reason=s.reason)
         return s.state

@@ -94,7 +94,7 @@ class OrchestratorService:
     migrations: Path | None = MIGRATIONS
 
     def __init__(self, settings: OrchestratorSettings | None = None, *, kube: KubeApi | None = None,
-                 boundary: Callable[[str, StepRef, Step], None] | None = None) -> None:
+                 boundary: Callable[[str, StepRef, Step], object] | None = None) -> None:
         """``boundary``: called at each step boundary of a strategy (tests: a crash there)."""
         self.settings = settings if settings is not None else OrchestratorSettings()
         self._kube = kube

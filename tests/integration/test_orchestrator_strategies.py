@@ -526,3 +526,22 @@ async def test_an_agent_that_does_not_answer_times_the_update_out_and_the_abort_
         assert final["abort_phase"]["stages"][0]["steps"][0]["result"] == "success"
         assert await s.is_("worker-0", "unlocked", "available")
         assert s.installs("worker-0") == []
+
+
+async def test_without_stop_on_failure_the_failed_worker_is_unlocked_and_the_next_stage_runs(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2, fail=("r1",))
+        await s.add("worker-1", "worker", 3)
+        await s.start_orchestrator()
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore", "stop_on_failure": False})
+        await s.ok("apply")
+        final = await s.final()
+        assert final["state"] == "apply-failed" and final["abort_phase"] is None, final
+        first, second = final["apply_phase"]["stages"]
+        assert [(t["name"], t["result"]) for t in first["steps"]] == [
+            ("query-alarms", "success"), ("lock-hosts", "success"), ("apply-update", "failed"),
+            ("unlock-hosts", "success")]
+        assert first["result"] == "failed" and second["result"] == "success"
+        assert await s.is_("worker-0", "unlocked", "available") and await s.is_("worker-1", "unlocked", "available")
+        assert s.installs("worker-0") == [] and s.installs("worker-1") == ["r1"]

@@ -9,7 +9,9 @@ announces the new active controller, as the heartbeat service does), logged in a
    swacted first) and the first three workers are updated, worker-4's install fails, the strategy fails
    and aborts: the second batch's workers are unlocked again; nobody installed twice;
 2. r2 with `roost strategy create` and `roost strategy apply --watch` (live progress): all eight hosts
-   updated, applied; a third strategy to r2 finds nothing to do.
+   updated, applied; a third strategy to r2 finds nothing to do;
+3. r3 under strict alarm restrictions: an alarm raised through the real alarms service once the first
+   worker batch is done stops the strategy at the second batch's query-alarms; nothing of it was touched.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,8 +48,10 @@ from services.core.settings import load_settings, url_with_credentials
 from services.inventory.agent.simhost import make_simulated_host
 from services.inventory.service import InventoryService
 from services.orchestrator.agent import saved_state
+from services.orchestrator.apply import StepRef
 from services.orchestrator.service import OrchestratorService
 from services.orchestrator.settings import OrchestratorSettings
+from services.orchestrator.strategy import Step
 from tests.support.postgres import fresh_database, pool_on
 from tests.support.waiting import wait_until
 
@@ -84,6 +88,17 @@ class PairStandIn:
         return hb.SwactResult(active=data.to_host, detail="stand-in: role moved")
 
 
+class Boundary:
+    """The orchestrator's step-boundary hook, set by the test when it wants one."""
+
+    def __init__(self) -> None:
+        self.hook: Callable[[str, StepRef, Step], Awaitable[None]] | None = None
+
+    async def __call__(self, name: str, ref: StepRef, step: Step) -> None:
+        if self.hook is not None:
+            await self.hook(name, ref, step)
+
+
 @dataclass
 class Site:
     data: Path
@@ -92,6 +107,7 @@ class Site:
     operator: Bus
     admin: str
     pair: PairStandIn
+    boundary: Boundary
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def url_for(self, user: str) -> str:
@@ -159,8 +175,10 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
                 tokens = {n: await create_token(conn, f"service:{n}", Role.ADMIN, kind="service")
                           for n in ("inventory", "alarms", "orchestrator", "heartbeat")}
             settings = load_settings(data_dir=data)
+            boundary = Boundary()
             orchestrator = OrchestratorService(OrchestratorSettings(
-                stabilize_seconds=0, alarms_first_delay=0.5, strategy_poll_interval=0.1, retry_delay_max=0.5))
+                stabilize_seconds=0, alarms_first_delay=0.5, strategy_poll_interval=0.1, retry_delay_max=0.5),
+                boundary=boundary)
             components = (InventoryService(go_enabled_timeout=30.0, lock_timeout=30.0, agent_check_interval=0.5,
                                            secrets=secrets), AlarmsService(webhooks=False), orchestrator)
             for component in components:
@@ -182,7 +200,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
                 buses.append(bus)
             pair = PairStandIn(standin)
             await standin.serve("roost.cmd.heartbeat.>", "heartbeat", pair.handle)
-            here = Site(data, server, secrets, operator, admin, pair)
+            here = Site(data, server, secrets, operator, admin, pair, boundary)
             try:
                 yield here
             finally:
@@ -288,3 +306,34 @@ async def test_two_controllers_six_parallel_workers_a_failed_install_aborts_then
     assert (await site.roost("strategy", "delete")).returncode == 0
     again = await site.roost("strategy", "create", "r2", "--version", "1.0.2")
     assert again.returncode == 1 and "no hosts need r2" in again.stderr
+
+    # 4. r3, strict: once the first worker batch is done, a real alarm (heartbeat path lost on worker-4,
+    # raised through the alarms service) stops the strategy before the second batch touches a host
+    async def raise_alarm(name: str, ref: StepRef, step: Step) -> None:
+        if (name, ref.stage_id, step.name) != ("step_finished", 2, "wait-alarms-clear"):
+            return
+        await site.pair.bus.publish(site.pair.bus.envelope("roost.fault.set", {
+            "alarm_id": "950.003", "entity_instance_id": "host=worker-4.network=mgmt", "severity": "major",
+            "reason_text": "Heartbeat lost from worker-4 on the mgmt network"}))
+
+        async def listed() -> bool:
+            alarms = await site.ok("roost.cmd.alarm.list", {})
+            return any(a["alarm_id"] == "950.003" for a in alarms["items"])
+
+        await wait_until(listed, 30, "950.003 active")
+
+    site.boundary.hook = raise_alarm
+    await site.ok("roost.cmd.strategy.create", {"release": {"name": "r3", "version": "1.0.3"},
+                                                "worker_apply_type": "parallel", "max_parallel_worker_hosts": 3,
+                                                "alarm_restrictions": "strict"}, timeout=60)
+    await site.ok("roost.cmd.strategy.apply", {})
+    third = await final(site)
+    assert third["state"] == "aborted", json.dumps(third, indent=1)[:3000]
+    blocked = third["apply_phase"]["stages"][3]["steps"][0]
+    assert blocked["name"] == "query-alarms" and blocked["result"] == "failed"
+    assert "950.003 host=worker-4.network=mgmt (major)" in blocked["reason"]
+    assert third["abort_phase"]["stages"] == []
+    for name in ("worker-3", "worker-4", "worker-5"):
+        assert site.installs(name)[-1] == "r2" and await available(site, name)
+    for name in (*CONTROLLERS, "worker-0", "worker-1", "worker-2"):
+        assert site.installs(name)[-1] == "r3"
