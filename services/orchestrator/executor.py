@@ -168,11 +168,16 @@ class StepRunner:
         try:
             async with asyncio.timeout(max(left, 0.0)):
                 return await self._run(s, step, resumed, progress)
-        except TimeoutError:
+        except TimeoutError:                        # (an OSError: first)
             if step.name == SYSTEM_STABILIZE:
                 return Outcome("success", f"stable for {step.timeout} s")
             detail = "; ".join(f"{k}: {v}" for k, v in sorted(progress.items()))
             return Outcome("timed-out", f"not done within {step.timeout} s" + (f" ({detail})" if detail else ""))
+        except (asyncpg.PostgresError, OSError, store.StrategyGone):
+            raise                                   # the database: the executor tries again, the step resumes
+        except Exception as exc:                    # a reply that does not parse, a bug: fail, do not loop
+            log.exception("strategy step failed unexpectedly", step=step.name, hosts=step.entity_names)
+            return Outcome("failed", f"unexpected error: {type(exc).__name__}: {exc}")
 
     async def _run(self, s: Strategy, step: Step, resumed: bool, progress: dict[str, str]) -> Outcome:
         restrictions = s.options.alarm_restrictions
