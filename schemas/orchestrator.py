@@ -126,6 +126,13 @@ class StrategyQuery(_Model):
     """The strategy (there is at most one): show, apply, abort."""
 
 
+class StrategyApply(_Model):
+    """Apply every stage, or only the next one (``stage_id``: the VIM's apply-stage; the strategy pauses
+    after it, still applying, until the next apply)."""
+
+    stage_id: int | None = Field(default=None, ge=0)
+
+
 class StrategyDelete(_Model):
     force: bool = Field(default=False, description="delete even while it is applying or aborting")
 
@@ -169,6 +176,7 @@ class StrategyView(_Model):
     apply_phase: PhaseView
     abort_phase: PhaseView | None = None
     skipped: dict[str, str] = Field(default_factory=dict, description="hosts left out, with why")
+    stop_at_stage: int | None = Field(default=None, description="applying stage by stage: it pauses before this one")
     created_at: datetime
     updated_at: datetime
     version: int = Field(ge=1)
@@ -216,7 +224,7 @@ def register(registry: Registry) -> None:
                      result_model=StrategyView)
     registry.command("roost.cmd.strategy.show", OWNER, StrategyQuery, "Show the update strategy",
                      min_role=Role.READER, result_model=StrategyShowResult)
-    registry.command("roost.cmd.strategy.apply", OWNER, StrategyQuery, "Apply the update strategy",
+    registry.command("roost.cmd.strategy.apply", OWNER, StrategyApply, "Apply the update strategy (or its next stage)",
                      min_role=Role.ADMIN, result_model=StrategyView)
     registry.command("roost.cmd.strategy.abort", OWNER, StrategyQuery,
                      "Abort the update strategy being applied (a locked host is unlocked)", min_role=Role.ADMIN,

@@ -42,7 +42,9 @@ def _steps(stage: dict[str, Any], details: bool) -> list[dict[str, Any]]:
 def render(s: dict[str, Any], details: bool = False) -> str:
     release = s["release"]
     options = s["options"]
-    lines = [f"strategy {s['uuid']}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else ""),
+    lines = [f"strategy {s['uuid']}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else "")
+             + (f", stage by stage (pauses before stage {s['stop_at_stage']})" if s.get("stop_at_stage") is not None
+                else ""),
              f"release {release['name']} {release['version']}" + (" (reboot)" if release["reboot_required"] else ""),
              f"controllers {options['controller_apply_type']}, storage {options['storage_apply_type']}, workers "
              f"{options['worker_apply_type']} (max {options['max_parallel_worker_hosts']} in parallel), alarm "
@@ -148,32 +150,41 @@ async def watch(obj: Context, interval: float) -> dict[str, Any]:
             if s["state"] != state:
                 state = s["state"]
                 click.echo(f"strategy {state}" + (f": {s['reason']}" if s.get("reason") else ""))
-            if state in FINAL:
+            if state in FINAL or paused(s):
                 return dict(s)
             await asyncio.sleep(interval)
 
 
-def _act(obj: Context, type: str, wanted: str, watching: bool, interval: float, as_json: bool) -> None:
-    reply = run(obj.command(type, {}, timeout=30.0))
+def paused(s: dict[str, Any]) -> bool:
+    """Applied stage by stage, between two stages."""
+    stop = s.get("stop_at_stage")
+    return s["state"] == "applying" and stop is not None and s["apply_phase"]["current_stage"] >= stop
+
+
+def _act(obj: Context, type: str, data: dict[str, Any], wanted: str, watching: bool, interval: float,
+         as_json: bool) -> None:
+    reply = run(obj.command(type, data, timeout=30.0))
     if not watching or not reply.ok:
         show_reply(reply, render, as_json)
         return
     final = run(watch(obj, interval))
     if as_json:
         click.echo(json.dumps(final, indent=2))
-    if final["state"] != wanted:
+    if final["state"] != wanted and not (paused(final) and data.get("stage_id") is not None):
         sys.exit(1)
 
 
 @strategy.command("apply")
-@click.option("--watch", "watching", is_flag=True, help="Follow the strategy until it ends.")
+@click.option("--stage-id", type=click.IntRange(min=0), help="Apply only this stage (the next one), then pause.")
+@click.option("--watch", "watching", is_flag=True, help="Follow the strategy until it ends (or the stage is done).")
 @click.option("--interval", type=click.FloatRange(0.1, 60), default=1.0, show_default=True,
               help="Seconds between looks with --watch.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def strategy_apply(obj: Context, watching: bool, interval: float, as_json: bool) -> None:
-    """Apply the strategy (with --watch: exit status 0 once applied, 1 if it failed or was aborted)."""
-    _act(obj, "roost.cmd.strategy.apply", "applied", watching, interval, as_json)
+def strategy_apply(obj: Context, stage_id: int | None, watching: bool, interval: float, as_json: bool) -> None:
+    """Apply the strategy, or only its next stage (with --watch: exit status 0 once applied, or the stage
+    done; 1 if it failed or was aborted)."""
+    _act(obj, "roost.cmd.strategy.apply", {"stage_id": stage_id}, "applied", watching, interval, as_json)
 
 
 @strategy.command("abort")
@@ -183,7 +194,7 @@ def strategy_apply(obj: Context, watching: bool, interval: float, as_json: bool)
 @click.pass_obj
 def strategy_abort(obj: Context, watching: bool, interval: float, as_json: bool) -> None:
     """Abort the strategy being applied: the step in flight finishes, then the hosts it locked are unlocked."""
-    _act(obj, "roost.cmd.strategy.abort", "aborted", watching, interval, as_json)
+    _act(obj, "roost.cmd.strategy.abort", {}, "aborted", watching, interval, as_json)
 
 
 @strategy.command("delete")

@@ -6,9 +6,10 @@
 * ``POST /api/orchestration/sw-deploy/strategy`` (admin): build one; the body is ``StrategyCreate``
   (``release`` and the options); 201 with the strategy; 409 when one exists; 400 when the site cannot be
   updated safely (the reason); 503 when inventory does not answer;
-* ``POST /api/orchestration/sw-deploy/strategy/actions`` (admin): ``{"action": "apply-all"}`` or
-  ``{"action": "abort"}``; 202 with the strategy; 404 when there is none; 409 when its state does not
-  allow it (``apply-stage`` / ``abort-stage`` are not supported: 400);
+* ``POST /api/orchestration/sw-deploy/strategy/actions`` (admin): ``{"action": "apply-all"}``,
+  ``{"action": "apply-stage", "stage-id": "N"}`` (only the next stage) or ``{"action": "abort"}``; 202 with
+  the strategy; 404 when there is none; 409 when its state does not allow it (or N is not the next
+  stage); 400 for apply-stage without a stage-id (``abort-stage`` is not supported);
 * ``DELETE /api/orchestration/sw-deploy/strategy`` (admin, ``?force=true`` while it applies): 204; 409
   while it applies or aborts without force; 404 when there is none.
 
@@ -18,7 +19,7 @@ Authentication as every roost API: a bearer token (or ``X-Auth-Token``); readers
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas import orchestrator as msg
 from services.core.http import AdminPrincipal, ReaderPrincipal
@@ -30,10 +31,10 @@ if TYPE_CHECKING:
 
 
 class StrategyAction(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     action: Literal["apply-all", "apply-stage", "abort", "abort-stage"]
-    stage_id: str | None = None
+    stage_id: str | None = Field(default=None, alias="stage-id")
 
 
 def build_router(service: "OrchestratorService") -> APIRouter:
@@ -77,8 +78,12 @@ def build_router(service: "OrchestratorService") -> APIRouter:
     @router.post("/sw-deploy/strategy/actions", response_model=msg.StrategyView,
                  status_code=status.HTTP_202_ACCEPTED, summary="Apply or abort the update strategy")
     async def act(body: StrategyAction, _: AdminPrincipal, svc: Service) -> msg.StrategyView:
-        if body.action in ("apply-stage", "abort-stage"):
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, f"{body.action} is not supported: use apply-all or abort")
+        if body.action == "abort-stage":
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, "abort-stage is not supported: use abort")
+        if body.action == "apply-stage":
+            if body.stage_id is None or not body.stage_id.isdigit():
+                raise HTTPException(status.HTTP_400_BAD_REQUEST, "apply-stage needs a stage-id (a number)")
+            return await call(svc.apply(int(body.stage_id)))  # type: ignore[no-any-return]
         return await call(svc.apply() if body.action == "apply-all" else svc.abort())  # type: ignore[no-any-return]
 
     @router.delete("/sw-deploy/strategy", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,

@@ -9,7 +9,7 @@ the same transaction as the change).
 Strategy states (the VIM's, §3.4 of the reference notes)::
 
     building -> ready-to-apply | build-failed
-    ready-to-apply --apply--> applying
+    ready-to-apply --apply--> applying                (apply-stage N: only the next stage, then it pauses)
     applying --every stage done--> applied            (some stage failed, stop_on_failure off: apply-failed)
     applying --a step failed or timed out, stop_on_failure--> apply-failed --automatically--> aborting
     applying --abort--> aborting
@@ -122,6 +122,13 @@ class Strategy:
     current_phase: PhaseName = "apply"
     skipped: dict[str, str] = field(default_factory=dict)
     reason: str = ""
+    stop_at_stage: int | None = None          # apply-stage: the apply phase pauses before this stage
+
+    @property
+    def paused(self) -> bool:
+        """Applying, between single-stage applies: the stage asked for is done, the next one waits."""
+        return (self.state == "applying" and self.stop_at_stage is not None
+                and self.apply_phase.current_stage >= self.stop_at_stage and inflight(self) is None)
 
     @property
     def phase(self) -> Phase:
@@ -222,12 +229,28 @@ def build_failed(uuid: str, release: Release, options: StrategyOptions, reason: 
 # -- operator actions --------------------------------------------------------------------------------------
 
 
-def begin_apply(s: Strategy, now: datetime) -> list[Transition]:
-    """``ready-to-apply`` -> ``applying``."""
+def begin_apply(s: Strategy, now: datetime, stage_id: int | None = None) -> list[Transition]:
+    """``ready-to-apply`` -> ``applying``: every stage (``stage_id`` None), or only the next one (``stage_id``,
+    the VIM's apply-stage: the phase pauses after it; stages go in order).  A paused strategy is applied on
+    the same way."""
+    if stage_id is not None:
+        nxt = s.apply_phase.current_stage
+        if stage_id != nxt:
+            raise NotAllowed(f"stage {stage_id} is not the next stage to be applied (that is stage {nxt})")
+        if stage_id >= len(s.apply_phase.stages):
+            raise NotAllowed(f"there is no stage {stage_id}")
+    if s.state == "applying" and s.paused:
+        s.stop_at_stage = None if stage_id is None else stage_id + 1
+        s.updated_at = now
+        return [Transition("strategy", s.state, s.current_phase,
+                           reason=f"applying stage {stage_id}" if stage_id is not None else "applying the rest")]
     if s.state != "ready-to-apply":
-        raise NotAllowed(f"the strategy is {s.state}: only a strategy that is ready-to-apply can be applied")
+        raise NotAllowed(f"the strategy is {s.state}: only a strategy that is ready-to-apply (or applied stage by "
+                         "stage, between two stages) can be applied")
     s.apply_phase.result = "inprogress"
-    return _set_state(s, "applying", now) + settle(s, now)
+    s.stop_at_stage = None if stage_id is None else stage_id + 1
+    return _set_state(s, "applying", now, f"applying stage {stage_id}" if stage_id is not None else "") + \
+        settle(s, now)
 
 
 def request_abort(s: Strategy, now: datetime, reason: str = "aborted by the operator") -> list[Transition]:
@@ -269,6 +292,8 @@ def current(s: Strategy) -> StepRef | None:
     if running is not None:
         return running
     if s.state == "aborting" and s.current_phase == "apply":
+        return None
+    if s.paused:
         return None
     phase = s.phase
     if phase.current_stage >= len(phase.stages):
@@ -451,7 +476,8 @@ def as_dict(s: Strategy) -> dict[str, Any]:
             "options": s.options.model_dump(mode="json"), "state": s.state, "reason": s.reason,
             "current_phase": s.current_phase, "apply_phase": s.apply_phase.as_dict(),
             "abort_phase": s.abort_phase.as_dict() if s.abort_phase is not None else None,
-            "skipped": dict(s.skipped), "created_at": s.created_at.isoformat(), "updated_at": s.updated_at.isoformat()}
+            "skipped": dict(s.skipped), "created_at": s.created_at.isoformat(), "updated_at": s.updated_at.isoformat(),
+            "stop_at_stage": s.stop_at_stage}
 
 
 def from_dict(data: dict[str, Any]) -> Strategy:
@@ -462,4 +488,4 @@ def from_dict(data: dict[str, Any]) -> Strategy:
                     apply_phase=Phase.from_dict(data["apply_phase"]),
                     abort_phase=Phase.from_dict(data["abort_phase"]) if data.get("abort_phase") else None,
                     skipped=dict(data["skipped"]), created_at=datetime.fromisoformat(data["created_at"]),
-                    updated_at=datetime.fromisoformat(data["updated_at"]))
+                    updated_at=datetime.fromisoformat(data["updated_at"]), stop_at_stage=data.get("stop_at_stage"))

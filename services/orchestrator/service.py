@@ -27,7 +27,8 @@ Update strategies (one at a time; tables in ``migrations/``, the model in ``stra
   on the release), builds the stages and steps and stores the strategy ``ready-to-apply``; a site that
   cannot be updated safely is refused with the reason (nothing is stored);
 * ``roost.cmd.strategy.show``: the strategy with its phases, stages and steps;
-* ``roost.cmd.strategy.apply``: ``applying``; the executor takes it from there;
+* ``roost.cmd.strategy.apply``: ``applying``; the executor takes it from there (``stage_id``: only the next
+  stage, then it pauses, still applying, until the next apply, as the VIM's apply-stage);
 * ``roost.cmd.strategy.abort``: flags the abort; the executor takes it up at once (a passive step is cut
   short, an acting one finishes) and the answer is the strategy once it is ``aborting``;
 * ``roost.cmd.strategy.delete``: refused while applying or aborting unless ``force``.
@@ -214,8 +215,8 @@ class OrchestratorService:
                 return await self.create(data)
             if type_ == "roost.cmd.strategy.show":
                 return await self.show()
-            if type_ == "roost.cmd.strategy.apply":
-                return await self.apply()
+            if type_ == "roost.cmd.strategy.apply" and isinstance(data, msg.StrategyApply):
+                return await self.apply(data.stage_id)
             if type_ == "roost.cmd.strategy.abort":
                 return await self.abort()
             if type_ == "roost.cmd.strategy.delete" and isinstance(data, msg.StrategyDelete):
@@ -291,12 +292,12 @@ class OrchestratorService:
             loaded = await store.load(conn)
         return msg.StrategyShowResult(strategy=store.view(loaded) if loaded is not None else None)
 
-    async def apply(self) -> msg.StrategyView:
+    async def apply(self, stage_id: int | None = None) -> msg.StrategyView:
         async with self.ctx.pool.acquire() as conn, conn.transaction():
             loaded = await store.load(conn, for_update=True)
             if loaded is None:
                 raise NoStrategy("there is no strategy: create one first")
-            transitions = apply.begin_apply(loaded.strategy, datetime.now(UTC))
+            transitions = apply.begin_apply(loaded.strategy, datetime.now(UTC), stage_id)
             await store.save(conn, loaded.strategy, transitions, self.ctx.bus, self.ctx.outbox)
         metrics.record_strategy_state(loaded.strategy.state)
         self.wake()

@@ -79,7 +79,7 @@ async def load(conn: AnyConnection, *, for_update: bool = False) -> Loaded | Non
                         options=msg.StrategyOptions.model_validate_json(row["options"]), state=row["state"],
                         apply_phase=apply_phase, created_at=row["created_at"], updated_at=row["updated_at"],
                         abort_phase=phase("abort"), current_phase=row["current_phase"],
-                        skipped=json.loads(row["skipped"]), reason=row["reason"])
+                        skipped=json.loads(row["skipped"]), reason=row["reason"], stop_at_stage=row["stop_at_stage"])
     return Loaded(strategy, int(row["version"]), bool(row["abort_requested"]))
 
 
@@ -111,8 +111,9 @@ async def save(conn: AnyConnection, s: Strategy, transitions: Sequence[Transitio
         raise StrategyGone(f"strategy {s.uuid} was deleted")
     new = await _events(conn, s, int(version), transitions, bus, outbox)
     await conn.execute(
-        f"""UPDATE {SCHEMA}.strategies SET state = $2, reason = $3, current_phase = $4, version = $5, updated_at = $6
-            WHERE uuid = $1""", s.uuid, s.state, s.reason, s.current_phase, new, s.updated_at)
+        f"""UPDATE {SCHEMA}.strategies SET state = $2, reason = $3, current_phase = $4, version = $5, updated_at = $6,
+                                           stop_at_stage = $7
+            WHERE uuid = $1""", s.uuid, s.state, s.reason, s.current_phase, new, s.updated_at, s.stop_at_stage)
     await _write_phases(conn, s)
     return new
 
@@ -186,8 +187,10 @@ def view(loaded: Loaded) -> msg.StrategyView:
     reason = s.reason
     if loaded.abort_requested and s.state == "applying":
         reason = "abort requested: the step in flight finishes first"
+    elif s.paused:
+        reason = f"stage {s.apply_phase.current_stage - 1} applied; apply the next stage or the rest, or abort"
     return msg.StrategyView(uuid=s.uuid, state=s.state, reason=reason, release=msg.Release(
         name=s.release.name, version=s.release.version, reboot_required=s.release.reboot_required),
         options=s.options, current_phase=s.current_phase, apply_phase=phase_view(s.apply_phase),
         abort_phase=phase_view(s.abort_phase) if s.abort_phase is not None else None, skipped=s.skipped,
-        created_at=s.created_at, updated_at=s.updated_at, version=loaded.version)
+        created_at=s.created_at, updated_at=s.updated_at, version=loaded.version, stop_at_stage=s.stop_at_stage)

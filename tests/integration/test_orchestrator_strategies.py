@@ -463,16 +463,17 @@ async def test_an_abort_while_the_workers_are_locked_unlocks_them(tmp_path: Path
 # -- REST -----------------------------------------------------------------------------------------------------
 
 
-async def test_the_rest_api_in_the_vim_shape(tmp_path: Path) -> None:
+async def test_the_rest_api_in_the_vim_shape_with_apply_stage(tmp_path: Path) -> None:
     async with strategies(tmp_path) as s:
         await s.add("controller-0", "controller", 1)
-        await s.add("worker-0", "worker", 2)
+        await s.add("controller-1", "controller", 2)
+        await s.add("worker-0", "worker", 3)
         service = await s.start_orchestrator()
         app = create_app("orchestrator", authenticator=s.site.auth, routers=service.routers())
         admin = {"Authorization": f"Bearer {s.site.admin}"}
         reader = {"X-Auth-Token": s.site.reader}
         base = "/api/orchestration/sw-deploy/strategy"
-        body = {"release": R1, "controller_apply_type": "ignore"}
+        body = {"release": R1}
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://orchestrator") as http:
             assert (await http.get(base, headers=reader)).json() == {"strategy": None}
             assert (await http.post(base, json=body, headers=reader)).status_code == 403
@@ -483,9 +484,23 @@ async def test_the_rest_api_in_the_vim_shape(tmp_path: Path) -> None:
             created = await http.post(base, json=body, headers=admin)
             assert created.status_code == 201 and created.json()["state"] == "ready-to-apply"
             assert (await http.post(base, json=body, headers=admin)).status_code == 409
-            stage = await http.post(f"{base}/actions", json={"action": "apply-stage", "stage_id": "0"}, headers=admin)
-            assert stage.status_code == 400
-            applied = await http.post(f"{base}/actions", json={"action": "apply-all"}, headers=admin)
+            actions = f"{base}/actions"
+            assert (await http.post(actions, json={"action": "apply-stage"}, headers=admin)).status_code == 400
+            assert (await http.post(actions, json={"action": "abort-stage", "stage-id": "0"},
+                                    headers=admin)).status_code == 400
+            later = await http.post(actions, json={"action": "apply-stage", "stage-id": "1"}, headers=admin)
+            assert later.status_code == 409 and "not the next stage" in later.json()["detail"]
+            first = await http.post(actions, json={"action": "apply-stage", "stage-id": "0"}, headers=admin)
+            assert first.status_code == 202 and first.json()["stop_at_stage"] == 1
+
+            async def paused() -> bool:
+                shown = await s.strategy()
+                return bool(shown["apply_phase"]["current_stage"] == 1 and shown["state"] == "applying")
+
+            await wait_until(paused, what="controller-1's stage applied, the strategy paused")
+            shown = await s.strategy()
+            assert "stage 0 applied" in shown["reason"] and shown["apply_phase"]["stages"][1]["result"] == "initial"
+            applied = await http.post(actions, json={"action": "apply-all"}, headers=admin)
             assert applied.status_code == 202 and applied.json()["state"] == "applying"
             final = await s.final()
             assert final["state"] == "applied"
@@ -496,6 +511,7 @@ async def test_the_rest_api_in_the_vim_shape(tmp_path: Path) -> None:
             assert (await http.delete(base, headers=admin)).status_code == 404
             nothing = await http.post(base, json=body, headers=admin)
             assert nothing.status_code == 400 and "no hosts need r1" in nothing.json()["detail"]
+        assert s.pair.swacts == ["controller-0"]
 
 
 async def test_an_agent_that_does_not_answer_times_the_update_out_and_the_abort_unlocks_once_it_is_back(

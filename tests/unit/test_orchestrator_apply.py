@@ -209,3 +209,40 @@ def test_any_run_ends_in_a_final_state_runs_each_step_once_and_leaves_no_host_lo
         assert all(step.result == "success" for stage in s.apply_phase.stages for step in stage.steps)
     if s.state == "apply-failed":
         assert not stop and any(stage.result == "failed" for stage in s.apply_phase.stages)
+
+
+def drive(s: Strategy) -> None:
+    """Run every step there is to run now, successfully."""
+    while (ref := apply.current(s)) is not None:
+        apply.start_step(s, ref, T0)
+        apply.finish_step(s, ref, Outcome("success"), T0)
+
+
+def test_apply_stage_by_stage_pauses_between_stages_in_order() -> None:
+    s = strategy(workers=2)                               # controller-1, controller-0, the workers: 3 stages
+    with pytest.raises(NotAllowed, match="not the next stage"):
+        apply.begin_apply(s, T0, stage_id=1)
+    apply.begin_apply(s, T0, stage_id=0)
+    drive(s)
+    assert s.state == "applying" and s.paused and apply.current(s) is None
+    assert [st.result for st in s.apply_phase.stages] == ["success", "initial", "initial"]
+    with pytest.raises(NotAllowed, match="not the next stage"):
+        apply.begin_apply(s, T0, stage_id=0)
+    apply.begin_apply(s, T0, stage_id=1)
+    drive(s)
+    assert s.paused and s.apply_phase.current_stage == 2
+    again = apply.from_dict(json.loads(json.dumps(apply.as_dict(s))))
+    assert again.paused and again.stop_at_stage == 2
+    apply.begin_apply(s, T0)                              # the rest
+    drive(s)
+    assert s.state == "applied" and not s.paused
+
+
+def test_an_abort_between_two_stages_ends_aborted_at_once() -> None:
+    s = strategy()
+    apply.begin_apply(s, T0, stage_id=0)
+    drive(s)
+    transitions = apply.request_abort(s, T0)
+    assert s.state == "aborted" and s.abort_phase is not None and s.abort_phase.stages == []
+    assert [t.state for t in transitions if t.kind == "strategy"] == ["aborting", "aborting", "aborted"]
+    assert s.apply_phase.stages[0].result == "success" and s.apply_phase.stages[1].result == "aborted"
