@@ -140,6 +140,13 @@ class Strategies:
     starts: int = 0
 
     async def start_orchestrator(self, boundary: Any = None) -> OrchestratorService:
+        service, bus = await self.replica(boundary)
+        self.service, self.bus = service, bus
+        self.starts += 1
+        return service
+
+    async def replica(self, boundary: Any = None) -> tuple[OrchestratorService, Bus]:
+        """An orchestrator instance on the same database and broker (its bus counts what it sends)."""
         transport = CountingTransport(self.site.broker, self.sent)
         bus = Bus(transport, source="roost/orchestrator", authenticator=self.site.auth,
                   token=self.site.auth.issue("orchestrator", Role.ADMIN, kind="service"))
@@ -147,9 +154,7 @@ class Strategies:
         service = OrchestratorService(self.settings, boundary=boundary)
         ctx = ServiceContext("orchestrator", load_settings(), self.site.pool, bus, Outbox("orchestrator"))
         await service.start(ctx)
-        self.service, self.bus = service, bus
-        self.starts += 1
-        return service
+        return service, bus
 
     async def stop_orchestrator(self) -> None:
         if self.service is not None:
@@ -561,3 +566,55 @@ async def test_without_stop_on_failure_the_failed_worker_is_unlocked_and_the_nex
         assert first["result"] == "failed" and second["result"] == "success"
         assert await s.is_("worker-0", "unlocked", "available") and await s.is_("worker-1", "unlocked", "available")
         assert s.installs("worker-0") == [] and s.installs("worker-1") == ["r1"]
+
+
+async def test_two_replicas_apply_each_step_once(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        await s.add("worker-1", "worker", 3)
+        await s.start_orchestrator()
+        other, other_bus = await s.replica()
+        try:
+            await s.ok("create", {"release": R1, "controller_apply_type": "ignore", "worker_apply_type": "parallel"})
+            await s.ok("apply")
+            final = await s.final()
+        finally:
+            await other.stop()
+            await other_bus.close()
+    assert final["state"] == "applied", final
+    for name in ("worker-0", "worker-1"):
+        assert s.count("roost.cmd.host.lock", name) == 1 and s.count("roost.cmd.host.unlock", name) == 1
+        assert s.count(f"roost.cmd.agent.{name}.update") == 1 and s.installs(name) == ["r1"]
+    assert s.count("roost.cmd.alarm.list") == 2                # query-alarms, wait-alarms-clear: by one replica
+
+
+@pytest.mark.slow
+async def test_killed_after_each_step_acted_while_aborting_it_still_unlocks_once(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2, fail=("r1",))
+        crashed: list[tuple[str, int, int]] = []
+
+        def crash_once_per_step(name: str, ref: StepRef, _step: Step) -> None:
+            if name == "step_acted" and (ref.phase, ref.stage_id, ref.step_id) not in crashed:
+                crashed.append((ref.phase, ref.stage_id, ref.step_id))
+                raise Crash(name)
+
+        service = await s.start_orchestrator(crash_once_per_step)
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+        await s.ok("apply")
+
+        while True:                                  # query-alarms, lock, apply-update (fails), the abort's unlock
+            await wait_until(lambda svc=service: svc.driver_error is not None, what="a crash")  # type: ignore[misc]
+            await s.stop_orchestrator()
+            if crashed[-1][0] == "abort":
+                break
+            service = await s.start_orchestrator(crash_once_per_step)
+        await s.start_orchestrator()
+        final = await s.final()
+        assert await s.is_("worker-0", "unlocked", "available")
+    assert final["state"] == "aborted", final
+    assert crashed == [("apply", 0, 0), ("apply", 0, 1), ("apply", 0, 2), ("abort", 0, 0)]
+    assert s.count("roost.cmd.host.lock", "worker-0") == 1 and s.count("roost.cmd.host.unlock", "worker-0") == 1
+    assert s.installs("worker-0") == []
