@@ -57,7 +57,7 @@ from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
 from services.heartbeat.paths import EPSILON, PathHealth, PathPolicy, PathState, heard_paths
 from services.heartbeat.transport import DEFAULT_PORT, Addr, Clock, PathNode, PathSpec
 from services.heartbeat.verdict import HostVerdict, PathView, Verdict, VerdictPolicy
-from services.heartbeat.wire import Datagram, KeyReport, LeaseFields, MsgType, Payload, Role
+from services.heartbeat.wire import Datagram, KeyReport, LeaseFields, MsgType, Payload, Role, encode_payload
 
 __all__ = ["HealthChange", "HeartbeatMonitor", "MonitoredHost", "PathStatus", "PeerMonitor"]
 
@@ -182,6 +182,8 @@ class HeartbeatMonitor(PathNode):
         self._soon: asyncio.Handle | None = None
         self._hold_until: Seconds = 0.0
         self._late: dict[str, Seconds] = {}            # hosts whose answers came in late, and when
+        self._bodies: dict[tuple[NodeId, frozenset[Path]], bytes] = {}   # encoded request TLVs per host
+        self._body_keys: KeyReport | None = None
         self.peer: PeerMonitor | None = None
         self.on_pair = on_pair
         self.on_peer = on_peer
@@ -341,7 +343,19 @@ class HeartbeatMonitor(PathNode):
         self.rounds += 1
         primary, held = self.keyring.held()
         keys = KeyReport(primary, held)
-        payloads = {h.node_id: Payload(keys, {h.node_id: heard_paths(h.health, now)}) for h in self.hosts.values()}
+        if keys != self._body_keys:
+            self._bodies.clear()
+            self._body_keys = keys
+        payloads: dict[NodeId, bytes] = {}
+        bodies = self._bodies
+        for h in self.hosts.values():
+            heard = heard_paths(h.health, now)
+            body = bodies.get((h.node_id, heard))       # the same TLVs round after round, while nothing changes
+            if body is None:
+                if len(bodies) > 4 * len(self.hosts) + 64:
+                    bodies.clear()
+                body = bodies[(h.node_id, heard)] = encode_payload(Payload(keys, {h.node_id: heard}))
+            payloads[h.node_id] = body
         for path, endpoint in self.endpoints.items():
             first = last = None
             for host in self.hosts.values():
@@ -499,9 +513,9 @@ class HeartbeatMonitor(PathNode):
             self._stalled(now, 0.0, f"answers of {len(late)} hosts read late")
 
     def _stalled(self, now: Seconds, late: Seconds, where: str) -> None:
-        if now + self.stall_hold > self._hold_until:
+        if now >= self._hold_until:           # a new hold (one already running is only extended: no log flood)
             self.stalls += 1
-            log.warning("heartbeat monitor's event loop stalled: holding verdicts", late=round(late, 3),
+            log.warning("heartbeat monitor too slow to judge: holding verdicts", late=round(late, 3),
                         where=where, hold=self.stall_hold)
         self._hold_until = max(self._hold_until, now + self.stall_hold)
 

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import structlog
 
@@ -69,6 +69,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger("roost.heartbeat.transport")
+
+DRAIN_BATCH = 256          # datagrams read per wake-up at most, so other callbacks are not starved
+RECV_BYTES = 2048          # more than wire.MAX_DATAGRAM: a longer one is read whole and dropped as OVERSIZE
 
 DEFAULT_PORT = 2223
 """The agents' heartbeat port on every path (a cluster-wide constant; monitors may bind any port)."""
@@ -169,7 +172,7 @@ Handler = Callable[[Datagram, Addr, Seconds], None]
 Attribute = Callable[[Addr], str | None]
 
 
-class PathEndpoint(asyncio.DatagramProtocol):
+class PathEndpoint:
     """The UDP socket of one path.  ``accept`` may refuse an authentic datagram before the replay guard
     (``UNKNOWN_SENDER`` …); ``handler`` gets what passed everything; ``attribute`` names the known host
     behind a source address (for drop accounting)."""
@@ -185,8 +188,8 @@ class PathEndpoint(asyncio.DatagramProtocol):
         self.rcvbuf = rcvbuf
         self.filter = SocketFilter()
         self.sequence = SendSequence(node.boot)
-        self.transport: asyncio.DatagramTransport | None = None
         self.sock: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.sent = 0
         self.received = 0                      # datagrams that passed every check
         self.send_errors = 0
@@ -199,6 +202,8 @@ class PathEndpoint(asyncio.DatagramProtocol):
     # -- life cycle ------------------------------------------------------------------------------------
 
     async def open(self) -> PathEndpoint:
+        """Bind the socket and start reading it: every datagram queued is read at each wake-up (not one per
+        trip through the event loop, as asyncio's datagram transport does), up to ``DRAIN_BATCH``."""
         loop = asyncio.get_running_loop()
         sock = socket.socket(socket.AF_INET6 if ":" in self.spec.address else socket.AF_INET, socket.SOCK_DGRAM)
         try:
@@ -207,42 +212,48 @@ class PathEndpoint(asyncio.DatagramProtocol):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
             sock.bind((self.spec.address, self.spec.port))
-            await loop.create_datagram_endpoint(lambda: self, sock=sock)
-            self.sock = sock
-            if self.transport is None:
-                raise OSError(f"the {self.path.network} socket did not open")
+            loop.add_reader(sock.fileno(), self._drain)
         except BaseException:
             sock.close()
             raise
+        self.sock, self._loop = sock, loop
         return self
 
     def close(self) -> None:
-        self.sock = None
-        if self.transport is not None:
-            self.transport.close()
-            self.transport = None
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return
+        if self._loop is not None:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(sock.fileno())
+        sock.close()
 
     @property
     def local_address(self) -> Addr | None:
-        if self.transport is None:
+        if self.sock is None:
             return None
-        name = self.transport.get_extra_info("sockname")
+        name = self.sock.getsockname()
         return (str(name[0]), int(name[1])) if name else None
 
     @property
     def is_open(self) -> bool:
-        return self.transport is not None
+        return self.sock is not None
 
-    # -- asyncio.DatagramProtocol ----------------------------------------------------------------------
+    # -- reading -----------------------------------------------------------------------------------------
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)   # 3.11's selector one does not subclass it
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.transport = None
-
-    def error_received(self, exc: Exception) -> None:
-        self.errors[type(exc).__name__] += 1
+    def _drain(self) -> None:
+        sock = self.sock
+        for _ in range(DRAIN_BATCH):
+            if sock is None or self.sock is not sock:
+                return
+            try:
+                data, addr = sock.recvfrom(RECV_BYTES)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:            # an ICMP error reported on the socket: count it, read on
+                self.errors[type(exc).__name__] += 1
+                continue
+            self.datagram_received(data, addr)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         try:
@@ -285,12 +296,12 @@ class PathEndpoint(asyncio.DatagramProtocol):
 
     # -- sending ---------------------------------------------------------------------------------------
 
-    def send(self, addr: Addr, payload: Payload, *, dest: NodeId, role: Role, echo_seq: int = 0, epoch: int = 0,
-             msg_type: MsgType = MsgType.HEARTBEAT) -> int | None:
-        """Number, sign and send one datagram to ``addr``; its seq, or None when the socket is closed or the
-        kernel refused it."""
-        transport = self.transport
-        if transport is None:
+    def send(self, addr: Addr, payload: Payload | bytes, *, dest: NodeId, role: Role, echo_seq: int = 0,
+             epoch: int = 0, msg_type: MsgType = MsgType.HEARTBEAT) -> int | None:
+        """Number, sign and send one datagram to ``addr`` (``payload`` may be its TLVs already encoded); its
+        seq, or None when the socket is closed or the kernel refused it."""
+        sock = self.sock
+        if sock is None:
             return None
         node = self.node
         seq = self.sequence.next()
@@ -302,15 +313,10 @@ class PathEndpoint(asyncio.DatagramProtocol):
             self.filter.tap(data, addr)
         if not self.filter.passes_out():
             return seq
-        sock = self.sock
         try:
-            # straight to the socket, not through the transport's buffering: a datagram the kernel does not
-            # take now is dropped (a late heartbeat is worthless), and this path is sent 10 times a second
-            # per host and path
-            if sock is not None:
-                sock.sendto(data, addr)
-            else:
-                transport.sendto(data, addr)
+            # straight to the socket: a datagram the kernel does not take now is dropped (a late heartbeat
+            # is worthless), with no buffering to manage
+            sock.sendto(data, addr)
         except BlockingIOError:
             self.send_errors += 1
             self.errors["backlog"] += 1

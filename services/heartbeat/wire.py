@@ -160,13 +160,19 @@ def _encode_payload(payload: Payload) -> bytes:
     return bytes(out)
 
 
-def encode(header: Header, payload: Payload, key: PathKey | None) -> bytes:
-    """The datagram for ``header`` and ``payload``, signed with ``key`` (None: unsigned, key id 0)."""
+def encode_payload(payload: Payload) -> bytes:
+    """The TLVs of ``payload``: what :func:`encode` signs after the header (for a sender that caches them)."""
+    return _encode_payload(payload)
+
+
+def encode(header: Header, payload: Payload | bytes, key: PathKey | None) -> bytes:
+    """The datagram for ``header`` and ``payload`` (or its TLVs already encoded, :func:`encode_payload`),
+    signed with ``key`` (None: unsigned, key id 0)."""
     if len(header.cluster_id) != CLUSTER_ID_BYTES or len(header.boot_id) != 8:
         raise EncodeError("cluster_id has 16 bytes and boot_id 8")
     if not (0 < header.sender <= MAX_NODE_ID and 0 < header.seq <= _U64):
         raise EncodeError("sender and seq are positive")
-    body = _encode_payload(payload)
+    body = payload if isinstance(payload, bytes) else _encode_payload(payload)
     if len(body) > MAX_PAYLOAD:
         raise EncodeError(f"payload of {len(body)} bytes is over {MAX_PAYLOAD}")
     try:
