@@ -20,6 +20,7 @@ from schemas.envelope import ReplyStatus, Role
 from services.core.auth import create_token
 from services.core.bus.bus import Bus
 from services.core.bus.nats import NatsTransport
+from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
 from services.core.embedded.nats_server import NatsServer
 from services.core.host import Connections, ServiceContext, ServiceHost
@@ -59,6 +60,8 @@ def orchestrator_settings(fake: FakeKube | None, tmp_path: Path, **extra: Any) -
 @contextlib.asynccontextmanager
 async def orchestrator_on(site: Site, settings: OrchestratorSettings) -> AsyncIterator[OrchestratorService]:
     service = build_orchestrator(settings)
+    assert service.migrations is not None
+    await migrate(site.pool, "orchestrator", service.migrations)      # as ServiceHost does
     bus = await site.bus("roost/orchestrator", site.auth.issue("orchestrator", Role.ADMIN, kind="service"))
     await service.start(ServiceContext("orchestrator", load_settings(), site.pool, bus, Outbox("orchestrator")))
     try:
