@@ -25,7 +25,8 @@ Update strategies (one at a time; tables in ``migrations/``, the model in ``stra
 * ``roost.cmd.strategy.create``: reads the hosts from inventory (``roost.cmd.host.list``) and the release
   each host's agent runs (``roost.cmd.agent.<agent>.release``; an agent that does not answer counts as not
   on the release), builds the stages and steps and stores the strategy ``ready-to-apply``; a site that
-  cannot be updated safely is refused with the reason (nothing is stored);
+  cannot be updated safely, or has alarms its restrictions do not ignore (as the VIM's build), is refused
+  with the reason (nothing is stored: no build-failed strategy to delete);
 * ``roost.cmd.strategy.show``: the strategy with its phases, stages and steps;
 * ``roost.cmd.strategy.apply``: ``applying``; the executor takes it from there (``stage_id``: only the next
   stage, then it pauses, still applying, until the next apply, as the VIM's apply-stage);
@@ -60,7 +61,7 @@ from services.core.bus.bus import Message, Reject, is_unhandled
 from services.core.host import ServiceContext
 from services.orchestrator import apply, metrics, store
 from services.orchestrator.apply import StepRef
-from services.orchestrator.executor import Executor, StepRunner
+from services.orchestrator.executor import Executor, StepFailed, StepRunner
 from services.orchestrator.kube import KubeApi, KubernetesApi
 from services.orchestrator.maintenance import HostMaintenance
 from services.orchestrator.settings import OrchestratorSettings, load_orchestrator_settings
@@ -265,6 +266,7 @@ class OrchestratorService:
         r = request.release
         release = Release(r.name, r.version, r.reboot_required)
         plan = build(options, release, await self._hosts())
+        await self._check_alarms(options.alarm_restrictions)
         if self.settings.stabilize_seconds is not None:
             for stage in plan.stages:
                 for step in stage.steps:
@@ -279,6 +281,21 @@ class OrchestratorService:
         log.info("strategy created", uuid=strategy.uuid, release=release.name, stages=len(plan.stages),
                  skipped=plan.skipped)
         return await self._view()
+
+    async def _check_alarms(self, restrictions: msg.AlarmRestrictions) -> None:
+        """As the VIM's build: no strategy while alarms that its restrictions do not ignore are active."""
+        if restrictions == "permissive" or self._executor is None:
+            return
+        runner = self._executor.runner
+        try:
+            found = await runner.blocking_alarms(restrictions)
+        except StepFailed as exc:
+            raise Unavailable(str(exc)) from None
+        except Exception as exc:                    # the alarms service answered with an error
+            raise Unavailable(f"the alarms cannot be checked: {exc}") from None
+        if found:
+            raise BuildError(f"{runner.describe(found)} (alarm restrictions: {restrictions}): clear them, or "
+                             "create the strategy with relaxed or permissive alarm restrictions")
 
     async def _view(self) -> msg.StrategyView:
         async with self.ctx.pool.acquire() as conn:

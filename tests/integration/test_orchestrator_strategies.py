@@ -369,12 +369,16 @@ async def test_an_alarm_raised_mid_apply_stops_a_strict_strategy_before_the_next
     assert s.count("roost.cmd.host.lock", "worker-1") == 0 and s.installs("worker-1") == []
 
 
-async def test_relaxed_restrictions_let_a_minor_alarm_pass(tmp_path: Path) -> None:
+async def test_a_minor_alarm_refuses_a_strict_strategy_and_lets_a_relaxed_one_pass(tmp_path: Path) -> None:
     async with strategies(tmp_path) as s:
         await s.add("controller-0", "controller", 1)
         await s.add("worker-0", "worker", 2)
         s.alarms.items = [alarm("950.004", "host=worker-0")]
         await s.start_orchestrator()
+        strict = await s.command("create", {"release": R1, "controller_apply_type": "ignore"})
+        assert strict.status is ReplyStatus.REJECTED                       # as the VIM's build: alarms present
+        assert "1 active alarm: 950.004 host=worker-0 (minor) (alarm restrictions: strict)" in (strict.reason or "")
+        assert (await s.ok("show")) == {"strategy": None}
         await s.ok("create", {"release": {**R1, "reboot_required": False}, "controller_apply_type": "ignore",
                               "alarm_restrictions": "relaxed"})
         await s.ok("apply")
@@ -586,7 +590,7 @@ async def test_two_replicas_apply_each_step_once(tmp_path: Path) -> None:
     for name in ("worker-0", "worker-1"):
         assert s.count("roost.cmd.host.lock", name) == 1 and s.count("roost.cmd.host.unlock", name) == 1
         assert s.count(f"roost.cmd.agent.{name}.update") == 1 and s.installs(name) == ["r1"]
-    assert s.count("roost.cmd.alarm.list") == 2                # query-alarms, wait-alarms-clear: by one replica
+    assert s.count("roost.cmd.alarm.list") == 3            # create, query-alarms, wait-alarms-clear: by one replica
 
 
 @pytest.mark.slow
