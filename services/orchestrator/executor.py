@@ -22,7 +22,8 @@ only on what is not done yet, so a step resumed after a restart never repeats wh
 * ``reboot-hosts``: ``roost.cmd.host.reboot``, unless the host's uptime shows it rebooted since the step
   started;
 * ``query-alarms`` / ``wait-alarms-clear`` / ``wait-data-sync``: ``roost.cmd.alarm.list`` filtered by the
-  strategy's alarm restrictions (``apply.blocking_alarms``); ``system-stabilize`` waits out its time.
+  strategy's alarm restrictions (``apply.blocking_alarms``); ``system-stabilize`` waits out its time and
+  fails if a host of its stage changes state meanwhile (goes offline, fails).
 
 Hosts of one step are handled concurrently (a parallel worker stage); the step fails if any host fails,
 once all have finished.  A step ends at its deadline (its durable start plus its timeout) as
@@ -44,7 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -160,13 +161,15 @@ class StepRunner:
 
     # -- running a step -------------------------------------------------------------------------------
 
-    async def run(self, s: Strategy, step: Step, *, resumed: bool) -> Outcome:
-        """Carry out ``step`` until its deadline; how it ended."""
+    async def run(self, s: Strategy, step: Step, *, resumed: bool, hosts: Sequence[str] = ()) -> Outcome:
+        """Carry out ``step`` until its deadline; how it ended.  ``hosts``: those of its stage."""
         now = _now()
         left = (apply.deadline(step, now) - now).total_seconds()
         progress: dict[str, str] = {}
         try:
             async with asyncio.timeout(max(left, 0.0)):
+                if step.name == SYSTEM_STABILIZE:
+                    return await self._stabilize(step, hosts)
                 return await self._run(s, step, resumed, progress)
         except TimeoutError:                        # (an OSError: first)
             if step.name == SYSTEM_STABILIZE:
@@ -190,9 +193,6 @@ class StepRunner:
             return Outcome("success")
         if step.name in (WAIT_ALARMS_CLEAR, WAIT_DATA_SYNC):
             return await self._wait_alarms_clear(step, restrictions, progress)
-        if step.name == SYSTEM_STABILIZE:
-            await asyncio.sleep(max(0.0, (apply.deadline(step, _now()) - _now()).total_seconds()))
-            return Outcome("success", f"stable for {step.timeout} s")
         act: Callable[[str, str], Awaitable[str]]
         if step.name == LOCK_HOSTS:
             def act(name: str, _uuid: str) -> Awaitable[str]:
@@ -225,6 +225,31 @@ class StepRunner:
         if failures:
             return Outcome("failed", "; ".join(failures))
         return Outcome("success", "; ".join(str(r) for r in results if r))
+
+    async def _states(self, hosts: Sequence[str]) -> dict[str, str]:
+        """Each host's administrative-operational-availability (the ones inventory answers for)."""
+        out = {}
+        for name in hosts:
+            with contextlib.suppress(_Retry, StepFailed):
+                h = await self.host(name)
+                out[name] = f"{h.administrative}-{h.operational}-{h.availability}"
+        return out
+
+    async def _stabilize(self, step: Step, hosts: Sequence[str]) -> Outcome:
+        """Wait out the step's time; fail if a host of the stage changes state meanwhile (as the VIM's: a host
+        that goes offline or fails while it should settle).  Resumed after a restart, it compares with the
+        states it finds then."""
+        before = await self._states(hosts)
+        while True:
+            left = (apply.deadline(step, _now()) - _now()).total_seconds()
+            if left > 0:
+                await asyncio.sleep(min(left, self.settings.strategy_poll_interval))
+            now = await self._states(hosts)
+            changed = [f"{n} went from {before[n]} to {now[n]}" for n in before if n in now and now[n] != before[n]]
+            if changed:
+                return Outcome("failed", "; ".join(changed) + " while the system stabilised")
+            if left <= 0:
+                return Outcome("success", f"stable for {step.timeout} s")
 
     async def _retrying(self, fn: Callable[[], Awaitable[T]], progress: dict[str, str], key: str) -> T:
         while True:
@@ -462,7 +487,10 @@ class Executor:
             self.abort_wake.clear()
 
     async def _run_step(self, s: Strategy, ref: StepRef, step: Step, resumed: bool) -> Outcome:
-        work = asyncio.create_task(self.runner.run(s, step, resumed=resumed), name=f"strategy-step-{step.name}")
+        stage = s.stage(ref)
+        watched = [] if any(t.name == REBOOT_HOSTS for t in stage.steps) else stage.hosts   # rebooting: expected
+        work = asyncio.create_task(self.runner.run(s, step, resumed=resumed, hosts=watched),
+                                   name=f"strategy-step-{step.name}")
         watch = asyncio.create_task(self._abort_seen(s)) if s.state == "applying" else None
         try:
             waiting: set[asyncio.Task[Any]] = {work} if watch is None else {work, watch}

@@ -166,16 +166,17 @@ class Strategies:
     def state_dir(self, name: str) -> Path:
         return self.tmp / "agent-state" / name
 
-    async def start_agent(self, name: str, mac: str, *, fail: tuple[str, ...] = ()) -> None:
+    async def start_agent(self, name: str, mac: str, *, fail: tuple[str, ...] = (), interval: float = 5.0) -> None:
         root = make_simulated_host(self.tmp / "hosts" / name, name, mac)
-        agent = HostAgent(name, "nats://unused:4222", root=root, interval=5.0, transport=InMemoryTransport(
+        agent = HostAgent(name, "nats://unused:4222", root=root, interval=interval, transport=InMemoryTransport(
             self.site.broker), components=[UpdateAgentComponent(self.state_dir(name), fail_releases=fail)])
         self.agents[name] = (agent, asyncio.create_task(agent.run()))
 
-    async def add(self, name: str, personality: str, n: int, *, fail: tuple[str, ...] = ()) -> None:
+    async def add(self, name: str, personality: str, n: int, *, fail: tuple[str, ...] = (),
+                  interval: float = 5.0) -> None:
         mac = f"52:54:00:00:07:{n:02x}"
         await self.site.ok("roost.cmd.host.add", {"personality": personality, "hostname": name, "mgmt_mac": mac})
-        await self.start_agent(name, mac, fail=fail)
+        await self.start_agent(name, mac, fail=fail, interval=interval)
 
         async def ready() -> bool:
             host = await self.site.host(name)
@@ -622,3 +623,25 @@ async def test_killed_after_each_step_acted_while_aborting_it_still_unlocks_once
     assert crashed == [("apply", 0, 0), ("apply", 0, 1), ("apply", 0, 2), ("abort", 0, 0)]
     assert s.count("roost.cmd.host.lock", "worker-0") == 1 and s.count("roost.cmd.host.unlock", "worker-0") == 1
     assert s.installs("worker-0") == []
+
+
+async def test_a_host_that_goes_offline_while_the_system_stabilises_fails_the_stage(tmp_path: Path) -> None:
+    async with strategies(tmp_path, stabilize_seconds=600) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2, interval=0.3)           # silent for 3 intervals: offline
+        await s.start_orchestrator()
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+        await s.ok("apply")
+
+        async def stabilizing() -> bool:
+            return bool((await s.strategy())["apply_phase"]["stages"][0]["steps"][3]["result"] == "inprogress")
+
+        await wait_until(stabilizing, what="worker-0 locked, updated and stabilising")
+        agent, task = s.agents.pop("worker-0")
+        agent.stop()
+        await task                                                      # worker-0 goes quiet
+        failed = await s.final()
+        assert failed["state"] in ("aborted", "abort-failed"), failed
+        step = failed["apply_phase"]["stages"][0]["steps"][3]
+        assert step["result"] == "failed"
+        assert "worker-0 went from locked-disabled-online to locked-disabled-offline" in step["reason"]
