@@ -330,7 +330,8 @@ class OrchestratorService:
                                        "can be aborted")
             await store.request_abort(conn)
         if self._executor is not None:
-            self._executor.abort_wake.set()
+            self._executor.abort_wake.set()             # a step in flight here
+        self.wake()                                     # or nothing running here (paused between two stages)
         deadline = asyncio.get_running_loop().time() + ABORT_WAIT
         while asyncio.get_running_loop().time() < deadline:      # the executor takes it up (any replica)
             view = await self._view()

@@ -645,3 +645,22 @@ async def test_a_host_that_goes_offline_while_the_system_stabilises_fails_the_st
         step = failed["apply_phase"]["stages"][0]["steps"][3]
         assert step["result"] == "failed"
         assert "worker-0 went from locked-disabled-online to locked-disabled-offline" in step["reason"]
+
+
+async def test_an_abort_between_two_stages_is_at_once(tmp_path: Path) -> None:
+    async with strategies(tmp_path) as s:
+        await s.add("controller-0", "controller", 1)
+        await s.add("worker-0", "worker", 2)
+        await s.add("worker-1", "worker", 3)
+        await s.start_orchestrator()
+        await s.ok("create", {"release": R1, "controller_apply_type": "ignore"})
+        await s.ok("apply", {"stage_id": 0})
+
+        async def paused() -> bool:
+            return bool((await s.strategy())["apply_phase"]["current_stage"] == 1)
+
+        await wait_until(paused, what="the first stage applied")
+        aborted = await s.ok("abort")
+        assert aborted["state"] == "aborted" and aborted["abort_phase"]["stages"] == []
+        assert [st["result"] for st in aborted["apply_phase"]["stages"]] == ["success", "aborted"]
+        assert s.installs("worker-0") == ["r1"] and s.installs("worker-1") == []
