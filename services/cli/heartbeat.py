@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import click
@@ -9,7 +10,11 @@ import click
 from services.cli.client import CliError
 from services.cli.main import Context, cli, run, show_reply, table
 from services.core.secrets import SecretStore, SecretStoreError
-from services.heartbeat.keystore import KeyStoreError, ensure_cluster_keys
+from services.heartbeat.keystore import ClusterKeys, KeyStoreError, ensure_cluster_keys
+from services.heartbeat.model import Path as HbPath
+from services.heartbeat.transport import PathSpec
+
+NETWORKS = ("mgmt", "cluster-host", "oam")
 
 
 @cli.group()
@@ -56,8 +61,14 @@ def keys() -> None:
 @click.pass_obj
 def keys_create(obj: Context) -> None:
     """Create the cluster keys in this machine's secret store, unless they exist (never replaced)."""
+    run(_keys_create(obj.data_dir))
+
+
+async def _keys_create(data_dir: Path) -> None:
+    import asyncio
+
     try:
-        cluster, created = ensure_cluster_keys(SecretStore.in_data_dir(obj.data_dir))
+        cluster, created = await asyncio.to_thread(ensure_cluster_keys, SecretStore.in_data_dir(data_dir))
     except (SecretStoreError, KeyStoreError) as exc:
         raise CliError(str(exc)) from None
     verb = "created" if created else "already exist"
@@ -93,3 +104,63 @@ def keys_rotate(obj: Context, as_json: bool) -> None:
                 f"{result['generation']})\n" + render_keys(result))
 
     show_reply(run(obj.command("roost.cmd.heartbeat.keys_rotate", {})), render, as_json)
+
+
+@heartbeat.command("witness")
+@click.option("--credentials", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="A credentials file from `roost agent enroll` (for the cluster's heartbeat keys).")
+@click.option("--node-id", type=click.IntRange(1, 0xEFFF_FFFF), required=True,
+              help="The witness's node id: heartbeat.witness_node_id on both controllers.")
+@click.option("--address", "addresses", multiple=True, required=True, metavar="NETWORK=IP",
+              help="Where to answer, per heartbeat network (repeat): heartbeat.witness_addresses.")
+@click.option("--port", type=click.IntRange(1, 65535), default=2223, show_default=True,
+              help="The agents' heartbeat port (heartbeat.agent_port).")
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where the boot counter is kept (default: DATA_DIR/witness).")
+@click.pass_obj
+def heartbeat_witness(obj: Context, credentials: Path, node_id: int, addresses: tuple[str, ...], port: int,
+                      state_dir: Path | None) -> None:
+    """Run a witness voter of the controller pair until SIGTERM / Ctrl-C: a third vote, so that two
+    controllers without workers still have a majority on one side of a partition (no bus, no database)."""
+    run(_witness(credentials, node_id, addresses, port, state_dir or obj.data_dir / "witness"))
+
+
+def witness_paths(addresses: tuple[str, ...], port: int) -> list[PathSpec]:
+    specs = []
+    for item in addresses:
+        network, _, ip = item.partition("=")
+        if network not in NETWORKS or not ip:
+            raise CliError(f"--address {item!r}: expected NETWORK=IP, NETWORK one of {', '.join(NETWORKS)}", code=2)
+        specs.append(PathSpec(HbPath.of(network), ip, port))  # type: ignore[arg-type]
+    return specs
+
+
+async def _witness(credentials: Path, node_id: int, addresses: tuple[str, ...], port: int, state_dir: Path) -> None:
+    import asyncio
+    import signal
+
+    from services.cli.agent import read_credentials
+    from services.heartbeat.responder import HeartbeatResponder
+
+    creds = read_credentials(credentials)
+    if creds.heartbeat is None:
+        raise CliError(f"{credentials} holds no heartbeat keys: enrol the witness again", code=2)
+    keys: ClusterKeys = creds.heartbeat
+    specs = witness_paths(addresses, port)
+
+    await asyncio.to_thread(state_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
+    responder = HeartbeatResponder(node_id=node_id, cluster_id=keys.cluster_id, master_key=keys.master,
+                                   paths=specs, state_dir=state_dir, hostname="pair-witness")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await responder.start()
+    except OSError as exc:
+        raise CliError(f"cannot bind the witness's addresses: {exc.strerror or exc}", code=2) from None
+    click.echo(f"witness {node_id} answering on " + ", ".join(f"{s.path.network} {s.address}:{s.port}" for s in specs))
+    try:
+        await stop.wait()
+    finally:
+        await responder.stop()

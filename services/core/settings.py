@@ -170,6 +170,11 @@ class HeartbeatSettings(BaseModel):
     peer_addresses: dict[HeartbeatNetwork, str] = Field(
         default_factory=dict, description="where the other controller's monitor listens (at the same port)")
     fence_timeout: float = Field(default=20.0, gt=0, le=300, description="seconds for a fence to read back Off")
+    witness_node_id: int | None = Field(default=None, ge=1, le=0xEFFF_FFFF,
+                                        description="a witness voter of the controller pair (`roost heartbeat "
+                                                    "witness`): its node id, unused by any host")
+    witness_addresses: dict[HeartbeatNetwork, str] = Field(
+        default_factory=dict, description="where the witness answers (at the agents' port)")
 
 
 def default_data_dir() -> Path:

@@ -31,7 +31,9 @@ becoming active it reasserts the alarms standing here and republishes every host
 announces ``roost.heartbeat.active_controller``, fences the peer through its BMC (``fencing``, from
 inventory's sealed ``roost.host.bmc_access``) before a takeover, and carries out ``roost.cmd.heartbeat.swact``
 (the standby passes it on by asking for a redelivery, so the active takes it).  Each controller reads the
-host events in a consumer group of its own.  Not here yet: a witness voter process.
+host events in a consumer group of its own.  An optional witness (``roost heartbeat witness``, configured
+with ``heartbeat.witness_node_id`` and ``witness_addresses``) is one more voter: it is heartbeated like a
+host, so it knows whom it hears, and never reported to inventory.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ NAME = "heartbeat"
 GROUP = "heartbeat"
 HOST_EVENTS = "roost.host.>"
 COMMANDS = "roost.cmd.heartbeat.>"
+WITNESS = "pair-witness"
 AGENT_CONFIG = "roost.cmd.agent.heartbeat"
 
 
@@ -187,6 +190,12 @@ class HeartbeatService:
         if keys.next is not None:
             self.monitor.keyring.install(keys.next)
             log.info("heartbeat key rotation resumed", fingerprint=f"{keys.next.key_id:08x}")
+        if cfg.witness_node_id is not None:
+            if cfg.peer is None or not cfg.witness_addresses:
+                raise ValueError("heartbeat.witness_node_id needs heartbeat.peer and heartbeat.witness_addresses")
+            # heartbeated like a host, so that it knows whom it hears; never reported to inventory
+            self.monitor.add_host(WITNESS, cfg.witness_node_id,
+                                  {Path.of(n): a for n, a in cfg.witness_addresses.items()}, port=cfg.agent_port)
         if cfg.peer is not None:
             peer_id = monitor_node_id(cfg.peer)
             self.monitor.set_peer(peer_id, {Path.of(n): a for n, a in cfg.peer_addresses.items()}, port=cfg.port)
@@ -199,7 +208,7 @@ class HeartbeatService:
         if networks:
             await self.monitor.start()
             if self.pair is not None:
-                self.pair.start()
+                self.pair.start(self._voters())
         else:
             log.warning("heartbeat: no heartbeat network is configured for this controller "
                         "(heartbeat.addresses): monitoring nothing", controller=cfg.controller)
@@ -357,7 +366,12 @@ class HeartbeatService:
         if workers != self._workers:
             self._workers = workers
             if self.pair is not None:
-                self.pair.set_voters(workers)
+                self.pair.set_voters(self._voters())
+
+    def _voters(self) -> frozenset[NodeId]:
+        """The pair's voters besides the two controllers: the unlocked workers, and the witness if any."""
+        witness = self._settings.witness_node_id
+        return self._workers | ({witness} if witness is not None else set())
 
     # -- the agents ---------------------------------------------------------------------------------------
 

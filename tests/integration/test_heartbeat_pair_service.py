@@ -7,6 +7,7 @@ and the controllers' BMCs on the sushy-tools emulator.
 * the active's heartbeat service dies: the standby fences it through its BMC (ForceOff, Off read back)
   and only then takes over;
 * a fence that fails (the BMC does not answer) never takes over, and raises 950.008;
+* with no worker, a witness (`roost heartbeat witness`, its own process) is the third vote;
 * and throughout, a sampler checks every 20 ms that the two controllers are never both active.
 """
 
@@ -16,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import random
+import subprocess
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from pydantic import SecretStr
 
 from schemas.envelope import Role
 from services.cli.agent import local_policy, read_credentials
@@ -36,10 +39,13 @@ from services.core.secrets import SecretStore
 from services.core.settings import HeartbeatSettings, load_settings, url_with_credentials
 from services.heartbeat.agent import HeartbeatAgentComponent
 from services.heartbeat.service import HeartbeatService
+from services.heartbeat.wire import LeaseKind
 from services.inventory.agent.agent import HostAgent
 from services.inventory.agent.simhost import make_simulated_host
+from services.inventory.bmc.abc import BmcEndpoint
+from services.inventory.bmc.redfish import RedfishBmc
 from services.inventory.service import InventoryService
-from tests.integration.test_heartbeat_service import roost
+from tests.integration.test_heartbeat_service import ROOST, clean_env, roost
 from tests.support.postgres import fresh_database, pool_on
 from tests.support.sushy import FakeSystem, SushyEmulator, closed_port, running_sushy
 from tests.support.waiting import wait_until
@@ -54,6 +60,8 @@ HOSTS = {"controller-0": ("controller", "52:54:00:30:00:00"), "controller-1": ("
 BASE = random.randint(20, 240)
 MONITOR = {"controller-0": BASE, "controller-1": BASE + 1}
 AGENT = {name: BASE + 2 + i for i, name in enumerate(HOSTS)}
+WITNESS = BASE + 2 + len(HOSTS)
+WITNESS_ID = 0xE000_0001
 
 
 def addresses(n: int) -> dict[str, str]:
@@ -101,12 +109,29 @@ def sushy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SushyEmulator]:
         yield emulator
 
 
+def start_witness(data: Path, port: int) -> subprocess.Popen[bytes]:
+    """`roost heartbeat witness` in a process of its own, with the keys of its enrolment."""
+    return subprocess.Popen(
+        [*ROOST, "--data-dir", str(data), "heartbeat", "witness", "--credentials",
+         str(data / "agents" / "witness.credentials.json"), "--node-id", str(WITNESS_ID), "--port", str(port),
+         *(f"--address={n}={a}" for n, a in addresses(WITNESS).items())],
+        env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
 @contextlib.asynccontextmanager
-async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str, str]) -> AsyncIterator[PairSite]:
+async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str, str], *,
+                    workers: bool = True, witness: bool = False) -> AsyncIterator[PairSite]:
+    for system in (C0, C1):                 # another test of this module may have fenced it
+        await power_on(sushy, system)
+        async def on(system: FakeSystem = system) -> bool:
+            return await power(sushy, system) == "On"
+
+        await wait_until(on, 40, f"{system.name} powered on")
     data = tmp_path / "data"
     data.mkdir(mode=0o700)
+    hosts = {n: v for n, v in HOSTS.items() if workers or v[0] == "controller"}
     enrolled = await asyncio.gather(*(asyncio.to_thread(roost, data, "agent", "enroll", name, "--broker", "none")
-                                      for name in HOSTS))
+                                      for name in [*hosts, *(["witness"] if witness else [])]))
     assert all(e.returncode == 0 for e in enrolled), [e.stderr for e in enrolled]
     secrets = SecretStore.in_data_dir(data)
     policy = local_policy(data)
@@ -120,6 +145,9 @@ async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str,
 
     port, agent_port = random.randint(20000, 29000), random.randint(30000, 39000)
     started: list[ServiceHost] = []
+    witness_process = None
+    if witness:
+        witness_process = start_witness(data, agent_port)
     try:
         async with fresh_database() as db_url, pool_on(db_url) as pool:
             async with pool.acquire() as conn:
@@ -136,7 +164,9 @@ async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str,
             for me, peer in (("controller-0", "controller-1"), ("controller-1", "controller-0")):
                 heartbeat[me] = HeartbeatService(config=HeartbeatSettings(
                     controller=me, addresses=addresses(MONITOR[me]), port=port, agent_port=agent_port, period=0.1,
-                    peer=peer, peer_addresses=addresses(MONITOR[peer])),
+                    peer=peer, peer_addresses=addresses(MONITOR[peer]),
+                    witness_node_id=WITNESS_ID if witness else None,
+                    witness_addresses=addresses(WITNESS) if witness else {}),
                     list_retry=0.5, config_retry=0.5, config_resend=2.0)
                 services[me] = ServiceHost(heartbeat[me], settings, Connections(url("heartbeat"), db_url),
                                            token["heartbeat"])
@@ -148,7 +178,7 @@ async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str,
             site = PairSite(data, pool, operator, sushy, heartbeat, services)
             sampler = asyncio.create_task(site.sample())
             try:
-                for name, (personality, mac) in HOSTS.items():
+                for name, (personality, mac) in hosts.items():
                     add: dict[str, Any] = {"personality": personality, "hostname": name, "mgmt_mac": mac,
                                            "addresses": addresses(AGENT[name])}
                     if name in bmc_address:
@@ -163,7 +193,7 @@ async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str,
                                       root=make_simulated_host(data / "hosts" / name, name, mac),
                                       components=[component])
                     site.agents.append((agent, asyncio.create_task(agent.run())))
-                for name in HOSTS:
+                for name in hosts:
                     await unlock(site, name)
                 yield site
             finally:
@@ -177,6 +207,10 @@ async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str,
                     with contextlib.suppress(Exception):
                         await host.stop(asyncio.get_running_loop().time() + 20)
     finally:
+        if witness_process is not None:
+            witness_process.terminate()
+            out = (await asyncio.to_thread(witness_process.communicate, timeout=10))[0].decode()
+            assert f"witness {WITNESS_ID} answering" in out and "Traceback" not in out, out
         await server.stop()
 
 
@@ -196,6 +230,15 @@ async def unlock(site: PairSite, name: str) -> None:
 
 async def power(sushy: SushyEmulator, system: FakeSystem) -> str:
     return str(await asyncio.to_thread(lambda: sushy.get(f"/redfish/v1/Systems/{system.uuid}")["PowerState"]))
+
+
+async def power_on(sushy: SushyEmulator, system: FakeSystem) -> None:
+    bmc = RedfishBmc(BmcEndpoint(sushy.url, USER, SecretStr(PASSWORD), system.uuid))
+    try:
+        if await bmc.power_state() != "on":
+            await bmc.send_reset("On")
+    finally:
+        await bmc.close()
 
 
 async def recorded_active(site: PairSite, name: str) -> bool:
@@ -252,4 +295,20 @@ async def test_a_fence_that_fails_never_takes_over_and_raises_950_008(tmp_path: 
                          "a second fence attempt")
         assert site.active() == [] and not standby.active, "no takeover without a fence"
         assert not (await site.host("controller-1"))["active"]
+        assert site.both_active == []
+
+
+async def test_with_no_worker_a_witness_is_the_third_vote(tmp_path: Path, sushy: SushyEmulator) -> None:
+    async with pair_site(tmp_path, sushy, {"controller-0": sushy.url, "controller-1": sushy.url},
+                         workers=False, witness=True) as site:
+        await wait_until(lambda: site.active() == ["controller-0"], 30, "controller-0 elected")
+        pair = site.heartbeat["controller-1"].pair
+        assert pair is not None and pair.ctrl is not None
+        assert not pair.ctrl.config.two_node and WITNESS_ID in pair.ctrl.config.voters and pair.ctrl.config.quorum == 2
+        await site.hosts["controller-0"].stop(asyncio.get_running_loop().time() + 10)
+        del site.heartbeat["controller-0"]
+        # the witness and controller-1 are a majority: controller-1 fences controller-0 and takes over (in
+        # two_node mode it would wait fence_delay_standby, 10 s, and race)
+        await wait_until(lambda: site.active() == ["controller-1"], 60, "controller-1 taking over with the witness")
+        assert await power(sushy, C0) == "Off" and pair.ctrl.kind is LeaseKind.TAKEOVER
         assert site.both_active == []
