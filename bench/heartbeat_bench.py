@@ -13,7 +13,7 @@ oam), the monitor at 10 Hz (period 100 ms) with the defaults of ``PathPolicy`` a
    ``on_health`` callback, on the monitor's clock, the same monotonic clock as the kill's), over
    ``--trials`` kills, one at a time (a few agents are kept started and healthy ahead, so a kill never waits
    for a start).  Target p99 <= 1.1 s.  The bus latency of the failed event is not in this figure (the
-   heartbeat service's bus side is not built yet).
+   bench drives the monitor directly, not the heartbeat service with its outbox and bus).
 2. **loss**: ``--hosts`` real agents (one process) watched for ``--duration`` seconds while every path drops
    ``--loss`` (10 %) of the datagrams each way (the drop filter in the monitor's sockets, so a request and its
    answer are each lost with that probability); counts the hosts declared failed, all of them false
@@ -21,7 +21,7 @@ oam), the monitor at 10 Hz (period 100 ms) with the defaults of ``PathPolicy`` a
 3. **cpu**: the monitor in a process of its own pinned to CPU 0, ``N`` simulated hosts answering on 3 paths
    in a load generator pinned to CPU 1 (lean: it does not verify the monitor's requests, and signs its
    answers with ``wire.encode``), for N in ``--counts``; hosts are added ``--ramp`` (10) at a time, each batch
-   once the ones before are healthy (all 500 at once do not come up on this machine: see bench/README.md);
+   once the ones before are healthy (500 at once did not come up before 74b297a: see bench/README.md);
    once every host is healthy and after a warm-up, the
    monitor's CPU time is read from ``/proc/<pid>/stat`` over ``--window`` seconds.  Prints the CPU per host, a
    least-squares line through the points, its extrapolation to 1,000 hosts against the target (1,000 hosts
