@@ -1,7 +1,8 @@
 """`roost strategy create|show|apply|abort|delete`: the update strategy (one at a time), served by the orchestrator.
 
 ``show`` prints the strategy, then its apply (and abort) phase stage by stage with each step's result;
-``--details`` adds every step's hosts, timeout and reason.  ``apply --watch`` and ``abort --watch`` poll
+``--details`` adds every step's hosts, timeout and reason; ``--active`` shows only the steps under way or
+that did not succeed (as ``sw-manager ... show --active``).  ``apply --watch`` and ``abort --watch`` poll
 the strategy and print each step as it changes until the strategy is in a final state (exit status 0 when
 applied or aborted cleanly as asked, 1 otherwise).
 """
@@ -27,9 +28,11 @@ def strategy() -> None:
     """The update strategy: build one, show it, apply it, abort it, delete it."""
 
 
-def _steps(stage: dict[str, Any], details: bool) -> list[dict[str, Any]]:
+def _steps(stage: dict[str, Any], details: bool, active: bool = False) -> list[dict[str, Any]]:
     rows = []
     for step in stage.get("steps", []):
+        if active and step["result"] in ("initial", "success"):
+            continue
         row = {"step": step["step_id"], "name": step["name"], "result": step["result"],
                "hosts": ", ".join(step.get("entity_names", []))}
         if details:
@@ -39,7 +42,7 @@ def _steps(stage: dict[str, Any], details: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def render(s: dict[str, Any], details: bool = False) -> str:
+def render(s: dict[str, Any], details: bool = False, active: bool = False) -> str:
     release = s["release"]
     options = s["options"]
     lines = [f"strategy {s['uuid']}: {s['state']}" + (f" ({s['reason']})" if s.get("reason") else "")
@@ -63,8 +66,10 @@ def render(s: dict[str, Any], details: bool = False) -> str:
         for stage in phase["stages"]:
             reason = f": {stage['reason']}" if stage.get("reason") else ""
             lines.append(f"  stage {stage['stage_id']} {stage['name']}: {stage['result']}{reason}")
-            if details or stage["result"] not in ("initial", "success"):
-                lines += ["    " + line for line in table(_steps(stage, details), columns).splitlines()]
+            if active and stage["result"] in ("initial", "success"):
+                continue
+            if details or active or stage["result"] not in ("initial", "success"):
+                lines += ["    " + line for line in table(_steps(stage, details, active), columns).splitlines()]
     return "\n".join(lines)
 
 
@@ -105,13 +110,14 @@ def strategy_create(obj: Context, release: str, version: str, no_reboot: bool, c
 
 @strategy.command("show")
 @click.option("--details", is_flag=True, help="Every step, with its hosts, timeout and reason.")
+@click.option("--active", is_flag=True, help="Only the steps under way or that did not succeed.")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_obj
-def strategy_show(obj: Context, details: bool, as_json: bool) -> None:
+def strategy_show(obj: Context, details: bool, active: bool, as_json: bool) -> None:
     """The update strategy and where it is."""
     def shown(result: dict[str, Any]) -> str:
         s = result.get("strategy")
-        return render(s, details) if s else "no strategy"
+        return render(s, details, active) if s else "no strategy"
 
     show_reply(run(obj.command("roost.cmd.strategy.show", {})), shown, as_json)
 

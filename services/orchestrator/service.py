@@ -38,7 +38,8 @@ The same over REST: ``services.orchestrator.api`` (``/api/orchestration/sw-deplo
 
 The executor runs in one replica at a time (a PostgreSQL advisory lock); at start, and whenever it is
 woken or every ``DRIVE_INTERVAL`` seconds, it resumes a strategy that is applying or aborting: a restarted
-orchestrator carries on from the persisted step.
+orchestrator carries on from the persisted step.  Stopping the service abandons the step in flight just
+as a crash would (its durable marker stays): the next start resumes it.
 """
 
 from __future__ import annotations

@@ -279,6 +279,9 @@ async def test_two_controllers_six_parallel_workers_a_failed_install_aborts_then
     assert {n: site.installs(n) for n in HOSTS} == {
         **{n: ["r1"] for n in (*CONTROLLERS, "worker-0", "worker-1", "worker-2", "worker-3", "worker-5")},
         "worker-4": []}
+    active = await site.roost("strategy", "show", "--active")
+    assert active.returncode == 0, active.stderr
+    assert "apply-update  failed" in active.stdout and "query-alarms" not in active.stdout
     await site.ok("roost.cmd.strategy.delete", {})
 
     # 2. r2 through the roost command, with live progress
