@@ -58,13 +58,14 @@ import contextlib
 import contextvars
 import os
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import asyncpg
+import asyncpg.pool
 import structlog
 from fastapi import APIRouter
 from pydantic import BaseModel, ValidationError
@@ -264,6 +265,7 @@ class AlarmsService:
         self._queued: list[_Queued] = []
         self._committer: asyncio.Task[None] | None = None
         self._arrival: asyncio.Future[None] | None = None      # the committer waits for a message to come
+        self._held: list[asyncpg.pool.PoolConnectionProxy] = []   # the committer's connections between batches
         self.history_retention = history_retention
         self.retention_interval = retention_interval
         self.webhook_retention = webhook_retention
@@ -396,6 +398,20 @@ class AlarmsService:
         _count(done)        # committed
 
     async def _commit_queued(self) -> None:
+        """Commit the queued messages until none is left, then give the held connections back.  (Nothing is
+        awaited between the last look at the queue and the end: a handler that queues a message while this
+        task is still running relies on it to take it.)"""
+        try:
+            while True:
+                await self._commit_until_idle()
+                await self._release_held()
+                if not self._queued:
+                    return
+        finally:
+            if self._held:              # cancelled
+                await self._release_held()
+
+    async def _commit_until_idle(self) -> None:
         """Commit the queued messages, ``batch_size`` at a time, up to ``pipeline`` batches at once when
         they touch disjoint alarm instances, in order, until none is left."""
         running: dict[asyncio.Task[None], tuple[list[_Queued], frozenset[AlarmKey] | None]] = {}
@@ -433,6 +449,29 @@ class AlarmsService:
             for queued in left:
                 _settle(queued.outcome, RuntimeError("the alarms service stopped before applying it"))
 
+    @contextlib.asynccontextmanager
+    async def _batch_connection(self) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy]:
+        """A connection for a batch: one the committer holds from an earlier batch, or one from the pool.  The
+        committer keeps them while it has work (``_release_held`` at its end): giving one back to the pool
+        costs a round trip (its reset) that every handler of the batch would wait for."""
+        conn = self._held.pop() if self._held else await self.pool.acquire()
+        reusable = False
+        try:
+            yield conn
+            reusable = not conn.is_closed() and not conn.is_in_transaction()
+        finally:
+            if reusable:
+                self._held.append(conn)
+            else:
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
+
+    async def _release_held(self) -> None:
+        held, self._held = self._held, []
+        for conn in held:
+            with contextlib.suppress(Exception):
+                await self.pool.release(conn)
+
     async def _apply_batch(self, batch: Sequence[_Queued], ops: Sequence[BatchOp | None] | None = None) -> None:
         """Apply ``batch`` in one transaction and settle each handler's outcome; should that fail, apply
         each message alone, in order (its own outcome: applied, ``Reject``, or an error to retry).  ``ops``:
@@ -466,7 +505,7 @@ class AlarmsService:
             # The usual batch, sets and exact clears only: the inbox claimed with the locks, the whole batch
             # in a fixed number of statements (``AlarmStore.apply_many``).
             claim = InboxClaim(self._inbox.schema, INBOX_CONSUMER, [m.envelope.id for m in messages])
-            async with self.pool.acquire() as conn, conn.transaction():
+            async with self._batch_connection() as conn, conn.transaction():
                 done = await self.store.apply_many(conn, [op for op in ops if op is not None], inbox=claim)
             for message, result in zip(messages, done, strict=True):
                 if result is None:
