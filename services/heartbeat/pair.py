@@ -48,7 +48,7 @@ from services.heartbeat.model import (
     host_entity,
     system_entity,
 )
-from services.heartbeat.wire import LeaseKind
+from services.heartbeat.wire import LeaseFields, LeaseKind, MsgType
 
 PAIR_ENTITY = "controller-pair"
 
@@ -620,6 +620,18 @@ class PairController:
             return []
         self.alarms.discard(key)
         return [RaiseAlarm(AlarmIntent(alarm_id, entity))]
+
+
+def vote(voter: LeaseVoter, now: Seconds, asked: LeaseFields, *, hears_holder: bool) -> tuple[MsgType, LeaseFields]:
+    """A voter's answer to a lease request as it goes on the wire: a grant carries its ttl in ms, a refusal
+    the voter's epoch in the ``ttl_ms`` field (the wire has no other place for it)."""
+    answer = voter.request(now, LeaseRequest(asked.candidate, asked.epoch, asked.request_id, asked.kind),
+                           hears_holder=hears_holder)
+    if isinstance(answer, LeaseGrant):
+        return MsgType.LEASE_GRANT, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
+                                                int(answer.ttl * 1000), asked.kind)
+    return MsgType.LEASE_REFUSE, LeaseFields(answer.candidate, answer.epoch, answer.request_id, answer.voter_epoch,
+                                             asked.kind)
 
 
 def voters_of(controllers: Iterable[NodeId], workers: Iterable[NodeId], witness: NodeId | None = None

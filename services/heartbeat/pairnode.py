@@ -41,7 +41,6 @@ from services.heartbeat.pair import (
     LeaseGrant,
     LeaseRefusal,
     LeaseRelease,
-    LeaseRequest,
     PairConfig,
     PairController,
     PairPolicy,
@@ -50,6 +49,7 @@ from services.heartbeat.pair import (
     SendHandover,
     SendLeaseRequest,
     SendRelease,
+    vote,
 )
 from services.heartbeat.transport import Addr
 from services.heartbeat.wire import Datagram, LeaseFields, LeaseKind, MsgType, Role
@@ -186,14 +186,7 @@ class PairNode:
             return
         holder = ctrl.voter.holder
         hears = holder == self.monitor.node_id or (holder == self.peer_id and ctrl.peer_reachable)
-        answer = ctrl.voter.request(now, LeaseRequest(lease.candidate, lease.epoch, lease.request_id, lease.kind),
-                                    hears_holder=hears)
-        if isinstance(answer, LeaseGrant):
-            msg, fields = MsgType.LEASE_GRANT, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
-                                                            int(answer.ttl * 1000), lease.kind)
-        else:
-            msg, fields = MsgType.LEASE_REFUSE, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
-                                                             answer.voter_epoch, lease.kind)
+        msg, fields = vote(ctrl.voter, now, lease, hears_holder=hears)
         self.monitor.send_lease(self.peer_id, {datagram.header.path: source}, msg, fields)
 
     # -- effects ------------------------------------------------------------------------------------------

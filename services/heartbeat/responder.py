@@ -35,10 +35,10 @@ import structlog
 from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
-from services.heartbeat.pair import LeaseGrant, LeaseRelease, LeaseRequest, LeaseVoter, PairPolicy
+from services.heartbeat.pair import LeaseRelease, LeaseVoter, PairPolicy, vote
 from services.heartbeat.paths import PathHealth, PathPolicy, heard_paths
 from services.heartbeat.transport import BOOT_COUNTER_FILE, Addr, Clock, PathNode, PathSpec
-from services.heartbeat.wire import Datagram, KeyReport, LeaseFields, MsgType, Payload, Role
+from services.heartbeat.wire import Datagram, KeyReport, MsgType, Payload, Role
 
 if TYPE_CHECKING:
     from services.inventory.agent.agent import HostAgent
@@ -170,14 +170,7 @@ class HeartbeatResponder(PathNode):
             return
         if lease.candidate != h.sender:
             return                                   # a controller asks for itself only
-        answer = voter.request(now, LeaseRequest(lease.candidate, lease.epoch, lease.request_id, lease.kind),
-                               hears_holder=self.hears(voter.holder, now))
-        if isinstance(answer, LeaseGrant):
-            msg, fields = MsgType.LEASE_GRANT, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
-                                                            int(answer.ttl * 1000), lease.kind)
-        else:
-            msg, fields = MsgType.LEASE_REFUSE, LeaseFields(answer.candidate, answer.epoch, answer.request_id,
-                                                             answer.voter_epoch, lease.kind)
+        msg, fields = vote(voter, now, lease, hears_holder=self.hears(voter.holder, now))
         endpoint.send(source, Payload(lease=fields), dest=h.sender, role=Role.HOST, echo_seq=h.seq,
                       epoch=self.epoch, msg_type=msg)
 

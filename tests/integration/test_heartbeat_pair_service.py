@@ -28,15 +28,12 @@ import pytest
 from pydantic import SecretStr
 
 from schemas.envelope import Role
-from services.cli.agent import local_policy, read_credentials
+from services.cli.agent import read_credentials
 from services.core.auth import create_token
-from services.core.brokerauth_apply import apply_nats, broker_password_secret, ensure_broker_passwords
 from services.core.bus.bus import Bus
 from services.core.bus.factory import transport_from_url
-from services.core.embedded.nats_server import NatsServer
 from services.core.host import Connections, ServiceHost
-from services.core.secrets import SecretStore
-from services.core.settings import HeartbeatSettings, load_settings, url_with_credentials
+from services.core.settings import HeartbeatSettings, load_settings
 from services.heartbeat.agent import HeartbeatAgentComponent
 from services.heartbeat.service import HeartbeatService
 from services.heartbeat.wire import LeaseKind
@@ -46,6 +43,7 @@ from services.inventory.bmc.abc import BmcEndpoint
 from services.inventory.bmc.redfish import RedfishBmc
 from services.inventory.service import InventoryService
 from tests.integration.test_heartbeat_service import ROOST, clean_env, roost
+from tests.support.nats import PolicyNats
 from tests.support.postgres import fresh_database, pool_on
 from tests.support.sushy import FakeSystem, SushyEmulator, closed_port, running_sushy
 from tests.support.waiting import wait_until
@@ -133,15 +131,9 @@ async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str,
     enrolled = await asyncio.gather(*(asyncio.to_thread(roost, data, "agent", "enroll", name, "--broker", "none")
                                       for name in [*hosts, *(["witness"] if witness else [])]))
     assert all(e.returncode == 0 for e in enrolled), [e.stderr for e in enrolled]
-    secrets = SecretStore.in_data_dir(data)
-    policy = local_policy(data)
-    config = apply_nats(policy, ensure_broker_passwords(secrets, policy), data / "nats" / "auth.conf",
-                        server_name="roost")
-    server = NatsServer(data / "nats", server_name="roost", config_file=config, ready_timeout=20.0)
+    nats = PolicyNats(data)
+    secrets, server, url = nats.secrets, nats.server, nats.url_for
     await server.start()
-
-    def url(user: str) -> str:
-        return url_with_credentials(server.url, user, secrets.get_text(broker_password_secret(user)).get_secret_value())
 
     port, agent_port = random.randint(20000, 29000), random.randint(30000, 39000)
     started: list[ServiceHost] = []

@@ -33,15 +33,14 @@ import asyncpg
 import pytest
 
 from schemas.envelope import Role
-from services.cli.agent import local_policy, read_credentials
+from services.cli.agent import read_credentials
 from services.core.auth import create_token
-from services.core.brokerauth_apply import apply_nats, broker_password_secret, ensure_broker_passwords
 from services.core.bus.bus import Bus
 from services.core.bus.factory import transport_from_url
 from services.core.embedded.nats_server import NatsServer
 from services.core.host import Connections, ServiceHost
 from services.core.secrets import SecretStore
-from services.core.settings import HeartbeatSettings, load_settings, url_with_credentials
+from services.core.settings import HeartbeatSettings, load_settings
 from services.heartbeat.agent import HeartbeatAgentComponent
 from services.heartbeat.keys import MasterKey
 from services.heartbeat.keystore import ClusterKeys, load_cluster_keys
@@ -51,6 +50,7 @@ from services.heartbeat.transport import SocketFilter
 from services.inventory.agent.agent import HostAgent
 from services.inventory.agent.simhost import make_simulated_host
 from services.inventory.service import InventoryService
+from tests.support.nats import PolicyNats
 from tests.support.postgres import fresh_database, pool_on
 from tests.support.waiting import wait_until
 
@@ -81,6 +81,7 @@ class Cluster:
     heartbeat: HeartbeatService
     agent_port: int
     admin: str
+    nats: PolicyNats
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
 
     @property
@@ -89,8 +90,7 @@ class Cluster:
         return ["--bus-url", self.url_for("roost-cli"), "--token", self.admin]
 
     def url_for(self, user: str) -> str:
-        password = self.secrets.get_text(broker_password_secret(user)).get_secret_value()
-        return url_with_credentials(self.server.url, user, password)
+        return self.nats.url_for(user)
 
     async def ok(self, type: str, data: dict[str, Any]) -> dict[str, Any]:
         reply = await self.operator.request(self.operator.envelope(type, data), timeout=30)
@@ -136,11 +136,8 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
     for name in ("worker-1", "worker-2"):
         enrolled = roost(data, "agent", "enroll", name, "--broker", "none")
         assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
-    secrets = SecretStore.in_data_dir(data)
-    policy = local_policy(data)
-    config = apply_nats(policy, ensure_broker_passwords(secrets, policy), data / "nats" / "auth.conf",
-                        server_name="roost")
-    server = NatsServer(data / "nats", server_name="roost", config_file=config, ready_timeout=20.0)
+    nats = PolicyNats(data)
+    secrets, server = nats.secrets, nats.server
     await server.start()
     agent_port = random.randint(30000, 39000)
     hb_config = HeartbeatSettings(controller="controller-0", addresses={"mgmt": ip(1), "cluster-host": ip(2)},
@@ -157,17 +154,13 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Cluster]:
             inventory = InventoryService(go_enabled_timeout=30.0, lock_timeout=5.0, agent_check_interval=0.5,
                                          secrets=secrets)
             for component in (inventory, heartbeat):
-                host = ServiceHost(component, settings, Connections(
-                    url_with_credentials(server.url, component.name,
-                                         secrets.get_text(broker_password_secret(component.name)).get_secret_value()),
-                    db_url), tokens[component.name])
+                host = ServiceHost(component, settings, Connections(nats.url_for(component.name), db_url),
+                                   tokens[component.name])
                 await host.start()
                 services.append(host)
-            operator = Bus(transport_from_url(url_with_credentials(
-                server.url, "roost-cli", secrets.get_text(broker_password_secret("roost-cli")).get_secret_value())),
-                source="roost/cli", token=admin)
+            operator = Bus(transport_from_url(nats.url_for("roost-cli")), source="roost/cli", token=admin)
             await operator.connect()
-            here = Cluster(data, server, secrets, pool, operator, heartbeat, agent_port, admin)
+            here = Cluster(data, server, secrets, pool, operator, heartbeat, agent_port, admin, nats)
             try:
                 yield here
             finally:
