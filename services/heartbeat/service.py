@@ -177,7 +177,7 @@ class HeartbeatService:
         networks = {Path.of(net): addr for net, addr in cfg.addresses.items()}
         self.book = HostBook(own_hostname=cfg.controller, networks=networks)
         state_dir = ctx.settings.data_dir / "heartbeat" / cfg.controller
-        state_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(state_dir.mkdir, mode=0o700, parents=True, exist_ok=True)
         if cfg.peer is not None and (cfg.port == 0 or not cfg.peer_addresses or not networks):
             raise ValueError("heartbeat.peer needs heartbeat.addresses, heartbeat.peer_addresses and a fixed "
                              "heartbeat.port (the peer's monitor listens at the same port)")
@@ -500,6 +500,10 @@ class HeartbeatService:
                 except (OSError, asyncpg.PostgresError) as exc:
                     log.warning("heartbeat: cannot write to the outbox; retrying", error=str(exc))
                     await asyncio.sleep(1.0)
+                except Exception as exc:       # a bug, not the database: one batch lost, said loudly, not all
+                    log.error("heartbeat: a batch of verdicts and alarms could not be written; dropped",
+                              error=f"{type(exc).__name__}: {exc}", items=len(batch))
+                    break
 
     async def _flush(self) -> None:
         batch: list[_Out] = []
