@@ -6,7 +6,9 @@ every path they share (the request carries our ``HEARD`` entry for that host and
 (authenticated, fresh, from a monitored host in role HOST) feed the (host, path) :class:`PathHealth`:
 
 * credited only when they come from the host's configured address on that path and echo a request we
-  sent within ``down_after`` periods (a delayed or stale answer proves nothing: ``ignored`` counts them);
+  sent within ``fresh_echo`` (3 periods): an answer to an older request proves little, and a burst of them
+  (requests the kernel queued while a link was down, delivered together when it comes back) would bring a
+  path straight UP past the flap damping; ``ignored`` counts them;
 * ``hears_me`` from the answer's ``HEARD`` digest; ``KEYS`` into the keyring; the digest's entries for
   other monitored hosts (a worker that hears the other controller) into ``Verdict.witness_report``.
 
@@ -151,7 +153,7 @@ class HeartbeatMonitor(PathNode):
                  version_base: int | None = None, stall_after: Seconds | None = None,
                  stall_hold: Seconds | None = None,
                  on_pair: Callable[[Datagram, Addr, Seconds], None] | None = None,
-                 on_peer: Callable[[bool], None] | None = None) -> None:
+                 on_peer: Callable[[bool], None] | None = None, fresh_echo: Seconds | None = None) -> None:
         policy = path_policy or PathPolicy()
         if period is not None and period != policy.period:
             policy = dataclasses.replace(policy, period=period)
@@ -168,6 +170,7 @@ class HeartbeatMonitor(PathNode):
         self.version_base = version_base if version_base is not None else time.time_ns() // 1_000_000
         self.stall_after = stall_after if stall_after is not None else max(0.5, 5 * self.period)
         self.stall_hold = stall_hold if stall_hold is not None else 3 * self.period
+        self.fresh_echo = fresh_echo if fresh_echo is not None else 3 * self.period
         self.hosts: dict[str, MonitoredHost] = {}
         self._by_id: dict[NodeId, MonitoredHost] = {}
         self._by_ip: dict[str, str] = {}
@@ -432,6 +435,13 @@ class HeartbeatMonitor(PathNode):
         sent = self._sent_at(h.path, h.echo_seq)
         if sent is None or now - sent > self.policy.down_time:
             self.ignored["stale_echo"] += 1
+            self._late_answer(now, host.hostname)
+            return
+        if now - sent > self.fresh_echo:
+            # an answer to an old request (the kernel held our requests while the link was down, or we read
+            # late): it would count as a good heartbeat now, and a burst of them would bring a DOWN path
+            # straight UP, skipping the flap damping; only answers to recent requests count
+            self.ignored["late_echo"] += 1
             self._late_answer(now, host.hostname)
             return
         host.rtt[h.path] = now - sent
