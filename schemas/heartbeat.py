@@ -90,6 +90,17 @@ class HeartbeatStatusQuery(_Model):
     (the reply's result is the status document of ``services.heartbeat.service.HeartbeatService.status``)."""
 
 
+class AgentHeartbeatAlarm(_Model):
+    """A host agent's heartbeat responder saw a burst of forged or replayed datagrams on one of its networks
+    (950.006), or the burst ended (``severity`` none).  Published by the agent on its own subject
+    ``roost.agent.<agent>.heartbeat_alarm``; the heartbeat service raises or clears the alarm on the agent's
+    own host only (the entity comes from the subject and inventory's record, never from the message)."""
+
+    network: Network
+    severity: Literal["critical", "major", "minor", "warning"] | None = None
+    reason: str = Field(default="", max_length=255)
+
+
 class KeysRotate(_Model):
     """``roost keys rotate``: start a rotation of the heartbeat master key (or show the one under way)."""
 
@@ -106,6 +117,8 @@ def register(registry: Registry) -> None:
                      min_role=Role.ADMIN, result_model=SwactResult)
     registry.command("roost.cmd.heartbeat.status", OWNER, HeartbeatStatusQuery,
                      "The heartbeat monitor, its keys and every monitored host's paths", min_role=Role.READER)
+    registry.event("roost.agent.heartbeat_alarm", "agent", AgentHeartbeatAlarm,
+                   "A host agent's heartbeat saw a burst of forged datagrams on a network, or it ended")
     registry.command("roost.cmd.heartbeat.keys_rotate", OWNER, KeysRotate,
                      "Rotate the heartbeat master key without downtime", min_role=Role.ADMIN)
     registry.command("roost.cmd.agent.heartbeat", "agent", AgentHeartbeatConfig,

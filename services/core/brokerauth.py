@@ -341,10 +341,13 @@ _SERVICES = (
     service("inventory", events=("host",), serves=("host",),
             reads=("roost.agent.>", DEGRADES, "roost.heartbeat.host_health", "roost.heartbeat.active_controller"),
             sends=(f"{COMMAND_PREFIX}.hostservices.>", f"{COMMAND_PREFIX}.heartbeat.>", f"{COMMAND_PREFIX}.agent.>")),
-    service("heartbeat", events=("heartbeat",), serves=("heartbeat",), reads=("roost.host.>",),
+    service("heartbeat", events=("heartbeat",), serves=("heartbeat",),
+            reads=("roost.host.>", "roost.agent.*.heartbeat_alarm"),
             sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>"),
-            # with a controller pair, each controller's monitor reads every host event (its own group)
-            consumers=tuple(Consumer(f"heartbeat-controller-{i}", "roost.host.>") for i in (0, 1))),
+            # with a controller pair, each controller's monitor reads every host event and agent alarm (its
+            # own group)
+            consumers=tuple(Consumer(f"heartbeat-controller-{i}", pattern) for i in (0, 1)
+                            for pattern in ("roost.host.>", "roost.agent.*.heartbeat_alarm"))),
     service("alarms", events=("alarm",), serves=("alarm",), reads=(FAULTS, "roost.host.deleted")),
     service("orchestrator", events=("strategy",), serves=("strategy", "hostservices"),
             sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>", f"{COMMAND_PREFIX}.alarm.>")),

@@ -31,12 +31,12 @@ from typing import TYPE_CHECKING
 import structlog
 from pydantic import ValidationError
 
-from schemas.heartbeat import AgentHeartbeatApplied, AgentHeartbeatConfig
+from schemas.heartbeat import AgentHeartbeatAlarm, AgentHeartbeatApplied, AgentHeartbeatConfig
 from services.core.bus.bus import Message, Reject
 from services.core.files import write_private
 from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.keystore import ClusterKeys, KeyStoreError, unseal_next
-from services.heartbeat.model import Path
+from services.heartbeat.model import AlarmIntent, Path
 from services.heartbeat.responder import HeartbeatResponder
 from services.heartbeat.transport import PathSpec, SocketFilter
 
@@ -67,6 +67,8 @@ class HeartbeatAgentComponent:
         self.applied = asyncio.Event()
         self._lock = asyncio.Lock()
         self._hostname = ""
+        self._agent: HostAgent | None = None
+        self._pending: set[asyncio.Future[None]] = set()
 
     @property
     def config_path(self) -> FsPath:
@@ -74,6 +76,7 @@ class HeartbeatAgentComponent:
 
     async def start(self, agent: HostAgent) -> None:
         self._hostname = agent.name
+        self._agent = agent
         agent.handle(CONFIG_COMMAND, self._on_config)
         self._load_keys()
         saved = self._load_saved()
@@ -84,7 +87,28 @@ class HeartbeatAgentComponent:
                 log.warning("heartbeat: the saved config cannot be used; waiting for the heartbeat service",
                             error=f"{type(exc).__name__}: {exc}")
 
+    def _alarm(self, intent: AlarmIntent) -> None:
+        """950.006 on one of our networks (raised or cleared): to the heartbeat service, which owns the alarm."""
+        agent = self._agent
+        network = intent.entity_instance_id.rpartition(".network=")[2]
+        if agent is None or network not in ("mgmt", "cluster-host", "oam"):
+            return
+        data = AgentHeartbeatAlarm.model_validate({"network": network, "severity": intent.severity,
+                                                   "reason": intent.reason[:255]})
+        task = asyncio.ensure_future(self._publish_alarm(agent, data))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _publish_alarm(self, agent: HostAgent, data: AgentHeartbeatAlarm) -> None:
+        envelope = agent.bus.envelope("roost.agent.heartbeat_alarm", data, subject=f"agent/{agent.name}")
+        try:
+            await agent.bus.publish(envelope, subject=agent.subject("heartbeat_alarm"))
+        except Exception as exc:         # the bus away: the responder raises it again while the burst lasts
+            log.warning("heartbeat: cannot report an authentication-failure burst", error=type(exc).__name__)
+
     async def stop(self) -> None:
+        for task in list(self._pending):
+            task.cancel()
         async with self._lock:
             if self.responder is not None:
                 await self.responder.stop()
@@ -213,7 +237,7 @@ class HeartbeatAgentComponent:
                      for net, ip in sorted(config.addresses.items())]
             responder = HeartbeatResponder(node_id=config.node_id, cluster_id=self.keys.cluster_id,
                                            master_key=self._keyring(config), paths=specs, state_dir=self.state_dir,
-                                           hostname=config.hostname)
+                                           hostname=config.hostname, on_alarm=self._alarm)
             await responder.start()
             for path, endpoint in responder.endpoints.items():
                 endpoint.filter = self.socket_filters.get(path, endpoint.filter)

@@ -53,7 +53,7 @@ import structlog
 from fastapi import APIRouter
 
 from schemas import inventory as inv
-from schemas.heartbeat import AgentHeartbeatConfig, Swact, SwactResult
+from schemas.heartbeat import AgentHeartbeatAlarm, AgentHeartbeatConfig, Swact, SwactResult
 from services.core.bus.abc import RequestTimeout
 from services.core.bus.bus import Message, Reject, RetryLater, is_unhandled
 from services.core.host import ServiceContext
@@ -63,7 +63,15 @@ from services.heartbeat import metrics
 from services.heartbeat.fencing import Fencer
 from services.heartbeat.hostbook import Change, HostBook, Target
 from services.heartbeat.keystore import ClusterKeys, begin_rotation, ensure_cluster_keys, finish_rotation, seal_next
-from services.heartbeat.model import ALARM_FENCE_FAILED, ALARM_SPLIT_BRAIN, AlarmIntent, NodeId, Path
+from services.heartbeat.model import (
+    ALARM_AUTH_FAILURES,
+    ALARM_FENCE_FAILED,
+    ALARM_SPLIT_BRAIN,
+    AlarmIntent,
+    NodeId,
+    Path,
+    network_entity,
+)
 from services.heartbeat.monitor import HealthChange, HeartbeatMonitor
 from services.heartbeat.pair import Announce, PairPolicy
 from services.heartbeat.pairnode import PairNode
@@ -80,6 +88,7 @@ log = structlog.get_logger("roost.heartbeat")
 NAME = "heartbeat"
 GROUP = "heartbeat"
 HOST_EVENTS = "roost.host.>"
+AGENT_ALARMS = "roost.agent.*.heartbeat_alarm"
 COMMANDS = "roost.cmd.heartbeat.>"
 WITNESS = "pair-witness"
 AGENT_CONFIG = "roost.cmd.agent.heartbeat"
@@ -216,9 +225,10 @@ class HeartbeatService:
         self._tasks = [asyncio.create_task(self._write_loop(), name="heartbeat-writer"),
                        asyncio.create_task(self._list_hosts(), name="heartbeat-host-list"),
                        asyncio.create_task(self._agent_loop(), name="heartbeat-agent-configs")]
-        # with a pair, each controller reads every host event: a group of its own
-        await ctx.bus.subscribe(HOST_EVENTS, GROUP if cfg.peer is None else f"{GROUP}-{cfg.controller}",
-                                self.on_host_event)
+        # with a pair, each controller reads every host event and agent alarm: a group of its own
+        group = GROUP if cfg.peer is None else f"{GROUP}-{cfg.controller}"
+        await ctx.bus.subscribe(HOST_EVENTS, group, self.on_host_event)
+        await ctx.bus.subscribe(AGENT_ALARMS, group, self.on_agent_alarm)
         await ctx.bus.serve(COMMANDS, GROUP, self.command)
 
     async def stop(self) -> None:
@@ -326,6 +336,21 @@ class HeartbeatService:
         if self.book is None:
             raise RuntimeError("the heartbeat service has not started")
         return self.book
+
+    async def on_agent_alarm(self, message: Message) -> None:
+        """An agent's 950.006 (a burst of forged datagrams at the agent), raised or cleared on its own host: the
+        agent is the one the subject names (the broker lets it publish only there), its host the one inventory
+        says runs that agent; a message cannot name another entity."""
+        data = message.data
+        if not isinstance(data, AgentHeartbeatAlarm):
+            return
+        agent = message.subject.split(".")[2]
+        target = next((t for t in self._book.targets.values() if t.agent == agent), None)
+        if target is None:
+            log.warning("heartbeat: an alarm from an agent of no monitored host; dropped", agent=agent)
+            return
+        self._alarm(AlarmIntent(ALARM_AUTH_FAILURES, network_entity(target.hostname, Path.of(data.network)),
+                                data.severity, f"{data.reason} (seen by the agent on {target.hostname})"[:255]))
 
     async def _list_hosts(self) -> None:
         """Inventory's hosts, asked until it answers (it may start after us)."""

@@ -786,6 +786,8 @@ class InventoryService:
             outcome = await self._host_health(conn, data)
         elif isinstance(data, hb.ActiveController):
             outcome = await self._active_controller(conn, data)
+        elif isinstance(data, hb.AgentHeartbeatAlarm):
+            return []                # on the agents' subjects, for the heartbeat service (it owns 950.006)
         else:
             raise Reject(f"{envelope.type} is not a fact inventory applies")
         return list(outcome.effects) if outcome is not None else []

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -42,11 +43,13 @@ from services.core.host import Connections, ServiceHost
 from services.core.secrets import SecretStore
 from services.core.settings import HeartbeatSettings, load_settings
 from services.heartbeat.agent import HeartbeatAgentComponent
-from services.heartbeat.keys import MasterKey
+from services.heartbeat.keys import MasterKey, derive
 from services.heartbeat.keystore import ClusterKeys, load_cluster_keys
 from services.heartbeat.model import Path as HbPath
 from services.heartbeat.service import HeartbeatService
 from services.heartbeat.transport import SocketFilter
+from services.heartbeat.wire import Header, Payload, encode
+from services.heartbeat.wire import Role as WireRole
 from services.inventory.agent.agent import HostAgent
 from services.inventory.agent.simhost import make_simulated_host
 from services.inventory.service import InventoryService
@@ -344,3 +347,37 @@ async def test_keys_rotate_without_a_missed_heartbeat_and_the_agent_keeps_the_ne
         await wait_until(lambda: again.responder is not None, 20, "worker-2 answering again")
         assert again.responder is not None and again.responder.keyring.primary.key_id == int(new, 16)
         await wait_until(lambda: paths_up(cluster, "worker-2"), 30, "worker-2 heard again")
+
+
+async def test_a_burst_of_forgeries_at_an_agent_raises_950_006_on_its_host(cluster: Cluster) -> None:
+    """The agent counts the forged datagrams it drops and reports the burst on its own subject; the heartbeat
+    service raises 950.006 on that agent's host and network (the message cannot name another entity)."""
+    n = SUFFIX + 5
+    creds = read_credentials(cluster.data / "agents" / "worker-2.credentials.json")
+    assert creds.heartbeat is not None
+    await add_host(cluster, "worker-2", "52:54:00:aa:05:05", n)
+    async with in_process_agent(cluster, "worker-2", "52:54:00:aa:05:05", creds.heartbeat, {}) as component:
+        await unlock_when_online(cluster, "worker-2")
+        await wait_until(lambda: paths_up(cluster, "worker-2"), 30, "worker-2 heard on both networks")
+        assert component.responder is not None
+        target = component.responder.address(HbPath.MGMT)
+        forger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            forger.bind((f"127.0.1.{n + 1}", 0))
+            forged_key = derive(MasterKey(1, os.urandom(64)), creds.heartbeat.cluster_id, HbPath.MGMT)
+            for seq in range(1, 31):                     # well-formed, signed with a key nobody holds
+                header = Header(creds.heartbeat.cluster_id, 7777, HbPath.MGMT, 1, os.urandom(8), seq,
+                                role=WireRole.ACTIVE)
+                forger.sendto(encode(header, Payload(), forged_key), target)
+        finally:
+            forger.close()
+
+        async def raised() -> bool:
+            return any(e["data"]["alarm_id"] == "950.006"
+                       and e["data"]["entity_instance_id"] == "host=worker-2.network=mgmt"
+                       for e in await cluster.outbox("roost.fault.set"))
+
+        await wait_until(raised, 20, "950.006 on worker-2's mgmt network")
+        assert sum(component.responder.drop_counts().values()) >= 10
+        host = await cluster.host_status("worker-2")
+        assert host is not None and host["state"] == "healthy", "forgeries change nothing else"
