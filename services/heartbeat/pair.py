@@ -66,6 +66,7 @@ class PairPolicy:
     fence_backoff: Seconds = 5.0         # the first retry after a failed fence; doubles, up to 60 s
     fence_max_attempts: int = 10
     election_timeout: Seconds = 5.0      # an election without a majority this long: given up or asked again
+    join_grace: Seconds = 8.0            # a voter just added counts towards the quorum after this, or once it grants
 
     @property
     def voter_hold(self) -> Seconds:
@@ -298,6 +299,7 @@ class PairController:
         self.clock = now                         # the latest time handed in
         self.quiet_until: Seconds = now          # no start-up election before this (after stepping down)
         self.elected_at: Seconds = now           # when the current election started
+        self.joined: dict[NodeId, Seconds] = {}  # voters added by set_voters, and when (until they count)
 
     def __repr__(self) -> str:
         return f"PairController({self.config.me}, {self.phase.value}, epoch={self.epoch}, target={self.target})"
@@ -310,13 +312,30 @@ class PairController:
 
     def set_voters(self, now: Seconds, voters: Iterable[NodeId]) -> list[Effect]:
         """The voters changed (a worker unlocked, locked, added or deleted): both controllers stay voters;
-        votes of voters that left no longer count.  Quorum follows the new set from now on."""
+        votes of voters that left no longer count.
+
+        A voter just added *joins*: it counts towards the quorum once it has granted us, or after
+        ``join_grace`` (it cannot grant during its own quiet period, and its agent may still be starting),
+        so that unlocking a batch of workers does not leave the active without a majority and make it step
+        down.  Both controllers learn of a join from the same inventory events, moments apart; a majority
+        of the counted voters still needs the controllers' own votes while the joiners do not count, and
+        each controller's voter holds its own grant, so two controllers cannot both hold one."""
         wanted = frozenset(voters) | {self.config.me, self.config.peer}
         if wanted == self.config.voters:
             return []
+        for voter in wanted - self.config.voters:
+            self.joined[voter] = now
+        self.joined = {v: t for v, t in self.joined.items() if v in wanted}
         self.config = replace(self.config, voters=wanted)
         self.votes = {v: until for v, until in self.votes.items() if v in wanted}
         return self.tick(now)
+
+    def quorum(self, now: Seconds) -> int:
+        """A strict majority of the voters that count now (the joiners that have not granted yet do not)."""
+        grace = self.policy.join_grace
+        counted = sum(1 for v in self.config.voters
+                      if v not in self.joined or now - self.joined[v] >= grace or v in self.votes)
+        return counted // 2 + 1
 
     def force(self, now: Seconds) -> list[Effect]:
         """The operator vouches that the peer is off: lift ``wait_for_all`` and any fence requirement."""
@@ -414,12 +433,13 @@ class PairController:
                 and now - self.claim.at <= self.policy.claim_ttl)
 
     def _majority(self, now: Seconds) -> bool:
-        return sum(1 for until in self.votes.values() if until > now) >= self.config.quorum
+        return sum(1 for until in self.votes.values() if until > now) >= self.quorum(now)
 
     def lease_end(self) -> Seconds | None:
         """Until when a strict majority backs us (None: it does not)."""
         held = sorted(self.votes.values(), reverse=True)
-        return held[self.config.quorum - 1] if len(held) >= self.config.quorum else None
+        quorum = self.quorum(self.clock)
+        return held[quorum - 1] if len(held) >= quorum else None
 
     def _request(self, now: Seconds) -> list[Effect]:
         request_id = self._next_request
@@ -592,6 +612,7 @@ class PairController:
                 end = self.lease_end()
                 if end is not None:
                     times.append(end)
+                times += [t + p.join_grace for t in self.joined.values()]     # a joiner starts to count
             if self.fence_retry_at is not None:
                 times.append(self.fence_retry_at)
             if self.phase is Phase.ACTIVE and self.config.two_node and not self.peer_reachable:

@@ -129,7 +129,7 @@ class PairNode:
             return {}
         return {"me": self.me_name, "peer": self.peer_name, "phase": ctrl.phase.value, "epoch": ctrl.epoch,
                 "peer_reachable": ctrl.peer_reachable, "voters": len(ctrl.config.voters),
-                "quorum": ctrl.config.quorum, "two_node": ctrl.config.two_node}
+                "quorum": ctrl.quorum(self.monitor.now()), "two_node": ctrl.config.two_node}
 
     # -- inputs -------------------------------------------------------------------------------------------
 

@@ -1,9 +1,10 @@
 """Update strategies on a site run as `roost up` runs it: inventory, alarms and the orchestrator hosted by
 ``ServiceHost`` on the policy-enforcing NATS (each service, each agent and the operator log in as their own
 broker users), a fresh PostgreSQL database, and eight real `roost agent run` processes (2 controllers,
-6 workers) on simulated host trees, whose update component simulates the install.  The controller pair's
-swact is played by a stand-in for the heartbeat service (it serves ``roost.cmd.heartbeat.swact`` and
-announces the new active controller, as the heartbeat service does), logged in as the heartbeat user.
+6 workers) on simulated host trees, whose update component simulates the install.  The controller pair is
+the real one: two heartbeat services (controller-0 and controller-1) heartbeating the agents on loopback
+paths, the workers voting; a swact step goes through inventory to the active controller's heartbeat
+service, which hands the role over and announces it.
 
 1. r1, workers parallel (max 3), worker-4's agent told to fail r1: the controllers (the active one last,
    swacted first) and the first three workers are updated, worker-4's install fails, the strategy fails
@@ -31,20 +32,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 
-from schemas import heartbeat as hb
 from schemas.envelope import Role
 from services.alarms.service import AlarmsService
 from services.cli.agent import EnrolledAgent, local_policy, save_enrolled, write_credentials
-from services.core.auth import PgAuthenticator, create_token
+from services.core.auth import create_token
 from services.core.brokerauth_apply import apply_nats, broker_password_secret, ensure_broker_passwords
-from services.core.bus.bus import Bus, Message
+from services.core.bus.bus import Bus
 from services.core.bus.factory import transport_from_url
 from services.core.embedded.nats_server import NatsServer
-from services.core.host import Connections, ServiceHost
+from services.core.host import Component, Connections, ServiceHost
 from services.core.secrets import SecretStore
-from services.core.settings import load_settings, url_with_credentials
+from services.core.settings import HeartbeatSettings, load_settings, url_with_credentials
+from services.heartbeat.keystore import ensure_cluster_keys
+from services.heartbeat.service import HeartbeatService
 from services.inventory.agent.simhost import make_simulated_host
 from services.inventory.service import InventoryService
 from services.orchestrator.agent import saved_state
@@ -62,30 +64,20 @@ CONTROLLERS = ("controller-0", "controller-1")
 WORKERS = tuple(f"worker-{i}" for i in range(6))
 HOSTS = CONTROLLERS + WORKERS
 FINAL = ("applied", "apply-failed", "aborted", "abort-failed")
+BASE = random.randint(20, 230)
+MONITOR = {"controller-0": BASE, "controller-1": BASE + 1}      # 127.0.1.x / 127.0.2.x
+AGENTS = {name: BASE + 2 + i for i, name in enumerate(HOSTS)}
+AGENT_PORT = random.randint(30000, 39000)
+
+
+def addresses(n: int) -> dict[str, str]:
+    return {"mgmt": f"127.0.1.{n}", "cluster-host": f"127.0.2.{n}"}
 
 
 def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
     env.update({"ROOST_HTTP_BASE_PORT": "0", "ROOST_LOG_FORMAT": "json"})
     return env
-
-
-class PairStandIn:
-    """The heartbeat service's part in a swact: move the active role and announce it (versions grow)."""
-
-    def __init__(self, bus: Bus) -> None:
-        self.bus = bus
-        self.version = 10
-        self.swacts: list[str] = []
-
-    async def handle(self, message: Message) -> BaseModel:
-        data = message.data
-        assert isinstance(data, hb.Swact)
-        self.swacts.append(data.from_host)
-        self.version += 2
-        await self.bus.publish(self.bus.envelope("roost.heartbeat.active_controller", hb.ActiveController(
-            entity_id="controller-pair", version=self.version, active=data.to_host, standby=data.from_host)))
-        return hb.SwactResult(active=data.to_host, detail="stand-in: role moved")
 
 
 class Boundary:
@@ -106,8 +98,9 @@ class Site:
     secrets: SecretStore
     operator: Bus
     admin: str
-    pair: PairStandIn
+    alarms_bus: Bus
     boundary: Boundary
+    pool: Any = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def url_for(self, user: str) -> str:
@@ -132,7 +125,7 @@ class Site:
         root = make_simulated_host(self.data / "hosts" / name, name, mac)
         argv = [*ROOST, "--data-dir", str(self.data), "agent", "run", "--name", name, "--credentials",
                 str(self.data / "agents" / f"{name}.credentials.json"), "--root", str(root), "--interval", "1",
-                "--no-heartbeat", "--state-dir", str(self.state_dir(name)), *extra]
+                "--state-dir", str(self.state_dir(name)), *extra]
         log = (self.data / f"{name}.log").open("ab")
         self.procs[name] = subprocess.Popen(argv, env=clean_env(), stdout=log, stderr=log, start_new_session=True)
 
@@ -144,6 +137,17 @@ class Site:
         return subprocess.run([*ROOST, "--data-dir", str(self.data), "--bus-url", self.url_for("roost-cli"),
                                "--token", self.admin, *args], env=clean_env(), capture_output=True, text=True,
                               timeout=180)
+
+    async def swacts(self) -> list[str]:
+        """The controllers that handed the active role over, in order (the pair's announcements)."""
+        rows = await self.pool.fetch("SELECT body FROM heartbeat.outbox ORDER BY id")
+        actives: list[str] = []
+        for row in rows:
+            body = json.loads(bytes(row["body"]))
+            active = body["data"].get("active") if body["type"] == "roost.heartbeat.active_controller" else None
+            if active and (not actives or actives[-1] != active):
+                actives.append(active)
+        return actives[:-1]
 
     async def strategy(self) -> dict[str, Any]:
         shown = (await self.ok("roost.cmd.strategy.show", {}))["strategy"]
@@ -163,9 +167,10 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
     config = apply_nats(policy, passwords, data / "nats" / "auth.conf", server_name="roost")
     server = NatsServer(data / "nats", server_name="roost", config_file=config, ready_timeout=20.0)
     await server.start()
+    keys, _ = ensure_cluster_keys(secrets)
     for name in HOSTS:
         write_credentials(data / "agents" / f"{name}.credentials.json", name,
-                          SecretStr(passwords[f"agent-{name}"].get_secret_value()), server.url)
+                          SecretStr(passwords[f"agent-{name}"].get_secret_value()), server.url, keys)
     hosts: list[ServiceHost] = []
     buses: list[Bus] = []
     try:
@@ -179,8 +184,14 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
             orchestrator = OrchestratorService(OrchestratorSettings(
                 stabilize_seconds=0, alarms_first_delay=0.5, strategy_poll_interval=0.1, retry_delay_max=0.5),
                 boundary=boundary)
-            components = (InventoryService(go_enabled_timeout=30.0, lock_timeout=30.0, agent_check_interval=0.5,
-                                           secrets=secrets), AlarmsService(webhooks=False), orchestrator)
+            port = random.randint(20000, 29000)
+            pair = [HeartbeatService(config=HeartbeatSettings(
+                controller=me, addresses=addresses(MONITOR[me]), port=port, agent_port=AGENT_PORT, peer=peer,
+                peer_addresses=addresses(MONITOR[peer])), list_retry=0.5, config_retry=0.5, config_resend=2.0)
+                for me, peer in (CONTROLLERS, CONTROLLERS[::-1])]
+            inventory = InventoryService(go_enabled_timeout=30.0, lock_timeout=30.0, agent_check_interval=0.5,
+                                         secrets=secrets)
+            components: tuple[Component, ...] = (inventory, AlarmsService(webhooks=False), orchestrator, *pair)
             for component in components:
                 host = ServiceHost(component, settings, Connections(url_with_credentials(
                     server.url, component.name, passwords[component.name].get_secret_value()), db_url),
@@ -194,13 +205,11 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
                            source=f"roost/{user}", token=token, **kw)
 
             operator = bus_as("roost-cli", admin)
-            standin = bus_as("heartbeat", tokens["heartbeat"], authenticator=PgAuthenticator(pool))
-            for bus in (operator, standin):
+            alarms_bus = bus_as("heartbeat", tokens["heartbeat"])
+            for bus in (operator, alarms_bus):
                 await bus.connect()
                 buses.append(bus)
-            pair = PairStandIn(standin)
-            await standin.serve("roost.cmd.heartbeat.>", "heartbeat", pair.handle)
-            here = Site(data, server, secrets, operator, admin, pair, boundary)
+            here = Site(data, server, secrets, operator, admin, alarms_bus, boundary, pool)
             try:
                 yield here
             finally:
@@ -222,7 +231,8 @@ async def provision(site: Site, fail_on: dict[str, str]) -> None:
     for i, name in enumerate(HOSTS):
         mac = f"52:54:00:{base:02x}:08:{i:02x}"
         personality = "controller" if name.startswith("controller") else "worker"
-        await site.ok("roost.cmd.host.add", {"personality": personality, "hostname": name, "mgmt_mac": mac})
+        await site.ok("roost.cmd.host.add", {"personality": personality, "hostname": name, "mgmt_mac": mac,
+                                              "addresses": addresses(AGENTS[name])})
         extra = ("--simulate-update-failure", fail_on[name]) if name in fail_on else ()
         site.start_agent(name, mac, *extra)
 
@@ -273,15 +283,15 @@ async def test_two_controllers_six_parallel_workers_a_failed_install_aborts_then
     [undo] = first["abort_phase"]["stages"]
     assert undo["steps"][0]["entity_names"] == ["worker-3", "worker-4", "worker-5"]
     assert undo["steps"][0]["result"] == "success"
-    assert site.pair.swacts == [was_active]
+    assert await site.swacts() == [was_active]
     for name in HOSTS:
         assert await available(site, name), name
     assert {n: site.installs(n) for n in HOSTS} == {
         **{n: ["r1"] for n in (*CONTROLLERS, "worker-0", "worker-1", "worker-2", "worker-3", "worker-5")},
         "worker-4": []}
-    active = await site.roost("strategy", "show", "--active")
-    assert active.returncode == 0, active.stderr
-    assert "apply-update  failed" in active.stdout and "query-alarms" not in active.stdout
+    in_flight = await site.roost("strategy", "show", "--active")
+    assert in_flight.returncode == 0, in_flight.stderr
+    assert "apply-update  failed" in in_flight.stdout and "query-alarms" not in in_flight.stdout
     await site.ok("roost.cmd.strategy.delete", {})
 
     # 2. r2 through the roost command, with live progress
@@ -298,7 +308,7 @@ async def test_two_controllers_six_parallel_workers_a_failed_install_aborts_then
     second = await site.strategy()
     assert second["state"] == "applied"
     assert all(t["result"] == "success" for s in second["apply_phase"]["stages"] for t in s["steps"])
-    assert len(site.pair.swacts) == 2
+    assert await site.swacts() == [was_active, standby]
     for name in HOSTS:
         assert site.installs(name)[-1] == "r2" and site.installs(name).count("r2") == 1, name
         assert await available(site, name), name
@@ -315,7 +325,7 @@ async def test_two_controllers_six_parallel_workers_a_failed_install_aborts_then
     async def raise_alarm(name: str, ref: StepRef, step: Step) -> None:
         if (name, ref.stage_id, step.name) != ("step_finished", 2, "wait-alarms-clear"):
             return
-        await site.pair.bus.publish(site.pair.bus.envelope("roost.fault.set", {
+        await site.alarms_bus.publish(site.alarms_bus.envelope("roost.fault.set", {
             "alarm_id": "950.003", "entity_instance_id": "host=worker-4.network=mgmt", "severity": "major",
             "reason_text": "Heartbeat lost from worker-4 on the mgmt network"}))
 

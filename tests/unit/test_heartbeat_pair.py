@@ -447,6 +447,33 @@ def test_an_election_that_cannot_win_is_asked_again_higher_or_given_up(me: NodeI
         assert PersistEpoch(4) in effects and c.phase is Phase.ELECTING
 
 
+def test_workers_joining_do_not_unseat_the_active_and_count_once_they_grant_or_after_the_grace() -> None:
+    """Found on the network (a strategy's site: six workers unlocked at once made the active step down):
+    voters just added count only once they grant, or after ``join_grace``."""
+    sim = Sim(workers=0, seed=3)
+    active = started(sim)
+    ctrl = sim.ctrl[active]
+    now = sim.local(active)
+    workers = [10 + i for i in range(6)]
+    ctrl.set_voters(now, workers)
+    assert ctrl.quorum(now) == 2 and ctrl.active, "the joiners do not count yet: both controllers are a majority"
+    sim.run(ctrl.policy.join_grace / 2)
+    assert ctrl.active
+    late = sim.local(active) + ctrl.policy.join_grace
+    assert ctrl.quorum(late) == 5                              # 8 voters now count
+    effects = ctrl.tick(late)
+    assert not ctrl.active and any(isinstance(e, BecomeStandby) for e in effects), "nobody voted: steps down"
+
+    again = Sim(workers=0, seed=4)
+    active = started(again)
+    ctrl = again.ctrl[active]
+    now = again.local(active)
+    ctrl.set_voters(now, workers[:2])
+    for w in workers[:2]:                                      # the joiners grant at once: they count at once
+        ctrl.granted(now, LeaseGrant(w, active, ctrl.target, max(ctrl._sent), 3.0))
+    assert ctrl.quorum(now) == 3 and ctrl.active and ctrl._majority(now)
+
+
 def test_config_rules() -> None:
     with pytest.raises(ValueError):
         PairConfig(C0, C0, frozenset({C0}), "a", "a", "s")
