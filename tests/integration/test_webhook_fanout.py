@@ -83,6 +83,21 @@ async def test_a_notification_committing_late_is_not_skipped(pool: asyncpg.Pool)
     assert await pool.fetchval("SELECT fanned_out_seq FROM alarms.webhook_subscriptions") == 4
 
 
+async def test_a_held_connection_stays_usable_after_the_barrier_gave_up(pool: asyncpg.Pool) -> None:
+    """The dispatcher fans out on a connection it keeps: a barrier that timed out must not leave it in an
+    aborted transaction (every later fan-out on it would fail)."""
+    sub, _ = await store.create_subscription(pool, "http://127.0.0.1:9/")
+    async with pool.acquire() as slow, pool.acquire() as held:
+        tx = slow.transaction()
+        await tx.start()
+        await store.enqueue(slow, notification(entity="host=a"))         # holds the writers' lock
+        assert await store.fan_out(held) == 0, "gave up after half a second"
+        assert not held.is_in_transaction()
+        await tx.commit()
+        assert await store.fan_out(held) == 1
+    assert len(await delivered_ids(pool, sub.id)) == 1
+
+
 async def test_a_new_subscriber_gets_what_follows_only(pool: asyncpg.Pool) -> None:
     first, _ = await store.create_subscription(pool, "http://127.0.0.1:9/")
     before, after = notification(entity="host=a"), notification(entity="host=b")

@@ -410,6 +410,11 @@ async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOU
             await conn.execute(_BARRIER_WAIT)
         except asyncpg.LockNotAvailableError:
             return 0, True
+        finally:
+            # An error inside the barrier's BEGIN ... COMMIT leaves its transaction open and aborted, and the
+            # connection refusing every later statement: end it (a held connection is used again).
+            if conn.is_in_transaction():
+                await conn.execute("ROLLBACK")
     made = 0
     while True:
         row = await conn.fetchrow(_FAN_OUT, hw, chunk, ahead)
