@@ -81,6 +81,7 @@ import httpx
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
 from schemas.registry import Registry
+from services.alarms import service as alarms_service
 from services.alarms import store as alarm_store
 from services.alarms.service import FAULTS, GROUP, MIGRATIONS, AlarmsService
 from services.alarms.webhooks import (
@@ -359,17 +360,33 @@ async def receiver_main(verify_with: str | None) -> None:
 # -- the alarms service in a process of its own ------------------------------------------------------
 
 
+class _NoDispatcher:
+    """What the alarms service starts as its dispatcher in the queue-only mode of ``service_main``: nothing."""
+
+    def __init__(self, *_: Any, **__: Any) -> None:
+        pass
+
+    def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+
 async def service_main(bus_url: str, database_url_: str, batch: int, mode: str) -> None:
     """The alarms service hosted as ``roost up`` hosts it; with ``mode`` ``queue-only`` its notifications are
     fanned out (as its dispatcher does) but nothing is sent (figure 1: the subscribers are unreachable, and
     trying them is figure 2's work); ``dispatch``: its dispatcher in its process; ``dispatch-process``: its
     dispatcher in a child process of its own (``ROOST_ALARMS_DISPATCHER=process``)."""
     dispatch = mode != "queue-only"
-    service = AlarmsService(batch_size=batch, webhooks=dispatch,
+    if not dispatch:
+        # Every op queued for the subscribers from the first message on (the ops wait in JetStream and are
+        # consumed as soon as the service starts), but no dispatcher: the fan-out loop below stands in for it.
+        alarms_service.WebhookDispatcher = _NoDispatcher  # type: ignore[misc, assignment]
+    service = AlarmsService(batch_size=batch, webhooks=True,
                             dispatcher="process" if mode == "dispatch-process" else "inline")
     host = ServiceHost(service, load_settings(), Connections(bus_url, database_url_), None)
     await host.start()
-    service.store.webhooks = True
     stop = asyncio.Event()
     fanning = None if dispatch else asyncio.create_task(fan_out_loop(service.pool, stop))
     print("ready", flush=True)
