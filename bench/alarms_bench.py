@@ -13,8 +13,8 @@
      with the webhook queueing of before the lazy fan-out (``legacy_webhooks``: one delivery row per
      subscription in the alarm's transaction, each with its own rendered body, for sets and clears).
    * ``roost``: the service's entry point as the bus calls it (``AlarmsService.handle``) from as many
-     concurrent callers as the consumer runs handlers (``--batch`` 128 x pipeline 2), taking the messages
-     in order: group commit, up to 128 messages per transaction (``AlarmStore.apply_many``), two batches
+     concurrent callers as the consumer runs handlers (``--batch`` 128 x pipeline 3), taking the messages
+     in order: group commit, up to 128 messages per transaction (``AlarmStore.apply_many``), three batches
      at once when they share no alarm instance, one webhook notification row per op committed with it
      ("durably queued": from then on nothing can lose it); and at the same time, as the service's
      dispatcher does, its fan-out (``webhooks.fan_out(ahead=128)``), which makes delivery rows only 128
@@ -744,7 +744,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--instances", type=int, default=2000, help="alarm instances the ops cycle over (2000)")
     p.add_argument("--subscribers", type=int, default=10, help="webhook subscriptions, all matching (10)")
     p.add_argument("--batch", type=int, default=128,
-                   help="the service's batch size (its default, 128); the consumer runs batch x pipeline (2) handlers")
+                   help="the service's batch size (its default, 128); the consumer runs batch x pipeline (3) handlers")
     p.add_argument("--runs", type=int, help="runs of each kind in figure 1, alternating (3; quick 1)")
     p.add_argument("--deliveries", type=int, help="queued webhook deliveries in figure 2 (5000; quick 1000)")
     p.add_argument("--diagnostic-deliveries", type=int,

@@ -12,7 +12,7 @@ each queues its message in the order the consumer handed them over and waits; th
 :meth:`~services.alarms.store.AlarmStore.apply_many`, a few statements for the whole run; the other
 kinds one by one inside it); after the commit every handler returns and its message is acked.  While
 one batch commits the next one gathers, so a quiet service commits each message at once and a busy one
-commits many per transaction.  Pipelining: up to ``pipeline`` (2) batches commit at once, on their own
+commits many per transaction.  Pipelining: up to ``pipeline`` (3) batches commit at once, on their own
 connections, when they touch no alarm instance in common and hold only sets and exact clears (a batch
 sharing an instance with one in flight, or holding another kind, waits until the batches before it are
 done): the Python work of one overlaps the database work of the other, and the order per alarm instance
@@ -248,7 +248,7 @@ class AlarmsService:
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
                  webhook_retention: timedelta = timedelta(days=7),
-                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 128, pipeline: int = 2,
+                 metrics_interval: float = 10.0, webhooks: bool = True, batch_size: int = 128, pipeline: int = 3,
                  dispatcher: DispatcherMode | None = None, database_url: str | None = None) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
