@@ -246,12 +246,3 @@ class HeartbeatAgentComponent:
             self.applied.set()
             log.info("heartbeat answering", host=config.hostname, node_id=config.node_id,
                      paths={n: str(a) for n, a in config.addresses.items()}, port=config.port)
-
-
-def saved_config(state_dir: FsPath | str) -> dict[str, object] | None:
-    """The config a previous run saved (for ``roost agent`` diagnostics)."""
-    try:
-        value = json.loads((FsPath(state_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None

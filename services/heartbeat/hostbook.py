@@ -67,9 +67,6 @@ class HostBook:
     def targets(self) -> Mapping[str, Target]:
         return self._targets
 
-    def version(self, uuid: str) -> int | None:
-        return self._versions.get(uuid)
-
     def _newer(self, uuid: str, version: int) -> bool:
         known = self._versions.get(uuid)
         return known is None or version > known

@@ -169,10 +169,6 @@ class HeartbeatService:
             raise RuntimeError("the heartbeat service has not started")
         return self._ctx
 
-    @property
-    def settings(self) -> HeartbeatSettings:
-        return self._settings
-
     # -- life cycle -------------------------------------------------------------------------------------
 
     async def start(self, ctx: ServiceContext) -> None:

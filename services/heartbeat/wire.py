@@ -141,7 +141,8 @@ class EncodeError(ValueError):
     pass
 
 
-def _encode_payload(payload: Payload) -> bytes:
+def encode_payload(payload: Payload) -> bytes:
+    """The TLVs of ``payload``: what :func:`encode` signs after the header (for a sender that caches them)."""
     out = bytearray()
 
     def tlv(kind: _Tlv, value: bytes) -> None:
@@ -160,11 +161,6 @@ def _encode_payload(payload: Payload) -> bytes:
     return bytes(out)
 
 
-def encode_payload(payload: Payload) -> bytes:
-    """The TLVs of ``payload``: what :func:`encode` signs after the header (for a sender that caches them)."""
-    return _encode_payload(payload)
-
-
 def encode(header: Header, payload: Payload | bytes, key: PathKey | None) -> bytes:
     """The datagram for ``header`` and ``payload`` (or its TLVs already encoded, :func:`encode_payload`),
     signed with ``key`` (None: unsigned, key id 0)."""
@@ -172,7 +168,7 @@ def encode(header: Header, payload: Payload | bytes, key: PathKey | None) -> byt
         raise EncodeError("cluster_id has 16 bytes and boot_id 8")
     if not (0 < header.sender <= MAX_NODE_ID and 0 < header.seq <= _U64):
         raise EncodeError("sender and seq are positive")
-    body = payload if isinstance(payload, bytes) else _encode_payload(payload)
+    body = payload if isinstance(payload, bytes) else encode_payload(payload)
     if len(body) > MAX_PAYLOAD:
         raise EncodeError(f"payload of {len(body)} bytes is over {MAX_PAYLOAD}")
     try:
