@@ -25,11 +25,10 @@ import hashlib
 import hmac
 import io
 import json
-import logging
 import os
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 from typing import Any
@@ -38,7 +37,6 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from services.core.logging import configure_logging, reset_logging
 from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import MasterKey, derive
 from services.heartbeat.model import ALARM_AUTH_FAILURES, AlarmIntent, Path
@@ -46,7 +44,10 @@ from services.heartbeat.monitor import HealthChange, HeartbeatMonitor
 from services.heartbeat.responder import HeartbeatResponder
 from services.heartbeat.transport import Addr, PathSpec
 from services.heartbeat.wire import Role
+from tests.support.logs import logs
 from tests.support.waiting import wait_until
+
+__all__ = ["logs"]      # the fixture
 
 REPO = FsPath(__file__).resolve().parents[2]
 MONITOR_ID = 1
@@ -97,18 +98,6 @@ class Site:
     changes: list[HealthChange] = field(default_factory=list)
     monitor_alarms: list[AlarmIntent] = field(default_factory=list)
     agent_alarms: list[AlarmIntent] = field(default_factory=list)
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[io.StringIO]:
-    """Every log line of the test as production writes it (JSON), at DEBUG."""
-    out = io.StringIO()
-    configure_logging("json", "DEBUG", stream=out)
-    caplog.set_level(logging.DEBUG)
-    try:
-        yield out
-    finally:
-        reset_logging()
 
 
 def key_forms(master: MasterKey, cluster_id: bytes) -> list[str]:

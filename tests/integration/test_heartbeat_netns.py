@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import os
 import re
 import secrets
@@ -36,13 +35,15 @@ from pathlib import Path as FsPath
 
 import pytest
 
-from services.core.logging import configure_logging, reset_logging
 from services.heartbeat.keys import MasterKey
 from services.heartbeat.model import ALARM_NETWORK_LOST, AlarmIntent, Path
 from services.heartbeat.monitor import HealthChange, HeartbeatMonitor
 from services.heartbeat.paths import PathState
 from services.heartbeat.transport import DEFAULT_PORT, PathSpec
+from tests.support.logs import logs
 from tests.support.waiting import wait_until
+
+__all__ = ["logs"]      # the fixture
 
 REPO = FsPath(__file__).resolve().parents[2]
 MONITOR_ID = 1
@@ -170,17 +171,6 @@ class Site:
 
     def last_heard(self) -> float:
         return max(s.last_heard or 0.0 for s in self.monitor.status()[HOST].values())
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[io.StringIO]:
-    out = io.StringIO()
-    configure_logging("json", "DEBUG", stream=out)
-    caplog.set_level(logging.DEBUG)
-    try:
-        yield out
-    finally:
-        reset_logging()
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from services.inventory.bmc.redfish import RedfishBmc
 from services.inventory.service import InventoryService
 from tests.integration.test_heartbeat_service import ROOST, clean_env, roost
 from tests.support.nats import PolicyNats
+from tests.support.operator import ok, unlock_when_online
 from tests.support.postgres import fresh_database, pool_on
 from tests.support.sushy import FakeSystem, SushyEmulator, closed_port, running_sushy
 from tests.support.waiting import wait_until
@@ -78,9 +79,7 @@ class PairSite:
     both_active: list[str] = field(default_factory=list)
 
     async def ok(self, type: str, data: dict[str, Any]) -> dict[str, Any]:
-        reply = await self.operator.request(self.operator.envelope(type, data), timeout=60)
-        assert reply.ok, reply.reason
-        return reply.result
+        return await ok(self.operator, type, data)
 
     async def host(self, name: str) -> dict[str, Any]:
         return await self.ok("roost.cmd.host.show", {"host": name})
@@ -207,17 +206,7 @@ async def pair_site(tmp_path: Path, sushy: SushyEmulator, bmc_address: dict[str,
 
 
 async def unlock(site: PairSite, name: str) -> None:
-    async def ready() -> bool:
-        host = await site.host(name)
-        return bool(host["availability"] == "online" and host["inventoried"])
-
-    await wait_until(ready, 30, f"{name} online and inventoried")
-    await site.ok("roost.cmd.host.unlock", {"host": name})
-
-    async def available() -> bool:
-        return str((await site.host(name))["availability"]) in ("available", "degraded")
-
-    await wait_until(available, 40, f"{name} unlocked and in service")
+    await unlock_when_online(site.operator, name, in_service=("available", "degraded"))
 
 
 async def power(sushy: SushyEmulator, system: FakeSystem) -> str:

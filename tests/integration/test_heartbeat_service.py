@@ -54,6 +54,8 @@ from services.inventory.agent.agent import HostAgent
 from services.inventory.agent.simhost import make_simulated_host
 from services.inventory.service import InventoryService
 from tests.support.nats import PolicyNats
+from tests.support.operator import ok
+from tests.support.operator import unlock_when_online as unlock
 from tests.support.postgres import fresh_database, pool_on
 from tests.support.waiting import wait_until
 
@@ -96,9 +98,7 @@ class Cluster:
         return self.nats.url_for(user)
 
     async def ok(self, type: str, data: dict[str, Any]) -> dict[str, Any]:
-        reply = await self.operator.request(self.operator.envelope(type, data), timeout=30)
-        assert reply.ok, reply.reason
-        return reply.result
+        return await ok(self.operator, type, data)
 
     async def host(self, name: str) -> dict[str, Any]:
         return await self.ok("roost.cmd.host.show", {"host": name})
@@ -184,13 +184,7 @@ async def add_host(cluster: Cluster, name: str, mac: str, n: int) -> None:
 
 
 async def unlock_when_online(cluster: Cluster, name: str) -> None:
-    async def ready() -> bool:
-        host = await cluster.host(name)
-        return bool(host["availability"] == "online" and host["inventoried"])
-
-    await wait_until(ready, 30, f"{name} online and inventoried (its agent's hello and hardware)")
-    await cluster.ok("roost.cmd.host.unlock", {"host": name})
-    await wait_until(lambda: _is(cluster, name, "available"), 30, f"{name} available")
+    await unlock(cluster.operator, name)
 
 
 async def _is(cluster: Cluster, name: str, availability: str) -> bool:

@@ -28,13 +28,12 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path as FsPath
 
 import pytest
 
-from services.core.logging import configure_logging, reset_logging
 from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import MasterKey, derive
 from services.heartbeat.model import ALARM_AUTH_FAILURES, ALARM_NETWORK_LOST, AlarmIntent, Path
@@ -42,7 +41,10 @@ from services.heartbeat.monitor import HealthChange, HeartbeatMonitor
 from services.heartbeat.responder import HeartbeatResponder
 from services.heartbeat.transport import Addr, PathSpec
 from services.heartbeat.wire import Header, Payload, Role, encode
+from tests.support.logs import logs
 from tests.support.waiting import wait_until
+
+__all__ = ["logs"]      # the fixture
 
 REPO = FsPath(__file__).resolve().parents[2]
 MONITOR_ID = 1
@@ -113,18 +115,6 @@ class Site:
 
     def drops(self, path: Path, reason: DropReason) -> int:
         return self.monitor.drop_counts().get((path, reason), 0)
-
-
-@pytest.fixture
-def logs(caplog: pytest.LogCaptureFixture) -> Iterator[io.StringIO]:
-    """Every log line of the test, rendered as in production (JSON), at DEBUG."""
-    out = io.StringIO()
-    configure_logging("json", "DEBUG", stream=out)
-    caplog.set_level(logging.DEBUG)
-    try:
-        yield out
-    finally:
-        reset_logging()
 
 
 @pytest.fixture
