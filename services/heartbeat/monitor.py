@@ -56,7 +56,7 @@ from schemas.heartbeat import HostHealth
 from services.heartbeat.drops import BurstPolicy, DropReason
 from services.heartbeat.keys import Keyring, MasterKey
 from services.heartbeat.model import AlarmIntent, NodeId, Path, Seconds
-from services.heartbeat.paths import EPSILON, PathHealth, PathPolicy, PathState, heard_paths
+from services.heartbeat.paths import EPSILON, PathHealth, PathPolicy, PathState, PathTransition, heard_paths
 from services.heartbeat.transport import DEFAULT_PORT, Addr, Clock, PathNode, PathSpec
 from services.heartbeat.verdict import HostVerdict, PathView, Verdict, VerdictPolicy
 from services.heartbeat.wire import Datagram, KeyReport, LeaseFields, MsgType, Payload, Role, encode_payload
@@ -131,6 +131,11 @@ class _Round:
     at: Seconds
     first: int
     last: int
+
+
+def _advance_if_due(health: PathHealth, now: Seconds) -> PathTransition | None:
+    deadline = health.next_deadline()
+    return health.advance(now) if deadline is not None and deadline <= now + EPSILON else None
 
 
 def _addr(value: str | Addr, port: int) -> Addr:
@@ -535,16 +540,12 @@ class HeartbeatMonitor(PathNode):
         assert node is not None
         for host in self.hosts.values():
             for path, health in host.health.items():
-                deadline = health.next_deadline()
-                if deadline is not None and deadline <= now + EPSILON:
-                    t = health.advance(now)
-                    if t is not None:
-                        self._log_transition(host, path, t.before, t.after, t.reason)
+                t = _advance_if_due(health, now)
+                if t is not None:
+                    self._log_transition(host, path, t.before, t.after, t.reason)
         if self.peer is not None:
             for health in self.peer.health.values():
-                deadline = health.next_deadline()
-                if deadline is not None and deadline <= now + EPSILON:
-                    health.advance(now)
+                _advance_if_due(health, now)
             self._peer_check()
         if self._going_down(now):
             return                      # judged once the host's other paths went down too: no degraded blip
