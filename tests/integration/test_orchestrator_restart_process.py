@@ -29,6 +29,7 @@ import pytest
 from schemas.envelope import Role
 from services.alarms.service import AlarmsService
 from services.core.auth import create_token
+from services.core.bus.abc import RequestTimeout
 from services.core.bus.bus import Bus
 from services.core.bus.nats import NatsTransport
 from services.core.embedded.nats_server import NatsServer
@@ -157,18 +158,23 @@ async def test_killed_after_each_step_acted_it_resumes_without_repeating_it(
             await wait_until(lambda n=name: is_(n, "unlocked", "available"), 30, f"{name} available")  # type: ignore[misc]
 
         async def serving() -> bool:
-            reply = await operator.request(operator.envelope("roost.cmd.strategy.show", {}), timeout=30)
+            # A process just killed may leave a pull request on the server that takes the next command with it
+            # (redelivered only after the ack wait): not answered is "not yet", ask again.
+            try:
+                reply = await operator.request(operator.envelope("roost.cmd.strategy.show", {}), timeout=5)
+            except RequestTimeout:
+                return False
             return reply.ok
 
         orchestrators.start(None)
-        await wait_until(serving, 60, "the orchestrator process serving")
+        await wait_until(serving, 90, "the orchestrator process serving")
         created = await ok("roost.cmd.strategy.create", {
             "release": {"name": "r1", "version": "1.0.1"}, "controller_apply_type": "ignore"})
         assert [t["name"] for t in created["apply_phase"]["stages"][0]["steps"]] == list(STEPS)
         orchestrators.stop()
 
         first = orchestrators.start("orchestrator.step_acted.query-alarms")
-        await wait_until(serving, 60, "the orchestrator process serving")
+        await wait_until(serving, 90, "the orchestrator process serving")
         await ok("roost.cmd.strategy.apply", {})
         procs = [first]
         for step in STEPS[1:]:
