@@ -1,0 +1,304 @@
+"""dcsync's bookkeeping in a keystone or glance database, over asyncpg (the SQL is in ``tracking_sql``).
+
+``Tracker(place)`` works on one database (a connection or pool is passed to each call):
+
+* ``reflect``: the tables and columns the database has (what the configuration is checked against);
+* ``install``: bookkeeping, triggers and a re-digest of every table whose tracked columns changed;
+  ``missing_triggers``: synced tables whose trigger is gone or tracks other columns (a keystone upgrade
+  may drop them);
+* controller side: ``head`` and ``changes`` (the change log, per lane, in commit order), ``purge``;
+* both sides: ``roots`` (per table: digest and row count), ``buckets``, ``bucket_rows``, ``read_rows``;
+* subcloud side: ``apply`` (a batch, in the caller's transaction), ``cursors``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from services.dcsync.tables import ResolvedTable
+from services.dcsync.tracking_sql import TRIGGER, Place, ident, install_sql, trigger_sql
+
+Conn = asyncpg.Connection | asyncpg.Pool
+INSTALL_LOCK = 0x72646374   # pg_advisory_xact_lock key: one installer at a time per database
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One entry of the change log: an upsert (``row`` holds the synced columns) or a delete."""
+
+    seq: int
+    lane: str
+    table: str
+    op: str            # "U" | "D"
+    pk: dict[str, Any]
+    row: dict[str, Any] | None
+    version: int = 0   # the version the subcloud records; the seq for streamed changes
+
+    def wire(self) -> dict[str, Any]:
+        return {"seq": self.seq, "tbl": self.table, "op": self.op, "pk": self.pk, "row": self.row,
+                "version": self.version or self.seq}
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    seq: int
+    table: str
+    pk: dict[str, Any]
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    applied: int
+    stale: int
+    failed: tuple[Failed, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Redigested:
+    table: str
+    added: int
+    changed: int
+    removed: int
+
+    @property
+    def differences(self) -> int:
+        return self.added + self.changed + self.removed
+
+
+@dataclass(frozen=True, slots=True)
+class Root:
+    digest: int
+    rows: int
+
+
+@dataclass(frozen=True, slots=True)
+class RowMark:
+    """A row as an audit compares it: its key, hash and version (``0``: never came from the controller)."""
+
+    pk: dict[str, Any]
+    hash: int
+    version: int
+    bucket: int = -1
+
+    @property
+    def key(self) -> str:
+        return json.dumps(self.pk, sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(slots=True)
+class InstallReport:
+    redigested: list[Redigested] = field(default_factory=list)
+    retracked: list[str] = field(default_factory=list)
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+class Tracker:
+    def __init__(self, place: Place | None = None) -> None:
+        self.place = place or Place()
+        self._bk = ident(self.place.bookkeeping)
+
+    # -- schema ------------------------------------------------------------------------------------------
+
+    async def reflect(self, conn: Conn) -> dict[str, list[str]]:
+        rows = await conn.fetch(
+            "SELECT table_name, column_name FROM information_schema.columns WHERE table_schema = $1 "
+            "ORDER BY table_name, ordinal_position", self.place.data)
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["table_name"], []).append(r["column_name"])
+        return out
+
+    async def install(self, conn: asyncpg.Connection, tables: Sequence[ResolvedTable], *,
+                      capture: bool) -> InstallReport:
+        """Bookkeeping, triggers, and a re-digest of each table that is new or tracks other columns now.
+        One transaction: a database is never left half tracked."""
+        report = InstallReport()
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", INSTALL_LOCK)
+            await conn.execute(install_sql(self.place))
+            stored = {r["tbl"]: r for r in await conn.fetch(f"SELECT * FROM {self._bk}.synced_table")}
+            stale_triggers = set(await self.missing_triggers(conn, tables, capture=capture))
+            for t in tables:
+                before = stored.get(t.name)
+                same = (before is not None and tuple(before["pk"]) == t.pk and tuple(before["columns"]) == t.columns
+                        and before["lane"] == t.lane and before["capture"] == capture)
+                if same and t.name not in stale_triggers:
+                    continue
+                await conn.execute(
+                    f"INSERT INTO {self._bk}.synced_table (tbl, pk, columns, lane, capture) "
+                    "VALUES ($1, $2, $3, $4, $5) "
+                    "ON CONFLICT (tbl) DO UPDATE SET pk = EXCLUDED.pk, columns = EXCLUDED.columns, "
+                    "lane = EXCLUDED.lane, capture = EXCLUDED.capture",
+                    t.name, list(t.pk), list(t.columns), t.lane, capture)
+                await conn.execute(trigger_sql(self.place, t.name, capture=capture, lane=t.lane, pk=t.pk,
+                                               columns=t.columns))
+                report.retracked.append(t.name)
+                report.redigested.append(await self._redigest(conn, t.name))
+            wanted = {t.name for t in tables}
+            for name in stored:
+                if name not in wanted:   # no longer synced: stop tracking it
+                    await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {ident(self.place.data)}.{ident(name)}")
+                    for tbl in ("synced_table", "row_state", "digest"):
+                        await conn.execute(f"DELETE FROM {self._bk}.{tbl} WHERE tbl = $1", name)
+        return report
+
+    async def missing_triggers(self, conn: Conn, tables: Sequence[ResolvedTable], *, capture: bool) -> list[str]:
+        """Synced tables whose trigger is missing, disabled, or tracks other columns than ``tables`` say."""
+        rows = await conn.fetch(
+            "SELECT c.relname, tg.tgenabled, tg.tgargs FROM pg_trigger tg "
+            "JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE tg.tgname = $1 AND n.nspname = $2", TRIGGER, self.place.data)
+        found = {r["relname"]: r for r in rows}
+        missing = []
+        for t in tables:
+            r = found.get(t.name)
+            want = ["capture" if capture else "digest", t.lane, ",".join(t.pk), ",".join(t.columns)]
+            if r is None or r["tgenabled"] == "D" or _trigger_args(r["tgargs"]) != want:
+                missing.append(t.name)
+        return missing
+
+    async def redigest(self, conn: asyncpg.Connection, table: str) -> Redigested:
+        async with conn.transaction():
+            return await self._redigest(conn, table)
+
+    async def _redigest(self, conn: asyncpg.Connection, table: str) -> Redigested:
+        raw = _json(await conn.fetchval(f"SELECT {self._bk}.redigest($1)", table))
+        return Redigested(table, int(raw["added"]), int(raw["changed"]), int(raw["removed"]))
+
+    # -- the change log (controller) ---------------------------------------------------------------------
+
+    async def head(self, conn: Conn, lane: str | None = None) -> int:
+        """The last change (of ``lane``) committed; 0 when there is none."""
+        if lane is None:
+            value = await conn.fetchval(f"SELECT max(seq) FROM {self._bk}.change_log")
+        else:
+            value = await conn.fetchval(f"SELECT max(seq) FROM {self._bk}.change_log WHERE lane = $1", lane)
+        return int(value or 0)
+
+    async def oldest(self, conn: Conn) -> int:
+        """The first change still in the log (0 when empty): a cursor below it cannot be streamed from."""
+        return int(await conn.fetchval(f"SELECT coalesce(min(seq), 0) FROM {self._bk}.change_log") or 0)
+
+    async def changes(self, conn: Conn, lane: str, after: int, limit: int) -> list[Change]:
+        rows = await conn.fetch(
+            f"SELECT seq, lane, tbl, op, pk, row FROM {self._bk}.change_log WHERE lane = $1 AND seq > $2 "
+            "ORDER BY seq LIMIT $3", lane, after, limit)
+        return [Change(r["seq"], r["lane"], r["tbl"], r["op"], _json(r["pk"]), _json(r["row"])) for r in rows]
+
+    async def purge(self, conn: Conn, *, below: int, before: datetime) -> int:
+        """Drop changes every subcloud has (seq < ``below``) or that are older than ``before``."""
+        status = await conn.execute(f"DELETE FROM {self._bk}.change_log WHERE seq < $1 OR at < $2", below, before)
+        return int(status.split()[-1])
+
+    # -- digests (both sides) ----------------------------------------------------------------------------
+
+    async def roots(self, conn: Conn, tables: Sequence[str]) -> dict[str, Root]:
+        rows = await conn.fetch(
+            f"SELECT tbl, coalesce(bit_xor(digest), 0) AS d, coalesce(sum(rows), 0) AS n FROM {self._bk}.digest "
+            "WHERE tbl = ANY($1) GROUP BY tbl", list(tables))
+        out = {t: Root(0, 0) for t in tables}
+        for r in rows:
+            out[r["tbl"]] = Root(int(r["d"]), int(r["n"]))
+        return out
+
+    async def buckets(self, conn: Conn, table: str) -> dict[int, Root]:
+        rows = await conn.fetch(f"SELECT bucket, digest, rows FROM {self._bk}.digest WHERE tbl = $1 AND rows > 0",
+                                table)
+        return {int(r["bucket"]): Root(int(r["digest"]), int(r["rows"])) for r in rows}
+
+    async def bucket_rows(self, conn: Conn, table: str, buckets: Sequence[int]) -> list[RowMark]:
+        rows = await conn.fetch(
+            f"SELECT pk, hash, version, bucket FROM {self._bk}.row_state WHERE tbl = $1 AND bucket = ANY($2)",
+            table, list(buckets))
+        return [RowMark(_json(r["pk"]), int(r["hash"]), int(r["version"]), int(r["bucket"])) for r in rows]
+
+    async def computed_buckets(self, conn: Conn, table: ResolvedTable) -> tuple[dict[int, Root], list[RowMark]]:
+        """Digests over other columns than the tracked ones (a subcloud on another keystone version), computed
+        from the table's rows: the one case an audit reads a synced table."""
+        bk = self._bk
+        rows = await conn.fetch(
+            f"SELECT pk, {bk}.bucket(pk) AS bucket, hash FROM "
+            f"(SELECT {bk}.pick(r, $1) AS pk, {bk}.row_hash($3, r) AS hash "
+            f"FROM (SELECT {bk}.pick(to_jsonb(x), $2) AS r FROM {ident(self.place.data)}.{ident(table.name)} x) s) h",
+            list(table.pk), list(table.columns), table.name)
+        marks: list[RowMark] = []
+        buckets: dict[int, Root] = {}
+        for r in rows:
+            mark = RowMark(_json(r["pk"]), int(r["hash"]), 0, int(r["bucket"]))
+            marks.append(mark)
+            old = buckets.get(mark.bucket, Root(0, 0))
+            buckets[mark.bucket] = Root(old.digest ^ mark.hash, old.rows + 1)
+        return buckets, marks
+
+    async def read_rows(self, conn: Conn, table: ResolvedTable,
+                        pks: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """The synced columns of the rows with these keys (those that exist)."""
+        if not pks:
+            return []
+        bk = self._bk
+        target = f"{ident(self.place.data)}.{ident(table.name)}"
+        rows = await conn.fetch(
+            f"SELECT {bk}.pick(to_jsonb(x), $2) AS r FROM {target} x "
+            f"WHERE {bk}.pick(to_jsonb(x), $3) = ANY(SELECT value FROM jsonb_array_elements($1::jsonb))",
+            json.dumps(list(pks)), list(table.columns), list(table.pk))
+        return [_json(r["r"]) for r in rows]
+
+    async def all_rows(self, conn: Conn, table: ResolvedTable) -> list[dict[str, Any]]:
+        """Every row's synced columns (a joining subcloud's initial copy)."""
+        target = f"{ident(self.place.data)}.{ident(table.name)}"
+        rows = await conn.fetch(f"SELECT {self._bk}.pick(to_jsonb(x), $1) AS r FROM {target} x", list(table.columns))
+        return [_json(r["r"]) for r in rows]
+
+    # -- apply (subcloud) --------------------------------------------------------------------------------
+
+    async def apply(self, conn: asyncpg.Connection, changes: Sequence[Mapping[str, Any]], *,
+                    repair: bool = False) -> Applied:
+        """Apply a batch in the caller's transaction.  Fast path first; when a change fails, the batch is
+        applied again change by change so the failures are reported and the rest still lands."""
+        payload = json.dumps(list(changes), default=str)
+        try:
+            async with conn.transaction():
+                raw = await conn.fetchval(f"SELECT {self._bk}.apply($1::jsonb, $2, false)", payload, repair)
+        except asyncpg.PostgresError:
+            raw = await conn.fetchval(f"SELECT {self._bk}.apply($1::jsonb, $2, true)", payload, repair)
+        raw = _json(raw)
+        failed = tuple(Failed(int(f["seq"] or 0), str(f["tbl"]), f["pk"], str(f["error"])) for f in raw["failed"])
+        return Applied(int(raw["applied"]), int(raw["stale"]), failed)
+
+    async def cursors(self, conn: Conn, endpoint: str) -> dict[str, int]:
+        rows = await conn.fetch(f"SELECT lane, applied_seq FROM {self._bk}.cursor WHERE endpoint = $1", endpoint)
+        return {r["lane"]: int(r["applied_seq"]) for r in rows}
+
+    async def advance(self, conn: Conn, endpoint: str, lane: str, seq: int) -> int:
+        """Move a lane's cursor forward (never back); the cursor as it is now."""
+        return int(await conn.fetchval(
+            f"INSERT INTO {self._bk}.cursor AS c (endpoint, lane, applied_seq) VALUES ($1, $2, $3) "
+            "ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = greatest(c.applied_seq, EXCLUDED.applied_seq), "
+            "updated_at = now() RETURNING applied_seq", endpoint, lane, seq))
+
+    async def reset_cursor(self, conn: Conn, endpoint: str, lane: str, seq: int) -> None:
+        await conn.execute(
+            f"INSERT INTO {self._bk}.cursor (endpoint, lane, applied_seq) VALUES ($1, $2, $3) "
+            "ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, updated_at = now()",
+            endpoint, lane, seq)
+
+    async def first_time(self, conn: Conn, message_id: str) -> bool:
+        """Record a sync message in the inbox; False when it was applied before."""
+        return bool(await conn.fetchval(
+            f"INSERT INTO {self._bk}.inbox (message_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true",
+            message_id))
+
+
+def _trigger_args(raw: bytes) -> list[str]:
+    """pg_trigger.tgargs: the arguments, each ended by a NUL byte."""
+    return [a.decode() for a in raw.split(b"\x00")[:-1]]

@@ -1,0 +1,323 @@
+"""The SQL that dcsync installs into a keystone or glance database, on both sides.  Text only, no I/O.
+
+Everything lives in a bookkeeping schema of its own (``roost_dcsync`` beside keystone's tables; a
+simulated subcloud's tables in schema ``sc0001`` get ``sc0001_dcsync``), never in keystone's tables:
+
+* ``synced_table``: which tables are tracked, their primary key, the columns that sync, the lane, and
+  whether this database *captures* (the system controller: every change goes to the change log) or only
+  keeps digests (a subcloud);
+* ``change_log`` (controller): every insert, update and delete of a synced row, in commit order: the
+  trigger takes one transaction-level advisory lock before it draws a sequence number, so numbers are
+  handed out in the order the writing transactions commit and a reader never skips a number that
+  commits later.  (Writes to synced tables are serialised; keystone and glance write rarely.)
+  ``pg_notify`` wakes the sender once per transaction;
+* ``row_state``: per synced row its bucket, its hash over the synced columns only, and its version (the
+  controller: the change's sequence number; a subcloud: the version of the change last applied to it,
+  kept across local edits, ``0`` for a row that never came from the controller);
+* ``digest``: per (table, bucket) the XOR of its rows' hashes and their count, kept by the same trigger
+  in the same transaction, so an audit compares digests without reading a synced table;
+* ``tombstone`` (subcloud): the version of each applied delete, so an older change never brings a
+  deleted row back; ``cursor``: per lane, the last change applied; ``inbox``: the sync messages applied.
+
+``apply`` (subcloud) applies a batch of changes: upsert by primary key or delete, each guarded by
+version (a change older than the row's version is stale and skipped; a repair of equal version
+overwrites a local edit).  ``redigest`` recomputes a table's row states from its rows: the backfill at
+install, and the backstop for writes the triggers missed (a capturing database logs them as changes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+BUCKETS = 1024
+TRIGGER = "roost_dcsync_track"
+VERSION_SETTING = "roost.sync_version"
+# pg_advisory_xact_lock key of the change log's commit order (any constant; "rdcs" in ASCII)
+ORDER_LOCK = 0x72646373
+
+
+def ident(name: str) -> str:
+    """A quoted SQL identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True, slots=True)
+class Place:
+    """Where the synced tables are (``data``) and where dcsync keeps its bookkeeping beside them."""
+
+    data: str = "public"
+    bookkeeping: str = "roost_dcsync"
+
+    @classmethod
+    def simulated(cls, schema: str) -> Place:
+        return cls(schema, f"{schema}_dcsync")
+
+    @property
+    def channel(self) -> str:
+        """The NOTIFY channel that tells the sender there are new changes."""
+        return f"{self.bookkeeping}_changes"
+
+
+def install_sql(place: Place) -> str:
+    """Create (or bring up to date) the bookkeeping schema, its tables and functions.  Idempotent."""
+    bk = ident(place.bookkeeping)
+    data_literal = "'" + place.data.replace("'", "''") + "'"
+    channel_literal = "'" + place.channel.replace("'", "''") + "'"
+    return f"""
+CREATE SCHEMA IF NOT EXISTS {bk};
+CREATE TABLE IF NOT EXISTS {bk}.synced_table (
+    tbl text PRIMARY KEY,
+    pk text[] NOT NULL,
+    columns text[] NOT NULL,
+    lane text NOT NULL,
+    capture boolean NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS {bk}.change_seq;
+CREATE TABLE IF NOT EXISTS {bk}.change_log (
+    seq bigint PRIMARY KEY,
+    lane text NOT NULL,
+    tbl text NOT NULL,
+    op text NOT NULL CHECK (op IN ('U', 'D')),
+    pk jsonb NOT NULL,
+    row jsonb,
+    at timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX IF NOT EXISTS change_log_lane_seq ON {bk}.change_log (lane, seq);
+CREATE TABLE IF NOT EXISTS {bk}.row_state (
+    tbl text NOT NULL,
+    pk jsonb NOT NULL,
+    bucket int NOT NULL,
+    hash bigint NOT NULL,
+    version bigint NOT NULL,
+    PRIMARY KEY (tbl, pk)
+);
+CREATE INDEX IF NOT EXISTS row_state_bucket ON {bk}.row_state (tbl, bucket);
+CREATE TABLE IF NOT EXISTS {bk}.digest (
+    tbl text NOT NULL,
+    bucket int NOT NULL,
+    digest bigint NOT NULL,
+    rows bigint NOT NULL,
+    PRIMARY KEY (tbl, bucket)
+);
+CREATE TABLE IF NOT EXISTS {bk}.tombstone (
+    tbl text NOT NULL,
+    pk jsonb NOT NULL,
+    version bigint NOT NULL,
+    deleted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tbl, pk)
+);
+CREATE TABLE IF NOT EXISTS {bk}.cursor (
+    endpoint text NOT NULL,
+    lane text NOT NULL,
+    applied_seq bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (endpoint, lane)
+);
+CREATE TABLE IF NOT EXISTS {bk}.inbox (
+    message_id text PRIMARY KEY,
+    received_at timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE OR REPLACE FUNCTION {bk}.pick(r jsonb, cols text[]) RETURNS jsonb
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT coalesce(jsonb_object_agg(key, value), '{{}}'::jsonb) FROM jsonb_each(r) WHERE key = ANY(cols)
+$$;
+
+CREATE OR REPLACE FUNCTION {bk}.row_hash(tbl text, r jsonb) RETURNS bigint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ('x' || substr(md5(tbl || '|' || r::text), 1, 16))::bit(64)::bigint
+$$;
+
+CREATE OR REPLACE FUNCTION {bk}.bucket(pk jsonb) RETURNS int
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT (('x' || substr(md5(pk::text), 1, 8))::bit(32)::int) & {BUCKETS - 1}
+$$;
+
+-- The row trigger: row state, digest and (capturing) the change log, in the writer's transaction.
+-- Arguments: 'capture' | 'digest', the lane, the primary key columns, the synced columns (comma-separated).
+CREATE OR REPLACE FUNCTION {bk}.track() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    capture boolean := TG_ARGV[0] = 'capture';
+    lane text := TG_ARGV[1];
+    pkcols text[] := string_to_array(TG_ARGV[2], ',');
+    cols text[] := string_to_array(TG_ARGV[3], ',');
+    o jsonb; n jsonb; opk jsonb; npk jsonb;
+    oh bigint; ob int; ov bigint; nh bigint; nb int; v bigint; gv text;
+BEGIN
+    IF TG_OP <> 'INSERT' THEN
+        o := {bk}.pick(to_jsonb(OLD), cols);
+        opk := {bk}.pick(o, pkcols);
+    END IF;
+    IF TG_OP <> 'DELETE' THEN
+        n := {bk}.pick(to_jsonb(NEW), cols);
+        npk := {bk}.pick(n, pkcols);
+    END IF;
+    gv := nullif(current_setting('{VERSION_SETTING}', true), '');
+    -- only local-state columns changed: nothing to sync (an applied change still records its version)
+    IF TG_OP = 'UPDATE' AND o = n AND (capture OR gv IS NULL) THEN
+        RETURN NULL;
+    END IF;
+    IF o IS NOT NULL THEN
+        DELETE FROM {bk}.row_state WHERE tbl = TG_TABLE_NAME AND pk = opk RETURNING hash, bucket, version
+            INTO oh, ob, ov;
+        IF FOUND THEN
+            UPDATE {bk}.digest SET digest = digest # oh, rows = rows - 1 WHERE tbl = TG_TABLE_NAME AND bucket = ob;
+        END IF;
+    END IF;
+    IF capture THEN
+        PERFORM pg_advisory_xact_lock({ORDER_LOCK});
+        IF o IS NOT NULL AND (n IS NULL OR opk <> npk) THEN
+            INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
+                VALUES (nextval('{place.bookkeeping}.change_seq'), lane, TG_TABLE_NAME, 'D', opk, NULL);
+        END IF;
+        IF n IS NOT NULL THEN
+            v := nextval('{place.bookkeeping}.change_seq');
+            INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row) VALUES (v, lane, TG_TABLE_NAME, 'U', npk, n);
+        END IF;
+        PERFORM pg_notify({channel_literal}, '');
+    ELSE
+        v := coalesce(gv::bigint, CASE WHEN opk = npk THEN ov END, 0);
+    END IF;
+    IF n IS NOT NULL THEN
+        nh := {bk}.row_hash(TG_TABLE_NAME, n);
+        nb := {bk}.bucket(npk);
+        INSERT INTO {bk}.row_state (tbl, pk, bucket, hash, version) VALUES (TG_TABLE_NAME, npk, nb, nh, v);
+        INSERT INTO {bk}.digest AS d (tbl, bucket, digest, rows) VALUES (TG_TABLE_NAME, nb, nh, 1)
+            ON CONFLICT (tbl, bucket) DO UPDATE SET digest = d.digest # EXCLUDED.digest, rows = d.rows + 1;
+    END IF;
+    RETURN NULL;
+END
+$f$;
+
+-- One change on a subcloud: 'applied' or 'stale'.  The caller sets no savepoint; apply() does when careful.
+CREATE OR REPLACE FUNCTION {bk}.apply_one(c jsonb, repair boolean) RETURNS text LANGUAGE plpgsql AS $f$
+DECLARE
+    st {bk}.synced_table;
+    lv bigint;
+    v bigint := (c->>'version')::bigint;
+    cols text; sets text; keys text;
+BEGIN
+    SELECT * INTO st FROM {bk}.synced_table WHERE tbl = c->>'tbl';
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'table % is not synced here', c->>'tbl';
+    END IF;
+    lv := (SELECT version FROM {bk}.row_state WHERE tbl = st.tbl AND pk = c->'pk');
+    IF lv IS NULL THEN
+        lv := (SELECT version FROM {bk}.tombstone WHERE tbl = st.tbl AND pk = c->'pk');
+    END IF;
+    IF lv IS NOT NULL AND (v < lv OR (v = lv AND NOT repair)) THEN
+        RETURN 'stale';
+    END IF;
+    PERFORM set_config('{VERSION_SETTING}', v::text, true);
+    SELECT string_agg(quote_ident(k), ', ') INTO keys FROM unnest(st.pk) k;
+    IF c->>'op' = 'U' THEN
+        SELECT string_agg(quote_ident(k), ', '),
+               string_agg(CASE WHEN k <> ALL(st.pk) THEN format('%1$I = EXCLUDED.%1$I', k) END, ', ')
+          INTO cols, sets
+          FROM unnest(st.columns) k WHERE (c->'row') ? k;
+        EXECUTE format('INSERT INTO %1$I.%2$I AS t (%3$s) SELECT %3$s FROM jsonb_populate_record(NULL::%1$I.%2$I, $1) '
+                       'ON CONFLICT (%4$s) DO %5$s',
+                       {data_literal}, st.tbl, cols, keys,
+                       CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END)
+            USING c->'row';
+        DELETE FROM {bk}.tombstone WHERE tbl = st.tbl AND pk = c->'pk';
+    ELSE
+        EXECUTE format('DELETE FROM %1$I.%2$I WHERE (%3$s) = '
+                       '(SELECT %3$s FROM jsonb_populate_record(NULL::%1$I.%2$I, $1))',
+                       {data_literal}, st.tbl, keys)
+            USING c->'pk';
+        INSERT INTO {bk}.tombstone AS t (tbl, pk, version) VALUES (st.tbl, c->'pk', v)
+            ON CONFLICT (tbl, pk) DO UPDATE SET version = greatest(t.version, EXCLUDED.version), deleted_at = now();
+    END IF;
+    RETURN 'applied';
+END
+$f$;
+
+-- A batch: {{"applied": n, "stale": n, "failed": [{{"seq", "tbl", "pk", "error"}}]}}.  careful: each change
+-- under its own savepoint, so one that fails (a constraint) is reported and the others still apply.
+CREATE OR REPLACE FUNCTION {bk}.apply(changes jsonb, repair boolean, careful boolean) RETURNS jsonb
+LANGUAGE plpgsql AS $f$
+DECLARE
+    c jsonb; r text; applied int := 0; stale int := 0; failed jsonb := '[]'::jsonb;
+BEGIN
+    FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
+        IF careful THEN
+            BEGIN
+                r := {bk}.apply_one(c, repair);
+            EXCEPTION WHEN OTHERS THEN
+                failed := failed || jsonb_build_array(jsonb_build_object(
+                    'seq', c->'seq', 'tbl', c->'tbl', 'pk', c->'pk', 'error', SQLERRM));
+                CONTINUE;
+            END;
+        ELSE
+            r := {bk}.apply_one(c, repair);
+        END IF;
+        IF r = 'applied' THEN applied := applied + 1; ELSE stale := stale + 1; END IF;
+    END LOOP;
+    PERFORM set_config('{VERSION_SETTING}', '', true);
+    RETURN jsonb_build_object('applied', applied, 'stale', stale, 'failed', failed);
+END
+$f$;
+
+-- Recompute a table's row states and digests from its rows (under a SHARE lock: readers go on, writers
+-- wait).  A capturing database logs every difference as a change.  {{"added", "changed", "removed"}}.
+CREATE OR REPLACE FUNCTION {bk}.redigest(t text) RETURNS jsonb LANGUAGE plpgsql AS $f$
+DECLARE
+    st {bk}.synced_table;
+    added bigint; changed bigint; removed bigint; head bigint;
+BEGIN
+    SELECT * INTO STRICT st FROM {bk}.synced_table WHERE tbl = t;
+    EXECUTE format('LOCK TABLE %I.%I IN SHARE MODE', {data_literal}, t);
+    CREATE TEMP TABLE IF NOT EXISTS roost_dcsync_actual (pk jsonb PRIMARY KEY, hash bigint, bucket int, r jsonb)
+        ON COMMIT DROP;
+    TRUNCATE roost_dcsync_actual;
+    EXECUTE format('INSERT INTO roost_dcsync_actual SELECT {bk}.pick(r, $1), {bk}.row_hash($3, r), '
+                   '{bk}.bucket({bk}.pick(r, $1)), r FROM (SELECT {bk}.pick(to_jsonb(x), $2) AS r FROM %I.%I x) s',
+                   {data_literal}, t)
+        USING st.pk, st.columns, t;
+    SELECT count(*) FILTER (WHERE s.pk IS NULL), count(*) FILTER (WHERE s.pk IS NOT NULL AND s.hash <> a.hash)
+      INTO added, changed
+      FROM roost_dcsync_actual a LEFT JOIN {bk}.row_state s ON s.tbl = t AND s.pk = a.pk;
+    SELECT count(*) INTO removed FROM {bk}.row_state s
+     WHERE s.tbl = t AND NOT EXISTS (SELECT 1 FROM roost_dcsync_actual a WHERE a.pk = s.pk);
+    IF st.capture AND added + changed + removed > 0 THEN
+        PERFORM pg_advisory_xact_lock({ORDER_LOCK});
+        INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
+        SELECT nextval('{place.bookkeeping}.change_seq'), st.lane, t, 'D', s.pk, NULL
+          FROM {bk}.row_state s
+         WHERE s.tbl = t AND NOT EXISTS (SELECT 1 FROM roost_dcsync_actual a WHERE a.pk = s.pk);
+        INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
+        SELECT nextval('{place.bookkeeping}.change_seq'), st.lane, t, 'U', a.pk, a.r
+          FROM roost_dcsync_actual a LEFT JOIN {bk}.row_state s ON s.tbl = t AND s.pk = a.pk
+         WHERE s.hash IS DISTINCT FROM a.hash;
+        PERFORM pg_notify({channel_literal}, '');
+    END IF;
+    head := CASE WHEN st.capture THEN (SELECT last_value FROM {bk}.change_seq) ELSE 0 END;
+    DELETE FROM {bk}.row_state s
+     WHERE s.tbl = t AND NOT EXISTS (SELECT 1 FROM roost_dcsync_actual a WHERE a.pk = s.pk);
+    INSERT INTO {bk}.row_state AS s (tbl, pk, bucket, hash, version)
+    SELECT t, a.pk, a.bucket, a.hash, head FROM roost_dcsync_actual a
+    ON CONFLICT (tbl, pk) DO UPDATE SET hash = EXCLUDED.hash, bucket = EXCLUDED.bucket,
+        version = CASE WHEN st.capture THEN EXCLUDED.version ELSE s.version END
+        WHERE s.hash <> EXCLUDED.hash;
+    DELETE FROM {bk}.digest WHERE tbl = t;
+    INSERT INTO {bk}.digest (tbl, bucket, digest, rows)
+    SELECT t, bucket, bit_xor(hash), count(*) FROM {bk}.row_state WHERE tbl = t GROUP BY bucket;
+    DROP TABLE roost_dcsync_actual;
+    RETURN jsonb_build_object('added', added, 'changed', changed, 'removed', removed);
+END
+$f$;
+"""
+
+
+def trigger_sql(place: Place, table: str, *, capture: bool, lane: str, pk: tuple[str, ...],
+                columns: tuple[str, ...]) -> str:
+    """(Re)create the row trigger on one synced table."""
+    for name in (*pk, *columns):
+        if "," in name or "'" in name:
+            raise ValueError(f"column name {name!r} cannot be tracked")
+    target = f"{ident(place.data)}.{ident(table)}"
+    args = ", ".join("'" + a + "'" for a in ("capture" if capture else "digest", lane, ",".join(pk), ",".join(columns)))
+    return (f"DROP TRIGGER IF EXISTS {TRIGGER} ON {target};\n"
+            f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {target} "
+            f"FOR EACH ROW EXECUTE FUNCTION {ident(place.bookkeeping)}.track({args});")

@@ -1,0 +1,194 @@
+"""dcsync's triggers, digests and apply on real PostgreSQL, on a small keystone-shaped schema (the real
+keystone and glance schemas are in test_dcsync_keystone.py): capture in commit order, local-state columns
+ignored, digests equal when the rows are, version guard, tombstones, re-digest of missed writes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from services.dcsync.tables import Endpoint, EndpointSpec, TableSpec, resolve
+from services.dcsync.tracking import Tracker
+from tests.support.postgres import fresh_database
+
+SCHEMA = """
+CREATE TABLE "user" (id varchar(64) PRIMARY KEY, enabled boolean, extra text, last_active_at date);
+CREATE TABLE local_user (id serial PRIMARY KEY, user_id varchar(64) NOT NULL REFERENCES "user"(id) ON DELETE CASCADE,
+                         name varchar(255) NOT NULL, failed_auth_count int, UNIQUE (name));
+CREATE TABLE password (id serial PRIMARY KEY, local_user_id int NOT NULL REFERENCES local_user(id) ON DELETE CASCADE,
+                       password_hash varchar(255), created_at timestamp NOT NULL DEFAULT now());
+CREATE TABLE revocation_event (id serial PRIMARY KEY, user_id varchar(64), issued_before timestamp NOT NULL);
+CREATE TABLE unsynced (id int PRIMARY KEY, note text);
+"""
+
+SPEC = EndpointSpec(Endpoint.IDENTITY, (
+    TableSpec("user", ("id",), frozenset({"last_active_at"})),
+    TableSpec("local_user", ("id",), frozenset({"failed_auth_count"}), natural_key=("name",)),
+    TableSpec("password", ("id",)),
+    TableSpec("revocation_event", ("id",), lane="revocation"),
+))
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[asyncpg.Pool, asyncpg.Pool]]:
+    async with fresh_database("roost_dcs_c") as central_url, fresh_database("roost_dcs_s") as sub_url:
+        central = await asyncpg.create_pool(central_url, min_size=1, max_size=4)
+        sub = await asyncpg.create_pool(sub_url, min_size=1, max_size=4)
+        try:
+            for pool in (central, sub):
+                await pool.execute(SCHEMA)
+            yield central, sub
+        finally:
+            await central.close()
+            await sub.close()
+
+
+async def _install(pool: asyncpg.Pool, *, capture: bool) -> Tracker:
+    tracker = Tracker()
+    tables = resolve(SPEC, await tracker.reflect(pool))
+    async with pool.acquire() as conn:
+        await tracker.install(conn, tables, capture=capture)
+    return tracker
+
+
+async def _sync(central: asyncpg.Pool, sub: asyncpg.Pool, tracker: Tracker, lane: str = "main",
+                after: int = 0) -> int:
+    changes = await tracker.changes(central, lane, after, 10_000)
+    async with sub.acquire() as conn, conn.transaction():
+        result = await tracker.apply(conn, [c.wire() for c in changes])
+    assert not result.failed
+    return changes[-1].seq if changes else after
+
+
+async def _roots(pool: asyncpg.Pool, tracker: Tracker) -> dict[str, tuple[int, int]]:
+    roots = await tracker.roots(pool, [t.name for t in SPEC.tables])
+    return {k: (v.digest, v.rows) for k, v in roots.items()}
+
+
+async def test_capture_apply_and_digests_agree(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, sub = pair
+    tc = await _install(central, capture=True)
+    ts = await _install(sub, capture=False)
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, '{}', NULL);
+        INSERT INTO local_user (user_id, name) VALUES ('u1', 'alice');
+        INSERT INTO password (local_user_id, password_hash) VALUES (1, '$2b$12$abc');
+        INSERT INTO unsynced VALUES (1, 'not mine')""")
+    changes = await tc.changes(central, "main", 0, 100)
+    assert [(c.table, c.op) for c in changes] == [("user", "U"), ("local_user", "U"), ("password", "U")]
+    assert "last_active_at" not in (changes[0].row or {})
+    await _sync(central, sub, tc)
+    assert await sub.fetchval("SELECT password_hash FROM password WHERE id = 1") == "$2b$12$abc"
+    assert await _roots(central, tc) == await _roots(sub, ts)
+    assert (await _roots(central, tc))["user"][1] == 1
+
+    # a local-state column changes on either side: no change, digests still equal
+    await central.execute("UPDATE \"user\" SET last_active_at = '2026-01-01'")
+    await sub.execute("UPDATE local_user SET failed_auth_count = 3")
+    assert await tc.head(central) == changes[-1].seq
+    assert await _roots(central, tc) == await _roots(sub, ts)
+
+    # a local edit at the subcloud shows in its digest and keeps its version
+    await sub.execute("UPDATE \"user\" SET enabled = false WHERE id = 'u1'")
+    assert (await _roots(central, tc))["user"] != (await _roots(sub, ts))["user"]
+    version = await sub.fetchval("SELECT version FROM roost_dcsync.row_state WHERE tbl = 'user'")
+    assert version == changes[0].seq
+    # a replayed stream change does not overwrite it; a repair of equal version does
+    async with sub.acquire() as conn, conn.transaction():
+        stale = await ts.apply(conn, [changes[0].wire()])
+    assert (stale.applied, stale.stale) == (0, 1)
+    async with sub.acquire() as conn, conn.transaction():
+        repaired = await ts.apply(conn, [changes[0].wire()], repair=True)
+    assert repaired.applied == 1
+    assert await sub.fetchval("SELECT enabled FROM \"user\"") is True
+    assert await _roots(central, tc) == await _roots(sub, ts)
+
+
+async def test_delete_cascades_and_tombstone_guards(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, sub = pair
+    tc = await _install(central, capture=True)
+    ts = await _install(sub, capture=False)
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL);
+        INSERT INTO local_user (user_id, name) VALUES ('u1', 'alice');
+        INSERT INTO password (local_user_id, password_hash) VALUES (1, 'h')""")
+    upto = await _sync(central, sub, tc)
+    first = await tc.changes(central, "main", 0, 1)
+    await central.execute("DELETE FROM \"user\" WHERE id = 'u1'")
+    deletes = await tc.changes(central, "main", upto, 100)
+    assert sorted(c.table for c in deletes) == ["local_user", "password", "user"]
+    assert all(c.op == "D" for c in deletes)
+    await _sync(central, sub, tc, after=upto)
+    assert await sub.fetchval("SELECT count(*) FROM \"user\"") == 0
+    assert await _roots(central, tc) == await _roots(sub, ts)
+    # an old insert arriving again never brings the row back
+    async with sub.acquire() as conn, conn.transaction():
+        result = await ts.apply(conn, [first[0].wire()])
+    assert result.stale == 1
+    assert await sub.fetchval("SELECT count(*) FROM \"user\"") == 0
+
+
+async def test_failed_change_is_reported_others_apply(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, sub = pair
+    tc = await _install(central, capture=True)
+    ts = await _install(sub, capture=False)
+    await sub.execute("""INSERT INTO "user" VALUES ('local', true, NULL, NULL);
+        INSERT INTO local_user (id, user_id, name) VALUES (100, 'local', 'alice')""")
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL), ('u2', true, NULL, NULL);
+        INSERT INTO local_user (user_id, name) VALUES ('u1', 'alice')""")
+    changes = await tc.changes(central, "main", 0, 100)
+    async with sub.acquire() as conn, conn.transaction():
+        result = await ts.apply(conn, [c.wire() for c in changes])
+    assert result.applied == 2
+    assert [(f.table, f.pk) for f in result.failed] == [("local_user", {"id": 1})]
+    assert "duplicate key" in result.failed[0].error
+    assert await sub.fetchval("SELECT count(*) FROM \"user\"") == 3
+
+
+async def test_lanes_and_commit_order(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, _ = pair
+    tc = await _install(central, capture=True)
+    # two writers at once: the one that commits first has the lower numbers
+    a = await central.acquire()
+    b = await central.acquire()
+    try:
+        ta = a.transaction()
+        await ta.start()
+        await a.execute("INSERT INTO \"user\" VALUES ('a', true, NULL, NULL)")
+        tb = b.transaction()
+        await tb.start()
+        blocked = asyncio.create_task(b.execute("INSERT INTO \"user\" VALUES ('b', true, NULL, NULL)"))
+        await asyncio.sleep(0.2)
+        assert not blocked.done()   # waits for a's commit to draw its number
+        assert await tc.head(central) == 0
+        await ta.commit()
+        await blocked
+        await tb.commit()
+    finally:
+        await central.release(a)
+        await central.release(b)
+    changes = await tc.changes(central, "main", 0, 10)
+    assert [c.pk["id"] for c in changes] == ["a", "b"]
+    await central.execute("INSERT INTO revocation_event (user_id, issued_before) VALUES ('a', now())")
+    assert [c.table for c in await tc.changes(central, "revocation", 0, 10)] == ["revocation_event"]
+    assert [c.table for c in await tc.changes(central, "main", changes[-1].seq, 10)] == []
+
+
+async def test_missing_trigger_found_and_redigest_logs_missed_writes(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, _ = pair
+    tc = await _install(central, capture=True)
+    tables = resolve(SPEC, await tc.reflect(central))
+    await central.execute("INSERT INTO \"user\" VALUES ('u1', true, NULL, NULL)")
+    await central.execute("DROP TRIGGER roost_dcsync_track ON \"user\"")
+    assert await tc.missing_triggers(central, tables, capture=True) == ["user"]
+    await central.execute("INSERT INTO \"user\" VALUES ('u2', true, NULL, NULL); UPDATE \"user\" SET extra = 'x' "
+                          "WHERE id = 'u1'")
+    head = await tc.head(central)
+    async with central.acquire() as conn:
+        report = await tc.install(conn, tables, capture=True)
+    assert report.retracked == ["user"]
+    assert [(r.added, r.changed, r.removed) for r in report.redigested] == [(1, 1, 0)]
+    missed = await tc.changes(central, "main", head, 10)
+    assert sorted(c.pk["id"] for c in missed) == ["u1", "u2"]
+    assert await tc.missing_triggers(central, tables, capture=True) == []
