@@ -18,6 +18,7 @@ SCHEMA_MODULES: tuple[str, ...] = (
     "schemas.inventory",
     "schemas.heartbeat",
     "schemas.orchestrator",
+    "schemas.dcsync",
 )
 
 

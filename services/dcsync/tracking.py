@@ -21,10 +21,11 @@ from typing import Any
 
 import asyncpg
 
+from services.core.db.pool import AnyConnection
 from services.dcsync.tables import ResolvedTable
 from services.dcsync.tracking_sql import TRIGGER, Place, ident, install_sql, trigger_sql
 
-Conn = asyncpg.Connection | asyncpg.Pool
+Conn = AnyConnection | asyncpg.Pool
 INSTALL_LOCK = 0x72646374   # pg_advisory_xact_lock key: one installer at a time per database
 
 
@@ -118,7 +119,7 @@ class Tracker:
             out.setdefault(r["table_name"], []).append(r["column_name"])
         return out
 
-    async def install(self, conn: asyncpg.Connection, tables: Sequence[ResolvedTable], *,
+    async def install(self, conn: AnyConnection, tables: Sequence[ResolvedTable], *,
                       capture: bool) -> InstallReport:
         """Bookkeeping, triggers, and a re-digest of each table that is new or tracks other columns now.
         One transaction: a database is never left half tracked."""
@@ -167,11 +168,11 @@ class Tracker:
                 missing.append(t.name)
         return missing
 
-    async def redigest(self, conn: asyncpg.Connection, table: str) -> Redigested:
+    async def redigest(self, conn: AnyConnection, table: str) -> Redigested:
         async with conn.transaction():
             return await self._redigest(conn, table)
 
-    async def _redigest(self, conn: asyncpg.Connection, table: str) -> Redigested:
+    async def _redigest(self, conn: AnyConnection, table: str) -> Redigested:
         raw = _json(await conn.fetchval(f"SELECT {self._bk}.redigest($1)", table))
         return Redigested(table, int(raw["added"]), int(raw["changed"]), int(raw["removed"]))
 
@@ -261,7 +262,7 @@ class Tracker:
 
     # -- apply (subcloud) --------------------------------------------------------------------------------
 
-    async def apply(self, conn: asyncpg.Connection, changes: Sequence[Mapping[str, Any]], *,
+    async def apply(self, conn: AnyConnection, changes: Sequence[Mapping[str, Any]], *,
                     repair: bool = False) -> Applied:
         """Apply a batch in the caller's transaction.  Fast path first; when a change fails, the batch is
         applied again change by change so the failures are reported and the rest still lands."""
