@@ -3,7 +3,8 @@
 Pure: no I/O.  ``brokerauth_apply`` puts the rendered result onto a broker.
 
 A ``Principal`` is one broker user: a service (all replicas share it), a host agent
-(``agent-<hostname>``), or the operator's ``roost`` command.  It says, in bus terms:
+(``agent-<hostname>``), a subcloud's sync agent (``dcagent-<subcloud>``), or the operator's ``roost``
+command.  It says, in bus terms:
 
 * ``publishes``: event subject patterns it may publish (``roost.host.>``);
 * ``sends``: command subject patterns it may send, waiting for a reply (``roost.cmd.>``);
@@ -71,6 +72,7 @@ from services.core.bus.subjects import (
 
 __all__ = [
     "AGENT_PREFIX",
+    "DCAGENT_PREFIX",
     "DENY",
     "DENY_ROUTING_KEY",
     "MANAGED_TAG",
@@ -94,6 +96,8 @@ __all__ = [
     "agent_user",
     "binding_regex",
     "check_password",
+    "dcagent",
+    "dcagent_user",
     "default_stream_of",
     "nats_inbox_prefix",
     "nats_permissions",
@@ -119,10 +123,12 @@ class PolicyError(ValueError):
 class PrincipalKind(StrEnum):
     SERVICE = "service"
     AGENT = "agent"
+    DCAGENT = "dcagent"
     OPERATOR = "operator"
 
 
 AGENT_PREFIX = "agent-"
+DCAGENT_PREFIX = "dcagent-"
 OPERATOR_NAME = "roost-cli"
 MANAGED_TAG = "roost"              # RabbitMQ user tag marking the users this policy owns
 
@@ -130,6 +136,8 @@ MANAGED_TAG = "roost"              # RabbitMQ user tag marking the users this po
 _USER = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 # A host name as an agent's identity: one RFC 1123 label, lower case (it is a subject token).
 _HOSTNAME = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,55}[a-z0-9])?$")
+# A subcloud's name (schemas.dcsync.SubcloudName): one label, at most 48 characters.
+_SUBCLOUD = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,46}[a-z0-9])?$")
 _LIFECYCLE = ("roost.system.service_started", "roost.system.service_stopping")
 FAULTS = "roost.fault.>"           # alarms raised and cleared by any service (services.alarms consumes them)
 DEGRADES = "roost.degrade.>"       # reasons a host is degraded, from any service (services.inventory consumes them)
@@ -283,6 +291,24 @@ def agent(hostname: str, *, shared_topology: bool = True) -> Principal:
                      manages_streams=False, shared_topology=shared_topology)
 
 
+def dcagent_user(subcloud: str) -> str:
+    """The broker user of the sync agent of ``subcloud``."""
+    if not _SUBCLOUD.match(subcloud):
+        raise PolicyError(f"bad subcloud name {subcloud!r}: one lower-case DNS label (letters, digits, -), "
+                          "at most 48 characters")
+    return DCAGENT_PREFIX + subcloud
+
+
+def dcagent(subcloud: str, *, shared_topology: bool = True) -> Principal:
+    """The sync agent of ``subcloud``: publishes only ``roost.dcagent.<subcloud>.>`` (its heartbeats),
+    consumes only ``roost.cmd.sync.<subcloud>.>`` (its group is its user name) and replies to those
+    commands.  Another subcloud's sync commands are out of its reach."""
+    user = dcagent_user(subcloud)
+    return Principal(user, PrincipalKind.DCAGENT, publishes=(f"roost.dcagent.{subcloud}.>",),
+                     consumes=(Consumer(user, f"{COMMAND_PREFIX}.sync.{subcloud}.>"),),
+                     manages_streams=False, shared_topology=shared_topology)
+
+
 def operator(name: str = OPERATOR_NAME, *, sends: Iterable[str] = (f"{COMMAND_PREFIX}.>",)) -> Principal:
     """The operator's ``roost`` command: sends commands and reads their replies; publishes no event."""
     return Principal(name, PrincipalKind.OPERATOR, sends=tuple(sends), manages_streams=False)
@@ -351,14 +377,18 @@ _SERVICES = (
     service("alarms", events=("alarm",), serves=("alarm",), reads=(FAULTS, "roost.host.deleted")),
     service("orchestrator", events=("strategy",), serves=("strategy", "hostservices"),
             sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>", f"{COMMAND_PREFIX}.alarm.>")),
-    service("dcsync", events=("sync", "subcloud"), serves=("sync", "subcloud")),
+    # the sync commands (roost.cmd.sync.<subcloud>.>) are served by each subcloud's agent (dcagent()), not here
+    service("dcsync", events=("sync", "subcloud"), serves=("subcloud",), reads=("roost.dcagent.>",),
+            sends=(f"{COMMAND_PREFIX}.sync.>",)),
 )
 
 
 def roost_policy(agent_hostnames: Iterable[str] = (), *, operators: Iterable[str] = (OPERATOR_NAME,),
-                 extra: Iterable[Principal] = ()) -> Policy:
-    """The policy of a roost system: its services, one agent per host, the operator command(s)."""
-    principals = [*_SERVICES, *(agent(h) for h in agent_hostnames), *(operator(o) for o in operators), *extra]
+                 extra: Iterable[Principal] = (), subclouds: Iterable[str] = ()) -> Policy:
+    """The policy of a roost system: its services, one agent per host, one sync agent per subcloud, the
+    operator command(s)."""
+    principals = [*_SERVICES, *(agent(h) for h in agent_hostnames), *(dcagent(s) for s in subclouds),
+                  *(operator(o) for o in operators), *extra]
     return Policy(tuple(principals))
 
 

@@ -30,6 +30,8 @@ from services.core.brokerauth import (
     agent_user,
     binding_regex,
     check_password,
+    dcagent,
+    dcagent_user,
     nats_inbox_prefix,
     nats_permissions,
     operator,
@@ -371,3 +373,102 @@ def test_shared_inboxes_are_an_explicit_weaker_mode() -> None:
     assert nats_allows(shared["agent-h1"].publish, "_INBOX.AbC.1")
     assert not nats_allows(shared["roost-cli"].publish, "_INBOX.AbC.1")       # it serves no command
     assert nats_allows(shared["agent-h1"].subscribe, "_INBOX.AbC.1")
+
+
+# -- subcloud sync agents: their own sync commands, nothing else ---------------------------------------
+
+subclouds = st.from_regex(r"\A[a-z0-9](?:[a-z0-9-]{0,10}[a-z0-9])?\Z")
+
+
+@settings(max_examples=200)
+@given(s1=subclouds, s2=subclouds, tail=tails)
+def test_a_dcagent_publishes_only_its_own_heartbeats(s1: str, s2: str, tail: str) -> None:
+    assume(s1 != s2)
+    policy = roost_policy(["h1"], subclouds=[s1, s2])
+    me = dcagent_user(s1)
+    nats = {p.user: p for p in nats_permissions(policy)}[me]
+    rabbit = {p.user: p for p in rabbitmq_permissions(policy)}[me]
+    events_write, _ = topic(rabbit, EVENTS_EXCHANGE)
+    commands_write, _ = topic(rabbit, COMMANDS_EXCHANGE)
+    for subject in (f"roost.dcagent.{s2}.{tail}", f"roost.cmd.{tail}", f"roost.cmd.sync.{s2}.{tail}",
+                    f"roost.cmd.sync.{s1}.{tail}", f"roost.subcloud.{tail}", f"roost.sync.{tail}",
+                    f"roost.agent.h1.{tail}", f"roost.dlq.{dcagent_user(s2)}"):
+        assert not nats_allows(nats.publish, subject), subject
+        assert not rabbit_allows(events_write, subject), subject
+        assert not rabbit_allows(commands_write, subject), subject
+    assert commands_write == DENY_ROUTING_KEY
+    assert not rabbit_allows(rabbit.write, COMMANDS_EXCHANGE)
+    own = f"roost.dcagent.{s1}.{tail}"
+    assert nats_allows(nats.publish, own) and rabbit_allows(events_write, own)
+    assert nats_allows(nats.publish, f"roost.dlq.{me}")
+
+
+@settings(max_examples=200)
+@given(s1=subclouds, s2=subclouds, tail=tails)
+def test_a_dcagent_consumes_only_its_own_sync_commands(s1: str, s2: str, tail: str) -> None:
+    assume(s1 != s2)
+    policy = roost_policy(["h1"], subclouds=[s1, s2])
+    me, other = dcagent(s1), dcagent(s2)
+    assert me.groups == (f"dcagent-{s1}",) and me.consumes[0].pattern == f"roost.cmd.sync.{s1}.>"
+    nats = {p.user: p for p in nats_permissions(policy)}[me.name]
+    rabbit = {p.user: p for p in rabbitmq_permissions(policy)}[me.name]
+
+    assert not any(s.startswith("roost") for s in nats.subscribe)
+    own_durable = me.consumes[0].durable
+    creates = [e for e in nats.publish if e.startswith("$JS.API.CONSUMER.CREATE.")]
+    assert creates == [f"$JS.API.CONSUMER.CREATE.ROOST_CMD.{own_durable}.roost.cmd.sync.{s1}.>"]
+    for entry in nats.publish:
+        if entry.startswith(("$JS.API.CONSUMER.", "$JS.ACK.")):
+            assert own_durable in entry, entry
+        assert other.consumes[0].durable not in entry
+        assert not entry.startswith("$JS.API.STREAM.CREATE")
+    assert not nats_allows(nats.subscribe, f"_INBOX.{dcagent_user(s2)}.{tail}")
+    assert not nats_allows(nats.subscribe, f"_INBOX.dcsync.{tail}")
+    assert nats_allows(nats.subscribe, f"{nats_inbox_prefix(me.name)}.{tail}")
+
+    _, commands_read = topic(rabbit, COMMANDS_EXCHANGE)
+    _, events_read = topic(rabbit, EVENTS_EXCHANGE)
+    assert rabbit_allows(commands_read, to_amqp_binding(f"roost.cmd.sync.{s1}.>"))
+    assert events_read == DENY_ROUTING_KEY
+    for binding in (f"roost.cmd.sync.{s2}.{tail}", f"roost.cmd.sync.{s2}.#", "roost.cmd.sync.*.#", "roost.cmd.sync.#",
+                    "roost.cmd.#", "#", f"roost.cmd.sync.{s1}", f"roost.cmd.sync.{s1}.#",
+                    f"roost.cmd.subcloud.{tail}", f"roost.dcagent.{s2}.#"):
+        assert not rabbit_allows(commands_read, binding), binding
+    other_queue = other.consumes[0].durable
+    for regex in (rabbit.configure, rabbit.write, rabbit.read):
+        assert not rabbit_allows(regex, other_queue)
+        assert not rabbit_allows(regex, retry_queue_name(other_queue, 1.0))
+    assert rabbit_allows(rabbit.read, own_durable)
+
+
+def test_dcagents_reply_to_the_dcsync_service_and_it_reads_their_heartbeats() -> None:
+    policy = roost_policy(subclouds=["edge-1"])
+    me = policy.get("dcagent-edge-1")
+    assert {p.name for p in policy.senders_to(me)} == {"core", "dcsync", "roost-cli"}
+    nats = {p.user: p for p in nats_permissions(policy)}
+    assert nats_allows(nats["dcagent-edge-1"].publish, "_INBOX.dcsync.abc.1")
+    assert not nats_allows(nats["dcagent-edge-1"].publish, "_INBOX.inventory.abc.1")
+    dcsync = nats["dcsync"]
+    assert nats_allows(dcsync.publish, "roost.cmd.sync.edge-1.apply")
+    assert nats_allows(dcsync.publish, "roost.subcloud.state_changed") and nats_allows(dcsync.publish, "roost.sync.x")
+    assert not nats_allows(dcsync.publish, "roost.dcagent.edge-1.heartbeat")
+    service_row = policy.get("dcsync")
+    assert {c.pattern for c in service_row.consumes} == {"roost.cmd.subcloud.>", "roost.dcagent.>"}
+    rabbit = {p.user: p for p in rabbitmq_permissions(policy)}["dcsync"]
+    _, events_read = topic(rabbit, EVENTS_EXCHANGE)
+    commands_write, commands_read = topic(rabbit, COMMANDS_EXCHANGE)
+    assert rabbit_allows(events_read, to_amqp_binding("roost.dcagent.>"))
+    assert rabbit_allows(commands_write, "roost.cmd.sync.edge-1.hello")
+    assert not rabbit_allows(commands_read, to_amqp_binding("roost.cmd.sync.>"))
+
+
+def test_a_host_agent_and_a_subcloud_of_the_same_name_are_two_users() -> None:
+    policy = roost_policy(["edge-1"], subclouds=["edge-1"])
+    assert {"agent-edge-1", "dcagent-edge-1"} <= set(policy.names)
+    assert dcagent("a" * 48).groups == ("dcagent-" + "a" * 48,)
+
+
+@pytest.mark.parametrize("name", ["", "Edge", "edge.1", "-e", "e-", "e_1", "a" * 49])
+def test_bad_subcloud_names_are_refused(name: str) -> None:
+    with pytest.raises(PolicyError, match="subcloud"):
+        dcagent(name)
