@@ -30,8 +30,8 @@ import re
 import ssl
 import sys
 import time
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -45,8 +45,11 @@ from services.cli.main import Context, cli, pass_ctx, run, table
 from services.core.brokerauth import (
     Policy,
     PolicyError,
+    Principal,
     agent,
     agent_user,
+    dcagent,
+    dcagent_user,
     rabbitmq_operations,
     rabbitmq_permissions,
     roost_policy,
@@ -69,6 +72,8 @@ from services.heartbeat.keystore import ClusterKeys, KeyStoreError, ensure_clust
 AGENTS_FILE = "agents.json"
 AGENTS_LOCK = ".agents.lock"
 CREDENTIALS_DIR = "agents"
+SUBCLOUDS_FILE = "subclouds.json"
+SUBCLOUD_CREDENTIALS_DIR = "subclouds"
 # Where `roost up` (services/cli/up.py, ``_bus``) keeps its embedded NATS: the store directory, the config
 # file it renders from ``local_policy`` and the server name it runs with (a reload needs the same name).
 NATS_DIR = "nats"
@@ -93,53 +98,90 @@ class EnrolledAgent:
         return agent_user(self.name)
 
 
-def _agents_path(data_dir: Path) -> Path:
-    return data_dir / AGENTS_FILE
+@dataclass(frozen=True, slots=True)
+class Roster:
+    """One kind of enrolled principal, kept in ``<data-dir>/<file>`` as ``{"<key>": [{"name", "enrolled_at"}]}``:
+    the host agents (``agents.json``) or the subclouds' sync agents (``subclouds.json``).  Both are enrolled
+    under one lock, since both end up in the one NATS configuration."""
+
+    file: str
+    key: str
+    what: str                                   # "agent", "subcloud": for messages
+    user_of: Callable[[str], str]               # name -> broker user (PolicyError for a bad name)
+    principal_of: Callable[[str], Principal]
+    credentials_dir: str                        # default credentials files: <data-dir>/<credentials_dir>/
+    list_verb: str                              # `roost <what> <list_verb>` lists the enrolled ones
+
+    def path(self, data_dir: Path) -> Path:
+        return data_dir / self.file
+
+    def load(self, data_dir: Path) -> dict[str, EnrolledAgent]:
+        """The enrolled names (none when the file does not exist).  ``CliError`` for a file that cannot be read
+        or names an invalid one: a broken list must be fixed, not half-applied."""
+        path = self.path(data_dir)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise CliError(f"cannot read the enrolled {self.what}s in {path}: {exc}") from None
+        items = raw.get(self.key) if isinstance(raw, dict) else None
+        if not isinstance(items, list):
+            raise CliError(f"{path} is not a list of enrolled {self.what}s (expected {{\"{self.key}\": [...]}})")
+        out: dict[str, EnrolledAgent] = {}
+        for item in items:
+            name = item.get("name") if isinstance(item, dict) else None
+            try:
+                self.user_of(str(name))
+            except PolicyError as exc:
+                raise CliError(f"{path}: {exc}") from None
+            out[str(name)] = EnrolledAgent(str(name), str(item.get("enrolled_at", "")))
+        return out
+
+    def save(self, data_dir: Path, enrolled: Mapping[str, EnrolledAgent]) -> None:
+        body = {self.key: [{"name": a.name, "enrolled_at": a.enrolled_at} for _, a in sorted(enrolled.items())]}
+        write_private(self.path(data_dir), json.dumps(body, indent=2) + "\n")
+
+    def check_name(self, name: str) -> str:
+        """The broker user of ``name``; a bad name is a usage error (exit status 2)."""
+        try:
+            return self.user_of(name)
+        except PolicyError as exc:
+            raise CliError(str(exc), code=2) from None
+
+    def default_credentials_path(self, data_dir: Path, name: str) -> Path:
+        return data_dir / self.credentials_dir / f"{name}.credentials.json"
+
+
+AGENTS = Roster(AGENTS_FILE, "agents", "agent", agent_user, agent, CREDENTIALS_DIR, "list")
+SUBCLOUDS = Roster(SUBCLOUDS_FILE, "subclouds", "subcloud", dcagent_user, dcagent, SUBCLOUD_CREDENTIALS_DIR,
+                   "enrolled")
 
 
 def load_enrolled(data_dir: Path) -> dict[str, EnrolledAgent]:
-    """The enrolled agents by name (none when the file does not exist).  ``CliError`` for a file that
-    cannot be read or names an invalid agent: a broken list must be fixed, not half-applied."""
-    path = _agents_path(data_dir)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read the enrolled agents in {path}: {exc}") from None
-    items = raw.get("agents") if isinstance(raw, dict) else None
-    if not isinstance(items, list):
-        raise CliError(f"{path} is not a list of enrolled agents (expected {{\"agents\": [...]}})")
-    out: dict[str, EnrolledAgent] = {}
-    for item in items:
-        name = item.get("name") if isinstance(item, dict) else None
-        try:
-            agent_user(str(name))
-        except PolicyError as exc:
-            raise CliError(f"{path}: {exc}") from None
-        out[str(name)] = EnrolledAgent(str(name), str(item.get("enrolled_at", "")))
-    return out
+    """The enrolled host agents by name."""
+    return AGENTS.load(data_dir)
 
 
 def enrolled_agents(data_dir: Path) -> list[str]:
     """The names of the enrolled agents, sorted."""
-    return sorted(load_enrolled(data_dir))
+    return sorted(AGENTS.load(data_dir))
 
 
 def local_policy(data_dir: Path) -> Policy:
-    """The broker policy of the roost in ``data_dir``: every service, the operator's `roost` command and
-    every enrolled agent.  `roost up` renders it for its embedded NATS; enrolling renders it again."""
-    return roost_policy(enrolled_agents(data_dir))
+    """The broker policy of the roost in ``data_dir``: every service, the operator's `roost` command, every
+    enrolled host agent and every enrolled subcloud's sync agent.  `roost up` renders it for its embedded
+    NATS; enrolling renders it again."""
+    return roost_policy(enrolled_agents(data_dir), subclouds=sorted(SUBCLOUDS.load(data_dir)))
 
 
 def save_enrolled(data_dir: Path, agents: Mapping[str, EnrolledAgent]) -> None:
-    body = {"agents": [{"name": a.name, "enrolled_at": a.enrolled_at} for _, a in sorted(agents.items())]}
-    write_private(_agents_path(data_dir), json.dumps(body, indent=2) + "\n")
+    AGENTS.save(data_dir, agents)
 
 
 @contextlib.contextmanager
 def enrollment_lock(data_dir: Path) -> Iterator[None]:
-    """One enroll or revoke at a time on this data dir (the list, the config file and the reload)."""
+    """One enroll or revoke at a time on this data dir (the lists, the config file and the reload)."""
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(data_dir / AGENTS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -150,10 +192,7 @@ def enrollment_lock(data_dir: Path) -> Iterator[None]:
 
 
 def check_name(name: str) -> str:
-    try:
-        return agent_user(name)
-    except PolicyError as exc:
-        raise CliError(str(exc), code=2) from None
+    return AGENTS.check_name(name)
 
 
 # -- applying to the broker -------------------------------------------------------------------------
@@ -269,23 +308,102 @@ async def apply_embedded(data_dir: Path, secrets: SecretStore, target: Target) -
     return f"the embedded NATS (pid {pid}) reloaded its users"
 
 
-async def apply_rabbitmq_agent(name: str, password: SecretStr, target: Target, rabbitmqctl: str) -> str:
-    policy = Policy((agent(name),))
-    ops = rabbitmq_operations(rabbitmq_permissions(policy, vhost=_vhost(target.bus_url)), {agent_user(name): password})
+async def apply_rabbitmq_principal(principal: Principal, password: SecretStr, target: Target, rabbitmqctl: str) -> str:
+    policy = Policy((principal,))
+    ops = rabbitmq_operations(rabbitmq_permissions(policy, vhost=_vhost(target.bus_url)), {principal.name: password})
     try:
         report = await apply_rabbitmq(ops, RabbitCtl(executable=rabbitmqctl))
     except BrokerAuthError as exc:
         raise CliError(f"RabbitMQ: {exc}") from None
     what = "created" if report.created else "password and permissions set"
-    return f"RabbitMQ user {agent_user(name)} {what}"
+    return f"RabbitMQ user {principal.name} {what}"
 
 
-async def revoke_rabbitmq_agent(name: str, rabbitmqctl: str) -> str:
+async def revoke_rabbitmq_user(user: str, rabbitmqctl: str) -> str:
     try:
-        deleted = await delete_rabbitmq_users([agent_user(name)], RabbitCtl(executable=rabbitmqctl))
+        deleted = await delete_rabbitmq_users([user], RabbitCtl(executable=rabbitmqctl))
     except BrokerAuthError as exc:
         raise CliError(f"RabbitMQ: {exc}") from None
-    return f"RabbitMQ user {agent_user(name)} " + ("deleted" if deleted else "did not exist")
+    return f"RabbitMQ user {user} " + ("deleted" if deleted else "did not exist")
+
+
+@dataclass(frozen=True, slots=True)
+class Enrollment:
+    """What enrolling did: the broker user and its password, and what the broker was told."""
+
+    name: str
+    user: str
+    password: SecretStr = field(repr=False)
+    again: bool                   # it was enrolled already
+    applied: str                  # one phrase for the operator
+    bus_url: str | None           # the bus of the local roost, as far as known
+
+
+async def enroll(roster: Roster, data_dir: Path, secrets: SecretStore, name: str, *, rotate: bool, broker: Broker,
+                 bus_url: str | None, rabbitmqctl: str) -> Enrollment:
+    """Let ``name`` of ``roster`` onto the bus: on the list, its broker password in the secret store (kept when
+    it exists, unless ``rotate``), the broker told (the embedded NATS reloaded, or its RabbitMQ user set)."""
+    user = roster.check_name(name)
+    principal = roster.principal_of(name)
+    with enrollment_lock(data_dir):
+        enrolled = roster.load(data_dir)
+        again = name in enrolled
+        try:
+            if rotate:
+                secrets.put(broker_password_secret(user), generate_password())
+            password = ensure_broker_passwords(secrets, Policy((principal,)))[user]
+        except SecretStoreError as exc:
+            raise CliError(str(exc)) from None
+        if not again:
+            enrolled[name] = EnrolledAgent(name, datetime.now(UTC).isoformat(timespec="seconds"))
+            roster.save(data_dir, enrolled)
+        target = _target(data_dir, broker, bus_url)
+        if target.kind == "embedded":
+            applied = await apply_embedded(data_dir, secrets, target)
+        elif target.kind == "rabbitmq":
+            applied = await apply_rabbitmq_principal(principal, password, target, rabbitmqctl)
+        else:
+            applied = (f"not applied to a broker ({target.why}): give the broker user {user} the permissions of "
+                       f"services.core.brokerauth.{principal.kind.value}() and the password in the credentials file")
+    return Enrollment(name, user, password, again, applied, target.bus_url)
+
+
+async def revoke(roster: Roster, data_dir: Path, secrets: SecretStore, name: str, *, broker: Broker,
+                 bus_url: str | None, rabbitmqctl: str, secret_names: tuple[str, ...] = ()) -> str:
+    """Take ``name`` of ``roster`` off the bus: off the list and the broker (a NATS reload closes its
+    connections), its broker password, ``secret_names`` and its default credentials file deleted.  What the
+    broker did, in one phrase."""
+    user = roster.check_name(name)
+    with enrollment_lock(data_dir):
+        enrolled = roster.load(data_dir)
+        if name not in enrolled:
+            raise CliError(f"{roster.what} {name} is not enrolled (see `roost {roster.what} {roster.list_verb}`)")
+        del enrolled[name]
+        roster.save(data_dir, enrolled)
+        target = _target(data_dir, broker, bus_url)
+        if target.kind == "embedded":
+            applied = await apply_embedded(data_dir, secrets, target)
+        elif target.kind == "rabbitmq":
+            applied = await revoke_rabbitmq_user(user, rabbitmqctl)
+        else:
+            applied = f"not removed from a broker ({target.why}): delete the broker user {user} yourself"
+        for secret in (broker_password_secret(user), *secret_names):
+            with contextlib.suppress(SecretStoreError):
+                secrets.delete(secret)
+        roster.default_credentials_path(data_dir, name).unlink(missing_ok=True)
+    return applied
+
+
+def enrolled_rows(roster: Roster, data_dir: Path) -> list[dict[str, str]]:
+    """`list`'s rows: name, broker user, when, and the default credentials file when it is there."""
+    try:
+        enrolled = roster.load(data_dir)
+    except CliError as exc:
+        click.echo(f"roost: {exc}", err=True)
+        sys.exit(exc.code)
+    return [{"name": a.name, "user": roster.user_of(a.name), "enrolled_at": a.enrolled_at,
+             "credentials": str(p) if (p := roster.default_credentials_path(data_dir, a.name)).exists() else ""}
+            for _, a in sorted(enrolled.items())]
 
 
 # -- credentials ------------------------------------------------------------------------------------
@@ -297,25 +415,65 @@ def _without_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, hostport, parts.path, parts.query, parts.fragment))
 
 
-def _with_credentials(url: str, user: str, password: str) -> str:
+def with_credentials(url: str, user: str, password: str) -> str:
     from services.core.settings import url_with_credentials
 
     return url_with_credentials(_without_credentials(url), user, password)
 
 
 def default_credentials_path(data_dir: Path, name: str) -> Path:
-    return data_dir / CREDENTIALS_DIR / f"{name}.credentials.json"
+    return AGENTS.default_credentials_path(data_dir, name)
+
+
+def login_body(key: str, name: str, user: str, password: SecretStr, bus_url: str | None) -> dict[str, Any]:
+    """The login part of a credentials file: ``{key: name, "user", "password", "bus_url"}`` (the bus URL with the
+    user and password in it, when known)."""
+    secret = password.get_secret_value()
+    return {key: name, "user": user, "password": secret,
+            "bus_url": with_credentials(bus_url, user, secret) if bus_url else None}
 
 
 def write_credentials(path: Path, name: str, password: SecretStr, bus_url: str | None,
                       heartbeat: ClusterKeys | None = None) -> None:
-    user = agent_user(name)
-    secret = password.get_secret_value()
-    body: dict[str, Any] = {"agent": name, "user": user, "password": secret,
-                            "bus_url": _with_credentials(bus_url, user, secret) if bus_url else None}
+    body = login_body("agent", name, agent_user(name), password, bus_url)
     if heartbeat is not None:
         body["heartbeat"] = heartbeat.credentials()
     write_private(path, json.dumps(body, indent=2) + "\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """The login part of a credentials file, and the whole file (``raw``) for what else it holds."""
+
+    name: str
+    password: SecretStr
+    bus_url: str | None              # without credentials
+    raw: dict[str, Any] = field(repr=False)
+
+
+def read_login(path: Path, key: str) -> Login:
+    """A credentials file written by ``login_body(key, ...)``, readable by its owner only; its password is
+    registered as a secret (masked in every log line)."""
+    try:
+        info = path.stat()
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read the credentials file {path}: {exc}", code=2) from None
+    if info.st_mode & 0o077:
+        raise CliError(f"the credentials file {path} can be read by others (mode {oct(info.st_mode & 0o777)}); "
+                       f"chmod 600 {path}", code=2)
+    if not isinstance(raw, dict) or not isinstance(raw.get(key), str):
+        raise CliError(f"{path} is not {'an' if key[0] in 'aeiou' else 'a'} {key} credentials file (no \"{key}\")",
+                       code=2)
+    url = raw.get("bus_url")
+    password = raw.get("password")
+    if not isinstance(password, str) and isinstance(url, str):
+        password = unquote(urlsplit(url).password or "") or None
+    if not isinstance(password, str) or not password:
+        raise CliError(f"{path} holds no password", code=2)
+    register_secret(password)
+    return Login(raw[key], SecretStr(password), _without_credentials(url) if isinstance(url, str) and url else None,
+                 raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,31 +485,14 @@ class AgentCredentials:
 
 
 def read_credentials(path: Path) -> AgentCredentials:
-    try:
-        info = path.stat()
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CliError(f"cannot read the credentials file {path}: {exc}", code=2) from None
-    if info.st_mode & 0o077:
-        raise CliError(f"the credentials file {path} can be read by others (mode {oct(info.st_mode & 0o777)}); "
-                       f"chmod 600 {path}", code=2)
-    if not isinstance(raw, dict) or not isinstance(raw.get("agent"), str):
-        raise CliError(f"{path} is not an agent credentials file (no \"agent\")", code=2)
-    url = raw.get("bus_url")
-    password = raw.get("password")
-    if not isinstance(password, str) and isinstance(url, str):
-        password = unquote(urlsplit(url).password or "") or None
-    if not isinstance(password, str) or not password:
-        raise CliError(f"{path} holds no password", code=2)
-    register_secret(password)
+    login = read_login(path, "agent")
     keys = None
-    if isinstance(raw.get("heartbeat"), dict):
+    if isinstance(login.raw.get("heartbeat"), dict):
         try:
-            keys = ClusterKeys.from_credentials(raw["heartbeat"], where=str(path))
+            keys = ClusterKeys.from_credentials(login.raw["heartbeat"], where=str(path))
         except KeyStoreError as exc:
             raise CliError(str(exc), code=2) from None
-    return AgentCredentials(raw["agent"], SecretStr(password),
-                            _without_credentials(url) if isinstance(url, str) and url else None, keys)
+    return AgentCredentials(login.name, login.password, login.bus_url, keys)
 
 
 # -- commands ---------------------------------------------------------------------------------------
@@ -362,7 +503,7 @@ def agent_group() -> None:
     """Host agents: run one, and enroll, list or revoke the agents allowed on this roost's bus."""
 
 
-def _secrets(data_dir: Path) -> SecretStore:
+def secret_store(data_dir: Path) -> SecretStore:
     try:
         return SecretStore.in_data_dir(data_dir)
     except SecretStoreError as exc:
@@ -387,30 +528,10 @@ def agent_enroll(obj: Context, name: str, rotate: bool, output: Path | None, age
 
 async def _enroll(obj: Context, name: str, rotate: bool, output: Path | None, agent_bus_url: str | None,
                   broker: Broker, rabbitmqctl: str) -> None:
-    user = check_name(name)
     data_dir = obj.data_dir
-    secrets = _secrets(data_dir)
-    secret_name = broker_password_secret(user)
-    with enrollment_lock(data_dir):
-        agents = load_enrolled(data_dir)
-        again = name in agents
-        try:
-            if rotate:
-                secrets.put(secret_name, generate_password())
-            password = ensure_broker_passwords(secrets, Policy((agent(name),)))[user]
-        except SecretStoreError as exc:
-            raise CliError(str(exc)) from None
-        if not again:
-            agents[name] = EnrolledAgent(name, datetime.now(UTC).isoformat(timespec="seconds"))
-            save_enrolled(data_dir, agents)
-        target = _target(data_dir, broker, obj._bus_url)
-        if target.kind == "embedded":
-            applied = await apply_embedded(data_dir, secrets, target)
-        elif target.kind == "rabbitmq":
-            applied = await apply_rabbitmq_agent(name, password, target, rabbitmqctl)
-        else:
-            applied = (f"not applied to a broker ({target.why}): give the broker user {user} the permissions of "
-                       "services.core.brokerauth.agent() and the password in the credentials file")
+    secrets = secret_store(data_dir)
+    done = await enroll(AGENTS, data_dir, secrets, name, rotate=rotate, broker=broker, bus_url=obj._bus_url,
+                        rabbitmqctl=rabbitmqctl)
     path = output or default_credentials_path(data_dir, name)
     if output is None:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -418,11 +539,11 @@ async def _enroll(obj: Context, name: str, rotate: bool, output: Path | None, ag
         keys, _ = ensure_cluster_keys(secrets)
     except (SecretStoreError, KeyStoreError) as exc:
         raise CliError(f"the heartbeat keys: {exc}") from None
-    write_credentials(path, name, password, agent_bus_url or target.bus_url, keys)
-    state = "already enrolled" if again else "enrolled"
+    write_credentials(path, name, done.password, agent_bus_url or done.bus_url, keys)
+    state = "already enrolled" if done.again else "enrolled"
     if rotate:
         state += ", new password"
-    click.echo(f"agent {name} {state} (broker user {user}); {applied}")
+    click.echo(f"agent {name} {state} (broker user {done.user}); {done.applied}")
     click.echo(f"credentials written to {path} (mode 0600): copy it to the host and run\n"
                f"  roost agent run --name {name} --credentials {path.name}")
 
@@ -439,26 +560,9 @@ def agent_revoke(obj: Context, name: str, broker: Broker, rabbitmqctl: str) -> N
 
 
 async def _revoke(obj: Context, name: str, broker: Broker, rabbitmqctl: str) -> None:
-    user = check_name(name)
-    data_dir = obj.data_dir
-    secrets = _secrets(data_dir)
-    with enrollment_lock(data_dir):
-        agents = load_enrolled(data_dir)
-        if name not in agents:
-            raise CliError(f"agent {name} is not enrolled (see `roost agent list`)")
-        del agents[name]
-        save_enrolled(data_dir, agents)
-        target = _target(data_dir, broker, obj._bus_url)
-        if target.kind == "embedded":
-            applied = await apply_embedded(data_dir, secrets, target)
-        elif target.kind == "rabbitmq":
-            applied = await revoke_rabbitmq_agent(name, rabbitmqctl)
-        else:
-            applied = f"not removed from a broker ({target.why}): delete the broker user {user} yourself"
-        with contextlib.suppress(SecretStoreError):
-            secrets.delete(broker_password_secret(user))
-        default_credentials_path(data_dir, name).unlink(missing_ok=True)
-    click.echo(f"agent {name} revoked (broker user {user}); {applied}")
+    applied = await revoke(AGENTS, obj.data_dir, secret_store(obj.data_dir), name, broker=broker, bus_url=obj._bus_url,
+                           rabbitmqctl=rabbitmqctl)
+    click.echo(f"agent {name} revoked (broker user {agent_user(name)}); {applied}")
 
 
 @agent_group.command("list")
@@ -466,15 +570,7 @@ async def _revoke(obj: Context, name: str, broker: Broker, rabbitmqctl: str) -> 
 @pass_ctx
 def agent_list(obj: Context, as_json: bool) -> None:
     """The agents enrolled on this roost."""
-    data_dir = obj.data_dir
-    try:
-        agents = load_enrolled(data_dir)
-    except CliError as exc:
-        click.echo(f"roost: {exc}", err=True)
-        sys.exit(exc.code)
-    rows = [{"name": a.name, "user": a.user, "enrolled_at": a.enrolled_at,
-             "credentials": str(p) if (p := default_credentials_path(data_dir, a.name)).exists() else ""}
-            for _, a in sorted(agents.items())]
+    rows = enrolled_rows(AGENTS, obj.data_dir)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
     else:
@@ -521,10 +617,12 @@ def agent_run(obj: Context, name: str, credentials: Path | None, run_bus_url: st
              simulate_install_seconds))
 
 
-def _local_login(data_dir: Path, name: str, user: str) -> tuple[SecretStr, str | None]:
-    if name not in load_enrolled(data_dir):
-        raise CliError(f"agent {name} is not enrolled here ({data_dir}): run `roost agent enroll {name}` "
-                       "or pass --credentials", code=2)
+def local_login(roster: Roster, data_dir: Path, name: str) -> tuple[SecretStr, str | None]:
+    """``name``'s broker password from the local secret store, and the local roost's bus URL while it runs."""
+    user = roster.check_name(name)
+    if name not in roster.load(data_dir):
+        raise CliError(f"{roster.what} {name} is not enrolled here ({data_dir}): run `roost {roster.what} "
+                       f"enroll {name}` or pass --credentials", code=2)
     try:
         password = SecretStore.in_data_dir(data_dir).get_text(broker_password_secret(user))
     except SecretStoreError as exc:
@@ -551,14 +649,14 @@ async def _run(obj: Context, name: str, credentials: Path | None, run_bus_url: s
     from services.inventory.agent.agent import AgentComponent, HostAgent
     from services.orchestrator.agent import UpdateAgentComponent
 
-    user = check_name(name)
+    check_name(name)
     if credentials is not None:
         creds = read_credentials(credentials)
         if creds.name != name:
             raise CliError(f"{credentials} holds the credentials of agent {creds.name}, not {name}", code=2)
         password, url, keys = creds.password, creds.bus_url, creds.heartbeat
     else:
-        password, url = _local_login(obj.data_dir, name, user)
+        password, url = local_login(AGENTS, obj.data_dir, name)
         keys = _local_keys(obj.data_dir)
     components: list[AgentComponent] = []
     if heartbeat and keys is None:
