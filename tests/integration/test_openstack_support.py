@@ -103,6 +103,21 @@ async def test_databases_are_copies_of_templates_made_by_db_sync(keystone_db: st
     assert await _fetch(keystone_db, 'SELECT id FROM "user"') == []
 
 
+async def test_a_template_of_other_pins_or_half_built_is_rebuilt() -> None:
+    template = await ensure_template("glance")
+    admin = await asyncpg.connect(ADMIN_URL, timeout=10)
+    try:
+        await admin.execute(f"COMMENT ON DATABASE {template} IS 'roost openstack template, glance db_sync, pins old'")
+        assert await ensure_template("glance") == template
+        comment = await admin.fetchval("SELECT shobj_description(oid, 'pg_database') FROM pg_database "
+                                       "WHERE datname = $1", template)
+        assert comment == f"roost openstack template, glance db_sync, pins {pins_hash()}"
+    finally:
+        await admin.close()
+    async with openstack_database("glance") as db:
+        assert "images" in await _tables(db)
+
+
 async def test_drop_database_ends_open_connections() -> None:
     name = f"roost_test_drop_{uuid.uuid4().hex[:12]}"
     await create_keystone_database(name)
@@ -147,8 +162,10 @@ async def test_create_user_through_keystones_managers(keystone_db: str) -> None:
     assert second.user_id != first.user_id
     assert await keystone_authenticate(keystone_db, "bob", PASSWORD)
     assert not await keystone_authenticate(keystone_db, "bob", "other")
-    with pytest.raises(OpenStackSupportError, match="create_user failed"):
+    with pytest.raises(OpenStackSupportError, match="create_user failed") as failed:
         await keystone_create_user(keystone_db, user="bob", password=PASSWORD, project="p1", role="member")
+    assert "Duplicate entry found with name bob" in str(failed.value)      # keystone's own words, from stderr
+    assert PASSWORD not in str(failed.value)
 
 
 async def test_a_token_is_accepted_where_the_keys_and_rows_are_the_same(keystone_db: str, tmp_path: Path) -> None:
