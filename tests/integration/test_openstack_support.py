@@ -25,6 +25,7 @@ from tests.support.openstack import (
     glance_get_image,
     keystone_authenticate,
     keystone_bootstrap,
+    keystone_check,
     keystone_create_user,
     keystone_fernet_rotate,
     keystone_fernet_setup,
@@ -169,8 +170,8 @@ async def test_create_user_through_keystones_managers(keystone_db: str) -> None:
 
 
 async def test_a_token_is_accepted_where_the_keys_and_rows_are_the_same(keystone_db: str, tmp_path: Path) -> None:
-    controller_keys = await keystone_fernet_setup(tmp_path / "controller-keys")
-    other_keys = await keystone_fernet_setup(tmp_path / "other-keys")
+    controller_keys, other_keys = await asyncio.gather(keystone_fernet_setup(tmp_path / "controller-keys"),
+                                                       keystone_fernet_setup(tmp_path / "other-keys"))
     ids = await keystone_bootstrap(keystone_db, user="alice", password=PASSWORD, project="edge", role="operator",
                                    key_repository=controller_keys)
     token = await keystone_issue_token(keystone_db, controller_keys, "alice", PASSWORD, "edge")
@@ -198,6 +199,13 @@ async def test_a_token_is_accepted_where_the_keys_and_rows_are_the_same(keystone
     assert copied, copied.reason
     assert not other_repo and other_repo.reason
     assert not no_rows and no_rows.reason
+
+    # The same checks in one keystone process (a subcloud's checks in one call), tampered token refused.
+    logins, tokens = await keystone_check(keystone_db, logins=[("alice", PASSWORD), ("alice", "wrong")],
+                                          tokens=[token, token[:-4] + "AAAA"], repo_dir=controller_keys)
+    assert [bool(v) for v in logins] == [True, False]
+    assert [bool(v) for v in tokens] == [True, False]
+    assert tokens[0].details["user_id"] == ids.user_id
 
     # Rotation keeps the old primary as a secondary key: the token stays valid; a new token uses the new key.
     await keystone_fernet_rotate(controller_keys)

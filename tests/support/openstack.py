@@ -375,6 +375,24 @@ async def keystone_validate_token(db: str, repo_dir: Path | str, token: str) -> 
     return Verdict(bool(answer.get("ok")), str(answer.get("reason", "")), answer)
 
 
+async def keystone_check(db: str, *, logins: Sequence[tuple[str, str]] = (), tokens: Sequence[str] = (),
+                         repo_dir: Path | str | None = None,
+                         domain: str = "default") -> tuple[list[Verdict], list[Verdict]]:
+    """Several password logins ``(user name, password)`` and token validations on ``db`` in one keystone process.
+
+    The same checks as ``keystone_authenticate`` and ``keystone_validate_token`` (tokens need ``repo_dir``), for
+    the price of one (about 2 s instead of 2 s each): one subcloud's checks in one call.
+    """
+    if tokens and repo_dir is None:
+        raise ValueError("validating tokens needs the key repository (repo_dir)")
+    answer = await _tool("keystone_tool.py", "check", _keystone_request(
+        db, repo_dir, logins=[{"user": user, "password": password, "domain": domain} for user, password in logins],
+        tokens=list(tokens)))
+    verdicts = [[Verdict(bool(a.get("ok")), str(a.get("reason", "")), a) for a in answer[key]]
+                for key in ("logins", "tokens")]
+    return verdicts[0], verdicts[1]
+
+
 # ---------------------------------------------------------------------------------------------------- glance
 
 async def glance_create_image(db: str, name: str, *, properties: Mapping[str, str] | None = None,
