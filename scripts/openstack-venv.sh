@@ -30,7 +30,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv" >&2
 fi
 rm -f "$stamp"
-echo "installing keystone and glance into $venv (first time: about a minute)" >&2
+echo "installing keystone and glance into $venv (new or changed pins; a first install takes about a minute)" >&2
 if ! "$venv/bin/python" -m pip install --quiet --disable-pip-version-check \
       -r "$requirements" -c "$constraints" >&2; then
   echo "pip could not install $requirements into $venv (with the pins of $constraints)" >&2
