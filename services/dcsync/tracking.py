@@ -168,6 +168,13 @@ class Tracker:
                 missing.append(t.name)
         return missing
 
+    async def installed(self, conn: Conn) -> list[str]:
+        """The tables tracked here before (none when the bookkeeping does not exist yet)."""
+        exists = await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{self._bk}.synced_table")
+        if not exists:
+            return []
+        return [r["tbl"] for r in await conn.fetch(f"SELECT tbl FROM {self._bk}.synced_table")]
+
     async def redigest(self, conn: AnyConnection, table: str) -> Redigested:
         async with conn.transaction():
             return await self._redigest(conn, table)

@@ -1,0 +1,240 @@
+"""The dcsync service with subcloud agents, on real PostgreSQL and the in-memory bus, on a small
+keystone-shaped schema (the real keystone and glance schemas: test_dcsync_keystone.py): join, stream,
+deletes, an offline subcloud catching up, audits repairing local edits, duplicates, mass silence, missing
+triggers, join conflicts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from schemas import dcsync as msg
+from schemas.envelope import Role
+from services.dcsync.agent import command_subject
+from tests.support.dcsync_site import DcSite, dc_site, mini_db, mini_spec
+from tests.support.waiting import wait_until
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def site() -> AsyncIterator[DcSite]:
+    async with dc_site(mini_spec(), mini_db) as s:
+        yield s
+
+
+async def _user(central: asyncpg.Pool, uid: str, name: str, password: str = "hash") -> None:
+    async with central.acquire() as conn, conn.transaction():
+        await conn.execute("INSERT INTO \"user\" (id, enabled) VALUES ($1, true)", uid)
+        lid = await conn.fetchval("INSERT INTO local_user (user_id, name) VALUES ($1, $2) RETURNING id", uid, name)
+        await conn.execute("INSERT INTO password (local_user_id, password_hash) VALUES ($1, $2)", lid, password)
+
+
+async def _rows(pool: asyncpg.Pool, table: str) -> list[dict[str, object]]:
+    cols = {"user": "id, enabled, extra", "local_user": "id, user_id, name",
+            "password": "id, local_user_id, password_hash", "project": "id, name, domain_id, enabled",
+            "revocation_event": "id, user_id"}[table]
+    return [dict(r) for r in await pool.fetch(f'SELECT {cols} FROM "{table}" ORDER BY 1')]
+
+
+async def _same(site: DcSite, name: str, tables: tuple[str, ...] = ("user", "local_user", "password")) -> None:
+    sc = site.subclouds[name]
+
+    async def equal() -> bool:
+        return all([await _rows(site.central, t) == await _rows(sc.pool, t) for t in tables])
+    await wait_until(equal, timeout=30, what=f"{name} has the controller's rows")
+
+
+async def test_join_stream_delete(site: DcSite) -> None:
+    await _user(site.central, "u1", "alice")
+    await site.central.execute("INSERT INTO project VALUES ('p1', 'admin', 'default', true)")
+    await site.add("sc1")
+    shown = await site.wait_status("sc1")
+    assert shown["join_state"] == "joined" and shown["availability"] == "online"
+    await _same(site, "sc1", ("project", "user", "local_user", "password"))
+    # a change streams; a change to a table that is not synced goes nowhere
+    await _user(site.central, "u2", "bob")
+    await site.central.execute("INSERT INTO unsynced VALUES (1, 'local matter')")
+    await _same(site, "sc1")
+    assert await site.subclouds["sc1"].pool.fetchval("SELECT count(*) FROM unsynced") == 0
+    # a delete propagates (with its cascade)
+    await site.central.execute("DELETE FROM \"user\" WHERE id = 'u1'")
+    await _same(site, "sc1")
+    assert await site.subclouds["sc1"].pool.fetchval("SELECT count(*) FROM local_user") == 1
+    await site.wait_status("sc1")
+    events = await site.outbox("roost.subcloud.state_changed")
+    versions = [e["data"]["version"] for e in events]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+
+
+async def test_offline_subcloud_catches_up(site: DcSite) -> None:
+    sc = await site.add("sc1")
+    await site.wait_status("sc1")
+    sc.served.beating = False        # the agent falls silent ...
+    await wait_until(lambda: _availability(site, "sc1", "offline"), timeout=30, what="sc1 offline")
+    assert [a["type"] for a in await site.alarms("950.101")][-1] == "roost.fault.set"
+    assert (await site.show("sc1"))["sync"]["identity"] == "unknown"
+    for i in range(1000):              # ... 1,000 changes meanwhile
+        await site.central.execute("INSERT INTO project VALUES ($1, $2, 'default', true)", f"p{i}", f"project-{i}")
+    assert await sc.pool.fetchval("SELECT count(*) FROM project") == 0
+    sc.served.beating = True
+    await site.wait_status("sc1")
+    await site.wait_cursor_at_head("sc1")
+    await _same(site, "sc1", ("project",))
+    assert [a["type"] for a in await site.alarms("950.101")][-1] == "roost.fault.clear"
+
+
+async def _availability(site: DcSite, name: str, value: str) -> bool:
+    return bool((await site.show(name))["availability"] == value)
+
+
+async def test_audit_repairs_local_edits_and_reports(site: DcSite) -> None:
+    await _user(site.central, "u1", "alice")
+    await _user(site.central, "u2", "bob")
+    sc = await site.add("sc1")
+    await site.wait_status("sc1")
+    await _same(site, "sc1")
+    # an in-sync audit is clean
+    result = msg.AuditResult.model_validate(await site.ok("roost.cmd.subcloud.audit", {"name": "sc1"}))
+    assert [r.clean for r in result.reports] == [True]
+    # edits made directly at the subcloud: a change, a delete, a row of its own
+    await sc.pool.execute("UPDATE password SET password_hash = 'tampered' WHERE local_user_id = 1")
+    await sc.pool.execute("DELETE FROM \"user\" WHERE id = 'u2'")
+    await sc.pool.execute("INSERT INTO project VALUES ('mine', 'local', 'default', true)")
+    result = msg.AuditResult.model_validate(await site.ok("roost.cmd.subcloud.audit", {"name": "sc1"}))
+    report = result.reports[0]
+    assert not report.clean
+    repaired = {r.table: r for r in report.repairs}
+    assert repaired["password"].upserted == 2 and repaired["user"].upserted == 1
+    assert repaired["project"].local_only == 1 and repaired["project"].deleted == 0
+    await _same(site, "sc1")
+    assert await sc.pool.fetchval("SELECT count(*) FROM project WHERE id = 'mine'") == 1
+    raised = (await site.alarms("950.105"))[-1]
+    assert raised["type"] == "roost.fault.set" and "password" in raised["reason_text"]
+    # the next audit is clean (the local-only row is reported, not repaired) and clears the alarm
+    result = msg.AuditResult.model_validate(await site.ok("roost.cmd.subcloud.audit", {"name": "sc1"}))
+    assert result.reports[0].clean
+    assert (await site.alarms("950.105"))[-1]["type"] == "roost.fault.clear"
+
+
+async def test_replayed_sync_message_changes_nothing(site: DcSite) -> None:
+    await _user(site.central, "u1", "alice")
+    sc = await site.add("sc1")
+    await site.wait_status("sc1")
+    changes = await site.service.sources["identity"].tracker.changes(site.central, "main", 0, 100)
+    data = msg.SyncApply(endpoint="identity", lane="main", upto=changes[-1].seq,
+                         changes=[msg.ChangeWire.model_validate(c.wire()) for c in changes])
+    before = await _rows(sc.pool, "password")
+    await sc.pool.execute("UPDATE \"user\" SET extra = 'newer local'")   # would be overwritten by a re-apply
+    bus = await site.bus("roost/replayer", site.auth.issue("replayer", Role.ADMIN, kind="service"))
+    for key in ("identity:main:0-3", "another-key"):     # the same key again, and a new one: both change nothing
+        reply = await bus.request(bus.envelope("roost.cmd.sync.apply", data, idempotencykey=key),
+                                  subject=command_subject("sc1", "apply"), timeout=10)
+        assert reply.ok, reply.reason
+        assert reply.result["applied"] == 0
+    assert await _rows(sc.pool, "password") == before
+    assert await sc.pool.fetchval("SELECT extra FROM \"user\"") == "newer local"
+
+
+async def test_revocations_travel_in_their_own_lane(site: DcSite) -> None:
+    await site.add("sc1")
+    await site.wait_status("sc1")
+    await site.central.execute("INSERT INTO revocation_event (user_id, issued_before) VALUES ('u1', now())")
+    await _same(site, "sc1", ("revocation_event",))
+    shown = await site.show("sc1")
+    ep = shown["endpoints"][0]
+    assert ep["cursors"]["revocation"] == ep["head"]["revocation"] > 0
+
+
+async def test_mass_silence_raises_one_alarm_instead_of_offline(site: DcSite) -> None:
+    names = ["sc1", "sc2", "sc3", "sc4"]
+    for n in names:
+        await site.add(n)
+    for n in names:
+        await site.wait_status(n)
+    for n in names[:3]:
+        site.subclouds[n].served.beating = False
+    await wait_until(lambda: _raised(site, "950.103"), timeout=30, what="mass silence alarm")
+    for n in names:
+        assert (await site.show(n))["availability"] == "online"
+    assert not [a for a in await site.alarms("950.101") if a["type"] == "roost.fault.set"]
+    for n in names[:3]:
+        site.subclouds[n].served.beating = True
+    await wait_until(lambda: _cleared(site, "950.103"), timeout=30, what="mass silence cleared")
+
+
+async def _raised(site: DcSite, alarm: str) -> bool:
+    faults = await site.alarms(alarm)
+    return bool(faults) and faults[-1]["type"] == "roost.fault.set"
+
+
+async def _cleared(site: DcSite, alarm: str) -> bool:
+    faults = await site.alarms(alarm)
+    return bool(faults) and faults[-1]["type"] == "roost.fault.clear"
+
+
+async def test_unmanaged_is_skipped_and_audited_when_managed(site: DcSite) -> None:
+    sc = await site.add("sc1")
+    await site.wait_status("sc1")
+    refused = await site.command("roost.cmd.subcloud.delete", {"name": "sc1"})
+    assert not refused.ok and "unmanage" in (refused.reason or "")
+    await site.ok("roost.cmd.subcloud.unmanage", {"name": "sc1"})
+    await _user(site.central, "u1", "alice")
+    await sc.pool.execute("INSERT INTO project VALUES ('p9', 'stray', 'default', true)")
+    await site.wait_status("sc1", "unknown")
+    assert await sc.pool.fetchval("SELECT count(*) FROM \"user\"") == 0
+    await site.ok("roost.cmd.subcloud.manage", {"name": "sc1"})
+    await site.wait_status("sc1")
+    await _same(site, "sc1")
+    await wait_until(lambda: _audited(site, "sc1"), timeout=30, what="an audit after manage")
+
+
+async def _audited(site: DcSite, name: str) -> bool:
+    return bool((await site.show(name))["last_audit_at"])
+
+
+@pytest.mark.parametrize("policy", ["adopt", "refuse"])
+async def test_join_conflicts_by_policy(policy: str) -> None:
+    async with dc_site(mini_spec(), mini_db) as site:
+        await site.central.execute("INSERT INTO project VALUES ('central-id', 'admin', 'default', true)")
+
+        async def own_admin(pool: asyncpg.Pool) -> None:
+            await pool.execute("INSERT INTO project VALUES ('local-id', 'admin', 'default', true)")
+
+        sc = await site.start_subcloud("sc1", prepare=own_admin)
+        await site.ok("roost.cmd.subcloud.add", {"name": "sc1", "join_policy": policy})
+        if policy == "adopt":
+            await site.wait_status("sc1")
+            assert await _rows(sc.pool, "project") == [{"id": "central-id", "name": "admin", "domain_id": "default",
+                                                        "enabled": True}]
+        else:
+            async def failed() -> bool:
+                return bool((await site.show("sc1"))["join_state"] == "join-failed")
+            await wait_until(failed, timeout=30, what="join refused")
+            shown = await site.show("sc1")
+            assert shown["sync"]["identity"] == "out-of-sync"
+            assert "local-id" in shown["endpoints"][0]["detail"]
+            assert await sc.pool.fetchval("SELECT id FROM project") == "local-id"
+
+
+async def test_missing_trigger_alarmed_and_repaired_at_start() -> None:
+    async def drop_after_install(pool: asyncpg.Pool) -> None:
+        from services.dcsync.tables import resolve
+        from services.dcsync.tracking import Tracker
+        tracker = Tracker()
+        async with pool.acquire() as conn:
+            await tracker.install(conn, resolve(mini_spec(), await tracker.reflect(pool)), capture=True)
+        await pool.execute("DROP TRIGGER roost_dcsync_track ON project")
+        await pool.execute("INSERT INTO project VALUES ('p1', 'missed', 'default', true)")
+
+    async with dc_site(mini_spec(), mini_db, prepare_central=drop_after_install) as site:
+        faults = await site.alarms("950.104")
+        assert [f["type"] for f in faults] == ["roost.fault.set", "roost.fault.clear"]
+        assert faults[0]["entity_instance_id"] == "system=roost.table=project"
+        sc = await site.add("sc1")
+        await site.wait_status("sc1")
+        await site.central.execute("INSERT INTO project VALUES ('p2', 'after', 'default', true)")
+        await _same(site, "sc1", ("project",))
+        assert await sc.pool.fetchval("SELECT count(*) FROM project") == 2
