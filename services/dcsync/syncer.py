@@ -276,16 +276,26 @@ class Syncer:
         return report, after
 
     async def _send_repairs(self, link: AgentLink, endpoint: str, changes: Sequence[dict[str, Any]]) -> int:
-        failed = 0
-        for i in range(0, len(changes), self.batch_size):
-            part = changes[i:i + self.batch_size]
-            result = await link.ask("apply", msg.SyncApply(
-                endpoint=endpoint, lane="main", changes=[msg.ChangeWire.model_validate(c) for c in part],
-                upto=0, repair=True), msg.SyncApplied)
-            failed += len(result.failed)
-            for f in result.failed[:3]:
-                log.warning("repair failed", subcloud=link.subcloud, table=f.tbl, pk=f.pk, error=f.error)
-        return failed
+        """Send repairs; those that fail are sent again while each pass gets more of them in (rows of a table
+        that references itself, a project and its domain, arrive in no particular order).  The failures left."""
+        pending = list(changes)
+        while pending:
+            failed_keys: set[str] = set()
+            last_errors: list[msg.FailedChange] = []
+            for i in range(0, len(pending), self.batch_size):
+                part = pending[i:i + self.batch_size]
+                result = await link.ask("apply", msg.SyncApply(
+                    endpoint=endpoint, lane="main", changes=[msg.ChangeWire.model_validate(c) for c in part],
+                    upto=0, repair=True), msg.SyncApplied)
+                failed_keys.update(_key({"t": f.tbl, "pk": f.pk}) for f in result.failed)
+                last_errors.extend(result.failed)
+            left = [c for c in pending if _key({"t": c["tbl"], "pk": c["pk"]}) in failed_keys]
+            if len(left) == len(pending) or not left:
+                for f in last_errors[:3]:
+                    log.warning("repair failed", subcloud=link.subcloud, table=f.tbl, pk=f.pk, error=f.error)
+                return len(left)
+            pending = left
+        return 0
 
 
 def at_head(cursors: dict[str, int], heads: dict[str, int]) -> bool:

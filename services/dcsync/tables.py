@@ -96,6 +96,7 @@ KEYSTONE = EndpointSpec(Endpoint.IDENTITY, (
     _t("role_option", "role_id", "option_id"),
     _t("implied_role", "prior_role_id", "implied_role_id"),
     _t("assignment", "type", "actor_id", "target_id", "role_id", "inherited"),
+    _t("system_assignment", "type", "actor_id", "target_id", "role_id", "inherited"),
     _t("revocation_event", "id", lane=REVOCATION_LANE),
 ))
 

@@ -233,6 +233,25 @@ BEGIN
 END
 $f$;
 
+-- Rows arrive with the controller's ids: a table whose key is drawn from a sequence (keystone's
+-- local_user, password, revocation_event) gets its sequence moved past them, so rows made here later
+-- do not collide.
+CREATE OR REPLACE FUNCTION {bk}.bump_sequences(tables text[]) RETURNS void LANGUAGE plpgsql AS $f$
+DECLARE
+    st {bk}.synced_table; seq text; top bigint;
+BEGIN
+    FOR st IN SELECT * FROM {bk}.synced_table WHERE tbl = ANY(tables) AND cardinality(pk) = 1 LOOP
+        seq := pg_get_serial_sequence(format('%I.%I', {data_literal}, st.tbl), st.pk[1]);
+        CONTINUE WHEN seq IS NULL;
+        EXECUTE format('SELECT max(%I)::bigint FROM %I.%I', st.pk[1], {data_literal}, st.tbl) INTO top;
+        IF top IS NOT NULL AND top > (SELECT coalesce(last_value, 0) FROM pg_sequences
+                                       WHERE format('%I.%I', schemaname, sequencename)::regclass = seq::regclass) THEN
+            PERFORM setval(seq, top);
+        END IF;
+    END LOOP;
+END
+$f$;
+
 -- A batch: {{"applied": n, "stale": n, "failed": [{{"seq", "tbl", "pk", "error"}}]}}.  careful: each change
 -- under its own savepoint, so one that fails (a constraint) is reported and the others still apply.
 CREATE OR REPLACE FUNCTION {bk}.apply(changes jsonb, repair boolean, careful boolean) RETURNS jsonb
@@ -255,6 +274,7 @@ BEGIN
         IF r = 'applied' THEN applied := applied + 1; ELSE stale := stale + 1; END IF;
     END LOOP;
     PERFORM set_config('{VERSION_SETTING}', '', true);
+    PERFORM {bk}.bump_sequences(ARRAY(SELECT DISTINCT value->>'tbl' FROM jsonb_array_elements(changes)));
     RETURN jsonb_build_object('applied', applied, 'stale', stale, 'failed', failed);
 END
 $f$;

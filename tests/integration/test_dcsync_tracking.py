@@ -192,3 +192,14 @@ async def test_missing_trigger_found_and_redigest_logs_missed_writes(pair: tuple
     missed = await tc.changes(central, "main", head, 10)
     assert sorted(c.pk["id"] for c in missed) == ["u1", "u2"]
     assert await tc.missing_triggers(central, tables, capture=True) == []
+
+
+async def test_sequences_move_past_applied_ids(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, sub = pair
+    tc = await _install(central, capture=True)
+    await _install(sub, capture=False)
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL);
+        INSERT INTO local_user (id, user_id, name) VALUES (41, 'u1', 'alice')""")
+    await _sync(central, sub, tc)
+    # a row made at the subcloud afterwards does not collide with the controller's id
+    assert await sub.fetchval("INSERT INTO local_user (user_id, name) VALUES ('u1', 'bob') RETURNING id") == 42
