@@ -394,16 +394,20 @@ async def revoke(roster: Roster, data_dir: Path, secrets: SecretStore, name: str
     return applied
 
 
-def enrolled_rows(roster: Roster, data_dir: Path) -> list[dict[str, str]]:
-    """`list`'s rows: name, broker user, when, and the default credentials file when it is there."""
+def echo_enrolled(roster: Roster, data_dir: Path, as_json: bool) -> None:
+    """`list`: name, broker user, when, and the default credentials file when it is there."""
     try:
         enrolled = roster.load(data_dir)
     except CliError as exc:
         click.echo(f"roost: {exc}", err=True)
         sys.exit(exc.code)
-    return [{"name": a.name, "user": roster.user_of(a.name), "enrolled_at": a.enrolled_at,
+    rows = [{"name": a.name, "user": roster.user_of(a.name), "enrolled_at": a.enrolled_at,
              "credentials": str(p) if (p := roster.default_credentials_path(data_dir, a.name)).exists() else ""}
             for _, a in sorted(enrolled.items())]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+    else:
+        click.echo(table(rows, ["name", "user", "enrolled_at", "credentials"]))
 
 
 # -- credentials ------------------------------------------------------------------------------------
@@ -570,11 +574,7 @@ async def _revoke(obj: Context, name: str, broker: Broker, rabbitmqctl: str) -> 
 @pass_ctx
 def agent_list(obj: Context, as_json: bool) -> None:
     """The agents enrolled on this roost."""
-    rows = enrolled_rows(AGENTS, obj.data_dir)
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-    else:
-        click.echo(table(rows, ["name", "user", "enrolled_at", "credentials"]))
+    echo_enrolled(AGENTS, obj.data_dir, as_json)
 
 
 @agent_group.command("run")
