@@ -44,16 +44,22 @@ class Availability:
         self._heard: dict[str, float] = {}
         self._state: dict[str, str] = {}
         self._held: dict[str, float] = {}   # subcloud -> when the mass silence began
+        self._since: dict[str, float] = {}  # subcloud -> when watching began (never heard yet)
         self._mass = False
 
-    def track(self, subcloud: str, availability: str = "unknown", heard_at: float | None = None) -> None:
-        """Start watching a subcloud (as stored: a restart keeps what was known)."""
+    def track(self, subcloud: str, availability: str = "unknown", heard_at: float | None = None, *,
+              since: float | None = None) -> None:
+        """Start watching a subcloud (as stored: a restart keeps what was known).  ``since``: when watching
+        began; a subcloud whose agent is never heard goes from ``unknown`` to ``offline`` ``offline_after``
+        seconds later."""
         self._state[subcloud] = availability
         if heard_at is not None:
             self._heard[subcloud] = heard_at
+        if since is not None:
+            self._since[subcloud] = since
 
     def forget(self, subcloud: str) -> None:
-        for d in (self._heard, self._state, self._held):
+        for d in (self._heard, self._state, self._held, self._since):
             d.pop(subcloud, None)
 
     def heard(self, subcloud: str, at: float) -> None:
@@ -81,6 +87,9 @@ class Availability:
                     out.transitions.append(Transition(name, "online"))
             elif state == "online" and name not in self._held:
                 fresh.append(name)
+            elif state == "unknown" and heard is None and now - self._since.get(name, now) > r.offline_after:
+                self._state[name] = "offline"        # added, and its agent never spoke
+                out.transitions.append(Transition(name, "offline"))
         online = sum(1 for s in self._state.values() if s == "online")
         if fresh and len(fresh) >= r.mass_minimum and len(fresh) >= r.mass_fraction * online:
             for name in fresh:

@@ -164,7 +164,7 @@ class DcsyncService:
         wall = datetime.now(UTC)
         for row in await store.load_all(ctx.pool):
             heard = None if row.last_heard_at is None else now - (wall - row.last_heard_at).total_seconds()
-            self.availability.track(row.name, row.availability, heard)
+            self.availability.track(row.name, row.availability, heard, since=now)
             self._add_runtime(row)
         await self._reassert()
         await ctx.bus.subscribe("roost.dcagent.*.heartbeat", GROUP, self._heartbeat)
@@ -778,7 +778,7 @@ class DcsyncService:
                 raise Conflict(f"subcloud {data.name} exists already")
             await ctx.outbox.add(conn, ctx.bus.envelope("roost.subcloud.state_changed", row.event("added")))
             await self._command_log(conn, principal, f"subcloud add {data.name}: added ({policy} on join)")
-        self.availability.track(row.name, "unknown")
+        self.availability.track(row.name, "unknown", since=time.monotonic())
         rt = self._add_runtime(row)
         rt.next_audit = time.monotonic()
         log.info("subcloud added", subcloud=row.name, managed=data.managed, join_policy=policy)

@@ -14,6 +14,8 @@ import asyncpg
 import pytest
 
 from schemas import dcsync as msg
+from schemas.envelope import Role
+from services.dcsync.agent import command_subject
 from services.dcsync.tables import GLANCE, KEYSTONE
 from tests.support import openstack
 from tests.support.dcsync_site import DcSite, dc_site
@@ -223,3 +225,41 @@ async def test_glance_images_sync() -> None:
         await openstack.glance_create_image(_db(site.central_url), "fedora", tags=["big"])
         await site.central.execute("DELETE FROM image_tags WHERE value = 'test'")
         await _same_rows(site, "sc1", checks)
+
+
+async def test_offline_subcloud_catches_up_1000_keystone_changes_and_replays_change_nothing() -> None:
+    async with dc_site(KEYSTONE, keystone_db) as site:
+        sc = await site.start_subcloud("sc1")
+        await site.ok("roost.cmd.subcloud.add", {"name": "sc1"})
+        await site.wait_status("sc1")
+        sc.served.beating = False
+
+        async def offline() -> bool:
+            return bool((await site.show("sc1"))["availability"] == "offline")
+        await wait_until(offline, timeout=30, what="sc1 offline")
+        async with site.central.acquire() as conn:
+            for i in range(1000):   # one transaction each, as keystone's API would
+                await conn.execute("INSERT INTO project (id, name, domain_id, is_domain, enabled) "
+                                   "VALUES ($1, $2, '<<keystone.domain.root>>', true, true)", f"d{i:04}", f"dom-{i}")
+        await site.central.execute("INSERT INTO region (id, description, extra) VALUES ('RegionTwo', '', '{}')")
+        assert await sc.pool.fetchval("SELECT count(*) FROM project WHERE id LIKE 'd%'") == 0
+        sc.served.beating = True
+        await site.wait_status("sc1")
+        await site.wait_cursor_at_head("sc1")
+        await _same_rows(site, "sc1", IDENTITY_CHECK)
+        assert await sc.pool.fetchval("SELECT count(*) FROM project WHERE id LIKE 'd%'") == 1000
+        assert await sc.pool.fetchval("SELECT count(*) FROM region WHERE id = 'RegionTwo'") == 0   # not synced
+        # the whole stream sent again, under the keys it had and under new ones: nothing changes
+        await sc.pool.execute("UPDATE project SET description = 'local edit' WHERE id = 'd0001'")
+        source = site.service.sources["identity"]
+        changes = await source.tracker.changes(site.central, "main", 0, 5000)
+        bus = await site.bus("roost/replayer", site.auth.issue("replayer", Role.ADMIN, kind="service"))
+        before = {t: [dict(r) for r in await sc.pool.fetch(q)] for t, q in IDENTITY_CHECK.items()}
+        for key in (None, "replay-1"):
+            data = msg.SyncApply(endpoint="identity", lane="main", upto=changes[-1].seq,
+                                 changes=[msg.ChangeWire.model_validate(c.wire()) for c in changes[:1000]])
+            envelope = bus.envelope("roost.cmd.sync.apply", data, idempotencykey=key or "identity:main:0-x")
+            reply = await bus.request(envelope, subject=command_subject("sc1", "apply"), timeout=30)
+            assert reply.ok and reply.result["stale"] >= 999, reply
+        assert await sc.pool.fetchval("SELECT description FROM project WHERE id = 'd0001'") == "local edit"
+        assert {t: [dict(r) for r in await sc.pool.fetch(q)] for t, q in IDENTITY_CHECK.items()} == before

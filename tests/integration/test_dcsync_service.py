@@ -143,6 +143,7 @@ async def test_revocations_travel_in_their_own_lane(site: DcSite) -> None:
     await site.wait_status("sc1")
     await site.central.execute("INSERT INTO revocation_event (user_id, issued_before) VALUES ('u1', now())")
     await _same(site, "sc1", ("revocation_event",))
+    await site.wait_cursor_at_head("sc1")
     shown = await site.show("sc1")
     ep = shown["endpoints"][0]
     assert ep["cursors"]["revocation"] == ep["head"]["revocation"] > 0
@@ -238,3 +239,41 @@ async def test_missing_trigger_alarmed_and_repaired_at_start() -> None:
         await site.central.execute("INSERT INTO project VALUES ('p2', 'after', 'default', true)")
         await _same(site, "sc1", ("project",))
         assert await sc.pool.fetchval("SELECT count(*) FROM project") == 2
+
+
+async def test_subcloud_behind_the_retention_is_brought_back_by_an_audit() -> None:
+    async with dc_site(mini_spec(), mini_db, change_retention_days=1e-9) as site:
+        sc = await site.add("sc1")
+        await site.wait_status("sc1")
+        sc.served.beating = False
+        await wait_until(lambda: _availability(site, "sc1", "offline"), timeout=30, what="sc1 offline")
+        for i in range(20):
+            await site.central.execute("INSERT INTO project VALUES ($1, $2, 'default', true)", f"p{i}", f"n{i}")
+        await site.central.execute("DELETE FROM project WHERE id = 'p3'")
+        source = site.service.sources["identity"]
+        await site.service._purge(source)      # the maintenance round's purge: all but the newest change go
+        assert await source.oldest() == await source.tracker.head(site.central)
+        sc.served.beating = True
+        await site.wait_status("sc1")
+        await _same(site, "sc1", ("project",))
+        await site.wait_cursor_at_head("sc1")
+        result = msg.AuditResult.model_validate(await site.ok("roost.cmd.subcloud.audit", {"name": "sc1"}))
+        assert result.reports[0].clean
+
+
+async def test_delete_clears_the_subclouds_alarms() -> None:
+    async with dc_site(mini_spec(), mini_db) as site:
+        sc = await site.add("sc1")
+        await site.wait_status("sc1")
+        sc.served.beating = False
+        await wait_until(lambda: _raised(site, "950.101"), timeout=30, what="offline alarm")
+        await site.ok("roost.cmd.subcloud.unmanage", {"name": "sc1"})
+        await site.ok("roost.cmd.subcloud.delete", {"name": "sc1"})
+        listed = await site.ok("roost.cmd.subcloud.list", {})
+        assert listed["subclouds"] == []
+        clears = [b["data"] for b in await site.outbox("roost.fault.clear")]
+        assert any(c["entity_instance_id"] == "subcloud=sc1" and c.get("prefix") and not c.get("alarm_id")
+                   for c in clears)
+        assert (await site.outbox("roost.subcloud.deleted"))[-1]["data"]["entity_id"] == "sc1"
+        missing = await site.command("roost.cmd.subcloud.show", {"name": "sc1"})
+        assert not missing.ok and "no subcloud" in (missing.reason or "")

@@ -184,3 +184,12 @@ def test_forget_during_a_mass_silence_drops_it_from_the_hold() -> None:
     ev = av.evaluate(640.0)
     assert names[0] not in [t.subcloud for t in ev.transitions]
     assert len(ev.transitions) == 3 and not ev.mass_silence
+
+
+def test_a_subcloud_never_heard_goes_offline_after_the_timeout() -> None:
+    a = Availability(AvailabilityRules(offline_after=30.0))
+    a.track("sc9", since=100.0)
+    assert a.evaluate(129.0).transitions == []
+    assert [(t.subcloud, t.availability) for t in a.evaluate(131.0).transitions] == [("sc9", "offline")]
+    a.heard("sc9", 140.0)
+    assert [(t.subcloud, t.availability) for t in a.evaluate(141.0).transitions] == [("sc9", "online")]
