@@ -378,7 +378,7 @@ _SERVICES = (
     service("orchestrator", events=("strategy",), serves=("strategy", "hostservices"),
             sends=(f"{COMMAND_PREFIX}.host.>", f"{COMMAND_PREFIX}.agent.>", f"{COMMAND_PREFIX}.alarm.>")),
     # the sync commands (roost.cmd.sync.<subcloud>.>) are served by each subcloud's agent (dcagent()), not here
-    service("dcsync", events=("sync", "subcloud"), serves=("subcloud",), reads=("roost.dcagent.>",),
+    service("dcsync", events=("sync", "subcloud"), serves=("subcloud",), reads=("roost.dcagent.*.heartbeat",),
             sends=(f"{COMMAND_PREFIX}.sync.>",)),
 )
 

@@ -11,12 +11,17 @@ runs it, ``tests.support.nats.PolicyNats``), with a fake of the dcsync service l
   one's heartbeats;
 * list / show / sync-status / audit / manage / unmanage / delete through the fake; delete revokes the
   enrollment (a new login is refused, the password, sync key and credentials file are gone).
+
+And once with the real dcsync service (``ServiceHost``, logged in as ``dcsync`` under the same policy, a small
+keystone-shaped source database): a subcloud added with the CLI and its agent run with the CLI comes online
+and in sync, its rows arrive, and an audit finds it clean: the policy lets the service do all it does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -26,27 +31,33 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
 from pydantic import BaseModel
 
 from schemas import dcsync as msg
-from schemas.envelope import Envelope
+from schemas.envelope import Envelope, Role
 from services.cli.client import OPERATOR_TOKEN_SECRET, Runtime
 from services.cli.subcloud import read_subcloud_credentials, sync_key_secret
-from services.core.auth import InMemoryAuthenticator
+from services.core.auth import InMemoryAuthenticator, create_token
 from services.core.brokerauth import OPERATOR_NAME, nats_inbox_prefix
 from services.core.brokerauth_apply import broker_password_secret
 from services.core.bus.abc import BusError, ConsumerOptions, NotConnected, PublishFailed, RequestTimeout
 from services.core.bus.bus import Bus, Message
 from services.core.bus.factory import transport_from_url
-from services.core.settings import url_with_credentials
+from services.core.host import Connections, ServiceHost
+from services.core.settings import load_settings, url_with_credentials
 from services.dcsync.agent import command_subject, heartbeat_subject
 from services.dcsync.errors import Unavailable
+from services.dcsync.service import DcsyncService
+from services.dcsync.settings import DcsyncSettings
+from services.dcsync.source import Source
 from tests.support.dcsync_fake import FakeDcsync
+from tests.support.dcsync_site import FAST, mini_db, mini_spec
 from tests.support.nats import PolicyNats
-from tests.support.postgres import fresh_database
+from tests.support.postgres import fresh_database, pool_on
 from tests.support.waiting import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.nats, pytest.mark.postgres]
@@ -134,7 +145,7 @@ async def site(tmp_path: Path) -> AsyncIterator[Site]:
         await bus.connect()
         try:
             await bus.serve("roost.cmd.subcloud.>", "dcsync", service.command)
-            await bus.subscribe("roost.dcagent.>", "dcsync", heard, options=ConsumerOptions())
+            await bus.subscribe("roost.dcagent.*.heartbeat", "dcsync", heard, options=ConsumerOptions())
             yield here
         finally:
             await bus.close()
@@ -295,3 +306,64 @@ async def refused_to_another_subcloud(site: Site, me: str, victim: str) -> None:
                                      for v in violations), 10, f"the server refusing {victim}'s subjects to {me}")
     finally:
         await raw.close()
+
+
+async def test_the_real_service_under_the_policy_syncs_a_subcloud_the_cli_added(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    async with contextlib.AsyncExitStack() as stack:
+        policy_nats = await stack.enter_async_context(PolicyNats(data))
+        roost_url = await stack.enter_async_context(fresh_database("roost_dc"))
+        central_url = await stack.enter_async_context(mini_db("roost_central"))
+        subcloud_url = await stack.enter_async_context(mini_db("roost_sc"))
+        async with pool_on(roost_url) as pool, pool.acquire() as conn:
+            admin = await create_token(conn, "operator", Role.ADMIN)
+            token = await create_token(conn, "service:dcsync", Role.ADMIN, kind="service")
+        central = await stack.enter_async_context(pool_on(central_url, migrate_core=False))
+        await central.execute("INSERT INTO project VALUES ('p1', 'admin', 'default', true), "
+                              "('p2', 'services', 'default', true)")
+        Runtime(bus_url=policy_nats.url, bus_user=OPERATOR_NAME, pid=os.getpid(), started_at="now").save(data)
+        policy_nats.secrets.put(OPERATOR_TOKEN_SECRET, admin)
+        service = DcsyncService(DcsyncSettings(**FAST), sources=[Source(mini_spec(), central_url)],
+                                secrets=policy_nats.secrets)
+        host = ServiceHost(service, load_settings(), Connections(policy_nats.url_for("dcsync"), roost_url), token)
+        await host.start()
+        stack.push_async_callback(host.stop, asyncio.get_running_loop().time() + 30)
+        site = Site(data, policy_nats, AgentAuditing(), host.bus)
+
+        added = await site.roost("subcloud", "add", "edge-1")
+        assert added.returncode == 0, added.stdout + added.stderr
+        path = data / "subclouds" / "edge-1.credentials.json"
+        agent = AgentProcess(data, "edge-1", "--credentials", str(path), "--keystone-url", subcloud_url,
+                             "--heartbeat-interval", "0.2")
+        try:
+            listed: dict[str, Any] = {}
+
+            async def online_and_in_sync() -> bool:
+                nonlocal listed
+                assert agent.process.poll() is None, agent.logs()[-3000:]
+                reply = json.loads((await site.roost("subcloud", "list", "--json")).stdout)
+                listed = reply["result"]["subclouds"][0]
+                return listed["availability"] == "online" and listed["sync"].get("identity") == "in-sync"
+
+            try:
+                await wait_until(online_and_in_sync, 90, "edge-1 online and in sync")
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}: {listed}\n{agent.logs()[-3000:]}") from None
+            assert listed["management"] == "managed" and listed["join_state"] == "joined"
+            async with pool_on(subcloud_url, migrate_core=False) as sc:
+                assert sorted(r["id"] for r in await sc.fetch("SELECT id FROM project")) == ["p1", "p2"]
+            status = await site.roost("subcloud", "sync-status", "edge-1")
+            assert rows(status.stdout)[1][:3] == ["edge-1", "identity", "in-sync"], status.stdout
+            audited = await site.roost("subcloud", "audit", "edge-1")
+            assert audited.returncode == 0 and rows(audited.stdout)[1][:2] == ["identity", "yes"], audited.stdout
+            assert await agent.stop() == 0, agent.logs()[-3000:]
+        finally:
+            if agent.process.poll() is None:
+                agent.process.kill()
+                agent.process.wait(10)
+        assert "permissions violation" not in agent.logs() and "Traceback" not in agent.logs()
+        assert (await site.roost("subcloud", "unmanage", "edge-1")).returncode == 0
+        deleted = await site.roost("subcloud", "delete", "edge-1")
+        assert deleted.returncode == 0 and "revoked" in deleted.stdout, deleted.stdout + deleted.stderr
+        assert json.loads((await site.roost("subcloud", "list", "--json")).stdout)["result"]["subclouds"] == []

@@ -453,11 +453,14 @@ def test_dcagents_reply_to_the_dcsync_service_and_it_reads_their_heartbeats() ->
     assert nats_allows(dcsync.publish, "roost.subcloud.state_changed") and nats_allows(dcsync.publish, "roost.sync.x")
     assert not nats_allows(dcsync.publish, "roost.dcagent.edge-1.heartbeat")
     service_row = policy.get("dcsync")
-    assert {c.pattern for c in service_row.consumes} == {"roost.cmd.subcloud.>", "roost.dcagent.>"}
+    # exactly as services/dcsync/service.py subscribes
+    assert {(c.group, c.pattern) for c in service_row.consumes} == {("dcsync", "roost.cmd.subcloud.>"),
+                                                                    ("dcsync", "roost.dcagent.*.heartbeat")}
     rabbit = {p.user: p for p in rabbitmq_permissions(policy)}["dcsync"]
     _, events_read = topic(rabbit, EVENTS_EXCHANGE)
     commands_write, commands_read = topic(rabbit, COMMANDS_EXCHANGE)
-    assert rabbit_allows(events_read, to_amqp_binding("roost.dcagent.>"))
+    assert rabbit_allows(events_read, to_amqp_binding("roost.dcagent.*.heartbeat"))
+    assert not rabbit_allows(events_read, to_amqp_binding("roost.dcagent.>"))
     assert rabbit_allows(commands_write, "roost.cmd.sync.edge-1.hello")
     assert not rabbit_allows(commands_read, to_amqp_binding("roost.cmd.sync.>"))
 
