@@ -728,6 +728,7 @@ class DcsyncService:
             purged = await conn.execute(
                 f"DELETE FROM {source.place.bookkeeping}.change_log WHERE seq < $3 AND (seq < $1 OR at < $2)",
                 below, before, newest)
+        source.purged()
         count = int(purged.split()[-1])
         if count:
             log.info("change log purged", endpoint=source.endpoint, changes=count)

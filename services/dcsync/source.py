@@ -86,6 +86,7 @@ class Source:
         self._listener: asyncpg.Connection | None = None
         self._recent = {lane: _Recent() for lane in LANES}
         self._snapshot: Snapshot | None = None
+        self._oldest: int | None = None
         self._refresh_lock = asyncio.Lock()
         self.on_change: Callable[[], None] = lambda: None
 
@@ -170,7 +171,13 @@ class Source:
         return await self.tracker.changes(self.pool, lane, after, limit)
 
     async def oldest(self) -> int:
-        return await self.tracker.oldest(self.pool)
+        """The first change still in the log (read again after a purge, the only thing that moves it)."""
+        if self._oldest is None:
+            self._oldest = await self.tracker.oldest(self.pool)
+        return self._oldest
+
+    def purged(self) -> None:
+        self._oldest = None
 
     @contextlib.asynccontextmanager
     async def snapshot_conn(self) -> AsyncIterator[tuple[AnyConnection, dict[str, int]]]:
