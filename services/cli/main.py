@@ -267,6 +267,7 @@ def main() -> None:
     from services.cli import agent as _agent  # noqa: F401 - registers `roost agent`
     from services.cli import heartbeat as _heartbeat  # noqa: F401 - registers `roost heartbeat` and `roost keys`
     from services.cli import hosts as _hosts  # noqa: F401 - registers `roost host`
+    from services.cli import serve as _serve  # noqa: F401 - registers `roost serve`
     from services.cli import strategy as _strategy  # noqa: F401 - registers `roost strategy`
     from services.cli import subcloud as _subcloud  # noqa: F401 - registers `roost subcloud`
 

@@ -1,0 +1,123 @@
+"""`roost serve` as a container runs it: one service in its own process, on an external NATS (from the wheel)
+and the machine's PostgreSQL, no embedded server.  It answers /readyz and `roost ping`, takes the operator's
+first admin token from ROOST_BOOTSTRAP_ADMIN_TOKEN, and stops cleanly on SIGTERM, revoking its own service
+token.  Without the URLs, or with an unknown service, it says so in one line and exits 2."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+
+from services.core.auth import hash_token
+from services.core.embedded.nats_server import NatsServer
+from tests.support.nats import nats_server  # noqa: F401 - fixture
+from tests.support.postgres import fresh_database
+
+pytestmark = [pytest.mark.slow, pytest.mark.nats, pytest.mark.postgres]
+
+ROOST = [sys.executable, "-m", "services.cli"]
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROOST_")}
+    env.update({"ROOST_DATA_DIR": str(tmp_path / "data"), "ROOST_LOG_FORMAT": "json", **extra})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def tail(path: Path, chars: int = 3000) -> str:
+    return path.read_text()[-chars:]
+
+
+async def wait_ready(process: asyncio.subprocess.Process, http: httpx.AsyncClient, stderr: Path,
+                     timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            raise AssertionError(f"roost serve exited {process.returncode}:\n{tail(stderr)}")
+        try:
+            if (await http.get("/readyz")).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"roost serve not ready in {timeout}s:\n{tail(stderr)}")
+
+
+async def test_serve_core_answers_readyz_and_ping_and_stops_on_sigterm(
+        tmp_path: Path, nats_server: NatsServer) -> None:  # noqa: F811
+    admin = "roost_" + secrets.token_urlsafe(32)
+    port = free_port()
+    async with fresh_database() as database_url:
+        env = clean_env(tmp_path, ROOST_BUS_URL=nats_server.url, ROOST_DATABASE_URL=database_url,
+                        ROOST_HTTP_HOST="127.0.0.1", ROOST_HTTP_PORT=str(port), ROOST_INSTANCE="core-test-1",
+                        ROOST_BOOTSTRAP_ADMIN_TOKEN=admin)
+        stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with stdout.open("w") as out, stderr.open("w") as err:
+            process = await asyncio.create_subprocess_exec(*ROOST, "serve", "core", env=env, stdout=out, stderr=err)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+                await wait_ready(process, http, stderr)
+                assert (await http.get("/readyz")).json()["service"] == "core"
+                assert (await http.get("/healthz")).status_code == 200
+                assert "roost_build_info" in (await http.get("/metrics")).text
+
+            ping = await asyncio.create_subprocess_exec(
+                *ROOST, "--bus-url", nats_server.url, "--token", admin, "ping", env=clean_env(tmp_path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            ping_out, ping_err = await asyncio.wait_for(ping.communicate(), 60)
+            assert ping.returncode == 0, ping_err.decode()
+            assert ping_out.decode().startswith("pong from core"), ping_out.decode()
+
+            conn = await asyncpg.connect(database_url)
+            try:
+                rows = await conn.fetch("SELECT name, kind, revoked_at, token_hash FROM core.api_tokens ORDER BY id")
+                by_name = {r["name"]: r for r in rows}
+                assert by_name["admin"]["token_hash"] == hash_token(admin)      # the operator's, not a new one
+                assert by_name["service:core@core-test-1"]["kind"] == "service"
+                assert by_name["service:core@core-test-1"]["revoked_at"] is None
+
+                process.send_signal(signal.SIGTERM)
+                assert await asyncio.wait_for(process.wait(), 60) == 0, tail(stderr)
+                revoked = await conn.fetchval("SELECT revoked_at FROM core.api_tokens WHERE name = $1",
+                                              "service:core@core-test-1")
+                assert revoked is not None
+            finally:
+                await conn.close()
+            assert admin not in tail(stdout, 10**9) + tail(stderr, 10**9)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def test_serve_without_urls_or_with_an_unknown_service_says_so(tmp_path: Path) -> None:
+    bare = subprocess.run([*ROOST, "serve", "core"], env=clean_env(tmp_path), capture_output=True, text=True,
+                          timeout=60)
+    assert bare.returncode == 2
+    assert "ROOST_BUS_URL and ROOST_DATABASE_URL" in bare.stderr
+    assert "Traceback" not in bare.stderr
+
+    unknown = subprocess.run([*ROOST, "serve", "nosuch"], capture_output=True, text=True, timeout=60,
+                             env=clean_env(tmp_path, ROOST_BUS_URL="nats://127.0.0.1:1",
+                                           ROOST_DATABASE_URL="postgresql://127.0.0.1:1/x"))
+    assert unknown.returncode == 2
+    assert "no service named nosuch" in unknown.stderr
+    assert "core, alarms, inventory, heartbeat, orchestrator" in unknown.stderr
