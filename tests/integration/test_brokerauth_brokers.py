@@ -34,6 +34,7 @@ from services.core.brokerauth import (
     NatsTls,
     Policy,
     agent,
+    dcagent,
     nats_inbox_prefix,
     operator,
     rabbitmq_operations,
@@ -521,6 +522,58 @@ async def test_rabbitmq_passwords_reach_no_log_and_no_error(capsys: pytest.Captu
         await delete_rabbitmq_users(policy.names, ctl)
     out = capsys.readouterr()
     assert secret not in out.out and secret not in out.err
+
+
+@pytest.mark.rabbitmq
+async def test_rabbitmq_a_subcloud_agent_takes_only_its_own_sync_commands() -> None:
+    """Two subclouds' agents and a sender, on the real transport: each agent serves and answers its own sync
+    commands; it may not bind its queue to the other's, nor publish the other's heartbeat."""
+    suffix = uuid.uuid4().hex[:10]
+    mine, theirs = dcagent(f"a{suffix}"), dcagent(f"b{suffix}")
+    policy = Policy((mine, theirs, operator(f"dcsync-{suffix}", sends=("roost.cmd.sync.>",))))
+    passwords = {name: SecretStr(f"pw-{uuid.uuid4().hex}") for name in policy.names}
+    site = RabbitSite(suffix, f"a{suffix}", policy, passwords, RabbitCtl())
+    await _broker_up()
+    await apply_rabbitmq(rabbitmq_operations(rabbitmq_permissions(policy), passwords), site.ctl)
+    agent_bus = RabbitTransport(site.url(mine.name), FAST)
+    sender = RabbitTransport(site.url(f"dcsync-{suffix}"), FAST)
+    try:
+        await agent_bus.connect()
+        await sender.connect()
+        me = mine.consumes[0]
+
+        async def serve(delivery: RawDelivery) -> None:
+            assert delivery.reply_to is not None
+            await agent_bus.reply(delivery.reply_to, OutgoingMessage("roost.reply", b"hello from a",
+                                                                     uuid.uuid4().hex))
+            await delivery.ack()
+
+        await agent_bus.subscribe(me.pattern, me.group, serve)
+        reply = await sender.request(OutgoingMessage(f"roost.cmd.sync.a{suffix}.hello", b"{}", uuid.uuid4().hex),
+                                     timeout=10)
+        assert reply.body == b"hello from a"
+        await agent_bus.publish(OutgoingMessage(f"roost.dcagent.a{suffix}.heartbeat", b"{}", uuid.uuid4().hex),
+                                timeout=5)
+        with pytest.raises(PublishFailed):
+            await agent_bus.publish(OutgoingMessage(f"roost.dcagent.b{suffix}.heartbeat", b"{}", uuid.uuid4().hex),
+                                    timeout=3)
+
+        connection = await aio_pika.connect(site.url(mine.name), timeout=5)
+        try:
+            for key in (f"roost.cmd.sync.b{suffix}.#", "roost.cmd.sync.*.#", "roost.cmd.sync.#"):
+                channel = await connection.channel()
+                with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                    await _bind_own(channel, me.durable, COMMANDS_EXCHANGE, key)
+                    pytest.fail(f"dcagent-a{suffix} could bind {key}")
+            channel = await connection.channel()
+            with pytest.raises(aiormq.exceptions.ChannelAccessRefused):
+                await channel.declare_queue(theirs.consumes[0].durable, durable=True)
+        finally:
+            await connection.close()
+    finally:
+        await agent_bus.close()
+        await sender.close()
+        await _cleanup(site)
 
 
 @pytest.mark.rabbitmq
