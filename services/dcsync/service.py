@@ -99,6 +99,9 @@ class Runtime:
     remote_fernet: str | None = None
     backoff: float = 0.0
     last_error: str = ""
+    # held while the stored row is read, written and replaced: the ticker, the worker and commands all change it
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    deleted: bool = False
 
 
 class DcsyncService:
@@ -340,9 +343,16 @@ class DcsyncService:
 
     async def _evaluate(self, rt: Runtime, now: float) -> None:
         """Sync status per endpoint; stored and announced when it changes; 950.102 past the threshold."""
-        changes: dict[str, store.EndpointRow] = {}
+        async with rt.lock:
+            await self._evaluate_locked(rt, now)
+
+    async def _evaluate_locked(self, rt: Runtime, now: float) -> None:
+        if rt.deleted:
+            return
+        changes: dict[str, dict[str, Any]] = {}
         faults: list[tuple[str, dict[str, Any]]] = []
         wall = datetime.now(UTC)
+        after: dict[str, store.EndpointRow] = dict(rt.row.endpoints)
         for endpoint, ep in rt.row.endpoints.items():
             status, detail = self._status(rt, endpoint, now)
             entity = f"subcloud={rt.row.name}.endpoint={endpoint}"
@@ -352,11 +362,12 @@ class DcsyncService:
             elif status != "out-of-sync":
                 since = None
             if status != ep.sync_status or since != ep.out_of_sync_since or (detail and detail != ep.detail):
-                changes[endpoint] = replace(ep, sync_status=status, out_of_sync_since=since, detail=detail[:2048])
+                changes[endpoint] = {"sync_status": status, "out_of_sync_since": since, "detail": detail[:2048]}
+                after[endpoint] = replace(ep, **changes[endpoint])
                 if status != "out-of-sync" and ep.sync_status == "out-of-sync":
                     faults.append(("roost.fault.clear", {"alarm_id": OUT_OF_SYNC, "entity_instance_id": entity}))
         # 950.102: raised once past the threshold (re-raised at most when the reason changes)
-        for endpoint, ep in {**rt.row.endpoints, **changes}.items():
+        for endpoint, ep in after.items():
             entity = f"subcloud={rt.row.name}.endpoint={endpoint}"
             if ep.sync_status == "out-of-sync" and ep.out_of_sync_since is not None:
                 late = (wall - ep.out_of_sync_since).total_seconds() >= self.settings.out_of_sync_alarm_after
@@ -370,28 +381,36 @@ class DcsyncService:
             else:
                 self._raised_out_of_sync.pop((rt.row.name, endpoint), None)
         if changes:
-            reasons = [f"{e} {c.sync_status}" for e, c in changes.items()]
-            await self._save(rt, "; ".join(reasons), endpoints=changes, faults=faults,
-                             announce=any(c.sync_status != rt.row.endpoints[e].sync_status for e, c in changes.items()))
+            reasons = [f"{e} {c['sync_status']}" for e, c in changes.items()]
+            moved = any(c["sync_status"] != rt.row.endpoints[e].sync_status for e, c in changes.items())
+            await self._save_locked(rt, "; ".join(reasons), endpoints=changes, faults=faults, announce=moved)
         elif faults:
-            await self._save(rt, "", faults=faults, announce=False)
+            await self._save_locked(rt, "", faults=faults, announce=False)
 
     # -- storing and announcing ---------------------------------------------------------------------------
 
-    async def _save(self, rt: Runtime, reason: str, *, endpoints: dict[str, store.EndpointRow] | None = None,
+    async def _save(self, rt: Runtime, reason: str, *, endpoints: dict[str, dict[str, Any]] | None = None,
                     faults: Sequence[tuple[str, dict[str, Any]]] = (), announce: bool = True,
                     **changes: Any) -> None:
+        """Store changes of the subcloud's columns and of endpoint fields (``endpoints``: endpoint -> fields),
+        with the state event (``announce``) and ``faults``, in one transaction."""
+        async with rt.lock:
+            await self._save_locked(rt, reason, endpoints=endpoints, faults=faults, announce=announce, **changes)
+
+    async def _save_locked(self, rt: Runtime, reason: str, *, endpoints: dict[str, dict[str, Any]] | None = None,
+                           faults: Sequence[tuple[str, dict[str, Any]]] = (), announce: bool = True,
+                           **changes: Any) -> None:
         ctx = self.ctx
+        row = rt.row
+        if rt.deleted:
+            return
         async with ctx.pool.acquire() as conn, conn.transaction():
-            for e, ep in (endpoints or {}).items():
-                old = rt.row.endpoints[e]
-                diff = {k: getattr(ep, k) for k in ("sync_status", "needs_resync", "agreement", "skew",
-                                                     "out_of_sync_since", "detail", "last_audit")
-                        if getattr(ep, k) != getattr(old, k)}
-                await store.update_endpoint(conn, rt.row.name, old, **diff)
-            row = rt.row
-            if endpoints:
-                row = replace(row, endpoints={**row.endpoints, **endpoints})
+            new_endpoints = dict(row.endpoints)
+            for e, fields in (endpoints or {}).items():
+                old = row.endpoints[e]
+                diff = {k: v for k, v in fields.items() if getattr(old, k) != v}
+                new_endpoints[e] = await store.update_endpoint(conn, row.name, old, **diff)
+            row = replace(row, endpoints=new_endpoints)
             if announce or changes:
                 row = await store.update(conn, row, **changes)
                 await ctx.outbox.add(conn, ctx.bus.envelope("roost.subcloud.state_changed", row.event(reason)))
@@ -504,12 +523,12 @@ class DcsyncService:
             rt.connected = await self.syncer.connect(rt.link)
             rt.cursors = {e: dict(c) for e, c in rt.connected.cursors.items()}
             rt.remote_fernet = rt.connected.hello.fernet_fingerprint
-            updates = {}
+            updates: dict[str, dict[str, Any]] = {}
             for e, agreement in rt.connected.agreements.items():
                 skew = skew_wire(agreement)
                 ep = rt.row.endpoints[e]
                 if skew != ep.skew:
-                    updates[e] = replace(ep, skew=skew)
+                    updates[e] = {"skew": skew}
                     if skew:
                         log.warning("subcloud schema differs from the controller's", subcloud=rt.row.name,
                                     endpoint=e, skew=skew)
@@ -538,8 +557,8 @@ class DcsyncService:
                 report, rt.cursors[endpoint] = done
                 self._mark_cursors(rt, endpoint)
                 self._count_audit(report)
-                await self._save(rt, "", endpoints={endpoint: replace(ep, needs_resync=False,
-                                                                      last_audit=report.model_dump(mode="json"))},
+                await self._save(rt, "", endpoints={endpoint: {"needs_resync": False,
+                                                              "last_audit": report.model_dump(mode="json")}},
                                  announce=False)
                 log.info("subcloud endpoint brought in line", subcloud=rt.row.name, endpoint=endpoint,
                          joining=joining, fell_behind=fell_behind,
@@ -559,7 +578,7 @@ class DcsyncService:
             if refused:
                 if rt.row.join_state != "join-failed":
                     detail = "; ".join(refused)
-                    eps = {e: replace(rt.row.endpoints[e], detail=_cut(detail, 2048)) for e in rt.row.endpoints}
+                    eps = {e: {"detail": _cut(detail, 2048)} for e in rt.row.endpoints}
                     await self._save(rt, _cut(f"join refused: {detail}"), endpoints=eps, join_state="join-failed")
             else:
                 await self._save(rt, "joined", join_state="joined")
@@ -623,7 +642,7 @@ class DcsyncService:
             log.info("subcloud has rows of its own", subcloud=rt.row.name,
                      tables={r.table: r.local_only for r in local}, policy=self.settings.local_only)
         wall = datetime.now(UTC)
-        async with ctx.pool.acquire() as conn, conn.transaction():
+        async with rt.lock, ctx.pool.acquire() as conn, conn.transaction():
             for rep in reports:
                 await store.update_endpoint(conn, rt.row.name, rt.row.endpoints[rep.endpoint],
                                             last_audit=rep.model_dump(mode="json"))
@@ -631,10 +650,10 @@ class DcsyncService:
             await conn.execute("UPDATE dcsync.subclouds SET last_audit_at = $2 WHERE name = $1", rt.row.name, wall)
             for type_, data in faults:
                 await ctx.outbox.add(conn, ctx.bus.envelope(type_, data))
-        eps: dict[str, store.EndpointRow] = {
-            rep.endpoint: replace(rt.row.endpoints[rep.endpoint], last_audit=rep.model_dump(mode="json"))
-            for rep in reports}
-        rt.row = replace(rt.row, last_audit_at=wall, endpoints={**rt.row.endpoints, **eps})
+            eps: dict[str, store.EndpointRow] = {
+                rep.endpoint: replace(rt.row.endpoints[rep.endpoint], last_audit=rep.model_dump(mode="json"))
+                for rep in reports}
+            rt.row = replace(rt.row, last_audit_at=wall, endpoints={**rt.row.endpoints, **eps})
 
     def _answer_waiters(self, rt: Runtime, *, reports: list[msg.AuditReport] | None = None,
                         error: str | None = None) -> None:
@@ -679,10 +698,10 @@ class DcsyncService:
         done = await rt.link.ask("fernet", msg.FernetKeys(sealed=sealed, fingerprint=self._central_fingerprint),
                                  msg.FernetApplied)
         rt.remote_fernet = done.fingerprint
-        async with self.ctx.pool.acquire() as conn:
+        async with rt.lock, self.ctx.pool.acquire() as conn:
             await conn.execute("UPDATE dcsync.subclouds SET fernet_fingerprint = $2 WHERE name = $1", rt.row.name,
                                done.fingerprint)
-        rt.row = replace(rt.row, fernet_fingerprint=done.fingerprint)
+            rt.row = replace(rt.row, fernet_fingerprint=done.fingerprint)
         log.info("fernet keys handed over", subcloud=rt.row.name, fingerprint=done.fingerprint)
 
     # -- maintenance ---------------------------------------------------------------------------------------
@@ -793,7 +812,7 @@ class DcsyncService:
             rt.task.cancel()
             await asyncio.gather(rt.task, return_exceptions=True)
         ctx = self.ctx
-        async with ctx.pool.acquire() as conn, conn.transaction():
+        async with rt.lock, ctx.pool.acquire() as conn, conn.transaction():
             await store.delete(conn, name)
             event = rt.row.event("deleted")
             event.version += 1
@@ -801,6 +820,7 @@ class DcsyncService:
             await ctx.outbox.add(conn, ctx.bus.envelope("roost.fault.clear", {
                 "entity_instance_id": f"subcloud={name}", "prefix": True}))
             await self._command_log(conn, principal, f"subcloud delete {name}: deleted")
+        rt.deleted = True           # before anything else runs: the lock was just released
         del self._runtimes[name]
         self.availability.forget(name)
         for key in [k for k in self._dirty_cursors if k[0] == name]:
