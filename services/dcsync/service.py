@@ -56,7 +56,7 @@ from services.dcsync.errors import Conflict, NotFound, Unavailable
 from services.dcsync.settings import DcsyncSettings
 from services.dcsync.source import Source
 from services.dcsync.syncer import AgentError, AgentLink, Connected, Syncer, skew_wire
-from services.dcsync.tables import GLANCE, KEYSTONE, LANES
+from services.dcsync.tables import GLANCE, KEYSTONE, LANES, MAIN_LANE, REVOCATION_LANE, Agreement
 from services.dcsync.tracking_sql import Place
 
 log = structlog.get_logger("roost.dcsync")
@@ -563,17 +563,7 @@ class DcsyncService:
                 log.info("subcloud endpoint brought in line", subcloud=rt.row.name, endpoint=endpoint,
                          joining=joining, fell_behind=fell_behind,
                          rows=sum(r.upserted + r.deleted for r in report.repairs))
-            for lane in LANES:
-                if rt.cursors[endpoint].get(lane, 0) < source.heads[lane]:
-                    streamed = await self.syncer.stream(rt.link, endpoint, lane, rt.cursors[endpoint].get(lane, 0),
-                                                        agreement)
-                    rt.cursors[endpoint][lane] = streamed.cursor
-                    self._mark_cursors(rt, endpoint)
-                    metrics.APPLIED.labels(endpoint, lane).inc(streamed.applied)
-                    if streamed.failed:
-                        metrics.FAILED.labels(endpoint).inc(len(streamed.failed))
-                        rt.failures.setdefault(endpoint, []).extend(streamed.failed)
-                        del rt.failures[endpoint][:-100]
+            await self._stream(rt, endpoint, agreement)
         if joining:
             if refused:
                 if rt.row.join_state != "join-failed":
@@ -586,6 +576,29 @@ class DcsyncService:
             await self._audit(rt)
         await self._hand_fernet(rt)
         await self._evaluate(rt, time.monotonic())
+
+    async def _stream(self, rt: Runtime, endpoint: str, agreement: Agreement) -> None:
+        """Both lanes to the head: the revocation lane whole before every batch of the main lane, so a revoked
+        token is revoked at the subcloud without waiting behind a backlog (a subcloud catching up)."""
+        source = self.sources[endpoint]
+        cursors = rt.cursors[endpoint]
+        while True:
+            moved = False
+            for lane, batches in ((REVOCATION_LANE, None), (MAIN_LANE, 1)):
+                before = cursors.get(lane, 0)
+                if before >= source.heads[lane]:
+                    continue
+                streamed = await self.syncer.stream(rt.link, endpoint, lane, before, agreement, batches=batches)
+                cursors[lane] = streamed.cursor
+                moved = moved or streamed.cursor != before
+                self._mark_cursors(rt, endpoint)
+                metrics.APPLIED.labels(endpoint, lane).inc(streamed.applied)
+                if streamed.failed:
+                    metrics.FAILED.labels(endpoint).inc(len(streamed.failed))
+                    rt.failures.setdefault(endpoint, []).extend(streamed.failed)
+                    del rt.failures[endpoint][:-100]
+            if not moved:
+                return
 
     def _mark_cursors(self, rt: Runtime, endpoint: str) -> None:
         for lane, seq in rt.cursors[endpoint].items():

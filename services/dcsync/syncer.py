@@ -127,12 +127,15 @@ class Syncer:
         return Connected(hello, agreements, cursors)
 
     async def stream(self, link: AgentLink, endpoint: str, lane: str, cursor: int,
-                     agreement: Agreement) -> Streamed:
-        """Send the lane's changes from ``cursor`` up to the head, a batch at a time."""
+                     agreement: Agreement, *, batches: int | None = None) -> Streamed:
+        """Send the lane's changes from ``cursor`` up to the head (at most ``batches`` batches), a batch at a
+        time."""
         source = self.sources[endpoint]
         out = Streamed(cursor)
         synced = {t.name: t for t in agreement.tables}
-        while out.cursor < source.heads[lane]:
+        sent = 0
+        while out.cursor < source.heads[lane] and (batches is None or sent < batches):
+            sent += 1
             changes = await source.changes(lane, out.cursor, self.batch_size)
             if not changes:
                 break

@@ -277,3 +277,27 @@ async def test_delete_clears_the_subclouds_alarms() -> None:
         assert (await site.outbox("roost.subcloud.deleted"))[-1]["data"]["entity_id"] == "sc1"
         missing = await site.command("roost.cmd.subcloud.show", {"name": "sc1"})
         assert not missing.ok and "no subcloud" in (missing.reason or "")
+
+
+async def test_revocation_lane_goes_ahead_of_a_backlog() -> None:
+    async with dc_site(mini_spec(), mini_db, batch_size=10) as site:
+        sc = await site.add("sc1")
+        await site.wait_status("sc1")
+        applied: list[str] = []
+        real_apply = sc.served.sync.apply
+
+        async def recording(data: msg.SyncApply, key: str) -> msg.SyncApplied:
+            result = await real_apply(data, key)
+            if data.changes:
+                applied.append(data.lane)
+            return result
+
+        sc.served.sync.apply = recording  # type: ignore[method-assign]
+        sc.served.beating = False
+        await wait_until(lambda: _availability(site, "sc1", "offline"), timeout=30, what="sc1 offline")
+        for i in range(200):                 # a backlog of 20 batches ...
+            await site.central.execute("INSERT INTO project VALUES ($1, $2, 'default', true)", f"p{i}", f"n{i}")
+        await site.central.execute("INSERT INTO revocation_event (user_id, issued_before) VALUES ('u1', now())")
+        sc.served.beating = True               # ... and the revocation that came last goes first
+        await site.wait_cursor_at_head("sc1")
+        assert applied[0] == "revocation" and applied.count("main") == 20, applied
