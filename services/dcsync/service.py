@@ -56,7 +56,15 @@ from services.dcsync.errors import Conflict, NotFound, Unavailable
 from services.dcsync.settings import DcsyncSettings
 from services.dcsync.source import Source
 from services.dcsync.syncer import AgentError, AgentLink, Connected, Syncer, skew_wire
-from services.dcsync.tables import GLANCE, KEYSTONE, LANES, MAIN_LANE, REVOCATION_LANE, Agreement
+from services.dcsync.tables import (
+    DEFAULT_ENDPOINTS,
+    LANES,
+    MAIN_LANE,
+    REVOCATION_LANE,
+    Agreement,
+    Endpoint,
+    load_tables_file,
+)
 from services.dcsync.tracking_sql import Place
 
 log = structlog.get_logger("roost.dcsync")
@@ -115,12 +123,14 @@ class DcsyncService:
         self.settings = settings if settings is not None else DcsyncSettings()
         s = self.settings
         if sources is None:
+            specs = load_tables_file(s.tables_file) if s.tables_file is not None else DEFAULT_ENDPOINTS
             built = []
             if s.keystone_url:
-                built.append(Source(KEYSTONE, s.keystone_url, Place(s.keystone_schema),
+                built.append(Source(specs[Endpoint.IDENTITY], s.keystone_url, Place(s.keystone_schema),
                                     repair_triggers=s.repair_triggers))
             if s.glance_url:
-                built.append(Source(GLANCE, s.glance_url, Place(s.glance_schema), repair_triggers=s.repair_triggers))
+                built.append(Source(specs[Endpoint.IMAGE], s.glance_url, Place(s.glance_schema),
+                                    repair_triggers=s.repair_triggers))
             sources = built
         self.sources = {src.endpoint: src for src in sources}
         self.syncer = Syncer(self.sources, batch_size=s.batch_size, local_only=s.local_only)

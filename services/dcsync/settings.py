@@ -24,6 +24,8 @@ class DcsyncSettings(BaseSettings):
     keystone_schema: str = Field(default="public", description="the schema keystone's tables are in")
     glance_url: str | None = Field(default=None, repr=False, description="glance's database at the controller")
     glance_schema: str = Field(default="public", description="the schema glance's tables are in")
+    tables_file: Path | None = Field(default=None, description="which tables and columns sync (YAML; default: the "
+                                     "built-in keystone and glance lists, services/dcsync/tables.py)")
     fernet_repo: Path | None = Field(default=None, description="keystone's Fernet key repository at the controller")
     fernet_check_interval: float = Field(default=30.0, gt=0, description="seconds between looks at the repository")
     audit_interval: float = Field(default=600.0, gt=0, description="seconds between audits of each subcloud")

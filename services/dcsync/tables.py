@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -193,3 +194,59 @@ def agree(central: Sequence[ResolvedTable], subcloud: Mapping[str, Sequence[str]
             skews.append(Skew(t.name, only_central, only_subcloud))
         tables.append(ResolvedTable(t.name, t.pk, cols, t.lane, t.natural_key, t.excluded))
     return Agreement(tuple(tables), tuple(skews), tuple(missing))
+
+
+def load_tables_file(path: Path) -> dict[Endpoint, EndpointSpec]:
+    """An operator's sync configuration (``ROOST_DCSYNC_TABLES_FILE``), YAML, per endpoint its tables in
+    apply order (parents first)::
+
+        identity:
+          - {table: project, pk: [id], natural_key: [domain_id, name]}
+          - {table: user, pk: [id], exclude: [last_active_at]}
+          - {table: revocation_event, pk: [id], lane: revocation}
+        image:
+          - {table: images, pk: [id]}
+
+    An endpoint the file names replaces the built-in list for it; one it does not name keeps the built-in
+    list.  ``ConfigError`` names the file and what is wrong with it."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read the sync configuration {path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected endpoints (identity, image) mapping to lists of tables")
+    out = dict(DEFAULT_ENDPOINTS)
+    for key, items in raw.items():
+        try:
+            endpoint = Endpoint(str(key))
+        except ValueError:
+            known = ", ".join(e.value for e in Endpoint)
+            raise ConfigError(f"{path}: unknown endpoint {key!r} (one of {known})") from None
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{path}: {endpoint}: expected a non-empty list of tables")
+        tables = []
+        for i, item in enumerate(items, start=1):
+            where = f"{path}: {endpoint} entry {i}"
+            if not isinstance(item, dict) or not isinstance(item.get("table"), str):
+                raise ConfigError(f"{where}: expected a mapping with 'table'")
+            unknown = set(item) - {"table", "pk", "exclude", "lane", "natural_key"}
+            if unknown:
+                raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}")
+            lists = {}
+            for k in ("pk", "exclude", "natural_key"):
+                v = item.get(k, [])
+                if not isinstance(v, list) or not all(isinstance(c, str) for c in v):
+                    raise ConfigError(f"{where} ({item['table']}): {k} must be a list of column names")
+                lists[k] = v
+            try:
+                tables.append(TableSpec(item["table"], tuple(lists["pk"]), frozenset(lists["exclude"]),
+                                        str(item.get("lane", MAIN_LANE)), tuple(lists["natural_key"])))
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+        try:
+            out[endpoint] = EndpointSpec(endpoint, tuple(tables))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    return out

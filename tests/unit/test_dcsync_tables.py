@@ -6,6 +6,7 @@ the keystone and glance endpoints."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,7 @@ from services.dcsync.tables import (
     Skew,
     TableSpec,
     agree,
+    load_tables_file,
     resolve,
 )
 
@@ -252,3 +254,31 @@ def test_agree_skew_keeps_the_primary_key_first() -> None:
     agreement = agree([central], {"a": ["d", "b", "actor_id", "type"]})
     assert agreement.table("a").columns == ("type", "actor_id", "b", "d")
     assert agreement.skews == (Skew("a", only_central=("c",)),)
+
+
+def test_an_operators_tables_file_replaces_one_endpoint(tmp_path: Path) -> None:
+    f = tmp_path / "tables.yaml"
+    f.write_text("identity:\n  - {table: project, pk: [id], natural_key: [domain_id, name]}\n"
+                 "  - {table: user, pk: [id], exclude: [last_active_at, extra]}\n"
+                 "  - {table: revocation_event, pk: [id], lane: revocation}\n")
+    specs = load_tables_file(f)
+    assert specs[Endpoint.IDENTITY].names == ("project", "user", "revocation_event")
+    assert specs[Endpoint.IDENTITY].table("user").exclude == frozenset({"last_active_at", "extra"})
+    assert specs[Endpoint.IMAGE] is GLANCE
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("compute:\n  - {table: x, pk: [id]}\n", "unknown endpoint 'compute'"),
+    ("identity: []\n", "non-empty list"),
+    ("identity:\n  - {table: user}\n", "needs a primary key"),
+    ("identity:\n  - {table: user, pk: [id], columns: [a]}\n", "unknown key(s) ['columns']"),
+    ("identity:\n  - {table: user, pk: id}\n", "pk must be a list"),
+    ("identity:\n  - {table: user, pk: [id], lane: fast}\n", "unknown lane 'fast'"),
+    ("- just a list\n", "expected endpoints"),
+])
+def test_a_bad_tables_file_says_what_is_wrong(tmp_path: Path, text: str, says: str) -> None:
+    f = tmp_path / "tables.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load_tables_file(f)
+    assert says in str(caught.value) and str(f) in str(caught.value)
