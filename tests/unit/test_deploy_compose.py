@@ -5,7 +5,6 @@ no secret value is committed.  The Dockerfile and .dockerignore are checked too.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,6 +14,8 @@ from urllib.parse import urlsplit
 import click
 import pytest
 import yaml
+
+from tests.support.roost_commands import resolve_command, service_order
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -64,35 +65,6 @@ def resolved(node: Any, env: Mapping[str, str]) -> Any:
     if isinstance(node, dict):
         return {k: resolved(v, env) for k, v in node.items()}
     return node
-
-
-def roost_cli() -> click.Group:
-    from services.cli.main import cli
-
-    for module in ("alarms", "agent", "heartbeat", "hosts", "serve", "strategy", "subcloud"):
-        importlib.import_module(f"services.cli.{module}")   # what main() imports: registers the commands
-    return cli
-
-
-def resolve_command(args: list[str]) -> tuple[click.Command, click.Context]:
-    """The `roost` command ``args`` names, parsed as click would (unknown commands and options fail)."""
-    command: click.Command = roost_cli()
-    rest = list(args)
-    path = ["roost"]
-    while isinstance(command, click.Group) and rest and not rest[0].startswith("-"):
-        sub = command.commands.get(rest[0])
-        assert sub is not None, f"`{' '.join(path)}` has no command {rest[0]!r} (from {args})"
-        path.append(rest.pop(0))
-        command = sub
-    assert not isinstance(command, click.Group), f"{args} names the group `{' '.join(path)}`, not a command"
-    ctx = command.make_context(" ".join(path), rest)
-    return command, ctx
-
-
-def service_order() -> list[str]:
-    from services.cli.serve import service_names
-
-    return service_names()
 
 
 def compose() -> dict[str, Any]:
