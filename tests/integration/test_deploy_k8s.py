@@ -18,7 +18,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.support.roost_commands import resolve_command, service_order
+from tests.support.roost_commands import check_environment, resolve_command, service_order
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ROOT / "deploy" / "k8s"
@@ -79,6 +79,22 @@ def config_env(pod: Object, container: Object) -> dict[str, str]:
     return env
 
 
+def container_env(container: Object, secret: Mapping[str, str]) -> dict[str, str]:
+    """The container's own ``env``: values as given, Secret references from ``secret``, field references as
+    a pod would see them."""
+    fields = {"metadata.name": "roost-core-5d9c7b-x2x7q", "status.hostIP": "10.0.0.2", "spec.nodeName": "worker-0"}
+    env = {}
+    for item in container.get("env", []):
+        source = item.get("valueFrom", {})
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        elif "secretKeyRef" in source:
+            env[item["name"]] = secret[source["secretKeyRef"]["key"]]
+        elif "fieldRef" in source:
+            env[item["name"]] = fields[source["fieldRef"]["fieldPath"]]
+    return env
+
+
 def test_every_rendered_object_is_valid_for_kubernetes() -> None:
     for obj in rendered():
         try:
@@ -116,7 +132,8 @@ def test_every_service_is_a_deployment_with_the_replicas_it_allows() -> None:
 def test_probes_requests_config_secrets_and_scrape_annotations() -> None:
     from services.cli.serve import default_port
 
-    secret_keys = set(yaml.safe_load((BASE / "secret.example.yaml").read_text())["stringData"])
+    example_secret = yaml.safe_load((BASE / "secret.example.yaml").read_text())["stringData"]
+    secret_keys = set(example_secret)
     for name, deployment in deployments().items():
         template = deployment["spec"]["template"]
         pod, container = template["spec"], template["spec"]["containers"][0]
@@ -139,6 +156,7 @@ def test_probes_requests_config_secrets_and_scrape_annotations() -> None:
         for var, ref in refs.items():
             assert ref["name"] == "roost-secrets" and ref["key"] in secret_keys, f"{name} {var}: {ref}"
         assert not any("value" in e and ("URL" in e["name"] or "TOKEN" in e["name"]) for e in container["env"])
+        check_environment({**env, **container_env(container, example_secret)})
         security = pod["securityContext"]
         assert security["runAsNonRoot"] is True and security["runAsUser"] == IMAGE_UID, name
         claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
@@ -214,6 +232,7 @@ def test_the_host_agent_is_a_daemonset_on_the_host_network(tmp_path: Path) -> No
     node_name = next(e for e in container["env"] if e["name"] == "NODE_NAME")
     assert node_name["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     env = config_env(pod, container)
+    check_environment({**env, **container_env(container, {})})
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     credentials = Path(env["ROOST_AGENT_CREDENTIALS"])
     assert str(credentials.parent) in mounts and mounts[str(credentials.parent)]["readOnly"] is True

@@ -15,7 +15,7 @@ import click
 import pytest
 import yaml
 
-from tests.support.roost_commands import resolve_command, service_order
+from tests.support.roost_commands import check_environment, resolve_command, service_order
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -199,6 +199,7 @@ def test_environment_urls_point_at_services_of_the_file() -> None:
     doc = compose()
     for name, service in roost_services(doc).items():
         env = service["environment"]
+        check_environment(env)
         bus, _ = points_at(env["ROOST_BUS_URL"], doc, f"{name} ROOST_BUS_URL")
         assert bus == "nats" and urlsplit(env["ROOST_BUS_URL"]).port == 4222
         database, _ = points_at(env["ROOST_DATABASE_URL"], doc, f"{name} ROOST_DATABASE_URL")
