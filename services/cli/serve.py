@@ -127,6 +127,7 @@ async def run_serve(names: Sequence[str], config: Path | None, port: int | None,
         raise CliError(f"roost serve needs {' and '.join(missing)}: it starts no embedded server "
                        "(`roost up` does)", code=2)
     assert settings.bus_url is not None and settings.database_url is not None
+    bootstrap_admin_token = checked_bootstrap_token(bootstrap_admin_token)
     configure_logging(settings.log_format, settings.log_level)
     try:
         built = components()
@@ -184,17 +185,25 @@ async def run_serve(names: Sequence[str], config: Path | None, port: int | None,
         raise CliError("stopped with errors (see the log above)", code=code)
 
 
-async def bootstrap_admin(pool: asyncpg.Pool, given: str | None) -> str | None:
-    """Create the first admin token when there is none: ``given`` (returns ``None``: nothing to show), else a
-    new one (returned, to be shown once)."""
+def checked_bootstrap_token(given: str | None) -> str | None:
+    """``ROOST_BOOTSTRAP_ADMIN_TOKEN`` stripped (``None`` when unset or blank); one that cannot be a token is an
+    error, found before anything connects."""
     if given is None or not given.strip():
-        async with pool.acquire() as conn:
-            return await ensure_bootstrap_admin(conn)
-    given = given.strip()
-    if not looks_like_token(given):
+        return None
+    if not looks_like_token(given.strip()):
         raise CliError("ROOST_BOOTSTRAP_ADMIN_TOKEN is not a roost token (roost_ and 43 URL-safe base64 "
                        "characters, e.g. python3 -c \"import secrets; print('roost_' + secrets.token_urlsafe(32))\")",
                        code=2)
+    return given.strip()
+
+
+async def bootstrap_admin(pool: asyncpg.Pool, given: str | None) -> str | None:
+    """Create the first admin token when there is none: ``given`` (returns ``None``: nothing to show), else a
+    new one (returned, to be shown once)."""
+    given = checked_bootstrap_token(given)
+    if given is None:
+        async with pool.acquire() as conn:
+            return await ensure_bootstrap_admin(conn)
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('roost.auth.bootstrap', 0))")
         exists = await conn.fetchval(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import secrets
 import signal
 import socket
@@ -121,3 +122,64 @@ def test_serve_without_urls_or_with_an_unknown_service_says_so(tmp_path: Path) -
     assert unknown.returncode == 2
     assert "no service named nosuch" in unknown.stderr
     assert "core, alarms, inventory, heartbeat, orchestrator" in unknown.stderr
+
+
+async def test_two_replicas_of_core_start_together_on_one_database(
+        tmp_path: Path, nats_server: NatsServer) -> None:  # noqa: F811
+    """Replicas starting at once: the migrations run once, one first admin token is made between them and shown
+    once, each replica has its own service token, and either answers `roost ping`."""
+    ports = [free_port(), free_port()]
+    async with fresh_database() as database_url:
+        processes, outputs = [], []
+        try:
+            for index, port in enumerate(ports):
+                env = clean_env(tmp_path, ROOST_BUS_URL=nats_server.url, ROOST_DATABASE_URL=database_url,
+                                ROOST_HTTP_HOST="127.0.0.1", ROOST_HTTP_PORT=str(port),
+                                ROOST_INSTANCE=f"core-{index}", ROOST_DATA_DIR=str(tmp_path / f"data-{index}"))
+                out, err = tmp_path / f"stdout-{index}.txt", tmp_path / f"stderr-{index}.txt"
+                outputs.append((out, err))
+                with out.open("w") as o, err.open("w") as e:
+                    processes.append(await asyncio.create_subprocess_exec(*ROOST, "serve", "core", env=env,
+                                                                          stdout=o, stderr=e))
+            for process, port, (_, err) in zip(processes, ports, outputs, strict=True):
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+                    await wait_ready(process, http, err)
+            shown = [re.findall(r"roost_[A-Za-z0-9_-]{43}", tail(out, 10**9)) for out, _ in outputs]
+            assert sorted(len(s) for s in shown) == [0, 1], shown
+            admin = next(s[0] for s in shown if s)
+
+            conn = await asyncpg.connect(database_url)
+            try:
+                rows = await conn.fetch("SELECT name, role, kind FROM core.api_tokens WHERE revoked_at IS NULL")
+                assert sorted((r["name"], r["kind"]) for r in rows) == [
+                    ("admin", "user"), ("service:core@core-0", "service"), ("service:core@core-1", "service")]
+                assert await conn.fetchval("SELECT count(*) FROM core.api_tokens WHERE token_hash = $1",
+                                           hash_token(admin)) == 1
+            finally:
+                await conn.close()
+
+            ping = await asyncio.create_subprocess_exec(
+                *ROOST, "--bus-url", nats_server.url, "--token", admin, "ping", env=clean_env(tmp_path),
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            ping_out, ping_err = await asyncio.wait_for(ping.communicate(), 60)
+            assert ping.returncode == 0 and ping_out.decode().startswith("pong from core"), ping_err.decode()
+
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process, (_, err) in zip(processes, outputs, strict=True):
+                assert await asyncio.wait_for(process.wait(), 60) == 0, tail(err)
+        finally:
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+def test_a_bootstrap_token_that_is_no_token_is_refused_before_connecting(tmp_path: Path) -> None:
+    bad = subprocess.run([*ROOST, "serve", "core"], capture_output=True, text=True, timeout=60,
+                         env=clean_env(tmp_path, ROOST_BUS_URL="nats://127.0.0.1:1",
+                                       ROOST_DATABASE_URL="postgresql://127.0.0.1:1/x",
+                                       ROOST_BOOTSTRAP_ADMIN_TOKEN="hunter2"))
+    assert bad.returncode == 2
+    assert "ROOST_BOOTSTRAP_ADMIN_TOKEN is not a roost token" in bad.stderr
+    assert "hunter2" not in bad.stderr + bad.stdout
