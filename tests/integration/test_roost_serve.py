@@ -183,3 +183,53 @@ def test_a_bootstrap_token_that_is_no_token_is_refused_before_connecting(tmp_pat
     assert bad.returncode == 2
     assert "ROOST_BOOTSTRAP_ADMIN_TOKEN is not a roost token" in bad.stderr
     assert "hunter2" not in bad.stderr + bad.stdout
+
+
+def free_port_run(count: int) -> int:
+    """A base port with ``count`` free ports from it (the services take base, base + 1, ...)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count > 65535:
+            continue
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+    raise AssertionError(f"no {count} free consecutive ports")
+
+
+async def test_every_service_starts_on_external_servers_at_roost_ups_ports(
+        tmp_path: Path, nats_server: NatsServer) -> None:  # noqa: F811
+    """What the compose file and the manifests run, each service in its own container, in one process here (two
+    cores): every service of `roost up` starts on the external NATS and PostgreSQL with nothing else configured,
+    at ROOST_HTTP_BASE_PORT + its place, and is ready."""
+    from services.cli.serve import default_port, service_names
+
+    names = service_names()
+    base = free_port_run(len(names))
+    async with fresh_database() as database_url:
+        env = clean_env(tmp_path, ROOST_BUS_URL=nats_server.url, ROOST_DATABASE_URL=database_url,
+                        ROOST_HTTP_HOST="127.0.0.1", ROOST_HTTP_BASE_PORT=str(base))
+        stdout, stderr = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+        with stdout.open("w") as out, stderr.open("w") as err:
+            process = await asyncio.create_subprocess_exec(*ROOST, "serve", *names, env=env, stdout=out, stderr=err)
+        try:
+            for name in names:
+                port = default_port(name, base, names)
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as http:
+                    await wait_ready(process, http, stderr, timeout=120)
+                    assert (await http.get("/readyz")).json()["service"] == name
+            process.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(process.wait(), 60) == 0, tail(stderr)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
