@@ -60,6 +60,7 @@ from services.core.files import write_private
 from services.core.logging import register_secret
 from services.core.secrets import SecretStore, SecretStoreError, generate_key
 from services.core.settings import mask_url
+from services.dcsync.fernet import sync_key_secret
 
 log = structlog.get_logger("roost.dcagent")
 
@@ -81,11 +82,6 @@ agent_bus_url_option = click.option("--agent-bus-url", help="The bus URL as the 
                                                             "(default: the local roost's).")
 rabbitmqctl_option = click.option("--rabbitmqctl", default="rabbitmqctl", show_default=True,
                                   help="The rabbitmqctl to run.")
-
-
-def sync_key_secret(name: str) -> str:
-    """The name of the subcloud's sync key in the secret store (the dcsync service seals Fernet keys with it)."""
-    return f"dcsync-sync-key-{name}"
 
 
 # -- credentials ------------------------------------------------------------------------------------

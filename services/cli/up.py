@@ -39,6 +39,7 @@ from services.core.runner import ServiceRunner, run_services
 from services.core.secrets import SecretStore, SecretStoreError
 from services.core.settings import ConfigError, RoostSettings, load_settings, mask_url, url_with_credentials
 from services.core.system import CoreService
+from services.dcsync.service import build_dcsync
 from services.heartbeat.service import HeartbeatService
 from services.inventory.service import InventoryService
 from services.orchestrator.service import build_orchestrator
@@ -48,7 +49,8 @@ log = structlog.get_logger("roost.up")
 
 def components() -> list[Component]:
     """Every service this build runs.  The domain services join this list as they are built."""
-    return [CoreService(), AlarmsService(), InventoryService(), HeartbeatService(), build_orchestrator()]
+    return [CoreService(), AlarmsService(), InventoryService(), HeartbeatService(), build_orchestrator(),
+            build_dcsync()]
 
 
 async def run_up(data_dir: Path | None, config: Path | None) -> None:

@@ -29,6 +29,12 @@ _KEY_FILE = re.compile(r"^[0-9]{1,6}$")
 _INFO = b"roost dcsync fernet v1"
 
 
+def sync_key_secret(subcloud: str) -> str:
+    """The secret-store name of a subcloud's sync key: made when the subcloud is enrolled (``roost subcloud
+    add``), written into its agent's credentials, used by the dcsync service to seal the keys it sends."""
+    return f"dcsync-sync-key-{subcloud}"
+
+
 class FernetError(ValueError):
     """A key repository or a sealed message that cannot be used.  Messages never hold key material."""
 

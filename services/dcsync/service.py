@@ -53,6 +53,7 @@ from services.core.secrets import SecretNotFound, SecretStore
 from services.dcsync import fernet, metrics, store
 from services.dcsync.availability import Availability, AvailabilityRules
 from services.dcsync.errors import Conflict, NotFound, Unavailable
+from services.dcsync.fernet import sync_key_secret
 from services.dcsync.settings import DcsyncSettings
 from services.dcsync.source import Source
 from services.dcsync.syncer import AgentError, AgentLink, Connected, Syncer, skew_wire
@@ -82,11 +83,6 @@ MASS_SILENCE = "950.103"
 TRIGGERS_MISSING = "950.104"
 AUDIT_REPAIRED = "950.105"
 COMMAND_LOG = "950.501"
-
-
-def sync_key_secret(subcloud: str) -> str:
-    """The secret-store name of a subcloud's sync key (it seals the Fernet keys sent to it)."""
-    return f"dcsync-sync-key-{subcloud}"
 
 
 @dataclass(slots=True)
@@ -152,7 +148,7 @@ class DcsyncService:
     @property
     def ctx(self) -> ServiceContext:
         if self._ctx is None:
-            raise RuntimeError("the dcsync service has not started")
+            raise Unavailable("the dcsync service has not started")
         return self._ctx
 
     @property
