@@ -174,10 +174,13 @@ class SyncedTable(_Model):
 class SyncConfigure(_Model):
     endpoint: EndpointName
     tables: list[SyncedTable]
+    redigest: bool = Field(default=False, description="recompute every table's digests from its rows (the backstop "
+                                                      "for writes the triggers missed)")
 
 
 class SyncConfigured(_Model):
     retracked: list[str] = Field(default_factory=list)
+    redigested: dict[str, int] = Field(default_factory=dict, description="table -> rows whose digest was wrong")
 
 
 class ChangeWire(_Model):

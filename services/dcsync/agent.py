@@ -101,11 +101,23 @@ class SubcloudSync:
     async def configure(self, data: msg.SyncConfigure) -> msg.SyncConfigured:
         db, tracker = self._db(data.endpoint)
         tables = [ResolvedTable(t.name, tuple(t.pk), tuple(t.columns), t.lane) for t in data.tables]
+        redigested: dict[str, int] = {}
         async with db.pool.acquire() as conn:
             report = await tracker.install(conn, tables, capture=False)
+            redigested.update({r.table: r.differences for r in report.redigested if r.differences})
+            if data.redigest:
+                done = {r.table for r in report.redigested}
+                for t in tables:
+                    if t.name not in done:
+                        r = await tracker.redigest(conn, t.name)
+                        if r.differences:
+                            redigested[t.name] = r.differences
         if report.retracked:
             log.info("sync tables configured", subcloud=self.name, endpoint=data.endpoint, tables=report.retracked)
-        return msg.SyncConfigured(retracked=report.retracked)
+        if redigested:
+            log.warning("digests were wrong: writes the triggers missed", subcloud=self.name,
+                        endpoint=data.endpoint, tables=redigested)
+        return msg.SyncConfigured(retracked=report.retracked, redigested=redigested)
 
     async def apply(self, data: msg.SyncApply, key: str) -> msg.SyncApplied:
         db, tracker = self._db(data.endpoint)

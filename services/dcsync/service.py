@@ -106,6 +106,7 @@ class Runtime:
     # held while the stored row is read, written and replaced: the ticker, the worker and commands all change it
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     deleted: bool = False
+    redigest_due: bool = False
 
 
 class DcsyncService:
@@ -541,6 +542,14 @@ class DcsyncService:
             if updates:
                 await self._save(rt, "", endpoints=updates, announce=False)
         connected = rt.connected
+        if rt.redigest_due:       # the backstop at the subcloud too: digests recomputed from its rows
+            for endpoint, agreement in connected.agreements.items():
+                wrong = await self.syncer.redigest(rt.link, endpoint, agreement)
+                if wrong:
+                    log.warning("subcloud digests were wrong (writes its triggers missed); the audit repairs them",
+                                subcloud=rt.row.name, endpoint=endpoint, tables=wrong)
+                    rt.next_audit = 0.0
+            rt.redigest_due = False
         joining = rt.row.join_state != "joined"
         refused: list[str] = []
         for endpoint, agreement in connected.agreements.items():
@@ -550,6 +559,7 @@ class DcsyncService:
             oldest = await source.oldest()
             fell_behind = oldest > 1 and any(c + 1 < oldest for c in cursors.values())
             if joining or ep.needs_resync or fell_behind:
+                conflicts: list[str] = []
                 if joining:
                     conflicts = await self.syncer.conflicts(rt.link, endpoint, agreement, rt.row.join_policy)
                     if conflicts:
@@ -561,6 +571,10 @@ class DcsyncService:
                 done = await self.syncer.audit(rt.link, endpoint, agreement, cursors, resync=True)
                 assert done is not None
                 report, rt.cursors[endpoint] = done
+                what = "joined" if joining else "fell behind the change log" if fell_behind else "resynced"
+                report.detail = _cut(f"{what}; " + (f"{len(conflicts)} row(s) with a central row's natural key "
+                                                     f"adopted: " + "; ".join(conflicts[:5]) if conflicts else
+                                                     "no rows clashed"), 2048)
                 self._mark_cursors(rt, endpoint)
                 self._count_audit(report)
                 await self._save(rt, "", endpoints={endpoint: {"needs_resync": False,
@@ -744,6 +758,9 @@ class DcsyncService:
                     await self._purge(source)
                 if now - last_redigest >= self.settings.redigest_interval:
                     last_redigest = now
+                    for rt in self._runtimes.values():
+                        rt.redigest_due = True
+                        rt.wake.set()
                     for source in self.sources.values():
                         for r in await source.redigest_all():
                             if r.differences:

@@ -126,6 +126,13 @@ class Syncer:
             cursors[endpoint] = {lane: theirs.cursors.get(lane, 0) for lane in LANES}
         return Connected(hello, agreements, cursors)
 
+    async def redigest(self, link: AgentLink, endpoint: str, agreement: Agreement) -> dict[str, int]:
+        """The subcloud recomputes its digests from its rows; the tables where they were wrong."""
+        done = await link.ask("configure", msg.SyncConfigure(
+            endpoint=endpoint, tables=[msg.SyncedTable.model_validate(t) for t in agreement_wire(agreement)],
+            redigest=True), msg.SyncConfigured)
+        return done.redigested
+
     async def stream(self, link: AgentLink, endpoint: str, lane: str, cursor: int,
                      agreement: Agreement, *, batches: int | None = None) -> Streamed:
         """Send the lane's changes from ``cursor`` up to the head (at most ``batches`` batches), a batch at a

@@ -301,3 +301,20 @@ async def test_revocation_lane_goes_ahead_of_a_backlog() -> None:
         sc.served.beating = True               # ... and the revocation that came last goes first
         await site.wait_cursor_at_head("sc1")
         assert applied[0] == "revocation" and applied.count("main") == 20, applied
+
+
+async def test_the_redigest_backstop_finds_writes_a_subclouds_trigger_missed(site: DcSite) -> None:
+    await site.central.execute("INSERT INTO project VALUES ('p1', 'one', 'default', true)")
+    sc = await site.add("sc1")
+    await site.wait_status("sc1")
+    await _same(site, "sc1", ("project",))
+    await sc.pool.execute("ALTER TABLE project DISABLE TRIGGER roost_dcsync_track")
+    await sc.pool.execute("UPDATE project SET enabled = false WHERE id = 'p1'")     # unseen by the digests
+    result = msg.AuditResult.model_validate(await site.ok("roost.cmd.subcloud.audit", {"name": "sc1"}))
+    assert result.reports[0].clean            # the digests cannot know ...
+    rt = site.service._runtimes["sc1"]
+    rt.redigest_due = True                    # ... until the periodic re-digest (the maintenance round's flag)
+    rt.wake.set()
+    await _same(site, "sc1", ("project",))
+    assert await sc.pool.fetchval("SELECT enabled FROM project WHERE id = 'p1'") is True
+    await wait_until(lambda: _raised(site, "950.105"), timeout=30, what="the repair reported")
