@@ -145,6 +145,8 @@ class DcsyncService:
         self._stopping = False
         self.trigger_alarms: set[str] = set()
         self._raised_out_of_sync: dict[tuple[str, str], str] = {}
+        self._refresher: asyncio.Task[None] | None = None
+        self._refresh_again = False
 
     @property
     def ctx(self) -> ServiceContext:
@@ -187,6 +189,8 @@ class DcsyncService:
     async def stop(self) -> None:
         self._stopping = True
         tasks = self._tasks + [rt.task for rt in self._runtimes.values() if rt.task is not None]
+        if self._refresher is not None:
+            tasks.append(self._refresher)
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -216,9 +220,16 @@ class DcsyncService:
     # -- events in ---------------------------------------------------------------------------------------
 
     def _on_change(self) -> None:
-        task = asyncio.get_running_loop().create_task(self._refresh_heads())
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        """A NOTIFY from a source: one refresh at a time, and one more after it when others came meanwhile
+        (a thousand single-row transactions make one or two refreshes, not a thousand)."""
+        self._refresh_again = True
+        if self._refresher is None or self._refresher.done():
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_while_notified())
+
+    async def _refresh_while_notified(self) -> None:
+        while self._refresh_again:
+            self._refresh_again = False
+            await self._refresh_heads()
 
     async def _refresh_heads(self) -> None:
         moved = False
