@@ -270,5 +270,6 @@ def main() -> None:
     from services.cli import serve as _serve  # noqa: F401 - registers `roost serve`
     from services.cli import strategy as _strategy  # noqa: F401 - registers `roost strategy`
     from services.cli import subcloud as _subcloud  # noqa: F401 - registers `roost subcloud`
+    from services.cli import webhook_listen as _listen  # noqa: F401 - registers `roost webhook listen`
 
     cli(prog_name="roost")
