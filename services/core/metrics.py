@@ -152,11 +152,13 @@ class BusMetrics:
 def set_broker_connected(broker: str, service: str, connected: bool) -> None:
     """A transport reports its connection state (``broker``: rabbitmq | nats | memory)."""
     BROKER_CONNECTED.labels(broker, service).set(1 if connected else 0)
+    BROKER_RECONNECTS.labels(broker, service)  # at zero until the first reconnect, so rates see it
 
 
 def watch_broker_connection(broker: str, service: str, connected: Callable[[], bool]) -> None:
     """``roost_broker_connected`` read from the transport at every scrape, so it is never stale."""
     BROKER_CONNECTED.labels(broker, service).set_function(lambda: 1.0 if connected() else 0.0)
+    BROKER_RECONNECTS.labels(broker, service)  # at zero until the first reconnect, so rates see it
 
 
 def record_reconnect(broker: str, service: str) -> None:
