@@ -508,7 +508,9 @@ class DcsyncService:
 
     async def _work(self, rt: Runtime) -> None:
         while not self._stopping:
-            timeout = max(0.0, min(rt.next_audit - time.monotonic(), 5.0))
+            # one that cannot be synced now waits to be woken (heard, managed), not for its audit time: once that
+            # time has passed, a timeout of 0 would spin (1,000 subclouds not yet heard starved the heartbeats)
+            timeout = max(0.0, min(rt.next_audit - time.monotonic(), 5.0)) if self._syncable(rt) else 5.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(rt.wake.wait(), timeout=timeout if not rt.audit_waiters else 0)
             rt.wake.clear()
