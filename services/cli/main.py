@@ -98,13 +98,15 @@ def cli(ctx: click.Context, data_dir: Path | None, bus_url: str | None, token: s
 @cli.command()
 @click.option("--config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="ROOST_CONFIG",
               help="A config file (YAML or TOML) with ROOST_* settings.")
+@click.option("--demo", is_flag=True, help="Also run a simulated site: 2 controllers and 4 workers (real agents, "
+              "heartbeats on loopback, Redfish BMCs), 2 subclouds, a webhook receiver (see the README).")
 @click.pass_obj
-def up(obj: Context, config: Path | None) -> None:
+def up(obj: Context, config: Path | None, demo: bool) -> None:
     """Run roost: every service, on embedded NATS and PostgreSQL unless ROOST_BUS_URL / ROOST_DATABASE_URL say
     otherwise.  Ctrl-C stops it cleanly."""
     from services.cli.up import run_up
 
-    run(run_up(obj._data_dir, config))
+    run(run_up(obj._data_dir, config, demo))
 
 
 @cli.command()
@@ -265,6 +267,7 @@ def token_revoke(obj: Context, name: str) -> None:
 def main() -> None:
     import services.cli.alarms  # noqa: F401 - registers `roost alarm` and `roost event`
     from services.cli import agent as _agent  # noqa: F401 - registers `roost agent`
+    from services.cli import demo as _demo  # noqa: F401 - registers `roost demo`
     from services.cli import heartbeat as _heartbeat  # noqa: F401 - registers `roost heartbeat` and `roost keys`
     from services.cli import hosts as _hosts  # noqa: F401 - registers `roost host`
     from services.cli import serve as _serve  # noqa: F401 - registers `roost serve`

@@ -53,14 +53,14 @@ def components() -> list[Component]:
             build_dcsync()]
 
 
-async def run_up(data_dir: Path | None, config: Path | None) -> None:
+async def run_up(data_dir: Path | None, config: Path | None, demo: bool = False) -> None:
     try:
-        await _run_up(data_dir, config)
+        await _run_up(data_dir, config, demo)
     except (EmbeddedPostgresError, NatsServerError) as exc:     # raised while stopping the embedded servers
         raise CliError(str(exc)) from None
 
 
-async def _run_up(data_dir: Path | None, config: Path | None) -> None:
+async def _run_up(data_dir: Path | None, config: Path | None, demo: bool = False) -> None:
     try:
         settings = load_settings(config, data_dir=data_dir)
     except ConfigError as exc:
@@ -80,6 +80,13 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
         secrets = SecretStore.in_data_dir(data)
     except SecretStoreError as exc:
         raise CliError(str(exc)) from None
+    site = None
+    if demo:        # the simulated site of `roost up --demo` (services/cli/demo.py)
+        from services.cli.demo import DemoSite
+
+        site = DemoSite(data)
+        settings = site.configure(settings)
+        await site.enroll(secrets)
 
     async with contextlib.AsyncExitStack() as stack:
         bus = await _bus(settings, data, stack, secrets)
@@ -90,6 +97,9 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
         except DatabaseUnavailable as exc:
             raise CliError(str(exc), code=2) from None
         stack.push_async_callback(pool.close)
+        if site is not None:
+            stack.push_async_callback(site.stop)        # after the services stopped, before the servers
+            services = await site.prepare(bus.url, database_url, services)
         try:
             await migrate(pool, "core")
         except MigrationError as exc:
@@ -104,6 +114,8 @@ async def _run_up(data_dir: Path | None, config: Path | None) -> None:
                     services={r.name: {"http": r.url} for r in runners}).save(data)
             stack.callback(Runtime.remove, data)
             _announce(data, bus.label, database_label, runners, first_token)
+            if site is not None:
+                site.launch(bus.url_for(OPERATOR_NAME), settings.http_base_port)
 
         code = await run_services(hosts, host=settings.http_host, base_port=settings.http_base_port,
                                   authenticator=PgAuthenticator(pool), on_started=started)
