@@ -599,7 +599,7 @@ class Run:
         finally:
             await pool.close()
         settings = DcsyncSettings(audit_interval=a.audit_interval, offline_after=a.offline_after,
-                                  request_timeout=a.request_timeout)
+                                  request_timeout=a.request_timeout, concurrency=a.concurrency)
         self.service = DcsyncService(settings, sources=[Source(KEYSTONE, self.central_url)])
         self.host = ServiceHost(self.service, load_settings(data_dir=self.tmp / "data"),
                                 Connections(self.nats.url, self.roost_url), token)
@@ -1043,6 +1043,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--audit-interval", type=float, default=86400.0,
                    help="the service's audit_interval, s: audits happen when the bench asks (86400)")
     p.add_argument("--request-timeout", type=float, default=30.0, help="the service's request_timeout, s (30)")
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="the service's concurrency (sync requests in flight; its default 256 makes as many "
+                        "consumer listings at once on NATS with 1,000 subclouds: see bench/README.md) (16)")
     p.add_argument("--agent-pool", type=int, default=16, help="connections of the agents' shared pool (16)")
     p.add_argument("--clone-workers", type=int, default=2, help="connections cloning subclouds at setup (2)")
     p.add_argument("--compare-workers", type=int, default=2, help="connections of the full-compare baseline (2)")
