@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import getpass
 import json
+import logging
 import os
 import shutil
 import signal
@@ -76,6 +77,7 @@ AGENT_INTERVAL = 5.0            # seconds between an agent's hellos
 SUBCLOUD_HEARTBEAT = 5.0        # seconds between a subcloud agent's heartbeats
 POWER_POLL = 0.5                # seconds between looks at the BMCs' power states
 STOP_GRACE = 10.0               # seconds a child has to stop after SIGTERM
+RESTART_AFTER = 5.0             # seconds before a subcloud's agent that exited is started again
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,7 @@ class Child:
         self.proc: subprocess.Popen[bytes] | None = None
         self.reported = False          # its unexpected exit was said
         self.log_offset = 0            # where its log stood when it last started
+        self.exited_at = 0.0           # (monotonic) when its exit was noticed
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -314,8 +317,10 @@ class DemoSite:
             if self._power[host.name] == "On" and self.provisioned:
                 self._boot(host)            # (the first time, once inventory has the hosts: ``_start``)
         for name in SUBCLOUD_NAMES:
-            self._start_subcloud_agent(name)
-        self._early_listener()
+            if self.provisioned:            # (the first time, once dcsync made the sync streams: ``_start``)
+                self._start_subcloud_agent(name)
+        await self._early_listener()
+        logging.getLogger("httpx").setLevel(logging.WARNING)        # not a line per look at a BMC
         self._tasks.append(asyncio.create_task(self._watch(self.bmc_password), name="demo-power"))
         await self._settle()
         try:
@@ -360,6 +365,9 @@ class DemoSite:
                 if self._power.get(host.name) == "On":
                     self._boot(host)
             await self._unlock_hosts(client)
+            for name in SUBCLOUD_NAMES:
+                if name not in self.children:
+                    self._start_subcloud_agent(name)
             await self._add_subclouds(client)
             await self._wait_in_sync(client)
         self.ready.set()
@@ -491,10 +499,14 @@ class DemoSite:
                         _say(f"{host.name}'s agent (pid {child.pid}) is gone ({how}); the power is still on")
                 for name in SUBCLOUD_NAMES:
                     sc = self.children.get(name)
-                    if sc is not None and sc.proc is not None and not sc.alive() and not sc.reported:
-                        sc.reported = True
-                        _say(f"{name}'s sync agent (pid {sc.pid}) is gone (exit status {sc.proc.returncode}); "
-                             f"see {sc.log_path}")
+                    if sc is None or sc.proc is None or sc.alive():
+                        continue
+                    if not sc.reported:
+                        sc.reported, sc.exited_at = True, time.monotonic()
+                        _say(f"{name}'s sync agent (pid {sc.pid}) is gone (exit status {sc.proc.returncode}, see "
+                             f"{sc.log_path}); it starts again in {RESTART_AFTER:g} s")
+                    elif time.monotonic() - sc.exited_at > RESTART_AFTER:
+                        self._start_subcloud_agent(name)
                 await asyncio.sleep(POWER_POLL)
 
     # -- the hosts -------------------------------------------------------------------------------------
@@ -602,20 +614,29 @@ class DemoSite:
         saved = int(port_file.read_text()) if port_file.is_file() and port_file.read_text().strip().isdigit() else 0
         return port_file, hook / "secret", saved
 
-    def _start_listener(self, port: int, secret_file: Path) -> Child:
+    async def _start_listener(self, port: int, secret_file: Path, timeout: float = 60.0) -> Child:
+        """`roost webhook listen`, once it listens (a delivery refused meanwhile would wait out a backoff)."""
         child = Child("webhook", _roost(self.data, "webhook", "listen", "--port", str(port), "--secret-file",
                                         str(secret_file)), self.dir, _child_env())
         child.start()
         self.children["webhook"] = child
         self.webhook_url = f"http://127.0.0.1:{port}/"
-        return child
+        deadline = time.monotonic() + timeout
+        while child.alive() and time.monotonic() < deadline:
+            if "listening on" in child.log_path.read_text(errors="replace")[child.log_offset:]:
+                return child
+            await asyncio.sleep(0.1)
+        raise CliError(f"`roost webhook listen` did not start listening on port {port} (see {child.log_path})")
 
-    def _early_listener(self) -> None:
+    async def _early_listener(self) -> None:
         """The receiver of an earlier run, started again before the services: what the alarms service retries
         at start finds it listening."""
         _, secret_file, saved = self._hook_files()
         if secret_file.exists() and saved and _port_free(saved):
-            self._start_listener(saved, secret_file)
+            try:
+                await self._start_listener(saved, secret_file)
+            except CliError as exc:
+                log.warning("demo: the webhook receiver did not start early; trying again later", error=str(exc))
 
     async def _webhook(self, client: BusClient, http_base_port: int) -> None:
         """A subscriber for every alarm, at a `roost webhook listen` on loopback (the same port and secret as
@@ -645,7 +666,7 @@ class DemoSite:
                 await listener.stop()
                 listener = None
         if listener is None:
-            listener = self._start_listener(int(urlsplit(self.webhook_url).port or 0), secret_file)
+            listener = await self._start_listener(int(urlsplit(self.webhook_url).port or 0), secret_file)
         _say(f"webhook: every alarm is delivered to {self.webhook_url}, where `roost webhook listen` verifies and "
              f"prints it: {listener.log_path}")
 
