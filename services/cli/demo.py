@@ -182,6 +182,7 @@ class Child:
 
     def kill(self) -> None:
         """SIGKILL, as when the power goes."""
+        self.reported = True
         if self.alive():
             assert self.proc is not None
             with contextlib.suppress(ProcessLookupError):
@@ -492,7 +493,8 @@ class DemoSite:
                     elif state == "On" and before == "Off":
                         _say(f"{host.name} is powered on: it boots, its agent starts")
                         self._boot(host)
-                    elif child is not None and child.proc is not None and not child.alive() and not child.reported:
+                    elif (state == "On" and child is not None and child.proc is not None and not child.alive()
+                          and not child.reported):
                         child.reported = True
                         code = child.proc.returncode
                         how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
