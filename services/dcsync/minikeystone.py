@@ -129,8 +129,8 @@ async def add_user(conn: asyncpg.Connection, name: str, password: str, *, projec
                            "VALUES ($1, $2, true, $3, now(), $4)", user_id, json.dumps({}), project_id, DEFAULT_DOMAIN)
         local_id = await conn.fetchval("INSERT INTO local_user (user_id, domain_id, name, failed_auth_count) "
                                        "VALUES ($1, $2, $3, 0) RETURNING id", user_id, DEFAULT_DOMAIN, name)
-        await conn.execute("INSERT INTO password (local_user_id, password_hash, created_at_int, self_service) "
-                           "VALUES ($1, $2, (extract(epoch FROM now()) * 1000000)::bigint, false)",
+        await conn.execute("INSERT INTO password (local_user_id, password_hash, created_at, created_at_int, "
+                           "self_service) VALUES ($1, $2, now(), (extract(epoch FROM now()) * 1000000)::bigint, false)",
                            local_id, hash_password(password))
         await conn.execute("INSERT INTO assignment (type, actor_id, target_id, role_id, inherited) "
                            "VALUES ('UserProject', $1, $2, $3, false)", user_id, project_id, role_id)
