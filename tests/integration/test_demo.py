@@ -69,11 +69,11 @@ def processes_under(data: Path) -> dict[int, str]:
 
 
 class Demo:
-    def __init__(self, data: Path) -> None:
+    def __init__(self, data: Path, run: int = 1, environment: dict[str, str] | None = None) -> None:
         self.data = data
-        self.env = env()
-        self.stdout = data.parent / "up-stdout.txt"
-        self.stderr = data.parent / "up-stderr.txt"
+        self.env = environment or env()
+        self.stdout = data.parent / f"up-{run}-stdout.txt"
+        self.stderr = data.parent / f"up-{run}-stderr.txt"
         with self.stdout.open("w") as out, self.stderr.open("w") as err:
             self.process = subprocess.Popen([*ROOST, "--data-dir", str(data), "up", "--demo"], env=self.env,
                                             stdout=out, stderr=err)
@@ -205,6 +205,31 @@ def test_the_demo_walkthrough(demo: Demo) -> None:
     assert again.returncode == 1 and "exists already" in again.stderr
 
     # SIGTERM: everything stops, nothing is left running
+    stop_and_check(demo)
+    walkthrough = time.monotonic() - began
+
+    # a second `roost up --demo` on the same data dir reuses the site: the same hosts, in service at once, the
+    # user at both subclouds, one subscriber (the same), no alarm
+    uuids = {n: h["uuid"] for n, h in hosts.items()}
+    again = Demo(demo.data, 2, demo.env)
+    try:
+        again.wait_ready(180)
+        assert "The first admin API token" not in again.output()
+        restarted = again.hosts()
+        assert {n: h["uuid"] for n, h in restarted.items()} == uuids
+        assert all(in_service(h) for h in restarted.values()), restarted
+        assert [u["id"] for u in again.json("demo", "user", "list", "--subcloud", "subcloud-2")
+                if u["name"] == "alice"] == [central["id"]]
+        subscribers = again.result("webhook", "list")["items"]
+        assert [s["name"] for s in subscribers] == ["demo"], subscribers
+        assert again.result("alarm", "list")["items"] == []
+    finally:
+        stop_and_check(again)
+    print(f"demo ready after {ready_after:.0f} s; walkthrough {walkthrough:.0f} s; "
+          f"with the restart {time.monotonic() - began:.0f} s")
+
+
+def stop_and_check(demo: Demo) -> None:
     running = processes_under(demo.data)
     children = {demo.pid(n) for n in (*HOSTS, "subcloud-1", "subcloud-2", "webhook", "bmc")}
     assert children <= set(running), (children, running)
@@ -212,4 +237,3 @@ def test_the_demo_walkthrough(demo: Demo) -> None:
     assert demo.process.wait(90) == 0, demo.failure()
     until(lambda: not processes_under(demo.data), 30, "every process gone", every=0.2)
     assert not list((demo.data / "demo" / "run").glob("*.pid"))
-    print(f"demo ready after {ready_after:.0f} s; whole walkthrough {time.monotonic() - began:.0f} s")
