@@ -252,7 +252,14 @@ class DemoSite:
             raise CliError("`roost up --demo` runs on the embedded NATS: unset ROOST_BUS_URL", code=2)
         heartbeat = settings.heartbeat.model_copy(update={"controller": HOSTS[0].name,
                                                           "addresses": HOSTS[0].addresses})
-        return settings.model_copy(update={"heartbeat": heartbeat, "failed_host_recovery": "reset"})
+        update: dict[str, Any] = {"heartbeat": heartbeat, "failed_host_recovery": "reset"}
+        if "ROOST_LOG_LEVEL" not in os.environ and settings.log_level == "INFO":
+            # the terminal shows what the demo says; the services' info lines would bury it
+            from services.core.logging import configure_logging
+
+            update["log_level"] = "WARNING"
+            configure_logging(settings.log_format, "WARNING")
+        return settings.model_copy(update=update)
 
     async def enroll(self, secrets: SecretStore) -> None:
         """Stop what an earlier run left behind; enroll every host agent and subcloud agent (`roost up` then
@@ -686,19 +693,20 @@ class DemoSite:
 def try_next(data_dir: Path) -> str:
     demo = demo_dir(data_dir)
     roost = "roost" if data_dir == _default_data_dir() else f"roost --data-dir {data_dir}"
-    return f"""
-What to try next (in another terminal):
-  {roost} host list                          # 2 controllers, 4 workers: unlocked, enabled, available
-  {roost} host lock worker-1                 # and `{roost} host unlock worker-1`
-  kill -9 $(cat {demo}/run/worker-2.pid)      # worker-2's agent dies: the host fails within seconds
-  {roost} alarm list                         # 950.002 worker-2 failed
-  tail {demo}/logs/webhook.log              # the alarm's webhook, verified
-  # inventory resets worker-2 through its BMC; it boots, its agent starts, the host recovers
-  {roost} demo user add alice                # a user at the system controller's keystone
-  {roost} demo user list --subcloud subcloud-1
-  {roost} subcloud list
-Ctrl-C stops everything.
-"""
+    steps = [
+        (f"{roost} host list", "2 controllers, 4 workers: unlocked, enabled, available"),
+        (f"{roost} host lock worker-1", f"alarm 950.001; then `{roost} host unlock worker-1`"),
+        (f"kill -9 $(cat {demo}/run/worker-2.pid)", "worker-2's agent dies: the host fails within seconds,"),
+        ("", "inventory resets it through its BMC, it boots, its agent starts, it recovers"),
+        (f"{roost} event list --entity host=worker-2", "950.002 raised, then cleared"),
+        (f"tail {demo}/logs/webhook.log", "both, delivered to a webhook receiver and verified"),
+        (f"{roost} demo user add alice", "a user at the system controller's keystone"),
+        (f"{roost} demo user list --subcloud subcloud-1", "... and at a subcloud"),
+        (f"{roost} subcloud list", "2 subclouds, in sync"),
+    ]
+    width = max(len(command) for command, _ in steps)
+    lines = [f"  {command.ljust(width)}  # {comment}" for command, comment in steps]
+    return "\nWhat to try next (in another terminal):\n" + "\n".join(lines) + "\nCtrl-C stops everything.\n"
 
 
 def _default_data_dir() -> Path:
