@@ -80,9 +80,9 @@ class SubcloudSync:
     async def prepare(self) -> None:
         """The bookkeeping schema in every database (the triggers come with ``configure``)."""
         from services.dcsync.tracking_sql import install_sql
-        for db in self.databases.values():
+        for endpoint, db in self.databases.items():
             async with db.pool.acquire() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", 0x72646374)
+                await self.trackers[endpoint].lock_install(conn)
                 await conn.execute(install_sql(db.place))
 
     async def hello(self, _: msg.SyncHello) -> msg.SyncHelloResult:

@@ -26,7 +26,7 @@ from services.dcsync.tables import ResolvedTable
 from services.dcsync.tracking_sql import TRIGGER, Place, ident, install_sql, trigger_sql
 
 Conn = AnyConnection | asyncpg.Pool
-INSTALL_LOCK = 0x72646374   # pg_advisory_xact_lock key: one installer at a time per database
+INSTALL_LOCK = 0x72646374   # pg_advisory_xact_lock(key, hashtext(bookkeeping schema)): one installer per schema
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +125,7 @@ class Tracker:
         One transaction: a database is never left half tracked."""
         report = InstallReport()
         async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", INSTALL_LOCK)
+            await self.lock_install(conn)
             await conn.execute(install_sql(self.place))
             stored = {r["tbl"]: r for r in await conn.fetch(f"SELECT * FROM {self._bk}.synced_table")}
             stale_triggers = set(await self.missing_triggers(conn, tables, capture=capture))
@@ -152,6 +152,11 @@ class Tracker:
                     for tbl in ("synced_table", "row_state", "digest"):
                         await conn.execute(f"DELETE FROM {self._bk}.{tbl} WHERE tbl = $1", name)
         return report
+
+    async def lock_install(self, conn: AnyConnection) -> None:
+        """One installer at a time for this bookkeeping schema (not per database: a simulation keeps many
+        subclouds' schemas in one database, and their installs need not wait for each other)."""
+        await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", INSTALL_LOCK, self.place.bookkeeping)
 
     async def missing_triggers(self, conn: Conn, tables: Sequence[ResolvedTable], *, capture: bool) -> list[str]:
         """Synced tables whose trigger is missing, disabled, or tracks other columns than ``tables`` say."""
