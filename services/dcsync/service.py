@@ -570,7 +570,10 @@ class DcsyncService:
             ep = rt.row.endpoints[endpoint]
             cursors = rt.cursors.setdefault(endpoint, dict.fromkeys(LANES, 0))
             oldest = await source.oldest()
-            fell_behind = oldest > 1 and any(c + 1 < oldest for c in cursors.values())
+            # a lane at its head lacks nothing, however old its cursor (the revocation lane is often empty: its
+            # cursor 0 below the oldest change kept made every step a resync once the log had been purged)
+            fell_behind = oldest > 1 and any(c + 1 < oldest and c < source.heads.get(lane, 0)
+                                             for lane, c in cursors.items())
             if joining or ep.needs_resync or fell_behind:
                 conflicts: list[str] = []
                 if joining:
