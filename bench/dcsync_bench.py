@@ -624,6 +624,10 @@ class Run:
         waited = await until(lambda: all(self.in_sync(n) for n in self.names), 300 + 1.0 * len(self.names),
                              "every subcloud joined and in sync", interval=0.5)
         total = time.monotonic() - started
+        # the audit each does right after joining, done before the sessions are ended for the statistics
+        await until(lambda: all(self.rt(n).row.last_audit_at is not None for n in self.names), 300,
+                    "the audits after the joins", interval=0.5)
+        await asyncio.sleep(2.0)
         after = await self.stat_reads()
         say(f"   added in {added:.1f} s; all joined and in sync {total:.1f} s after the first add "
             f"({waited:.1f} s after the last; a subcloud is first heard within one heartbeat, "
