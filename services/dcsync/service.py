@@ -569,11 +569,9 @@ class DcsyncService:
             source = self.sources[endpoint]
             ep = rt.row.endpoints[endpoint]
             cursors = rt.cursors.setdefault(endpoint, dict.fromkeys(LANES, 0))
-            oldest = await source.oldest()
-            # a lane at its head lacks nothing, however old its cursor (the revocation lane is often empty: its
-            # cursor 0 below the oldest change kept made every step a resync once the log had been purged)
-            fell_behind = oldest > 1 and any(c + 1 < oldest and c < source.heads.get(lane, 0)
-                                             for lane, c in cursors.items())
+            # behind the change log: some lane's cursor is below its last purged change (a lane at its head lacks
+            # nothing, however old its cursor: the revocation lane is often empty)
+            fell_behind = source.missed(cursors, await source.purged_through())
             if joining or ep.needs_resync or fell_behind:
                 conflicts: list[str] = []
                 if joining:
@@ -787,20 +785,18 @@ class DcsyncService:
                 log.exception("dcsync maintenance failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _purge(self, source: Source) -> None:
-        """Changes every managed subcloud has, or older than the retention, leave the log (the newest stays:
-        it tells the head)."""
-        cursors = [min(rt.cursors.get(source.endpoint, {}).values(), default=0) for rt in self._runtimes.values()
-                   if rt.row.management == "managed" and rt.row.join_state == "joined"]
-        below = min([*cursors, source.head]) + 1 if cursors else source.head
-        below = min(below, source.head)
+        """Per lane: changes every managed subcloud has, or older than the retention, leave the log (each lane's
+        newest stays: it tells the head after a restart)."""
         before = datetime.now(UTC) - timedelta(days=self.settings.change_retention_days)
+        joined = [rt for rt in self._runtimes.values()
+                  if rt.row.management == "managed" and rt.row.join_state == "joined"]
+        count = 0
         async with source.pool.acquire() as conn:
-            newest = await source.tracker.head(conn)
-            purged = await conn.execute(
-                f"DELETE FROM {source.place.bookkeeping}.change_log WHERE seq < $3 AND (seq < $1 OR at < $2)",
-                below, before, newest)
+            for lane in LANES:
+                below = min([rt.cursors.get(source.endpoint, {}).get(lane, 0) for rt in joined],
+                            default=source.heads[lane]) + 1
+                count += await source.tracker.purge(conn, lane, below=below, before=before)
         source.purged()
-        count = int(purged.split()[-1])
         if count:
             log.info("change log purged", endpoint=source.endpoint, changes=count)
 

@@ -86,7 +86,7 @@ class Source:
         self._listener: asyncpg.Connection | None = None
         self._recent = {lane: _Recent() for lane in LANES}
         self._snapshot: Snapshot | None = None
-        self._oldest: int | None = None
+        self._purged: dict[str, int] | None = None
         self._refresh_lock = asyncio.Lock()
         self.on_change: Callable[[], None] = lambda: None
 
@@ -170,14 +170,20 @@ class Source:
             return cached
         return await self.tracker.changes(self.pool, lane, after, limit)
 
-    async def oldest(self) -> int:
-        """The first change still in the log (read again after a purge, the only thing that moves it)."""
-        if self._oldest is None:
-            self._oldest = await self.tracker.oldest(self.pool)
-        return self._oldest
+    async def purged_through(self) -> dict[str, int]:
+        """Per lane, the last change purged from the log (read again after a purge, the only thing that moves
+        it)."""
+        if self._purged is None:
+            self._purged = await self.tracker.purged_through(self.pool)
+        return self._purged
 
     def purged(self) -> None:
-        self._oldest = None
+        self._purged = None
+
+    def missed(self, cursors: dict[str, int], purged: dict[str, int]) -> bool:
+        """A subcloud at these cursors lacks changes the log no longer holds: in some lane, its cursor is below
+        the last change purged (a lane at its head lacks nothing)."""
+        return any(c < purged.get(lane, 0) and c < self.heads.get(lane, 0) for lane, c in cursors.items())
 
     @contextlib.asynccontextmanager
     async def snapshot_conn(self) -> AsyncIterator[tuple[AnyConnection, dict[str, int]]]:

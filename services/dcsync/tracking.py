@@ -208,10 +208,22 @@ class Tracker:
             "ORDER BY seq LIMIT $3", lane, after, limit)
         return [Change(r["seq"], r["lane"], r["tbl"], r["op"], _json(r["pk"]), _json(r["row"])) for r in rows]
 
-    async def purge(self, conn: Conn, *, below: int, before: datetime) -> int:
-        """Drop changes every subcloud has (seq < ``below``) or that are older than ``before``."""
-        status = await conn.execute(f"DELETE FROM {self._bk}.change_log WHERE seq < $1 OR at < $2", below, before)
-        return int(status.split()[-1])
+    async def purge(self, conn: Conn, lane: str, *, below: int, before: datetime) -> int:
+        """Drop a lane's changes every subcloud has (seq < ``below``) or older than ``before``; the lane's newest
+        change stays (it tells the head after a restart).  ``purged`` records how far the lane was purged."""
+        count = await conn.fetchval(
+            f"WITH newest AS (SELECT max(seq) AS seq FROM {self._bk}.change_log WHERE lane = $1), "
+            f"gone AS (DELETE FROM {self._bk}.change_log c USING newest WHERE c.lane = $1 AND c.seq < newest.seq "
+            "AND (c.seq < $2 OR c.at < $3) RETURNING c.seq), "
+            f"noted AS (INSERT INTO {self._bk}.purged AS p (lane, through) SELECT $1, max(seq) FROM gone "
+            "HAVING count(*) > 0 ON CONFLICT (lane) DO UPDATE SET through = greatest(p.through, EXCLUDED.through)) "
+            "SELECT count(*) FROM gone", lane, below, before)
+        return int(count or 0)
+
+    async def purged_through(self, conn: Conn) -> dict[str, int]:
+        """Per lane, the last change purged (a cursor below it has missed changes the log no longer holds)."""
+        rows = await conn.fetch(f"SELECT lane, through FROM {self._bk}.purged")
+        return {r["lane"]: int(r["through"]) for r in rows}
 
     # -- digests (both sides) ----------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ simulated subcloud's tables in schema ``sc0001`` get ``sc0001_dcsync``), never i
 * ``synced_table``: which tables are tracked, their primary key, the columns that sync, the lane, and
   whether this database *captures* (the system controller: every change goes to the change log) or only
   keeps digests (a subcloud);
+* ``purged`` (controller): per lane, the last change purged from the log: a subcloud whose cursor is
+  below it has missed changes the log no longer holds (an audit brings it back);
 * ``change_log`` (controller): every insert, update and delete of a synced row, in commit order: the
   trigger takes one transaction-level advisory lock before it draws a sequence number, so numbers are
   handed out in the order the writing transactions commit and a reader never skips a number that
@@ -83,6 +85,10 @@ CREATE TABLE IF NOT EXISTS {bk}.change_log (
     at timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 CREATE INDEX IF NOT EXISTS change_log_lane_seq ON {bk}.change_log (lane, seq);
+CREATE TABLE IF NOT EXISTS {bk}.purged (
+    lane text PRIMARY KEY,
+    through bigint NOT NULL
+);
 CREATE TABLE IF NOT EXISTS {bk}.row_state (
     tbl text NOT NULL,
     pk jsonb NOT NULL,

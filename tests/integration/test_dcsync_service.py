@@ -252,7 +252,10 @@ async def test_subcloud_behind_the_retention_is_brought_back_by_an_audit() -> No
         await site.central.execute("DELETE FROM project WHERE id = 'p3'")
         source = site.service.sources["identity"]
         await site.service._purge(source)      # the maintenance round's purge: all but the newest change go
-        assert await source.oldest() == await source.tracker.head(site.central)
+        head = await source.tracker.head(site.central, "main")
+        assert await source.tracker.oldest(site.central) == head          # the lane's newest stays
+        assert (await source.purged_through())["main"] == head - 1
+        assert source.missed({"main": 0, "revocation": 0}, await source.purged_through())
         sc.served.beating = True
         await site.wait_status("sc1")
         await _same(site, "sc1", ("project",))

@@ -203,3 +203,22 @@ async def test_sequences_move_past_applied_ids(pair: tuple[asyncpg.Pool, asyncpg
     await _sync(central, sub, tc)
     # a row made at the subcloud afterwards does not collide with the controller's id
     assert await sub.fetchval("INSERT INTO local_user (user_id, name) VALUES ('u1', 'bob') RETURNING id") == 42
+
+
+async def test_purge_keeps_each_lanes_newest_and_notes_how_far(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    from datetime import UTC, datetime, timedelta
+    central, _ = pair
+    tc = await _install(central, capture=True)
+    await central.execute("INSERT INTO revocation_event (user_id, issued_before) VALUES ('a', now())")
+    for i in range(5):
+        await central.execute("INSERT INTO \"user\" VALUES ($1, true, NULL, NULL)", f"u{i}")
+    heads = {lane: await tc.head(central, lane) for lane in ("main", "revocation")}
+    later = datetime.now(UTC) + timedelta(days=1)          # everything is older than the retention
+    assert await tc.purge(central, "main", below=0, before=later) == 4
+    assert await tc.purge(central, "revocation", below=0, before=later) == 0     # its only change stays
+    assert {lane: await tc.head(central, lane) for lane in ("main", "revocation")} == heads
+    assert await tc.purged_through(central) == {"main": heads["main"] - 1}
+    # the cursor rule alone: nothing a subcloud lacks goes
+    await central.execute("INSERT INTO \"user\" VALUES ('u9', true, NULL, NULL)")
+    assert await tc.purge(central, "main", below=heads["main"], before=datetime(2000, 1, 1, tzinfo=UTC)) == 0
+    assert await tc.purge(central, "main", below=heads["main"] + 1, before=datetime(2000, 1, 1, tzinfo=UTC)) == 1
