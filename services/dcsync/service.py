@@ -539,12 +539,14 @@ class DcsyncService:
                     await asyncio.wait_for(rt.wake.wait(), timeout=rt.backoff)
 
     async def _step(self, rt: Runtime) -> None:
-        if rt.connected is None:
-            rt.connected = await self.syncer.connect(rt.link)
-            rt.cursors = {e: dict(c) for e, c in rt.connected.cursors.items()}
-            rt.remote_fernet = rt.connected.hello.fernet_fingerprint
+        # what this step works with: the ticker drops rt.connected when the subcloud goes offline meanwhile
+        connected = rt.connected
+        if connected is None:
+            connected = rt.connected = await self.syncer.connect(rt.link)
+            rt.cursors = {e: dict(c) for e, c in connected.cursors.items()}
+            rt.remote_fernet = connected.hello.fernet_fingerprint
             updates: dict[str, dict[str, Any]] = {}
-            for e, agreement in rt.connected.agreements.items():
+            for e, agreement in connected.agreements.items():
                 skew = skew_wire(agreement)
                 ep = rt.row.endpoints[e]
                 if skew != ep.skew:
@@ -554,7 +556,6 @@ class DcsyncService:
                                     endpoint=e, skew=skew)
             if updates:
                 await self._save(rt, "", endpoints=updates, announce=False)
-        connected = rt.connected
         if rt.redigest_due:       # the backstop at the subcloud too: digests recomputed from its rows
             for endpoint, agreement in connected.agreements.items():
                 wrong = await self.syncer.redigest(rt.link, endpoint, agreement)
@@ -607,7 +608,7 @@ class DcsyncService:
             else:
                 await self._save(rt, "joined", join_state="joined")
         if rt.audit_waiters or time.monotonic() >= rt.next_audit:
-            await self._audit(rt)
+            await self._audit(rt, connected)
         await self._hand_fernet(rt)
         await self._evaluate(rt, time.monotonic())
 
@@ -638,11 +639,12 @@ class DcsyncService:
         for lane, seq in rt.cursors[endpoint].items():
             self._dirty_cursors[(rt.row.name, endpoint, lane)] = seq
 
-    async def _audit(self, rt: Runtime) -> None:
-        assert rt.connected is not None
+    async def _audit(self, rt: Runtime, connected: Connected) -> None:
+        """``connected``: what the step connected with (the ticker may drop ``rt.connected`` meanwhile, when the
+        subcloud goes offline; the requests then fail and the step ends as any failed step)."""
         reports = []
         put_off = False
-        for endpoint, agreement in rt.connected.agreements.items():
+        for endpoint, agreement in connected.agreements.items():
             done = await self.syncer.audit(rt.link, endpoint, agreement, rt.cursors.get(endpoint, {}), resync=False)
             if done is None:
                 put_off = True
