@@ -241,6 +241,8 @@ class DemoSite:
         self.bmc_url = ""
         self.webhook_url = ""
         self._power: dict[str, str] = {}
+        self._reset_seen: set[str] = set()
+        self._bmc_log_offset = 0
         self.bmc_password = SecretStr("")
 
     # -- before the servers start ----------------------------------------------------------------------
@@ -473,6 +475,19 @@ class DemoSite:
                 await asyncio.sleep(0.2)
         _say(f"BMCs: the Redfish emulator at {self.bmc_url} serves {len(HOSTS)} systems (user {BMC_USER})")
 
+    def _resets_posted(self) -> set[str]:
+        """The systems a Reset action was posted to since the last look (the emulator's access log)."""
+        child = self.children.get("bmc")
+        if child is None or not child.log_path.exists():
+            return set()
+        with child.log_path.open("rb") as f:
+            f.seek(self._bmc_log_offset)
+            text = f.read().decode(errors="replace")
+            self._bmc_log_offset = f.tell()
+        marker = "/Actions/ComputerSystem.Reset"
+        return {line.split("/redfish/v1/Systems/", 1)[1].split(marker, 1)[0]
+                for line in text.splitlines() if "POST /redfish/v1/Systems/" in line and marker in line}
+
     async def _power_state(self, host: DemoHost, password: SecretStr) -> str:
         async with httpx.AsyncClient(timeout=3, auth=(BMC_USER, password.get_secret_value())) as http:
             response = await http.get(f"{self.bmc_url}/redfish/v1/Systems/{host.system_id}")
@@ -484,6 +499,7 @@ class DemoSite:
         (a new boot) when it is back On; say when an agent died on its own (killed by someone)."""
         async with httpx.AsyncClient(timeout=3, auth=(BMC_USER, password.get_secret_value())) as http:
             while not self._stopping:
+                restarted = self._resets_posted()
                 for host in HOSTS:
                     try:
                         response = await http.get(f"{self.bmc_url}/redfish/v1/Systems/{host.system_id}")
@@ -493,6 +509,19 @@ class DemoSite:
                     before = self._power.get(host.name)
                     self._power[host.name] = state
                     child = self.children.get(host.name)
+                    if host.system_id in restarted:
+                        self._reset_seen.add(host.system_id)
+                    if (state == "On" and before == "On" and host.system_id in self._reset_seen
+                            and (child is None or not child.alive())):
+                        # the emulator's restart is Off for 1 to 11 s, which a look can miss: the reset the BMC
+                        # took (its log) and a dead agent with the power on again are a boot all the same
+                        self._reset_seen.discard(host.system_id)
+                        _say(f"{host.name} was reset by its BMC")
+                        _say(f"{host.name} is powered on: it boots, its agent starts")
+                        self._boot(host)
+                        continue
+                    if state == "Off":
+                        self._reset_seen.discard(host.system_id)
                     if state == "Off" and before != "Off":
                         _say(f"{host.name} is powered off (by its BMC): its agent stops")
                         if child is not None:

@@ -16,8 +16,6 @@ import pytest
 
 from tests.support.openstack import (
     TEMPLATES,
-    KeystoneIds,
-    OpenStackSupportError,
     create_keystone_database,
     drop_database,
     ensure_template,
@@ -26,7 +24,6 @@ from tests.support.openstack import (
     keystone_authenticate,
     keystone_bootstrap,
     keystone_check,
-    keystone_create_user,
     keystone_fernet_rotate,
     keystone_fernet_setup,
     keystone_issue_token,
@@ -153,20 +150,6 @@ async def test_bootstrap_then_login_with_keystones_own_password_check(keystone_d
     assert by_id, by_id.reason
     assert not wrong and "401" in wrong.reason
     assert not nobody and "401" in nobody.reason
-
-
-async def test_create_user_through_keystones_managers(keystone_db: str) -> None:
-    first = await keystone_create_user(keystone_db, user="bob", password=PASSWORD, project="p1", role="member")
-    second = await keystone_create_user(keystone_db, user="carol", password="other", project="p1", role="member")
-    assert isinstance(first, KeystoneIds)
-    assert (second.project_id, second.role_id) == (first.project_id, first.role_id)    # found by name
-    assert second.user_id != first.user_id
-    assert await keystone_authenticate(keystone_db, "bob", PASSWORD)
-    assert not await keystone_authenticate(keystone_db, "bob", "other")
-    with pytest.raises(OpenStackSupportError, match="create_user failed") as failed:
-        await keystone_create_user(keystone_db, user="bob", password=PASSWORD, project="p1", role="member")
-    assert "Duplicate entry found with name bob" in str(failed.value)      # keystone's own words, from stderr
-    assert PASSWORD not in str(failed.value)
 
 
 async def test_a_token_is_accepted_where_the_keys_and_rows_are_the_same(keystone_db: str, tmp_path: Path) -> None:
