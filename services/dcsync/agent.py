@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,17 +150,13 @@ class SubcloudSync:
         return msg.SyncRows(rows=[msg.RowMarkWire(pk=m.pk, hash=m.hash, version=m.version) for m in marks])
 
     async def keys(self, data: msg.SyncKeysQuery) -> msg.SyncKeys:
-        db, _ = self._db(data.endpoint)
+        db, tracker = self._db(data.endpoint)
         pk = await db.pool.fetchval(
             f"SELECT pk FROM {ident(db.place.bookkeeping)}.synced_table WHERE tbl = $1", data.table)
         if pk is None:
             raise Reject(f"table {data.table} is not synced to subcloud {self.name}")
-        target = f"{ident(db.place.data)}.{ident(data.table)}"
-        bk = ident(db.place.bookkeeping)
-        rows = await db.pool.fetch(
-            f"SELECT {bk}.pick(to_jsonb(x), $1) AS k, {bk}.pick(to_jsonb(x), $2) AS p FROM {target} x",
-            data.columns, list(pk))
-        return msg.SyncKeys(keys=[msg.NaturalKey(key=_json(r["k"]), pk=_json(r["p"])) for r in rows])
+        keys = await tracker.natural_keys(db.pool, data.table, data.columns, pk)
+        return msg.SyncKeys(keys=[msg.NaturalKey(key=k, pk=p) for k, p in keys])
 
     async def fernet(self, data: msg.FernetKeys) -> msg.FernetApplied:
         if self.fernet_repo is None or self.sync_key is None:
@@ -193,10 +188,6 @@ class SubcloudSync:
     def _handlers(self) -> dict[type[BaseModel], Callable[[Any], Awaitable[BaseModel]]]:
         return {msg.SyncHello: self.hello, msg.SyncConfigure: self.configure, msg.SyncDigestQuery: self.digests,
                 msg.SyncRowsQuery: self.rows, msg.SyncKeysQuery: self.keys, msg.FernetKeys: self.fernet}
-
-
-def _json(value: Any) -> Any:
-    return json.loads(value) if isinstance(value, str) else value
 
 
 class ServedSubcloud:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from services.dcsync.tracking import Root, RowMark
+from services.dcsync.tracking import RowMark
 
 
 class Digestish(Protocol):
@@ -60,7 +60,3 @@ def plan_rows(central: Iterable[RowMark], subcloud: Iterable[RowMark]) -> RowPla
     for other in theirs.values():
         (plan.delete if other.version > 0 else plan.local_only).append(other.pk)
     return plan
-
-
-def bucket_roots(raw: Mapping[int, Digestish]) -> dict[int, Root]:
-    return {b: Root(v.digest, v.rows) for b, v in raw.items()}

@@ -432,19 +432,19 @@ class DcsyncService:
             if announce or changes:
                 row = await store.update(conn, row, **changes)
                 await ctx.outbox.add(conn, ctx.bus.envelope("roost.subcloud.state_changed", row.event(reason)))
-            for type_, data in faults:
-                await ctx.outbox.add(conn, ctx.bus.envelope(type_, data))
+            await self._faults(faults, conn)
         rt.row = row
 
-    async def _faults(self, faults: Sequence[tuple[str, dict[str, Any]]], conn: AnyConnection | None = None) -> None:
+    async def _faults(self, faults: Sequence[tuple[str, dict[str, Any]]],
+                      conn: AnyConnection | None = None) -> None:
+        """Fault messages into the outbox: in ``conn``'s transaction, or in one of their own."""
         ctx = self.ctx
         if conn is None:
-            async with ctx.pool.acquire() as c, c.transaction():
-                for type_, data in faults:
-                    await ctx.outbox.add(c, ctx.bus.envelope(type_, data))
-        else:
-            for type_, data in faults:
-                await ctx.outbox.add(conn, ctx.bus.envelope(type_, data))
+            async with ctx.pool.acquire() as own, own.transaction():
+                await self._faults(faults, own)
+            return
+        for type_, data in faults:
+            await ctx.outbox.add(conn, ctx.bus.envelope(type_, data))
 
     async def _reassert(self) -> None:
         alarms = []
@@ -697,8 +697,7 @@ class DcsyncService:
                                             last_audit=rep.model_dump(mode="json"))
                 await ctx.outbox.add(conn, ctx.bus.envelope("roost.sync.audited", rep))
             await conn.execute("UPDATE dcsync.subclouds SET last_audit_at = $2 WHERE name = $1", rt.row.name, wall)
-            for type_, data in faults:
-                await ctx.outbox.add(conn, ctx.bus.envelope(type_, data))
+            await self._faults(faults, conn)
             eps: dict[str, store.EndpointRow] = {
                 rep.endpoint: replace(rt.row.endpoints[rep.endpoint], last_audit=rep.model_dump(mode="json"))
                 for rep in reports}

@@ -22,6 +22,7 @@ requests in flight; no answer, or a refusal, is ``AgentError``.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import Sequence
@@ -165,7 +166,7 @@ class Syncer:
                 continue
             theirs = await link.ask("keys", msg.SyncKeysQuery(endpoint=endpoint, table=t.name,
                                                               columns=list(t.natural_key)), msg.SyncKeys)
-            mine = {_key(k.key): k.pk for k in await _central_keys(source, t)}
+            mine = {_key(k): p for k, p in await source.tracker.natural_keys(source.pool, t.name, t.natural_key, t.pk)}
             for k in theirs.keys:
                 central_pk = mine.get(_key(k.key))
                 if central_pk is not None and central_pk != k.pk:
@@ -326,16 +327,4 @@ def _cut(change: dict[str, Any], synced: dict[str, ResolvedTable]) -> dict[str, 
 
 
 def _key(values: dict[str, Any]) -> str:
-    import json
     return json.dumps(values, sort_keys=True, default=str)
-
-
-async def _central_keys(source: Source, table: ResolvedTable) -> list[msg.NaturalKey]:
-    from services.dcsync.tracking_sql import ident
-    bk = ident(source.place.bookkeeping)
-    rows = await source.pool.fetch(
-        f"SELECT {bk}.pick(to_jsonb(x), $1) AS k, {bk}.pick(to_jsonb(x), $2) AS p "
-        f"FROM {ident(source.place.data)}.{ident(table.name)} x", list(table.natural_key), list(table.pk))
-    import json
-    return [msg.NaturalKey(key=json.loads(r["k"]) if isinstance(r["k"], str) else r["k"],
-                           pk=json.loads(r["p"]) if isinstance(r["p"], str) else r["p"]) for r in rows]

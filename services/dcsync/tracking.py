@@ -278,11 +278,14 @@ class Tracker:
             json.dumps(list(pks)), list(table.columns), list(table.pk))
         return [_json(r["r"]) for r in rows]
 
-    async def all_rows(self, conn: Conn, table: ResolvedTable) -> list[dict[str, Any]]:
-        """Every row's synced columns (a joining subcloud's initial copy)."""
-        target = f"{ident(self.place.data)}.{ident(table.name)}"
-        rows = await conn.fetch(f"SELECT {self._bk}.pick(to_jsonb(x), $1) AS r FROM {target} x", list(table.columns))
-        return [_json(r["r"]) for r in rows]
+    async def natural_keys(self, conn: Conn, table: str, columns: Sequence[str],
+                           pk: Sequence[str]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+        """Every row's (natural key, primary key): a joining subcloud's rows that clash with central ones."""
+        bk = self._bk
+        rows = await conn.fetch(
+            f"SELECT {bk}.pick(to_jsonb(x), $1) AS k, {bk}.pick(to_jsonb(x), $2) AS p "
+            f"FROM {ident(self.place.data)}.{ident(table)} x", list(columns), list(pk))
+        return [(_json(r["k"]), _json(r["p"])) for r in rows]
 
     # -- apply (subcloud) --------------------------------------------------------------------------------
 

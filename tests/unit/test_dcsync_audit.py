@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from services.dcsync.audit import RowPlan, bucket_roots, differing_buckets, differing_tables, plan_rows
+from services.dcsync.audit import RowPlan, differing_buckets, differing_tables, plan_rows
 from services.dcsync.tracking import Root, RowMark
 
 
@@ -49,14 +49,6 @@ def test_differing_buckets_compares_digests_and_counts_per_bucket() -> None:
     central = {0: Root(1, 1), 5: Root(2, 2), 9: Root(3, 1), 12: Root(4, 1)}
     subcloud = {0: Root(1, 1), 5: Root(2, 3), 7: Root(6, 1), 12: Root(5, 1)}
     assert differing_buckets(central, subcloud) == [5, 7, 9, 12]
-
-
-def test_bucket_roots_keeps_digest_and_count() -> None:
-    assert bucket_roots({1: Root(10, 2), 4: Root(-3, 1)}) == {1: Root(10, 2), 4: Root(-3, 1)}
-    assert bucket_roots({}) == {}
-
-
-# -- plan_rows ---------------------------------------------------------------------------------------------
 
 
 def test_identical_rows_need_nothing() -> None:
