@@ -13,6 +13,7 @@ import pytest
 from services.dcsync.tables import Endpoint, EndpointSpec, TableSpec, resolve
 from services.dcsync.tracking import Tracker
 from tests.support.postgres import fresh_database
+from tests.support.waiting import wait_until
 
 SCHEMA = """
 CREATE TABLE "user" (id varchar(64) PRIMARY KEY, enabled boolean, extra text, last_active_at date);
@@ -159,7 +160,12 @@ async def test_lanes_and_commit_order(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -
         tb = b.transaction()
         await tb.start()
         blocked = asyncio.create_task(b.execute("INSERT INTO \"user\" VALUES ('b', true, NULL, NULL)"))
-        await asyncio.sleep(0.2)
+        b_pid = b.get_server_pid()
+
+        async def b_waits_for_the_order_lock() -> bool:
+            return bool(await central.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = 'advisory' AND NOT granted", b_pid))
+        await wait_until(b_waits_for_the_order_lock, timeout=10, what="b waiting for a's commit")
         assert not blocked.done()   # waits for a's commit to draw its number
         assert await tc.head(central) == 0
         await ta.commit()
