@@ -143,6 +143,8 @@ $$;
 -- Arguments: 'capture' | 'digest', the lane, the primary key columns, the synced columns (comma-separated).
 CREATE OR REPLACE FUNCTION {bk}.track() RETURNS trigger LANGUAGE plpgsql AS $f$
 DECLARE
+    -- TG_TABLE_NAME is a name: compared with the text column tbl as it is, no index on tbl is usable
+    tn text := TG_TABLE_NAME;
     capture boolean := TG_ARGV[0] = 'capture';
     lane text := TG_ARGV[1];
     pkcols text[] := string_to_array(TG_ARGV[2], ',');
@@ -164,31 +166,31 @@ BEGIN
         RETURN NULL;
     END IF;
     IF o IS NOT NULL THEN
-        DELETE FROM {bk}.row_state WHERE tbl = TG_TABLE_NAME AND pk = opk RETURNING hash, bucket, version
+        DELETE FROM {bk}.row_state WHERE tbl = tn AND pk = opk RETURNING hash, bucket, version
             INTO oh, ob, ov;
         IF FOUND THEN
-            UPDATE {bk}.digest SET digest = digest # oh, rows = rows - 1 WHERE tbl = TG_TABLE_NAME AND bucket = ob;
+            UPDATE {bk}.digest SET digest = digest # oh, rows = rows - 1 WHERE tbl = tn AND bucket = ob;
         END IF;
     END IF;
     IF capture THEN
         PERFORM pg_advisory_xact_lock({ORDER_LOCK});
         IF o IS NOT NULL AND (n IS NULL OR opk <> npk) THEN
             INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
-                VALUES (nextval('{place.bookkeeping}.change_seq'), lane, TG_TABLE_NAME, 'D', opk, NULL);
+                VALUES (nextval('{place.bookkeeping}.change_seq'), lane, tn, 'D', opk, NULL);
         END IF;
         IF n IS NOT NULL THEN
             v := nextval('{place.bookkeeping}.change_seq');
-            INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row) VALUES (v, lane, TG_TABLE_NAME, 'U', npk, n);
+            INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row) VALUES (v, lane, tn, 'U', npk, n);
         END IF;
         PERFORM pg_notify({channel_literal}, '');
     ELSE
         v := coalesce(gv::bigint, CASE WHEN opk = npk THEN ov END, 0);
     END IF;
     IF n IS NOT NULL THEN
-        nh := {bk}.row_hash(TG_TABLE_NAME, n);
+        nh := {bk}.row_hash(tn, n);
         nb := {bk}.bucket(npk);
-        INSERT INTO {bk}.row_state (tbl, pk, bucket, hash, version) VALUES (TG_TABLE_NAME, npk, nb, nh, v);
-        INSERT INTO {bk}.digest AS d (tbl, bucket, digest, rows) VALUES (TG_TABLE_NAME, nb, nh, 1)
+        INSERT INTO {bk}.row_state (tbl, pk, bucket, hash, version) VALUES (tn, npk, nb, nh, v);
+        INSERT INTO {bk}.digest AS d (tbl, bucket, digest, rows) VALUES (tn, nb, nh, 1)
             ON CONFLICT (tbl, bucket) DO UPDATE SET digest = d.digest # EXCLUDED.digest, rows = d.rows + 1;
     END IF;
     RETURN NULL;
