@@ -1069,6 +1069,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="nats-server's jetstream.limits.default_max_consumers (100000; 0: the server's default, "
                         "1,000 per stream since 2.15, too few for 1,000 subclouds)")
     p.add_argument("--drain", type=float, default=120.0, help="seconds to wait for the last commit everywhere (120)")
+    p.add_argument("--only", choices=("fanout", "audit", "catchup"), action="append",
+                   help="run only this figure (may repeat): 1 fanout, 2 audit, 3 catchup")
     args = p.parse_args(argv)
     q = args.quick
     args.subclouds = args.subclouds or (50 if q else 1000)
@@ -1100,11 +1102,15 @@ async def main(argv: Sequence[str] | None = None) -> int:
             await run.setup_databases()
             await run.start_servers()
             await run.join()
-            await run.figure1()
-            await run.figure2()
-            who = run.names[0]
-            await run.baseline_latency(who)
-            await run.figure3(who)
+            only = set(args.only or ("fanout", "audit", "catchup"))
+            if "fanout" in only:
+                await run.figure1()
+            if "audit" in only:
+                await run.figure2()
+            if "catchup" in only:
+                who = run.names[0]
+                await run.baseline_latency(who)
+                await run.figure3(who)
         except BenchError as exc:
             say(f"\nBENCH FAILED: {exc}")
             if run.agents is not None:
