@@ -970,9 +970,8 @@ class Run:
             started = time.monotonic()
             for i in range(0, len(wire), size):
                 part = wire[i:i + size]
-                async with conn.transaction():
-                    result = await tracker.apply(conn, part)
-                    await tracker.advance(conn, ENDPOINT, "main", part[-1]["seq"])
+                result = (await tracker.receive(conn, f"baseline:{i}", ENDPOINT, "main", part,
+                                                upto=part[-1]["seq"])).result
                 if result.failed:
                     raise BenchError(f"baseline {schema}: {len(result.failed)} failed, e.g. {result.failed[0]}")
             took = time.monotonic() - started

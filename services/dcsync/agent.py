@@ -8,10 +8,10 @@ keystone and glance databases, and says it is alive.
 ``dcagent-<subcloud>`` (the only subjects the agent's broker user may read) and publishes
 ``roost.dcagent.<subcloud>.heartbeat`` every ``heartbeat_interval`` seconds.
 
-``apply`` is one transaction per batch with the agent's inbox and cursor: a batch delivered twice (its
-idempotency key is in the inbox) changes nothing and answers where the cursor stands; a change older than
-the row's version is skipped (``stale``); a change that fails (a constraint) is reported and does not hold
-up the cursor.
+``apply`` is one transaction per batch with the agent's inbox and cursor, in one statement
+(``Tracker.receive``): a batch delivered twice (its idempotency key is in the inbox) changes nothing and
+answers where the cursor stands; a change older than the row's version is skipped (``stale``); a change
+that fails (a constraint) is reported and does not hold up the cursor.
 """
 
 from __future__ import annotations
@@ -120,21 +120,16 @@ class SubcloudSync:
 
     async def apply(self, data: msg.SyncApply, key: str) -> msg.SyncApplied:
         db, tracker = self._db(data.endpoint)
-        async with db.pool.acquire() as conn, conn.transaction():
-            if not await tracker.first_time(conn, key):
-                cursor = (await tracker.cursors(conn, data.endpoint)).get(data.lane, 0)
-                return msg.SyncApplied(applied=0, stale=0, duplicate=True, cursor=cursor)
-            result = await tracker.apply(conn, [c.model_dump() for c in data.changes], repair=data.repair)
-            if data.set_cursor:
-                await tracker.reset_cursor(conn, data.endpoint, data.lane, data.upto)
-                cursor = data.upto
-            else:
-                cursor = await tracker.advance(conn, data.endpoint, data.lane, data.upto)
+        received = await tracker.receive(db.pool, key, data.endpoint, data.lane,
+                                         [c.model_dump() for c in data.changes], upto=data.upto,
+                                         repair=data.repair, set_cursor=data.set_cursor)
+        result = received.result
         failed = [msg.FailedChange(seq=f.seq, tbl=f.table, pk=f.pk, error=f.error[:1024]) for f in result.failed]
         if failed:
             log.warning("sync changes failed", subcloud=self.name, endpoint=data.endpoint, failed=len(failed),
                         first=failed[0].error)
-        return msg.SyncApplied(applied=result.applied, stale=result.stale, failed=failed, cursor=cursor)
+        return msg.SyncApplied(applied=result.applied, stale=result.stale, failed=failed, cursor=received.cursor,
+                               duplicate=received.duplicate)
 
     async def digests(self, data: msg.SyncDigestQuery) -> msg.SyncDigests:
         db, tracker = self._db(data.endpoint)

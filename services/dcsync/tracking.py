@@ -62,6 +62,15 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Received:
+    """A sync message at a subcloud: what its changes did, whether it was seen before, the lane's cursor now."""
+
+    result: Applied
+    duplicate: bool
+    cursor: int
+
+
+@dataclass(frozen=True, slots=True)
 class Redigested:
     table: str
     added: int
@@ -299,20 +308,20 @@ class Tracker:
                 raw = await conn.fetchval(f"SELECT {self._bk}.apply($1::jsonb, $2, false)", payload, repair)
         except asyncpg.PostgresError:
             raw = await conn.fetchval(f"SELECT {self._bk}.apply($1::jsonb, $2, true)", payload, repair)
-        raw = _json(raw)
-        failed = tuple(Failed(int(f["seq"] or 0), str(f["tbl"]), f["pk"], str(f["error"])) for f in raw["failed"])
-        return Applied(int(raw["applied"]), int(raw["stale"]), failed)
+        return _applied(_json(raw))
+
+    async def receive(self, conn: Conn, key: str, endpoint: str, lane: str, changes: Sequence[Mapping[str, Any]], *,
+                      upto: int, repair: bool = False, set_cursor: bool = False) -> Received:
+        """A sync message at the subcloud, in one statement: inbox, ``apply``, cursor (see ``receive`` in
+        tracking_sql).  ``set_cursor`` moves the cursor to ``upto`` even backwards (a resync)."""
+        raw = _json(await conn.fetchval(
+            f"SELECT {self._bk}.receive($1, $2, $3, $4::jsonb, $5, $6, $7)",
+            key, endpoint, lane, json.dumps(list(changes), default=str), upto, repair, set_cursor))
+        return Received(_applied(raw), bool(raw["duplicate"]), int(raw["cursor"]))
 
     async def cursors(self, conn: Conn, endpoint: str) -> dict[str, int]:
         rows = await conn.fetch(f"SELECT lane, applied_seq FROM {self._bk}.cursor WHERE endpoint = $1", endpoint)
         return {r["lane"]: int(r["applied_seq"]) for r in rows}
-
-    async def advance(self, conn: Conn, endpoint: str, lane: str, seq: int) -> int:
-        """Move a lane's cursor forward (never back); the cursor as it is now."""
-        return int(await conn.fetchval(
-            f"INSERT INTO {self._bk}.cursor AS c (endpoint, lane, applied_seq) VALUES ($1, $2, $3) "
-            "ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = greatest(c.applied_seq, EXCLUDED.applied_seq), "
-            "updated_at = now() RETURNING applied_seq", endpoint, lane, seq))
 
     async def reset_cursor(self, conn: Conn, endpoint: str, lane: str, seq: int) -> None:
         await conn.execute(
@@ -320,11 +329,10 @@ class Tracker:
             "ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, updated_at = now()",
             endpoint, lane, seq)
 
-    async def first_time(self, conn: Conn, message_id: str) -> bool:
-        """Record a sync message in the inbox; False when it was applied before."""
-        return bool(await conn.fetchval(
-            f"INSERT INTO {self._bk}.inbox (message_id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING true",
-            message_id))
+
+def _applied(raw: Any) -> Applied:
+    failed = tuple(Failed(int(f["seq"] or 0), str(f["tbl"]), f["pk"], str(f["error"])) for f in raw["failed"])
+    return Applied(int(raw["applied"]), int(raw["stale"]), failed)
 
 
 def _trigger_args(raw: bytes) -> list[str]:

@@ -287,6 +287,40 @@ BEGIN
 END
 $f$;
 
+-- A sync message at a subcloud, in one statement (one transaction, one round trip): recorded in the inbox
+-- (a message seen before changes nothing and answers where the cursor stands), its changes applied (fast
+-- path; when a change fails, again change by change under savepoints), the lane's cursor moved (forward, or
+-- anywhere with set_cursor).  apply()'s answer and {{"duplicate", "cursor"}}.
+CREATE OR REPLACE FUNCTION {bk}.receive(key text, ep text, ln text, changes jsonb, upto bigint, repair boolean,
+                                        set_cursor boolean) RETURNS jsonb LANGUAGE plpgsql AS $f$
+DECLARE
+    res jsonb; cur bigint;
+BEGIN
+    INSERT INTO {bk}.inbox (message_id) VALUES (key) ON CONFLICT DO NOTHING;
+    IF NOT FOUND THEN
+        cur := (SELECT applied_seq FROM {bk}.cursor WHERE endpoint = ep AND lane = ln);
+        RETURN jsonb_build_object('duplicate', true, 'applied', 0, 'stale', 0, 'failed', '[]'::jsonb,
+                                  'cursor', coalesce(cur, 0));
+    END IF;
+    BEGIN
+        res := {bk}.apply(changes, repair, false);
+    EXCEPTION WHEN OTHERS THEN
+        res := {bk}.apply(changes, repair, true);
+    END;
+    IF set_cursor THEN
+        INSERT INTO {bk}.cursor (endpoint, lane, applied_seq) VALUES (ep, ln, upto)
+            ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, updated_at = now();
+        cur := upto;
+    ELSE
+        INSERT INTO {bk}.cursor AS c (endpoint, lane, applied_seq) VALUES (ep, ln, upto)
+            ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = greatest(c.applied_seq, EXCLUDED.applied_seq),
+                                                       updated_at = now()
+            RETURNING applied_seq INTO cur;
+    END IF;
+    RETURN res || jsonb_build_object('duplicate', false, 'cursor', cur);
+END
+$f$;
+
 -- Recompute a table's row states and digests from its rows (under a SHARE lock: readers go on, writers
 -- wait).  A capturing database logs every difference as a change.  {{"added", "changed", "removed"}}.
 CREATE OR REPLACE FUNCTION {bk}.redigest(t text) RETURNS jsonb LANGUAGE plpgsql AS $f$

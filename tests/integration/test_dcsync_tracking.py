@@ -147,6 +147,32 @@ async def test_failed_change_is_reported_others_apply(pair: tuple[asyncpg.Pool, 
     assert await sub.fetchval("SELECT count(*) FROM \"user\"") == 3
 
 
+async def test_receive_is_one_transaction_with_inbox_and_cursor(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    """The agent's message in one statement: a failing change reported while the rest lands and the cursor
+    moves; the same message again changes nothing and answers the cursor; set_cursor moves it back."""
+    central, sub = pair
+    tc = await _install(central, capture=True)
+    ts = await _install(sub, capture=False)
+    await sub.execute("""INSERT INTO "user" VALUES ('local', true, NULL, NULL);
+        INSERT INTO local_user (id, user_id, name) VALUES (100, 'local', 'alice')""")
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL), ('u2', true, NULL, NULL);
+        INSERT INTO local_user (user_id, name) VALUES ('u1', 'alice')""")
+    wire = [c.wire() for c in await tc.changes(central, "main", 0, 100)]
+    upto = wire[-1]["seq"]
+    first = await ts.receive(sub, "m1", "identity", "main", wire, upto=upto)
+    assert not first.duplicate and first.cursor == upto and first.result.applied == 2
+    assert [(f.table, f.pk) for f in first.result.failed] == [("local_user", {"id": 1})]
+    await central.execute("""UPDATE "user" SET extra = 'new' WHERE id = 'u1'""")
+    newer = [c.wire() for c in await tc.changes(central, "main", upto, 9)]
+    again = await ts.receive(sub, "m1", "identity", "main", newer, upto=upto + 1)
+    assert again.duplicate and again.cursor == upto and again.result.applied == 0
+    assert await sub.fetchval("""SELECT extra FROM "user" WHERE id = 'u1'""") is None
+    assert (await ts.cursors(sub, "identity"))["main"] == upto
+    back = await ts.receive(sub, "resync", "identity", "main", [], upto=1, set_cursor=True)
+    assert back.cursor == 1 and (await ts.cursors(sub, "identity"))["main"] == 1
+    assert await sub.fetchval("SELECT count(*) FROM roost_dcsync.inbox") == 2
+
+
 async def test_lanes_and_commit_order(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
     central, _ = pair
     tc = await _install(central, capture=True)
