@@ -163,6 +163,30 @@ async def test_a_command_nobody_handles_is_unroutable(nats_transports: Factory) 
     await transport.publish(msg("roost.cmd.host.unlock", 9))
 
 
+async def test_concurrent_commands_list_the_consumers_once(nats_transports: Factory,  # noqa: F811
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a group takes a command is looked up once for all the publishes waiting on it (at 1,000
+    subclouds, every sync request missing the cache at once listed 1,000 consumers each)."""
+    transport = await connected(nats_transports)
+    await transport.subscribe("roost.cmd.sync.a.>", "dcagent-a", Collector())
+    await transport.subscribe("roost.cmd.sync.b.>", "dcagent-b", Collector())
+    assert isinstance(transport, NatsTransport)
+    listings = 0
+    original = transport._consumer_filters
+
+    async def counted(stream: str) -> list[str]:
+        nonlocal listings
+        listings += 1
+        return await original(stream)
+
+    monkeypatch.setattr(transport, "_consumer_filters", counted)
+    transport._routes.clear()
+    results = await asyncio.gather(*(transport.publish(msg(f"roost.cmd.sync.{n}.apply", i))
+                                     for i, n in enumerate("ab" * 10 + "c")), return_exceptions=True)
+    assert results[:-1] == [None] * 20 and isinstance(results[-1], Unroutable)
+    assert listings == 1
+
+
 async def test_request_reply_travels_on_a_core_nats_inbox(nats_transports: Factory) -> None:  # noqa: F811
     server, client = await connected(nats_transports), await connected(nats_transports)
     addresses: list[str | None] = []

@@ -131,6 +131,25 @@ class StreamPolicy:
     replicas: int = 1
 
 
+class _Routes:
+    """A stream's consumer filters as listed at ``at``, and the subjects already matched against them."""
+
+    __slots__ = ("_answers", "at", "filters")
+
+    def __init__(self, at: float, filters: list[str]) -> None:
+        self.at = at
+        self.filters = filters
+        self._answers: dict[str, bool] = {}
+
+    def takes(self, subject: str) -> bool:
+        answer = self._answers.get(subject)
+        if answer is None:
+            if len(self._answers) > 10_000:
+                self._answers.clear()
+            answer = self._answers[subject] = any(matches(f, subject) for f in self.filters)
+        return answer
+
+
 class NatsTransport(Transport):
     """A ``Transport`` on NATS JetStream.
 
@@ -178,7 +197,8 @@ class NatsTransport(Transport):
         self._waiters: dict[str, asyncio.Future[Msg]] = {}
         self._known_streams: set[str] = set()
         self._stream_lock = asyncio.Lock()
-        self._routes: dict[str, tuple[float, list[str]]] = {}
+        self._routes: dict[str, _Routes] = {}
+        self._route_lookups: dict[str, asyncio.Future[list[str]]] = {}
         self._subscriptions: set[NatsSubscription] = set()
         self._up = asyncio.Event()
         self._closing = False
@@ -437,17 +457,47 @@ class NatsTransport(Transport):
 
     async def _check_routable(self, subject: str) -> None:
         stream = stream_name(domain_of(subject))
-        cached = self._routes.get(stream)
-        if (cached is not None and time.monotonic() - cached[0] < ROUTES_TTL
-                and any(matches(f, subject) for f in cached[1])):
+        routes = self._routes.get(stream)
+        if routes is not None and time.monotonic() - routes.at < ROUTES_TTL and routes.takes(subject):
             return
+        filters = await self._lookup_routes(stream, subject)
+        routes = self._routes[stream] = _Routes(time.monotonic(), filters)
+        if not routes.takes(subject):
+            raise Unroutable(f"no consumer group is bound to {subject}")
+
+    async def _lookup_routes(self, stream: str, subject: str) -> list[str]:
+        """The stream's consumer filters, listed once for every publish that asks meanwhile (with a thousand
+        consumers, a listing is several pages of JSON)."""
+        while True:
+            pending = self._route_lookups.get(stream)
+            if pending is None:
+                return await self._list_routes(stream, subject)
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if pending.cancelled() and task is not None and not task.cancelling():
+                    continue            # the publish that listed was cancelled, not this one: list again
+                raise
+
+    async def _list_routes(self, stream: str, subject: str) -> list[str]:
+        pending: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._route_lookups[stream] = pending
         try:
             filters = await self._consumer_filters(stream)
         except (TimeoutError, nats.errors.Error) as exc:
-            raise self._api_failure(f"cannot tell whether a group handles {subject}", exc) from None
-        self._routes[stream] = (time.monotonic(), filters)
-        if not any(matches(f, subject) for f in filters):
-            raise Unroutable(f"no consumer group is bound to {subject}")
+            failure = self._api_failure(f"cannot tell whether a group handles {subject}", exc)
+            pending.set_exception(failure)
+            pending.exception()         # retrieved: the waiters, if any, raise it too
+            raise failure from None
+        except BaseException:
+            pending.cancel()
+            raise
+        else:
+            pending.set_result(filters)
+            return filters
+        finally:
+            self._route_lookups.pop(stream, None)
 
     # -- publishing -------------------------------------------------------------------------
 
