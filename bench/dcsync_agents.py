@@ -34,7 +34,7 @@ from services.core.bus.bus import Bus  # noqa: E402
 from services.core.bus.factory import transport_from_url  # noqa: E402
 from services.core.db.pool import create_pool  # noqa: E402
 from services.core.logging import configure_logging  # noqa: E402
-from services.dcsync.agent import EndpointDb, ServedSubcloud, SubcloudSync  # noqa: E402
+from services.dcsync.agent import EndpointDb, ServedSubcloud, SubcloudSync, keep_session  # noqa: E402
 from services.dcsync.tracking_sql import Place, ident  # noqa: E402
 from services.inventory.agent.agent import BrokerPolicyAuthenticator  # noqa: E402
 
@@ -46,7 +46,7 @@ class Agents:
         self.records: list[tuple[str, int, float]] = []     # (subcloud, seq, monotonic time committed)
         self.applies = 0
         self.lockless = 0
-        self.pool: Any = None
+        self.pools: list[Any] = []
         self.bus: Bus | None = None
 
     def lockless_configure(self, sync: SubcloudSync) -> None:
@@ -88,16 +88,23 @@ class Agents:
     async def start(self) -> dict[str, Any]:
         c = self.config
         started = time.monotonic()
-        self.pool = await create_pool(c["db_url"], min_size=1, max_size=int(c["pool_size"]), connect_timeout=30,
-                                      application_name="roost-bench-dcagents")
+        size = int(c["pool_size"])
+        if c.get("affinity", True):
+            self.pools = list(await asyncio.gather(*(
+                create_pool(c["db_url"], min_size=1, max_size=1, connect_timeout=30, statement_cache_size=4096,
+                            reset=keep_session, application_name="roost-bench-dcagents") for _ in range(size))))
+        else:
+            self.pools = [await create_pool(c["db_url"], min_size=1, max_size=size, connect_timeout=30,
+                                            reset=keep_session, application_name="roost-bench-dcagents")]
         self.bus = Bus(transport_from_url(c["nats_url"]), source="roost/dcagent/bench",
                        authenticator=BrokerPolicyAuthenticator())
         await self.bus.connect()
         limit = asyncio.Semaphore(int(c.get("start_concurrency", 8)))
 
-        async def one(name: str) -> None:
+        async def one(i: int, name: str) -> None:
             async with limit:
-                sync = SubcloudSync(name, {"identity": EndpointDb(self.pool, Place.simulated(name))})
+                pool = self.pools[i % len(self.pools)]
+                sync = SubcloudSync(name, {"identity": EndpointDb(pool, Place.simulated(name))})
                 self.instrument(sync)
                 if c.get("lockless_configure", True):
                     self.lockless_configure(sync)
@@ -106,7 +113,7 @@ class Agents:
                 await served.start()
                 self.served[name] = served
 
-        await asyncio.gather(*(one(n) for n in c["names"]))
+        await asyncio.gather(*(one(i, n) for i, n in enumerate(c["names"])))
         return {"ready": True, "subclouds": len(self.served), "seconds": time.monotonic() - started}
 
     async def command(self, cmd: dict[str, Any]) -> dict[str, Any]:
@@ -124,7 +131,8 @@ class Agents:
                 await served.beat()
             return {"at": at}
         if op == "expire":             # new database sessions from now on (after the bench ended them)
-            await self.pool.expire_connections()
+            for pool in self.pools:
+                await pool.expire_connections()
             return {"ok": True}
         if op == "cpu":
             usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -140,9 +148,9 @@ class Agents:
         if self.bus is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.bus.close(), 60)
-        if self.pool is not None:
+        for pool in self.pools:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.pool.close(), 10)
+                await asyncio.wait_for(pool.close(), 10)
 
 
 async def main() -> None:

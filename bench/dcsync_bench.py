@@ -588,7 +588,7 @@ class Run:
         assert self.nats is not None
         config = {"nats_url": self.nats.url, "db_url": self.subclouds_url, "names": self.names,
                   "heartbeat_interval": a.heartbeat, "pool_size": a.agent_pool, "start_concurrency": 8,
-                  "lockless_configure": not a.locked_configure}
+                  "lockless_configure": not a.locked_configure, "affinity": not a.shared_agent_pool}
         self.agents, ready = await AgentProcess.start(config, self.tmp / "agents.log",
                                                       timeout=600 + 2 * len(self.names))
         say(f"   agents' process (pid {self.ag.pid}): {ready['subclouds']} subclouds served (bookkeeping checked, "
@@ -1033,8 +1033,10 @@ async def header(run: Run) -> None:
     say(f"  keystone: schema of keystone-manage db_sync (tests/openstack pins, template "
         f"{openstack.TEMPLATES['keystone']})")
     say(f"  run     : {a.subclouds} subclouds, {a.rows:,} synced rows each, {a.commits} commits, catch-up of "
-        f"{a.catchup:,} changes; agents: 1 process, 1 asyncpg pool of {a.agent_pool}, 1 NATS connection, heartbeat "
-        f"{a.heartbeat:g} s")
+        f"{a.catchup:,} changes; agents: 1 process, "
+        + (f"1 shared asyncpg pool of {a.agent_pool}" if a.shared_agent_pool else
+           f"{a.agent_pool} database connections (subcloud i on connection i mod {a.agent_pool})")
+        + f", 1 NATS connection, heartbeat {a.heartbeat:g} s")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1059,7 +1061,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--locked-configure", action="store_true",
                    help="the agents' configure always runs Tracker.install, whose advisory lock every subcloud "
                         "shares here (one database): about 10 joins a minute at 1,000 subclouds")
-    p.add_argument("--agent-pool", type=int, default=16, help="connections of the agents' shared pool (16)")
+    p.add_argument("--agent-pool", type=int, default=16, help="the agents' database connections (16)")
+    p.add_argument("--shared-agent-pool", action="store_true",
+                   help="the agents share one pool of --agent-pool connections, each connection taking turns over "
+                        "every subcloud's schema (their caches go cold: see bench/dcsync_agents.py)")
     p.add_argument("--clone-workers", type=int, default=2, help="connections cloning subclouds at setup (2)")
     p.add_argument("--compare-workers", type=int, default=2, help="connections of the full-compare baseline (2)")
     p.add_argument("--compare-limit", type=float, default=900.0,

@@ -514,9 +514,11 @@ class SubcloudAgent:
 
     async def _pool(self, endpoint: str, dsn: str) -> asyncpg.Pool:
         from services.core.db.pool import DatabaseUnavailable, create_pool
+        from services.dcsync.agent import keep_session
 
         try:
-            return await create_pool(dsn, min_size=1, max_size=4, application_name=f"roost-dcagent-{self.name}")
+            return await create_pool(dsn, min_size=1, max_size=4, application_name=f"roost-dcagent-{self.name}",
+                                     reset=keep_session)
         except (DatabaseUnavailable, ValueError) as exc:
             raise CliError(f"the {endpoint} database of subcloud {self.name}: {exc}", code=2) from None
 

@@ -52,6 +52,12 @@ def heartbeat_subject(subcloud: str) -> str:
     return f"roost.dcagent.{subcloud}.heartbeat"
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The agent's pools hand a connection back as it is (asyncpg's own reset, one more round trip per
+    command, undoes session state the agent never makes: it sets only transaction-local settings and
+    transaction-level locks, and listens to nothing).  An open transaction is still rolled back."""
+
+
 @dataclass(frozen=True, slots=True)
 class EndpointDb:
     """One endpoint's database at the subcloud, and where its tables are in it."""
