@@ -98,3 +98,22 @@ def test_retry_buckets_round_up_and_backoff_grows_to_a_cap() -> None:
     assert retry_bucket(10_000) == 1800.0
     assert [backoff(a) for a in (1, 2, 3)] == [0.2, 0.4, 0.8]
     assert backoff(50) == 60.0
+
+
+def test_the_transports_route_index_answers_as_matching_every_filter_would() -> None:
+    """NatsTransport's consumer filters, indexed by their literal leading tokens, answer exactly as matching a
+    subject against every filter (400 random filter sets and subjects)."""
+    import random
+
+    from services.core.bus.nats import _Routes
+
+    rng = random.Random(7)
+    words = ["roost", "cmd", "sync", "a", "b", "host", "lock"]
+    for _ in range(400):
+        filters = [".".join(rng.choice([*words, "*"]) for _ in range(rng.randint(1, 5)))
+                   + rng.choice(["", ".>"]) for _ in range(rng.randint(0, 8))]
+        routes = _Routes(0.0, filters)
+        for _ in range(10):
+            subject = ".".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
+            assert routes.takes(subject) == any(matches(f, subject) for f in filters), (filters, subject)
+            assert routes.takes(subject) == any(matches(f, subject) for f in filters)     # the answer kept

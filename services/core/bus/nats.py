@@ -132,13 +132,22 @@ class StreamPolicy:
 
 
 class _Routes:
-    """A stream's consumer filters as listed at ``at``, and the subjects already matched against them."""
+    """A stream's consumer filters as listed at ``at``, indexed by their literal leading tokens (a subject is
+    matched against the few filters whose literal part it starts with, not against a thousand), and the
+    subjects already answered."""
 
-    __slots__ = ("_answers", "at", "filters")
+    __slots__ = ("_answers", "_by_prefix", "at")
 
     def __init__(self, at: float, filters: list[str]) -> None:
         self.at = at
-        self.filters = filters
+        self._by_prefix: dict[tuple[str, ...], list[str]] = {}
+        for f in filters:
+            literal: list[str] = []
+            for token in f.split("."):
+                if token in ("*", ">"):
+                    break
+                literal.append(token)
+            self._by_prefix.setdefault(tuple(literal), []).append(f)
         self._answers: dict[str, bool] = {}
 
     def takes(self, subject: str) -> bool:
@@ -146,7 +155,9 @@ class _Routes:
         if answer is None:
             if len(self._answers) > 10_000:
                 self._answers.clear()
-            answer = self._answers[subject] = any(matches(f, subject) for f in self.filters)
+            tokens = tuple(subject.split("."))
+            answer = self._answers[subject] = any(
+                matches(f, subject) for i in range(len(tokens) + 1) for f in self._by_prefix.get(tokens[:i], ()))
         return answer
 
 
