@@ -115,6 +115,7 @@ async def test_one_file_backed_stream_per_domain_and_a_durable_pull_consumer_per
             assert config.storage == js_api.StorageType.FILE
             assert config.retention == js_api.RetentionPolicy.LIMITS
             assert config.duplicate_window == 120.0
+            assert config.max_consumers == 100_000     # not nats-server's default of 1,000 per stream
         consumer = await js.consumer_info("ROOST_HOST", durable_name("inventory", "roost.host.*"))
         c = consumer.config
         assert c.durable_name == "inventory__roost_host_any__" + durable_name("inventory", "roost.host.*")[-8:]

@@ -129,6 +129,9 @@ class StreamPolicy:
     dlq_max_age: float | None = None              # dead letters stay until an operator handles them
     duplicate_window: float = 120.0               # Nats-Msg-Id dedup horizon (seconds)
     replicas: int = 1
+    # consumer groups per stream: set, because nats-server 2.15 defaults to 1,000 per stream, and the command
+    # stream holds one group per subcloud agent besides every service's
+    max_consumers: int = 100_000
 
 
 class _Routes:
@@ -406,6 +409,7 @@ class NatsTransport(Transport):
             max_bytes=self.streams.max_bytes,
             duplicate_window=self.streams.duplicate_window,
             num_replicas=self.streams.replicas,
+            max_consumers=self.streams.max_consumers,
         )
 
     async def ensure_stream(self, domain: str) -> str:
