@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import structlog
@@ -87,6 +88,7 @@ class Source:
         self._recent = {lane: _Recent() for lane in LANES}
         self._snapshot: Snapshot | None = None
         self._purged: dict[str, int] | None = None
+        self._natural: dict[tuple[str, tuple[str, ...]], tuple[dict[str, int], dict[str, dict[str, Any]]]] = {}
         self._refresh_lock = asyncio.Lock()
         self.on_change: Callable[[], None] = lambda: None
 
@@ -169,6 +171,19 @@ class Source:
         if cached is not None:
             return cached
         return await self.tracker.changes(self.pool, lane, after, limit)
+
+    async def natural_key_index(self, table: str, columns: Sequence[str], pk: Sequence[str],
+                                key: Callable[[dict[str, Any]], str]) -> dict[str, dict[str, Any]]:
+        """The table's rows as natural key (by ``key``) -> primary key, read once per head: a thousand
+        subclouds joining at once compare against one read, not a thousand."""
+        heads = dict(self.heads)
+        cached = self._natural.get((table, tuple(columns)))
+        if cached is not None and cached[0] == heads:
+            return cached[1]
+        index = {key(k): p for k, p in await self.tracker.natural_keys(self.pool, table, columns, pk)}
+        if heads == self.heads:
+            self._natural[(table, tuple(columns))] = (heads, index)
+        return index
 
     async def purged_through(self) -> dict[str, int]:
         """Per lane, the last change purged from the log (read again after a purge, the only thing that moves

@@ -166,7 +166,7 @@ class Syncer:
                 continue
             theirs = await link.ask("keys", msg.SyncKeysQuery(endpoint=endpoint, table=t.name,
                                                               columns=list(t.natural_key)), msg.SyncKeys)
-            mine = {_key(k): p for k, p in await source.tracker.natural_keys(source.pool, t.name, t.natural_key, t.pk)}
+            mine = await source.natural_key_index(t.name, t.natural_key, t.pk, _key)
             for k in theirs.keys:
                 central_pk = mine.get(_key(k.key))
                 if central_pk is not None and central_pk != k.pk:
