@@ -47,6 +47,7 @@ from services.core.brokerauth_apply import broker_password_secret
 from services.core.bus.abc import BusError, ConsumerOptions, NotConnected, PublishFailed, RequestTimeout
 from services.core.bus.bus import Bus, Message
 from services.core.bus.factory import transport_from_url
+from services.core.bus.nats import NatsTransport
 from services.core.host import Connections, ServiceHost
 from services.core.settings import load_settings, url_with_credentials
 from services.dcsync.agent import command_subject, heartbeat_subject
@@ -273,8 +274,12 @@ async def test_add_run_the_agent_audit_and_delete(site: Site) -> None:
 async def refused_to_another_subcloud(site: Site, me: str, victim: str) -> None:
     """``me``'s agent user may not take ``victim``'s sync commands, in any group, nor speak for it."""
     password = site.nats.secrets.get_text(broker_password_secret(f"dcagent-{me}")).get_secret_value()
-    bus = Bus(transport_from_url(url_with_credentials(site.nats.url, f"dcagent-{me}", password)), source="test",
-              authenticator=InMemoryAuthenticator())
+    transport = transport_from_url(url_with_credentials(site.nats.url, f"dcagent-{me}", password))
+    # A JetStream API call or a publish that the server refuses is never answered: it fails when its timeout runs
+    # out (5 s and 10 s by default).  The loopback server answers what it allows within milliseconds.
+    assert isinstance(transport, NatsTransport)
+    transport.api_timeout = 1.5
+    bus = Bus(transport, source="test", authenticator=InMemoryAuthenticator(), publish_timeout=1.5)
 
     async def steal(_: Message) -> BaseModel:
         raise AssertionError("a command reached another subcloud's agent")
