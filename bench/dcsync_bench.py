@@ -160,6 +160,20 @@ def proc_cpu(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def postgres_cpu() -> float:
+    """CPU seconds of the PostgreSQL processes alive now (everyone's sessions, not only this run's; a session
+    that ended took its count with it)."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "comm").read_text().strip() == "postgres":
+                    total += proc_cpu(int(entry.name))
+            except OSError:
+                continue
+    return total
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine spent not idle (all processes, everyone's)."""
     parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -179,6 +193,7 @@ class CpuWatch:
     def _now(self) -> dict[str, float]:
         out = {"service+bench": time.process_time()}
         out.update({k: proc_cpu(p) for k, p in self.pids.items()})
+        out["postgres"] = postgres_cpu()
         out["machine"] = machine_busy()
         return out
 
