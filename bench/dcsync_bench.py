@@ -1084,9 +1084,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compare-workers", type=int, default=2, help="connections of the full-compare baseline (2)")
     p.add_argument("--compare-limit", type=float, default=900.0,
                    help="seconds the full compare may run; beyond, the rest is extrapolated (900)")
-    p.add_argument("--nats-max-consumers", type=int, default=100000,
-                   help="nats-server's jetstream.limits.default_max_consumers (100000; 0: the server's default, "
-                        "1,000 per stream since 2.15, too few for 1,000 subclouds)")
+    p.add_argument("--nats-max-consumers", type=int, default=0,
+                   help="nats-server's jetstream.limits.default_max_consumers (0: the server's default, 1,000 per "
+                        "stream since 2.15; roost's streams set their own max_consumers, 100,000, since 6cb9f2a)")
     p.add_argument("--drain", type=float, default=120.0, help="seconds to wait for the last commit everywhere (120)")
     p.add_argument("--only", choices=("fanout", "audit", "catchup"), action="append",
                    help="run only this figure (may repeat): 1 fanout, 2 audit, 3 catchup")
