@@ -130,14 +130,20 @@ async def test_delete_cascades_and_tombstone_guards(pair: tuple[asyncpg.Pool, as
     assert await sub.fetchval("SELECT count(*) FROM \"user\"") == 0
 
 
-async def test_failed_change_is_reported_others_apply(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
-    central, sub = pair
+async def _clashing_alice(central: asyncpg.Pool, sub: asyncpg.Pool) -> tuple[Tracker, Tracker]:
+    """Two users and a local user 'alice' at the controller; the subcloud has its own 'alice' (another id)."""
     tc = await _install(central, capture=True)
     ts = await _install(sub, capture=False)
     await sub.execute("""INSERT INTO "user" VALUES ('local', true, NULL, NULL);
         INSERT INTO local_user (id, user_id, name) VALUES (100, 'local', 'alice')""")
     await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL), ('u2', true, NULL, NULL);
         INSERT INTO local_user (user_id, name) VALUES ('u1', 'alice')""")
+    return tc, ts
+
+
+async def test_failed_change_is_reported_others_apply(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, sub = pair
+    tc, ts = await _clashing_alice(central, sub)
     changes = await tc.changes(central, "main", 0, 100)
     async with sub.acquire() as conn, conn.transaction():
         result = await ts.apply(conn, [c.wire() for c in changes])
@@ -151,12 +157,7 @@ async def test_receive_is_one_transaction_with_inbox_and_cursor(pair: tuple[asyn
     """The agent's message in one statement: a failing change reported while the rest lands and the cursor
     moves; the same message again changes nothing and answers the cursor; set_cursor moves it back."""
     central, sub = pair
-    tc = await _install(central, capture=True)
-    ts = await _install(sub, capture=False)
-    await sub.execute("""INSERT INTO "user" VALUES ('local', true, NULL, NULL);
-        INSERT INTO local_user (id, user_id, name) VALUES (100, 'local', 'alice')""")
-    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL), ('u2', true, NULL, NULL);
-        INSERT INTO local_user (user_id, name) VALUES ('u1', 'alice')""")
+    tc, ts = await _clashing_alice(central, sub)
     wire = [c.wire() for c in await tc.changes(central, "main", 0, 100)]
     upto = wire[-1]["seq"]
     first = await ts.receive(sub, "m1", "identity", "main", wire, upto=upto)
