@@ -43,7 +43,11 @@
    machine).  A raise not received by the end counts as later than any.  Target: p99 at most 200 ms.
    The alarms service runs in its own process as in 1, its dispatcher (default settings) in a child
    process of its own (``--dispatcher process``, the service's ``dispatcher="process"``; ``inline``: in
-   the service's process).  Also at ``--reference-rate`` (100) ops/s, for reference.
+   the service's process).  Also at ``--reference-rate`` (100) ops/s, for reference.  Each rate also
+   prints the cores each process used while publishing (from ``/proc``: the service, its dispatcher child,
+   the bench database's PostgreSQL backends, nats-server, the receiver, the bench) with PostgreSQL's commits
+   per second, and where the raises' time went: publish -> the start of the transaction that applied them
+   (their notification's ``created_at``), and from there -> received.
 
 The receiver is a raw asyncio HTTP/1.1 server in a process of its own; it verifies nothing unless
 ``--verify`` (then it checks every Standard Webhooks signature and counts failures).  PostgreSQL and
@@ -115,6 +119,7 @@ CLOSED_URL = "http://127.0.0.1:9/hook"     # figure 1's subscribers: nothing is 
 RESET = """TRUNCATE alarms.active_alarms, alarms.event_log, alarms.outbox, alarms.inbox, alarms.webhook_deliveries,
            alarms.webhook_notifications, alarms.webhook_subscriptions"""
 REASON = re.compile(rb'"reason_text":"bench t=([0-9.]+)"')
+PIDS: dict[str, int] = {}                 # the bench's helpers: "nats", "receiver" (for the CPU accounting)
 
 
 # -- the workload ------------------------------------------------------------------------------------
@@ -313,6 +318,7 @@ class Receiver:
         self.count = 0
         self.bad = 0
         self.latencies: list[float] = []
+        self.stamps: list[str] = []           # the publish time of each timed raise, as its reason says
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -329,9 +335,10 @@ class Receiver:
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 answer = b""
                 if path == "/stats":
-                    answer = json.dumps({"count": self.count, "bad": self.bad, "latencies": self.latencies}).encode()
+                    answer = json.dumps({"count": self.count, "bad": self.bad, "latencies": self.latencies,
+                                         "stamps": self.stamps}).encode()
                 elif path == "/reset":
-                    self.count, self.bad, self.latencies = 0, 0, []
+                    self.count, self.bad, self.latencies, self.stamps = 0, 0, [], []
                 else:
                     self.count += 1
                     if self.secret is not None:
@@ -341,6 +348,7 @@ class Receiver:
                             self.bad += 1
                     if b'"type":"alarm.raised"' in body and (m := REASON.search(body)):
                         self.latencies.append(now - float(m.group(1)))
+                        self.stamps.append(m.group(1).decode())
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(answer) + answer)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -640,17 +648,68 @@ async def receiver_stats(url: str, *, reset_after: bool = False) -> dict[str, An
 # -- figure 3: latency at a steady rate --------------------------------------------------------------
 
 
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` used so far; 0 when it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, theirs, ...)."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        kids = [p for p, pp in parents.items() if pp == parent]
+        found += kids
+        todo += kids
+    return found
+
+
+async def cpu_snapshot(pool: asyncpg.Pool, service_pid: int) -> dict[str, Any]:
+    """CPU seconds so far of each process taking part in figure 3, by role, and PostgreSQL's commits in the
+    bench's database; ``cpu_delta`` of two of them is what the run cost."""
+    backends = [int(r["pid"]) for r in await pool.fetch(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()")]
+    commits = int(await pool.fetchval(
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"))
+    roles = {"service": [service_pid], "dispatcher": descendants(service_pid), "postgres": backends,
+             "nats": [PIDS["nats"]] if "nats" in PIDS else [], "receiver": [PIDS["receiver"]] if "receiver" in PIDS
+             else [], "bench": [os.getpid()]}
+    return {"at": time.perf_counter(), "commits": commits,
+            "cpu": {role: {pid: proc_cpu(pid) for pid in pids} for role, pids in roles.items()}}
+
+
+def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Cores used per role between two ``cpu_snapshot``s (a process new since ``before`` from 0), and commits/s."""
+    seconds = after["at"] - before["at"]
+    parts = []
+    for role, pids in after["cpu"].items():
+        used = sum(cpu - before["cpu"].get(role, {}).get(pid, 0.0) for pid, cpu in pids.items())
+        parts.append(f"{role} {used / seconds:.2f}")
+    commits = (after["commits"] - before["commits"]) / seconds
+    return f"cores used: {', '.join(parts)}; PostgreSQL commits {commits:.0f}/s in the bench's database"
+
+
 async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: Registry, rate: float,
                       seconds: float, instances: int, receiver: str, secret: str, batch: int,
                       drain: float, dispatcher: str) -> dict[str, Any]:
     await reset(pool, 1, f"{receiver}/hook", secret)
     total = int(rate * seconds)
     mode = "dispatch-process" if dispatcher == "process" else "dispatch"
-    async with child("--serve-alarms", nats_url, db_url, str(batch), mode):
+    async with child("--serve-alarms", nats_url, db_url, str(batch), mode) as service:
         bus = Bus(NatsTransport(nats_url, client_name="roost-bench"), source=SOURCE)
         await bus.connect()
         try:
             await receiver_stats(receiver, reset_after=True)
+            before = await cpu_snapshot(pool, service.process.pid)
             loop = asyncio.get_running_loop()
             pending: set[asyncio.Task[None]] = set()
             late = 0
@@ -668,6 +727,7 @@ async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: 
                 task.add_done_callback(pending.discard)
             await asyncio.gather(*pending)
             sent_seconds = loop.time() - started
+            cpu = cpu_delta(before, await cpu_snapshot(pool, service.process.pid))
             raises = sum(1 for i in range(total) if (i // instances) % 2 == 0)
             for _ in range(int(drain * 10)):      # the rest may still arrive
                 stats = await receiver_stats(receiver)
@@ -676,7 +736,29 @@ async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: 
                 await asyncio.sleep(0.1)
         finally:
             await bus.close()
-    return {"stats": stats, "total": total, "raises": raises, "late": late, "sent_seconds": sent_seconds}
+    return {"stats": stats, "total": total, "raises": raises, "late": late, "sent_seconds": sent_seconds,
+            "cpu": cpu, "stages": await stages(pool, stats)}
+
+
+async def stages(pool: asyncpg.Pool, stats: dict[str, Any]) -> str:
+    """Where the time of the received raises went: publish -> the start of the transaction that applied it
+    (the notification's ``created_at``: the bus, the consumer, the wait for a batch), then -> received (the
+    batch, its commit, the fan-out, the claim, the request)."""
+    rows = await pool.fetch(r"""
+        SELECT substring(convert_from(body, 'UTF8') FROM '"reason_text":"bench t=([0-9.]+)"') AS stamp,
+               extract(epoch FROM created_at)::float8 AS applied
+        FROM alarms.webhook_notifications WHERE event_type = 'alarm.raised'""")
+    applied = {r["stamp"]: r["applied"] for r in rows}
+    first, second = [], []
+    for stamp, latency in zip(stats.get("stamps", []), stats["latencies"], strict=False):
+        if stamp in applied:
+            t0 = float(stamp)
+            first.append((applied[stamp] - t0) * 1000)
+            second.append((t0 + latency - applied[stamp]) * 1000)
+    if not first:
+        return "no stages"
+    return (f"publish -> applying p50 {percentile(first, 50):.1f} ms, p99 {percentile(first, 99):.1f} ms; "
+            f"applying -> received p50 {percentile(second, 50):.1f} ms, p99 {percentile(second, 99):.1f} ms")
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -782,6 +864,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="roost-bench-alarms-") as tmp:
         nats = NatsServer(Path(tmp) / "nats")
         await nats.start()
+        if nats.pid is not None:
+            PIDS["nats"] = nats.pid
         try:
             async with bench_database() as db_url:
                 pool = await create_pool(db_url, min_size=2, max_size=8)
@@ -795,6 +879,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
                         async with child("--serve-receiver", *(["--verify"] if args.verify else []),
                                          env={"ROOST_BENCH_SECRET": secret} if args.verify else None) as rcv:
                             receiver = f"http://127.0.0.1:{rcv.first_line}"
+                            PIDS["receiver"] = rcv.process.pid
                             if "webhooks" in args.only:
                                 await figure_webhooks(args, pool, registry, receiver, secret)
                                 print(f"   (load average after figure 2: {load_average()})\n")
@@ -915,6 +1000,8 @@ async def figure_latency(args: argparse.Namespace, pool: asyncpg.Pool, registry:
               f"{stats['count']} of them by {args.drain:g} s after; {len(lat)} of {result['raises']} raises timed, "
               f"{missing} not received (counted as later than any)")
         print(f"   {'':6s}        raise -> webhook p50 {ms(p50)}, p99 {ms(p99)}, max received {ms(worst)}{verdict}")
+        print(f"   {'':6s}        while publishing, {result['cpu']}")
+        print(f"   {'':6s}        stages of the raises received: {result['stages']}")
 
 
 def ms(value: float) -> str:
