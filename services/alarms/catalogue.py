@@ -454,6 +454,10 @@ class Catalogue:
     def get(self, alarm_id: object) -> EventDefinition:
         """The definition of ``alarm_id`` (normalised, so ``200.01`` finds ``200.010``), or
         :class:`UnknownAlarmId` / :class:`MalformedAlarmId`."""
+        if type(alarm_id) is str:       # already "GGG.EEE" (the usual case, several times per op): as is
+            found = self._defs.get(alarm_id)
+            if found is not None:
+                return found
         key = normalise_alarm_id(alarm_id)
         try:
             return self._defs[key]

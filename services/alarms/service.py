@@ -13,13 +13,14 @@ each queues its message in the order the consumer handed them over and waits; th
 kinds one by one inside it); after the commit every handler returns and its message is acked.  While
 one batch commits the next one gathers, so a quiet service commits each message at once and a busy one
 commits many per transaction.  Pipelining: up to ``pipeline`` (3) batches commit at once, on their own
-connections, when they touch no alarm instance in common and hold only sets and exact clears (a batch
-sharing an instance with one in flight, or holding another kind, waits until the batches before it are
-done): the Python work of one overlaps the database work of the other, and the order per alarm instance
-is the order of the messages, as without it.  Should the batch fail for any reason (an input the catalogue refuses, a
-concurrent raise of the same instance, the database), it is rolled back and each of its messages is
-applied alone, in order, in its own transaction, exactly as without batching: a bad message is
-dead-lettered alone and the others commit.  ``batch_size=1`` applies every message alone.
+connections, when a backlog has a whole batch queued for each and they touch no alarm instance in common
+and hold only sets and exact clears (a batch sharing an instance with one in flight, or holding another
+kind, waits until the batches before it are done): the Python work of one overlaps the database work of
+the other, and the order per alarm instance is the order of the messages, as without it.  Should the
+batch fail for any reason (an input the catalogue refuses, a concurrent raise of the same instance, the
+database), it is rolled back and each of its messages is applied alone, in order, in its own
+transaction, exactly as without batching: a bad message is dead-lettered alone and the others commit.
+``batch_size=1`` applies every message alone.
 
 Input the catalogue refuses (an unknown alarm id, a severity the id does not allow, a malformed entity
 id, a log id used as an alarm, an alarm outside a re-assertion's scope) raises ``Reject`` with the reason:
@@ -417,7 +418,11 @@ class AlarmsService:
         running: dict[asyncio.Task[None], tuple[list[_Queued], frozenset[AlarmKey] | None]] = {}
         try:
             while self._queued or running:
-                if self._queued and len(running) < self.pipeline:
+                # Another batch alongside those committing only when a whole one is queued: the pipeline is
+                # for a backlog.  Under a steady flow the messages gather while a batch commits and go in
+                # the next one together (a partial batch started at once made more, smaller commits).
+                if self._queued and len(running) < self.pipeline and (
+                        not running or len(self._queued) >= self.batch_size):
                     batch = self._queued[:self.batch_size]
                     ops = _batch_ops(batch)
                     keys = frozenset(op.key for op in ops if op is not None) if None not in ops else None
@@ -427,9 +432,9 @@ class AlarmsService:
                         task = asyncio.create_task(self._apply_batch(batch, ops), name="alarms-faults-batch")
                         running[task] = (batch, keys)
                         continue
-                # wait for a batch to end, or (with room for one more and nothing queued) for a message
+                # wait for a batch to end, or (with room for one more and less than a batch queued) for a message
                 waits: set[asyncio.Future[Any]] = set(running)
-                if not self._queued and len(running) < self.pipeline:
+                if len(self._queued) < self.batch_size and len(running) < self.pipeline:
                     self._arrival = asyncio.get_running_loop().create_future()
                     waits.add(self._arrival)
                 done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
