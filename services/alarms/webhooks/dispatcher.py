@@ -181,6 +181,7 @@ class DispatcherSettings:
     db_backoff: float = 1.0              # wait after a database error in the claim loop
     window: int = 256                    # oldest pending rows per subscription a claim looks at
     ahead: int | None = 128              # fan-out: pending delivery rows made ahead per subscription (None: all)
+    linger: float = 0.01                 # at least this long between the starts of two cycles (0: none)
 
     @property
     def effective_lease(self) -> float:
@@ -191,6 +192,8 @@ class DispatcherSettings:
             raise ValueError("webhook dispatcher: need timeout > 0 and lease > timeout")
         if self.per_subscription < 1 or self.max_in_flight < 1:
             raise ValueError("webhook dispatcher: per_subscription and max_in_flight must be at least 1")
+        if self.linger < 0 or self.linger >= self.poll_interval:
+            raise ValueError("webhook dispatcher: need 0 <= linger < poll_interval")
         if self.window < self.per_subscription:
             raise ValueError("webhook dispatcher: window must be at least per_subscription")
         if self.ahead is not None and self.ahead < self.per_subscription:
@@ -402,6 +405,7 @@ class WebhookDispatcher:
             while not self._stopping.is_set():
                 self._wake.clear()
                 self.stats.cycles += 1
+                cycle_started = loop.time()
                 await self._ensure_listening()
                 sleep = self.settings.poll_interval
                 try:
@@ -431,6 +435,16 @@ class WebhookDispatcher:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(sleep):
                         await self._wake.wait()
+                # Woken again right after a cycle (a request ended, rows were fanned out): let what follows
+                # gather for the rest of ``linger``, so that one claim and one outcome statement serve them
+                # all.  Each claim costs the database about the same however few rows it takes (its window
+                # of every subscription, sorted): woken per request at 1,000 deliveries/s, the claims alone
+                # kept a fifth of a core of PostgreSQL busy.
+                rest = cycle_started + self.settings.linger - loop.time()
+                if rest > 0 and not self._stopping.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(rest):
+                            await self._stopping.wait()
             await self._finish_gracefully()
         finally:
             # Reached by stop() after the graceful part, or when this task is cancelled (a crash, as far as
