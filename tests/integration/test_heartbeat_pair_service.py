@@ -230,6 +230,10 @@ async def power_on(sushy: SushyEmulator, system: FakeSystem) -> None:
         await bmc.close()
 
 
+async def _announced(site: PairSite) -> bool:
+    return bool(await site.outbox("roost.heartbeat.active_controller"))
+
+
 async def recorded_active(site: PairSite, name: str) -> bool:
     return bool((await site.host(name))["active"])
 
@@ -242,6 +246,9 @@ async def test_start_up_swact_and_failover_with_fencing_never_two_actives(tmp_pa
         pair = site.heartbeat["controller-0"].pair
         assert pair is not None and pair.ctrl is not None and pair.ctrl.config.voters >= {
             (await site.host(w))["node_id"] for w in ("worker-1", "worker-2")}, "the workers vote"
+        # the announcement in this outbox, awaited: once, on three test workers, it was not there yet when
+        # inventory had recorded controller-0 (IndexError below); cause not found
+        await wait_until(lambda: _announced(site), 20, "controller-0's role announced in the outbox")
         announced = await site.outbox("roost.heartbeat.active_controller")
         assert announced[-1]["active"] == "controller-0" and announced[-1]["standby"] == "controller-1"
 
