@@ -552,7 +552,8 @@ class Run:
             await conn.execute("UPDATE scproto_dcsync.row_state p SET version = c.version FROM "
                                "public.bench_central_row_state c WHERE p.tbl = c.tbl AND p.pk = c.pk")
             for lane in LANES:
-                await proto.reset_cursor(conn, ENDPOINT, lane, await Tracker(Place()).head(self.db, lane))
+                head = await Tracker(Place()).head(self.db, lane)
+                await proto.receive(conn, f"setup:{lane}", ENDPOINT, lane, [], upto=head, set_cursor=True)
         say(f"   prototype subcloud {PROTO}: tables LIKE keystone's, {self.rows:,} rows copied, "
             f"Tracker.install digested {sum(r.added for r in report.redigested):,} rows (hashes equal to the "
             f"controller's, row by row), versions and cursors as streamed: {time.monotonic() - started:.1f} s")

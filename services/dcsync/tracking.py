@@ -298,17 +298,11 @@ class Tracker:
 
     # -- apply (subcloud) --------------------------------------------------------------------------------
 
-    async def apply(self, conn: AnyConnection, changes: Sequence[Mapping[str, Any]], *,
-                    repair: bool = False) -> Applied:
-        """Apply a batch in the caller's transaction.  Fast path first; when a change fails, the batch is
-        applied again change by change so the failures are reported and the rest still lands."""
-        payload = json.dumps(list(changes), default=str)
-        try:
-            async with conn.transaction():
-                raw = await conn.fetchval(f"SELECT {self._bk}.apply($1::jsonb, $2, false)", payload, repair)
-        except asyncpg.PostgresError:
-            raw = await conn.fetchval(f"SELECT {self._bk}.apply($1::jsonb, $2, true)", payload, repair)
-        return _applied(_json(raw))
+    async def apply(self, conn: Conn, changes: Sequence[Mapping[str, Any]], *, repair: bool = False) -> Applied:
+        """Apply a batch in the caller's transaction (``apply_safely`` in tracking_sql: fast path first; when a
+        change fails, change by change, so the failures are reported and the rest still lands)."""
+        return _applied(_json(await conn.fetchval(f"SELECT {self._bk}.apply_safely($1::jsonb, $2)",
+                                                  json.dumps(list(changes), default=str), repair)))
 
     async def receive(self, conn: Conn, key: str, endpoint: str, lane: str, changes: Sequence[Mapping[str, Any]], *,
                       upto: int, repair: bool = False, set_cursor: bool = False) -> Received:
@@ -322,12 +316,6 @@ class Tracker:
     async def cursors(self, conn: Conn, endpoint: str) -> dict[str, int]:
         rows = await conn.fetch(f"SELECT lane, applied_seq FROM {self._bk}.cursor WHERE endpoint = $1", endpoint)
         return {r["lane"]: int(r["applied_seq"]) for r in rows}
-
-    async def reset_cursor(self, conn: Conn, endpoint: str, lane: str, seq: int) -> None:
-        await conn.execute(
-            f"INSERT INTO {self._bk}.cursor (endpoint, lane, applied_seq) VALUES ($1, $2, $3) "
-            "ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, updated_at = now()",
-            endpoint, lane, seq)
 
 
 def _applied(raw: Any) -> Applied:

@@ -287,10 +287,23 @@ BEGIN
 END
 $f$;
 
+-- A batch the fast way; when a change fails, rolled back (the block is a savepoint) and applied again change
+-- by change, so the failures are reported and the rest still lands.  apply()'s answer.
+CREATE OR REPLACE FUNCTION {bk}.apply_safely(changes jsonb, repair boolean) RETURNS jsonb LANGUAGE plpgsql AS $f$
+BEGIN
+    BEGIN
+        RETURN {bk}.apply(changes, repair, false);
+    EXCEPTION WHEN OTHERS THEN
+        NULL;
+    END;
+    RETURN {bk}.apply(changes, repair, true);
+END
+$f$;
+
 -- A sync message at a subcloud, in one statement (one transaction, one round trip): recorded in the inbox
--- (a message seen before changes nothing and answers where the cursor stands), its changes applied (fast
--- path; when a change fails, again change by change under savepoints), the lane's cursor moved (forward, or
--- anywhere with set_cursor).  apply()'s answer and {{"duplicate", "cursor"}}.
+-- (a message seen before changes nothing and answers where the cursor stands), its changes applied
+-- (apply_safely), the lane's cursor moved (forward, or anywhere with set_cursor).  apply()'s answer and
+-- {{"duplicate", "cursor"}}.
 CREATE OR REPLACE FUNCTION {bk}.receive(key text, ep text, ln text, changes jsonb, upto bigint, repair boolean,
                                         set_cursor boolean) RETURNS jsonb LANGUAGE plpgsql AS $f$
 DECLARE
@@ -302,11 +315,7 @@ BEGIN
         RETURN jsonb_build_object('duplicate', true, 'applied', 0, 'stale', 0, 'failed', '[]'::jsonb,
                                   'cursor', coalesce(cur, 0));
     END IF;
-    BEGIN
-        res := {bk}.apply(changes, repair, false);
-    EXCEPTION WHEN OTHERS THEN
-        res := {bk}.apply(changes, repair, true);
-    END;
+    res := {bk}.apply_safely(changes, repair);
     IF set_cursor THEN
         INSERT INTO {bk}.cursor (endpoint, lane, applied_seq) VALUES (ep, ln, upto)
             ON CONFLICT (endpoint, lane) DO UPDATE SET applied_seq = EXCLUDED.applied_seq, updated_at = now();
