@@ -74,7 +74,6 @@ import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -82,6 +81,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 
+from bench.machine import cpu_model, load_average, pkg, proc_cpu
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
 from schemas.registry import Registry
@@ -648,15 +648,6 @@ async def receiver_stats(url: str, *, reset_after: bool = False) -> dict[str, An
 # -- figure 3: latency at a steady rate --------------------------------------------------------------
 
 
-def proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) process ``pid`` used so far; 0 when it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def descendants(pid: int) -> list[int]:
     """The processes below ``pid`` (children, theirs, ...)."""
     parents: dict[int, int] = {}
@@ -770,25 +761,6 @@ def percentile(values: Sequence[float], p: float) -> float:
 
 
 # -- reporting ---------------------------------------------------------------------------------------
-
-
-def pkg(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
-
-
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
 
 
 async def header(pool: asyncpg.Pool, nats_version: str, args: argparse.Namespace) -> None:

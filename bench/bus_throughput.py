@@ -45,6 +45,7 @@ import nats
 from nats.js import api as js_api
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.machine import load_average
 from schemas.envelope import Envelope
 from schemas.registry import Registry
 from services.core.bus import codec
@@ -479,12 +480,6 @@ def summarise(report: BrokerReport) -> None:
         transport = report.median("transport")
         print(f"    of which transport {(1 / transport - 1 / raw) * 1e6:+.1f} us (transport/raw = "
               f"{transport / raw:.2f}), bus layer {(1 / roost - 1 / transport) * 1e6:+.1f} us")
-
-
-def load_average() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "?"
 
 
 def header(setup: Setup, brokers: Sequence[str], with_transport: bool) -> None:

@@ -66,7 +66,6 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +75,7 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
+from bench.machine import cpu_model, load_average, pkg, proc_cpu  # noqa: E402
 from schemas import dcsync as msg  # noqa: E402
 from schemas.envelope import Role  # noqa: E402
 from services.core.auth import create_token  # noqa: E402
@@ -117,25 +117,6 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def load_average() -> str:
-    return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def pkg(name: str) -> str:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "?"
-
-
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest rank (q in 0..100); inf counts as larger than anything."""
     if not values:
@@ -147,17 +128,6 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def fmt_s(x: float) -> str:
     return "never" if x == float("inf") else f"{x:.3f} s"
-
-
-def proc_cpu(pid: int | None) -> float:
-    """utime + stime of a process in seconds (0 when unknown)."""
-    if pid is None:
-        return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def postgres_cpu() -> float:

@@ -57,6 +57,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path as FsPath
 from typing import Any
 
+from bench.machine import load_average
 from services.core.logging import configure_logging
 from services.heartbeat.keys import MasterKey, derive
 from services.heartbeat.model import Path
@@ -80,12 +81,6 @@ def monitor_address(path: Path) -> str:
 
 def host_address(path: Path, i: int) -> str:
     return f"127.{30 + path}.{1 + i // 200}.{10 + i % 200}"
-
-
-def load_average() -> str:
-    with contextlib.suppress(OSError):
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return "?"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
