@@ -588,7 +588,8 @@ class Run:
         finally:
             await pool.close()
         settings = DcsyncSettings(audit_interval=a.audit_interval, offline_after=a.offline_after,
-                                  request_timeout=a.request_timeout, concurrency=a.concurrency)
+                                  request_timeout=a.request_timeout, concurrency=a.concurrency,
+                                  lag_grace=a.lag_grace)
         self.service = DcsyncService(settings, sources=[Source(KEYSTONE, self.central_url)])
         self.host = ServiceHost(self.service, load_settings(data_dir=self.tmp / "data"),
                                 Connections(self.nats.url, self.roost_url), token)
@@ -726,6 +727,8 @@ class Run:
         say(f"      commit -> applied in ALL of them: p50 {fmt_s(percentile(per_commit, 50))}, p99 "
             f"{fmt_s(percentile(per_commit, 99))}, max {fmt_s(max(per_commit))}; "
             f"min {fmt_s(min(per_commit))}")
+        say("      applied in all, per commit in commit order: "
+            + " ".join(f"{w:.1f}" for _, w in sorted(zip(committed, per_commit, strict=True))))
         say(f"      {cpu}")
         return {"p50": percentile(pairs, 50), "p99": percentile(pairs, 99), "all_p50": percentile(per_commit, 50),
                 "all_p99": percentile(per_commit, 99), "all_max": max(per_commit)}
@@ -1037,6 +1040,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--spacing-min", type=float, default=2.0, help="seconds between figure 1's commits, at least (2)")
     p.add_argument("--spacing-max", type=float, default=3.0, help="... and at most (3)")
     p.add_argument("--heartbeat", type=float, help="agents' heartbeat interval, s (10; quick 3)")
+    p.add_argument("--lag-grace", type=float, default=10.0,
+                   help="ROOST_DCSYNC lag_grace, s: how long a subcloud may lag and still count in sync (10)")
     p.add_argument("--offline-after", type=float, help="ROOST_DCSYNC offline_after, s (25; quick 8)")
     p.add_argument("--audit-interval", type=float, default=86400.0,
                    help="the service's audit_interval, s: audits happen when the bench asks (86400)")

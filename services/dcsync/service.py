@@ -355,8 +355,10 @@ class DcsyncService:
             return "in-sync", ""
         since = rt.behind_since.setdefault(endpoint, now)
         if now - since > self.settings.lag_grace:
-            lag = sum(max(0, source.heads[lane] - cursors.get(lane, 0)) for lane in LANES)
-            return "out-of-sync", f"{lag} change(s) behind for {now - since:.0f} s"
+            # a detail that stays the same while the lag lasts: one that counted changes or seconds was stored
+            # again (and the alarm re-raised) at every tick, for every lagging subcloud, when the service was
+            # busiest; how far behind is in the cursors (show) and roost_dcsync_lag_changes
+            return "out-of-sync", f"behind the controller's changes for more than {self.settings.lag_grace:g} s"
         return ep.sync_status if ep.sync_status != "unknown" else "in-sync", ""
 
     async def _evaluate(self, rt: Runtime, now: float) -> None:

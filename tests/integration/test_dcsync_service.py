@@ -321,3 +321,50 @@ async def test_the_redigest_backstop_finds_writes_a_subclouds_trigger_missed(sit
     await _same(site, "sc1", ("project",))
     assert await sc.pool.fetchval("SELECT enabled FROM project WHERE id = 'p1'") is True
     await wait_until(lambda: _raised(site, "950.105"), timeout=30, what="the repair reported")
+
+
+async def test_a_lagging_subcloud_is_stored_out_of_sync_once_not_at_every_tick(
+        site: DcSite, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a subcloud lags, its status and detail stay put: a detail that counted the changes or the seconds
+    was stored again at every tick for every lagging subcloud (1,000 writes a second under a fleet-wide lag)."""
+    import asyncio
+
+    from services.dcsync import store
+    sc = await site.add("sc1")
+    await site.wait_status("sc1")
+    held = asyncio.Event()
+    apply = sc.served.sync.apply
+
+    async def slow_apply(data: msg.SyncApply, key: str) -> msg.SyncApplied:
+        await held.wait()
+        return await apply(data, key)
+
+    monkeypatch.setattr(sc.served.sync, "apply", slow_apply)
+    writes: list[dict[str, object]] = []
+    update_endpoint = store.update_endpoint
+
+    async def counted(*args: object, **fields: object) -> store.EndpointRow:
+        writes.append(fields)
+        return await update_endpoint(*args, **fields)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "update_endpoint", counted)
+    ticks = 0
+    tick = site.service._tick
+
+    async def counted_tick() -> None:
+        nonlocal ticks
+        await tick()
+        ticks += 1
+
+    monkeypatch.setattr(site.service, "_tick", counted_tick)
+    await _user(site.central, "u1", "alice")
+    shown = await site.wait_status("sc1", "out-of-sync")
+    detail = shown["endpoints"][0]["detail"]
+    assert "behind" in detail
+    stored, seen = len(writes), ticks
+    await wait_until(lambda: ticks >= seen + 3, timeout=30, what="three evaluations while it lags")
+    assert writes[stored:] == []
+    assert (await site.show("sc1"))["endpoints"][0]["detail"] == detail
+    held.set()
+    await site.wait_status("sc1")
+    await _same(site, "sc1")
