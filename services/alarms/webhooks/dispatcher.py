@@ -10,11 +10,12 @@ claim, in one statement (no lock is held while a request is in flight), for as m
 are free slots:
 
 1. per subscription not paused, only its ``window`` oldest pending rows are looked at (the queue index
-   ``(subscription_id, id)``: the cost does not grow with the backlog); among them, the deliveries
-   that may go now: due (``available_at``), not claimed by a live lease, and the *head* of their
-   (subscription, alarm instance): no earlier pending row of the same pair (one that is in flight
-   elsewhere or waiting for a retry keeps the later ones back: a later notification of an alarm never
-   overtakes an earlier one at a subscriber);
+   ``(subscription_id, id + 0)`` of pending rows, read in an order no other index gives, so that no statistics
+   can make the planner walk the delivered rows instead: the cost grows with neither the backlog nor the
+   history); among them, the deliveries that may go now: due (``available_at``), not claimed by a live lease,
+   and the *head* of their (subscription, alarm instance): no earlier pending row of the same pair (one that
+   is in flight elsewhere or waiting for a retry keeps the later ones back: a later notification of an alarm
+   never overtakes an earlier one at a subscriber);
 2. at most ``per_subscription`` in flight per subscription (counted across replicas by live leases),
    so one slow or dead subscriber occupies a few slots and the others keep flowing;
 3. lock those rows ``FOR UPDATE SKIP LOCKED`` (replicas never take the same row) and stamp them with a
@@ -244,12 +245,14 @@ class DispatcherStats:
     fanned_out: int = 0                  # delivery rows this dispatcher's fan-outs made
 
 
-# One claim, one statement: the window of each subscription not paused (its oldest pending rows, by the
-# queue index), the heads of their alarm instances that are due and free, at most per_subscription in flight
-# (live leases in the window), locked SKIP LOCKED and stamped; then one row saying when to look again
-# without being woken: the next retry that comes due or lease that runs out in a window, or pause that ends.
-# Rows due but not claimed wait behind an earlier row of their alarm or a full subscription: the end of that
-# request wakes us (another replica's: the poll).  Counting them would make the loop spin.
+# One claim, one statement: the window of each subscription not paused (its oldest pending rows, by the queue
+# index: ordered by ``id + 0``, which only that index gives, so that stale statistics never make it walk the
+# primary key through the delivered rows; migration 0103), the heads of their alarm instances that are due and
+# free, at most per_subscription in flight (live leases in the window), locked SKIP LOCKED and stamped; then one
+# row saying when to look again without being woken: the next retry that comes due or lease that runs out in a
+# window, or pause that ends. Rows due but not claimed wait behind an earlier row of their alarm or a full
+# subscription: the end of that request wakes us (another replica's: the poll).  Counting them would make the
+# loop spin.
 _CLAIM = f"""
     WITH win AS (
         SELECT w.id, w.subscription_id, w.available_at, w.claimed_until,
@@ -257,7 +260,7 @@ _CLAIM = f"""
         FROM {SUBSCRIPTIONS} s
         CROSS JOIN LATERAL (
             SELECT d.id, d.subscription_id, d.ordering_key, d.available_at, d.claimed_until FROM {DELIVERIES} d
-            WHERE d.subscription_id = s.id AND d.state = 'pending' ORDER BY d.id LIMIT $4) w
+            WHERE d.subscription_id = s.id AND d.state = 'pending' ORDER BY d.id + 0 LIMIT $4) w
         WHERE s.paused_until IS NULL OR s.paused_until <= now()),
     busy AS (
         SELECT subscription_id, count(*) FILTER (WHERE claimed_until > now()) AS n FROM win GROUP BY subscription_id),
@@ -291,7 +294,8 @@ _CLAIM = f"""
            ) - clock_timestamp())::float8"""
 
 # Many 2xx at once: delivered; the latency of each; NOTIFY when one of those subscriptions has more rows
-# waiting (a later row of the same alarm may be among them), so that every replica looks, not only us.
+# waiting (a later row of the same alarm may be among them), so that every replica looks, not only us.  (A
+# scalar subquery, not EXISTS: PostgreSQL drops an EXISTS subquery's ORDER BY, and with it the queue index.)
 _DELIVERED_MANY = f"""
     WITH upd AS (
         UPDATE {DELIVERIES} AS d
@@ -302,9 +306,9 @@ _DELIVERED_MANY = f"""
         RETURNING d.id, d.subscription_id, extract(epoch FROM d.delivered_at - d.created_at)::float8 AS latency),
     waiting AS (
         SELECT pg_notify($4, '') FROM (SELECT DISTINCT subscription_id FROM upd) u
-        WHERE EXISTS (SELECT 1 FROM {DELIVERIES} d
-                      WHERE d.subscription_id = u.subscription_id AND d.state = 'pending'
-                        AND d.id <> ALL($1::bigint[]))
+        WHERE (SELECT d.id FROM {DELIVERIES} d
+               WHERE d.subscription_id = u.subscription_id AND d.state = 'pending' AND d.id <> ALL($1::bigint[])
+               ORDER BY d.id + 0 LIMIT 1) IS NOT NULL
         LIMIT 1)
     SELECT u.id, u.latency, (SELECT count(*) FROM waiting) AS notified FROM upd u"""
 

@@ -349,7 +349,7 @@ _FAN_OUT = f"""
                     ELSE least($2::bigint, greatest(0, $3::bigint - (
                         SELECT count(*) FROM (SELECT 1 FROM {DELIVERIES} d
                                               WHERE d.subscription_id = u.id AND d.state = 'pending'
-                                              LIMIT $3::bigint) p))) END AS room
+                                              ORDER BY d.id + 0 LIMIT $3::bigint) p))) END AS room
         FROM {SUBSCRIPTIONS} u WHERE fanned_out_seq < $1 ORDER BY id FOR NO KEY UPDATE SKIP LOCKED),
     s AS (
         SELECT id, lo, least($1::bigint, lo + room) AS hi, room, severities, alarm_ids, entity_prefix
