@@ -89,7 +89,7 @@ from services.dcsync.settings import DcsyncSettings  # noqa: E402
 from services.dcsync.source import Source  # noqa: E402
 from services.dcsync.tables import KEYSTONE, LANES, ResolvedTable, agree, resolve  # noqa: E402
 from services.dcsync.tracking import Change, Tracker  # noqa: E402
-from services.dcsync.tracking_sql import Place, ident, install_sql, trigger_sql  # noqa: E402
+from services.dcsync.tracking_sql import Place, ident, install_sql, trigger_sql, writers_sql  # noqa: E402
 from tests.support import openstack  # noqa: E402
 from tests.support.postgres import ADMIN_URL, database_url  # noqa: E402
 
@@ -308,6 +308,7 @@ def clone_script(dst: str, tables: Sequence[ResolvedTable]) -> str:
         parts.append(f"INSERT INTO {bk}.{tbl} SELECT * FROM {src_bk}.{tbl};")
     for t in tables:
         parts.append(trigger_sql(place, t.name, capture=False, lane=t.lane, pk=t.pk, columns=t.columns))
+    parts.append(writers_sql(place, tables))
     return "\n".join(parts)
 
 

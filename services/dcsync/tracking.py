@@ -23,7 +23,7 @@ import asyncpg
 
 from services.core.db.pool import AnyConnection
 from services.dcsync.tables import ResolvedTable
-from services.dcsync.tracking_sql import TRIGGER, Place, ident, install_sql, trigger_sql
+from services.dcsync.tracking_sql import TRIGGER, Place, ident, install_sql, trigger_sql, writers_sql
 
 Conn = AnyConnection | asyncpg.Pool
 INSTALL_LOCK = 0x72646374   # pg_advisory_xact_lock(key, hashtext(bookkeeping schema)): one installer per schema
@@ -154,6 +154,7 @@ class Tracker:
                                                columns=t.columns))
                 report.retracked.append(t.name)
                 report.redigested.append(await self._redigest(conn, t.name))
+            await conn.execute(writers_sql(self.place, tables))
             wanted = {t.name for t in tables}
             for name in stored:
                 if name not in wanted:   # no longer synced: stop tracking it

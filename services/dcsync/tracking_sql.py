@@ -29,7 +29,10 @@ install, and the backstop for writes the triggers missed (a capturing database l
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from services.dcsync.tables import ResolvedTable
 
 BUCKETS = 1024
 TRIGGER = "roost_dcsync_track"
@@ -141,6 +144,8 @@ $$;
 
 -- The row trigger: row state, digest and (capturing) the change log, in the writer's transaction.
 -- Arguments: 'capture' | 'digest', the lane, the primary key columns, the synced columns (comma-separated).
+-- The synced columns are picked inline, not with pick(): PL/pgSQL keeps the plan of its own statements for
+-- the session, where a call of the SQL function pick() is planned again in every transaction.
 CREATE OR REPLACE FUNCTION {bk}.track() RETURNS trigger LANGUAGE plpgsql AS $f$
 DECLARE
     -- TG_TABLE_NAME is a name: compared with the text column tbl as it is, no index on tbl is usable
@@ -150,27 +155,24 @@ DECLARE
     pkcols text[] := string_to_array(TG_ARGV[2], ',');
     cols text[] := string_to_array(TG_ARGV[3], ',');
     o jsonb; n jsonb; opk jsonb; npk jsonb;
-    oh bigint; ob int; ov bigint; nh bigint; nb int; v bigint; gv text;
+    oh bigint; ob int; nh bigint; nb int; v bigint; gv text;
 BEGIN
     IF TG_OP <> 'INSERT' THEN
-        o := {bk}.pick(to_jsonb(OLD), cols);
-        opk := {bk}.pick(o, pkcols);
+        o := (SELECT coalesce(jsonb_object_agg(key, value), '{{}}'::jsonb) FROM jsonb_each(to_jsonb(OLD))
+               WHERE key = ANY(cols));
+        opk := CASE WHEN cardinality(pkcols) = 1 THEN jsonb_build_object(pkcols[1], o->pkcols[1])
+                    ELSE (SELECT jsonb_object_agg(key, value) FROM jsonb_each(o) WHERE key = ANY(pkcols)) END;
     END IF;
     IF TG_OP <> 'DELETE' THEN
-        n := {bk}.pick(to_jsonb(NEW), cols);
-        npk := {bk}.pick(n, pkcols);
+        n := (SELECT coalesce(jsonb_object_agg(key, value), '{{}}'::jsonb) FROM jsonb_each(to_jsonb(NEW))
+               WHERE key = ANY(cols));
+        npk := CASE WHEN cardinality(pkcols) = 1 THEN jsonb_build_object(pkcols[1], n->pkcols[1])
+                    ELSE (SELECT jsonb_object_agg(key, value) FROM jsonb_each(n) WHERE key = ANY(pkcols)) END;
     END IF;
     gv := nullif(current_setting('{VERSION_SETTING}', true), '');
     -- only local-state columns changed: nothing to sync (an applied change still records its version)
     IF TG_OP = 'UPDATE' AND o = n AND (capture OR gv IS NULL) THEN
         RETURN NULL;
-    END IF;
-    IF o IS NOT NULL THEN
-        DELETE FROM {bk}.row_state WHERE tbl = tn AND pk = opk RETURNING hash, bucket, version
-            INTO oh, ob, ov;
-        IF FOUND THEN
-            UPDATE {bk}.digest SET digest = digest # oh, rows = rows - 1 WHERE tbl = tn AND bucket = ob;
-        END IF;
     END IF;
     IF capture THEN
         PERFORM pg_advisory_xact_lock({ORDER_LOCK});
@@ -183,12 +185,34 @@ BEGIN
             INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row) VALUES (v, lane, tn, 'U', npk, n);
         END IF;
         PERFORM pg_notify({channel_literal}, '');
-    ELSE
-        v := coalesce(gv::bigint, CASE WHEN opk = npk THEN ov END, 0);
     END IF;
     IF n IS NOT NULL THEN
         nh := {bk}.row_hash(tn, n);
         nb := {bk}.bucket(npk);
+    END IF;
+    IF opk = npk THEN
+        -- changed in place: its state is updated where it is (no indexed column changes: a HOT update), the
+        -- bucket's digest swaps the old hash for the new one; a subcloud's row keeps its version unless a
+        -- change from the controller is being applied
+        UPDATE {bk}.row_state s
+           SET hash = nh, version = CASE WHEN capture THEN v ELSE coalesce(gv::bigint, s.version) END
+          FROM {bk}.row_state p
+         WHERE s.tbl = tn AND s.pk = opk AND p.tbl = tn AND p.pk = opk
+        RETURNING p.hash INTO oh;
+        IF FOUND THEN
+            UPDATE {bk}.digest SET digest = digest # oh # nh WHERE tbl = tn AND bucket = nb;
+            RETURN NULL;
+        END IF;
+    ELSIF o IS NOT NULL THEN
+        DELETE FROM {bk}.row_state WHERE tbl = tn AND pk = opk RETURNING hash, bucket INTO oh, ob;
+        IF FOUND THEN
+            UPDATE {bk}.digest SET digest = digest # oh, rows = rows - 1 WHERE tbl = tn AND bucket = ob;
+        END IF;
+    END IF;
+    IF n IS NOT NULL THEN
+        IF NOT capture THEN
+            v := coalesce(gv::bigint, 0);
+        END IF;
         INSERT INTO {bk}.row_state (tbl, pk, bucket, hash, version) VALUES (tn, npk, nb, nh, v);
         INSERT INTO {bk}.digest AS d (tbl, bucket, digest, rows) VALUES (tn, nb, nh, 1)
             ON CONFLICT (tbl, bucket) DO UPDATE SET digest = d.digest # EXCLUDED.digest, rows = d.rows + 1;
@@ -197,46 +221,73 @@ BEGIN
 END
 $f$;
 
--- One change on a subcloud: 'applied' or 'stale'.  The caller sets no savepoint; apply() does when careful.
+-- How a change's row is written into its table.  writers_sql() replaces these two with one branch of static
+-- SQL per synced table (planned once per session); they answer false for a table they have no branch for,
+-- or a row without every synced column, and apply_one then writes with dynamic SQL.
+CREATE OR REPLACE FUNCTION {bk}.put_row(tn text, r jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN
+    RETURN false;
+END
+$f$;
+CREATE OR REPLACE FUNCTION {bk}.delete_row(tn text, pk jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
+BEGIN
+    RETURN false;
+END
+$f$;
+
+-- One change on a subcloud: 'new' (a row it did not have), 'applied' or 'stale'.  The caller sets no
+-- savepoint; apply() does when careful.
 CREATE OR REPLACE FUNCTION {bk}.apply_one(c jsonb, repair boolean) RETURNS text LANGUAGE plpgsql AS $f$
 DECLARE
+    tn text := c->>'tbl';
     st {bk}.synced_table;
     lv bigint;
+    buried boolean := false;
     v bigint := (c->>'version')::bigint;
     cols text; sets text; keys text;
 BEGIN
-    SELECT * INTO st FROM {bk}.synced_table WHERE tbl = c->>'tbl';
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'table % is not synced here', c->>'tbl';
-    END IF;
-    lv := (SELECT version FROM {bk}.row_state WHERE tbl = st.tbl AND pk = c->'pk');
+    lv := (SELECT version FROM {bk}.row_state WHERE tbl = tn AND pk = c->'pk');
     IF lv IS NULL THEN
-        lv := (SELECT version FROM {bk}.tombstone WHERE tbl = st.tbl AND pk = c->'pk');
+        lv := (SELECT version FROM {bk}.tombstone WHERE tbl = tn AND pk = c->'pk');
+        buried := lv IS NOT NULL;
     END IF;
     IF lv IS NOT NULL AND (v < lv OR (v = lv AND NOT repair)) THEN
         RETURN 'stale';
     END IF;
     PERFORM set_config('{VERSION_SETTING}', v::text, true);
-    SELECT string_agg(quote_ident(k), ', ') INTO keys FROM unnest(st.pk) k;
-    IF c->>'op' = 'U' THEN
-        SELECT string_agg(quote_ident(k), ', '),
-               string_agg(CASE WHEN k <> ALL(st.pk) THEN format('%1$I = EXCLUDED.%1$I', k) END, ', ')
-          INTO cols, sets
-          FROM unnest(st.columns) k WHERE (c->'row') ? k;
-        EXECUTE format('INSERT INTO %1$I.%2$I AS t (%3$s) SELECT %3$s FROM jsonb_populate_record(NULL::%1$I.%2$I, $1) '
-                       'ON CONFLICT (%4$s) DO %5$s',
-                       {data_literal}, st.tbl, cols, keys,
-                       CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END)
-            USING c->'row';
-        DELETE FROM {bk}.tombstone WHERE tbl = st.tbl AND pk = c->'pk';
+    IF c->>'op' = 'U' AND {bk}.put_row(tn, c->'row') OR c->>'op' <> 'U' AND {bk}.delete_row(tn, c->'pk') THEN
+        NULL;
     ELSE
-        EXECUTE format('DELETE FROM %1$I.%2$I WHERE (%3$s) = '
-                       '(SELECT %3$s FROM jsonb_populate_record(NULL::%1$I.%2$I, $1))',
-                       {data_literal}, st.tbl, keys)
-            USING c->'pk';
-        INSERT INTO {bk}.tombstone AS t (tbl, pk, version) VALUES (st.tbl, c->'pk', v)
-            ON CONFLICT (tbl, pk) DO UPDATE SET version = greatest(t.version, EXCLUDED.version), deleted_at = now();
+        SELECT * INTO st FROM {bk}.synced_table WHERE tbl = tn;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'table % is not synced here', tn;
+        END IF;
+        SELECT string_agg(quote_ident(k), ', ') INTO keys FROM unnest(st.pk) k;
+        IF c->>'op' = 'U' THEN
+            SELECT string_agg(quote_ident(k), ', '),
+                   string_agg(CASE WHEN k <> ALL(st.pk) THEN format('%1$I = EXCLUDED.%1$I', k) END, ', ')
+              INTO cols, sets
+              FROM unnest(st.columns) k WHERE (c->'row') ? k;
+            EXECUTE format('INSERT INTO %1$I.%2$I AS t (%3$s) SELECT %3$s '
+                           'FROM jsonb_populate_record(NULL::%1$I.%2$I, $1) ON CONFLICT (%4$s) DO %5$s',
+                           {data_literal}, st.tbl, cols, keys,
+                           CASE WHEN sets IS NULL THEN 'NOTHING' ELSE 'UPDATE SET ' || sets END)
+                USING c->'row';
+        ELSE
+            EXECUTE format('DELETE FROM %1$I.%2$I WHERE (%3$s) = '
+                           '(SELECT %3$s FROM jsonb_populate_record(NULL::%1$I.%2$I, $1))',
+                           {data_literal}, st.tbl, keys)
+                USING c->'pk';
+        END IF;
     END IF;
+    IF c->>'op' = 'U' THEN
+        IF buried THEN
+            DELETE FROM {bk}.tombstone WHERE tbl = tn AND pk = c->'pk';
+        END IF;
+        RETURN CASE WHEN lv IS NULL THEN 'new' ELSE 'applied' END;
+    END IF;
+    INSERT INTO {bk}.tombstone AS t (tbl, pk, version) VALUES (tn, c->'pk', v)
+        ON CONFLICT (tbl, pk) DO UPDATE SET version = greatest(t.version, EXCLUDED.version), deleted_at = now();
     RETURN 'applied';
 END
 $f$;
@@ -266,6 +317,7 @@ CREATE OR REPLACE FUNCTION {bk}.apply(changes jsonb, repair boolean, careful boo
 LANGUAGE plpgsql AS $f$
 DECLARE
     c jsonb; r text; applied int := 0; stale int := 0; failed jsonb := '[]'::jsonb;
+    fresh text[] := '{{}}';   -- the tables that got rows they did not have: their sequences may need a push
 BEGIN
     FOR c IN SELECT value FROM jsonb_array_elements(changes) LOOP
         IF careful THEN
@@ -279,10 +331,19 @@ BEGIN
         ELSE
             r := {bk}.apply_one(c, repair);
         END IF;
-        IF r = 'applied' THEN applied := applied + 1; ELSE stale := stale + 1; END IF;
+        IF r = 'stale' THEN
+            stale := stale + 1;
+        ELSE
+            applied := applied + 1;
+            IF r = 'new' AND NOT c->>'tbl' = ANY(fresh) THEN
+                fresh := fresh || (c->>'tbl');
+            END IF;
+        END IF;
     END LOOP;
     PERFORM set_config('{VERSION_SETTING}', '', true);
-    PERFORM {bk}.bump_sequences(ARRAY(SELECT DISTINCT value->>'tbl' FROM jsonb_array_elements(changes)));
+    IF cardinality(fresh) > 0 THEN
+        PERFORM {bk}.bump_sequences(fresh);
+    END IF;
     RETURN jsonb_build_object('applied', applied, 'stale', stale, 'failed', failed);
 END
 $f$;
@@ -379,6 +440,35 @@ BEGIN
 END
 $f$;
 """
+
+
+def writers_sql(place: Place, tables: Sequence[ResolvedTable]) -> str:
+    """``put_row`` and ``delete_row`` with one branch of static SQL per synced table (see apply_one): PL/pgSQL
+    plans each branch once per session, where apply_one's dynamic SQL is planned for every change.  A row
+    without every synced column is left to the dynamic path (it writes only the columns the row has)."""
+    bk = ident(place.bookkeeping)
+    puts: list[str] = []
+    deletes: list[str] = []
+    for t in tables:
+        target = f"{ident(place.data)}.{ident(t.name)}"
+        name = "'" + t.name.replace("'", "''") + "'"
+        cols = ", ".join(ident(c) for c in t.columns)
+        keys = ", ".join(ident(c) for c in t.pk)
+        sets = ", ".join(f"{ident(c)} = EXCLUDED.{ident(c)}" for c in t.columns if c not in t.pk)
+        every = "ARRAY[" + ", ".join("'" + c.replace("'", "''") + "'" for c in t.columns) + "]::text[]"
+        puts.append(f"IF tn = {name} AND r ?& {every} THEN\n"
+                    f"        INSERT INTO {target} AS t ({cols}) SELECT {cols} "
+                    f"FROM jsonb_populate_record(NULL::{target}, r)\n"
+                    f"            ON CONFLICT ({keys}) DO {'UPDATE SET ' + sets if sets else 'NOTHING'};\n"
+                    "        RETURN true;\n    END IF;")
+        deletes.append(f"IF tn = {name} THEN\n"
+                       f"        DELETE FROM {target} WHERE ({keys}) = "
+                       f"(SELECT {keys} FROM jsonb_populate_record(NULL::{target}, pk));\n"
+                       "        RETURN true;\n    END IF;")
+    return (f"CREATE OR REPLACE FUNCTION {bk}.put_row(tn text, r jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+            "BEGIN\n    " + "\n    ".join(puts) + "\n    RETURN false;\nEND\n$f$;\n"
+            f"CREATE OR REPLACE FUNCTION {bk}.delete_row(tn text, pk jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$\n"
+            "BEGIN\n    " + "\n    ".join(deletes) + "\n    RETURN false;\nEND\n$f$;\n")
 
 
 def trigger_sql(place: Place, table: str, *, capture: bool, lane: str, pk: tuple[str, ...],

@@ -268,13 +268,68 @@ async def test_a_write_touches_its_own_row_state_not_the_tables(pair: tuple[asyn
         await pool.execute("ANALYZE")
         async with pool.acquire() as conn, conn.transaction():
             before = await _tuples_read(conn)     # this session's counts not yet flushed are in the view too
+            written = await _row_writes(conn)
             await conn.execute("""UPDATE "user" SET extra = '{"x": 1}' WHERE id = 'u1500'""")
             after = await _tuples_read(conn)
+            writes = {t: tuple(a - b for a, b in zip(n, written.get(t, (0, 0, 0)), strict=True))
+                      for t, n in (await _row_writes(conn)).items()}
         touched = {t: after.get(t, 0) - before.get(t, 0) for t in ("row_state", "digest")}
         assert touched["row_state"] <= 3 and touched["digest"] <= 3, (capture, touched)
+        # the row's state is updated where it is, not deleted and inserted again
+        assert writes["row_state"] == (0, 1, 0) and writes["digest"] == (0, 1, 0), (capture, writes)
 
 
 async def _tuples_read(conn: asyncpg.Connection) -> dict[str, int]:
     rows = await conn.fetch("SELECT relname, coalesce(seq_tup_read, 0) + coalesce(idx_tup_fetch, 0) AS tuples "
                             "FROM pg_stat_xact_user_tables WHERE schemaname = 'roost_dcsync'")
     return {r["relname"]: int(r["tuples"]) for r in rows}
+
+
+async def _row_writes(conn: asyncpg.Connection) -> dict[str, tuple[int, int, int]]:
+    """This transaction's (inserts, updates, deletes) per bookkeeping table."""
+    rows = await conn.fetch("SELECT relname, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_xact_user_tables "
+                            "WHERE schemaname = 'roost_dcsync'")
+    return {r["relname"]: (int(r["n_tup_ins"]), int(r["n_tup_upd"]), int(r["n_tup_del"])) for r in rows}
+
+
+async def test_a_key_change_a_delete_and_a_return_keep_the_digests_equal(
+        pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    central, sub = pair
+    tc = await _install(central, capture=True)
+    ts = await _install(sub, capture=False)
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL), ('u2', true, NULL, NULL);
+        INSERT INTO revocation_event (id, user_id, issued_before) VALUES (1, 'u1', '2026-01-01')""")
+    main, rev = await _sync(central, sub, tc), await _sync(central, sub, tc, "revocation")
+    # the primary key changes: a delete of the old key and an upsert of the new one
+    await central.execute("UPDATE revocation_event SET id = 7 WHERE id = 1")
+    moved = await tc.changes(central, "revocation", rev, 10)
+    assert [(c.op, c.pk) for c in moved] == [("D", {"id": 1}), ("U", {"id": 7})]
+    rev = await _sync(central, sub, tc, "revocation", after=rev)
+    assert await sub.fetchval("SELECT array_agg(id) FROM revocation_event") == [7]
+    # deleted, then made again with the same key: back at the subcloud, its tombstone gone
+    await central.execute("DELETE FROM \"user\" WHERE id = 'u2'")
+    main = await _sync(central, sub, tc, after=main)
+    assert await sub.fetchval("SELECT count(*) FROM roost_dcsync.tombstone WHERE tbl = 'user'") == 1
+    await central.execute("INSERT INTO \"user\" VALUES ('u2', false, 'again', NULL)")
+    await _sync(central, sub, tc, after=main)
+    assert await sub.fetchval("SELECT extra FROM \"user\" WHERE id = 'u2'") == "again"
+    assert await sub.fetchval("SELECT count(*) FROM roost_dcsync.tombstone WHERE tbl = 'user'") == 0
+    assert await _roots(central, tc) == await _roots(sub, ts)
+
+
+async def test_a_row_without_every_synced_column_writes_only_those_it_has(
+        pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    """The static writer of a table takes whole rows; a row cut short (a controller with fewer columns) goes
+    the dynamic way and leaves the other columns as they are."""
+    _, sub = pair
+    ts = await _install(sub, capture=False)
+    await sub.execute("""INSERT INTO "user" VALUES ('u1', true, 'kept', NULL)""")
+    async with sub.acquire() as conn, conn.transaction():
+        result = await ts.apply(conn, [{"seq": 5, "tbl": "user", "op": "U", "pk": {"id": "u1"},
+                                        "row": {"id": "u1", "enabled": False}, "version": 5},
+                                       {"seq": 6, "tbl": "user", "op": "U", "pk": {"id": "u2"},
+                                        "row": {"id": "u2", "enabled": True, "extra": "whole"}, "version": 6}])
+    assert (result.applied, result.failed) == (2, ())
+    assert [tuple(r) for r in await sub.fetch('SELECT id, enabled, extra FROM "user" ORDER BY id')] == [
+        ("u1", False, "kept"), ("u2", True, "whole")]
+    assert await sub.fetchval("SELECT version FROM roost_dcsync.row_state WHERE pk = '{\"id\": \"u1\"}'") == 5
