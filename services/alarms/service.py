@@ -245,6 +245,7 @@ class AlarmsService:
 
     name = NAME
     migrations: Path | None = MIGRATIONS
+    hold_idle = 0.5         # seconds the committer keeps its connections once no message is queued
 
     def __init__(self, catalogue_paths: Sequence[str | Path] | None = None, *,
                  history_retention: timedelta = timedelta(days=30), retention_interval: float = 3600.0,
@@ -267,6 +268,7 @@ class AlarmsService:
         self._committer: asyncio.Task[None] | None = None
         self._arrival: asyncio.Future[None] | None = None      # the committer waits for a message to come
         self._held: list[asyncpg.pool.PoolConnectionProxy] = []   # the committer's connections between batches
+        self._stopping = False
         self.history_retention = history_retention
         self.retention_interval = retention_interval
         self.webhook_retention = webhook_retention
@@ -302,6 +304,7 @@ class AlarmsService:
         paths = self.catalogue_paths if self.catalogue_paths is not None else default_catalogue_paths()
         catalogue: Catalogue = await asyncio.to_thread(load_catalogues, *paths)
         self._ctx = ctx
+        self._stopping = False
         if ctx.settings.alarm_history_retention_days is not None:
             self.history_retention = timedelta(days=ctx.settings.alarm_history_retention_days)
         self._store = AlarmStore(catalogue, ctx.outbox, load_registry(), webhooks=self.webhooks)
@@ -340,6 +343,9 @@ class AlarmsService:
             "alarm_id": WEBHOOK_FAILING, "entity_instance_id": f"webhook={subscription_id}"}))
 
     async def stop(self) -> None:
+        self._stopping = True
+        if self._arrival is not None and not self._arrival.done():
+            self._arrival.set_result(None)      # a committer holding its connections for the next message: end
         if self._dispatcher is not None:
             await self._dispatcher.stop()
             self._dispatcher = None
@@ -399,16 +405,27 @@ class AlarmsService:
         _count(done)        # committed
 
     async def _commit_queued(self) -> None:
-        """Commit the queued messages until none is left, then give the held connections back.  (Nothing is
-        awaited between the last look at the queue and the end: a handler that queues a message while this
-        task is still running relies on it to take it.)"""
+        """Commit the queued messages until none is left and none came for ``hold_idle`` seconds, then give the
+        held connections back.  (Nothing is awaited between the last look at the queue and the end: a handler
+        that queues a message while this task is still running relies on it to take it.)
+
+        Under a steady trickle (100 faults/s: one message a batch) giving the connection back after each batch
+        cost a reset statement in PostgreSQL per batch, as many as the batches' own commits: holding it a
+        moment longer serves the next message on the same connection."""
         try:
             while True:
                 await self._commit_until_idle()
+                if not self._queued and self._held and not self._stopping:
+                    self._arrival = asyncio.get_running_loop().create_future()
+                    await asyncio.wait({self._arrival}, timeout=self.hold_idle)
+                    self._arrival = None
+                    if self._queued:
+                        continue
                 await self._release_held()
                 if not self._queued:
                     return
         finally:
+            self._arrival = None
             if self._held:              # cancelled
                 await self._release_held()
 
