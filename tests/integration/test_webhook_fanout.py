@@ -261,6 +261,35 @@ async def test_a_small_window_keeps_the_order_per_alarm(pool: asyncpg.Pool) -> N
     assert got == {f"host=compute-{i}": [1, 2, 3, 4] for i in range(4)}
 
 
+async def test_deliveries_fan_out_again_only_when_a_window_was_full(pool: asyncpg.Pool) -> None:
+    """A delivery that ends makes room in its subscription's window: that calls for a fan-out only when the
+    window was full with notifications behind the cursor (else each delivery cost a fan-out, one more check
+    statement at least, for nothing); when it was, the deliveries alone (no poll) keep the rows coming."""
+    slow = DispatcherSettings(timeout=1.0, lease=1.5, poll_interval=30.0)
+    async with HttpReceiver() as receiver:
+        await store.create_subscription(pool, receiver.url("/hook"))
+        dispatcher = WebhookDispatcher(pool, slow)
+        dispatcher.start()
+        try:
+            await until(lambda: dispatcher.stats.fan_outs >= 1, what="the first fan-out")
+            for i in range(8):                  # one at a time: the window (128) never fills
+                await enqueue(pool, [notification(entity=f"host=one-{i}")])
+                await until(lambda i=i: dispatcher.stats.delivered == i + 1, what="the delivery")
+            assert dispatcher.stats.fan_outs <= 1 + 8 + 2, dispatcher.stats
+        finally:
+            await dispatcher.stop()
+        small = DispatcherSettings(timeout=1.0, lease=1.5, poll_interval=30.0, per_subscription=2, window=2, ahead=2)
+        notes = [notification(entity=f"host=many-{i}") for i in range(12)]
+        await enqueue(pool, notes)
+        dispatcher = WebhookDispatcher(pool, small)
+        dispatcher.start()
+        try:
+            await until(lambda: dispatcher.stats.delivered == 12, timeout=10, what="all, two rows at a time")
+        finally:
+            await dispatcher.stop()
+    assert [r.headers["webhook-id"] for r in receiver.requests][8:] == [n.id for n in notes]
+
+
 def _scans(plan: dict[str, object]) -> list[dict[str, object]]:
     """Every node of an EXPLAIN (FORMAT JSON) plan that reads webhook_deliveries."""
     found = [plan] if plan.get("Relation Name") == "webhook_deliveries" else []
@@ -289,7 +318,7 @@ async def test_the_queue_statements_read_pending_rows_only_whatever_the_statisti
                   settings.window, settings.effective_lease),
         "fan-out": (store._FAN_OUT, 10_000, store.FANOUT_CHUNK, settings.ahead),
         "delivered": (dispatcher_module._DELIVERED_MANY, ids, [uuid.uuid4()] * len(ids), [200] * len(ids),
-                      store.NOTIFY_CHANNEL),
+                      store.NOTIFY_CHANNEL, dispatcher_module.DELIVERED_PAYLOAD),
     }
     for name, (sql, *args) in statements.items():
         plan = json.loads(await pool.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))[0]["Plan"]

@@ -94,6 +94,7 @@ log = structlog.get_logger("roost.alarms.webhooks")
 SubscriptionHook = Callable[[str, str], Awaitable[None]]
 State = Literal["delivered", "retry", "dead"]
 USER_AGENT = "roost-webhooks/1"
+DELIVERED_PAYLOAD = "delivered"          # the NOTIFY payload of deliveries that left more rows waiting
 MAX_ANSWER_BYTES = 64 * 1024
 
 
@@ -243,6 +244,7 @@ class DispatcherStats:
     lost_claims: int = 0                 # outcomes not written: the lease had expired and was taken
     cycles: int = 0                      # claim cycles run (the loop wakes on work, not on a timer)
     fanned_out: int = 0                  # delivery rows this dispatcher's fan-outs made
+    fan_outs: int = 0                    # fan-outs run (each one or more statements)
 
 
 # One claim, one statement: the window of each subscription not paused (its oldest pending rows, by the queue
@@ -305,7 +307,7 @@ _DELIVERED_MANY = f"""
         WHERE d.id = v.id AND d.claim_token = v.token AND d.state = 'pending'
         RETURNING d.id, d.subscription_id, extract(epoch FROM d.delivered_at - d.created_at)::float8 AS latency),
     waiting AS (
-        SELECT pg_notify($4, '') FROM (SELECT DISTINCT subscription_id FROM upd) u
+        SELECT pg_notify($4, $5) FROM (SELECT DISTINCT subscription_id FROM upd) u
         WHERE (SELECT d.id FROM {DELIVERIES} d
                WHERE d.subscription_id = u.subscription_id AND d.state = 'pending' AND d.id <> ALL($1::bigint[])
                ORDER BY d.id + 0 LIMIT 1) IS NOT NULL
@@ -379,6 +381,7 @@ class WebhookDispatcher:
         self._depth_at = -float("inf")
         self._task: asyncio.Task[None] | None = None
         self._announced = True           # a notification may wait for the fan-out (at start: look)
+        self._windows_full = True        # the last fan-out left a cursor behind for want of room (at start: may)
         self._fan_wake = asyncio.Event()
         self._fanning: asyncio.Task[None] | None = None
         self._delivered: list[Done] = []
@@ -413,8 +416,8 @@ class WebhookDispatcher:
                 await self._ensure_listening()
                 sleep = self.settings.poll_interval
                 try:
-                    if await self._record_delivered() and self.settings.ahead is not None:
-                        self._fan_out_soon()         # room in the windows again: make the next rows
+                    if await self._record_delivered() and self.settings.ahead is not None and self._windows_full:
+                        self._fan_out_soon()         # room in a full window again: make the next rows
                     free = self.settings.max_in_flight - len(self._inflight)
                     if free > 0:
                         jobs, due = await self._claim(free)
@@ -518,8 +521,11 @@ class WebhookDispatcher:
             return
         self._listener = conn
 
-    def _notified(self, *_: Any) -> None:
-        self._fan_out_soon()
+    def _notified(self, connection: Any, pid: int, channel: str, payload: object) -> None:
+        # A delivery's NOTIFY (its subscription has more rows waiting) calls for a fan-out only when a window
+        # was full; a notification's (or a replay's) always.
+        if payload != DELIVERED_PAYLOAD or self._windows_full:
+            self._fan_out_soon()
         self._wake.set()
 
     def _fan_out_soon(self) -> None:
@@ -544,7 +550,8 @@ class WebhookDispatcher:
                     try:
                         if conn is None or conn.is_closed():
                             conn = await self.pool.acquire()
-                        made, again = await fan_out_once(conn, ahead=self.settings.ahead)
+                        self.stats.fan_outs += 1
+                        made, again, self._windows_full = await fan_out_once(conn, ahead=self.settings.ahead)
                         if made:
                             self.stats.fanned_out += made
                             self._wake.set()
@@ -664,7 +671,7 @@ class WebhookDispatcher:
         try:
             db = self._db()
             rows = await db.fetch(_DELIVERED_MANY, [d.job.id for d in done], [d.job.token for d in done],
-                                  [d.status for d in done], NOTIFY_CHANNEL)
+                                  [d.status for d in done], NOTIFY_CHANNEL, DELIVERED_PAYLOAD)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             # kept for the next cycle: written then if the claim still holds (else the row goes again, same id)
             self._delivered[:0] = done

@@ -38,6 +38,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 import asyncpg
 
@@ -341,7 +342,9 @@ async def enqueue(conn: AnyConnection, notification: Notification) -> int:
 # replica), in chunks of FANOUT_CHUNK seqs: delivery rows in notification order, cursors moved, one statement.
 # With $3 (ahead) not NULL, a subscription's cursor moves at most as many seqs as it has room for below
 # $3 pending delivery rows (its filters may skip some of those seqs: never more rows than room); `more`
-# says a chunk ended before hw (call again), not that a subscription's window is full.
+# says a chunk ended before hw (call again), not that a subscription's window is full: `full` says that (its
+# cursor stays below hw for want of room: deliveries that end make room, and only then is a fan-out needed again
+# without a new notification).
 _FAN_OUT = f"""
     WITH b AS (
         SELECT id, fanned_out_seq AS lo, severities, alarm_ids, entity_prefix,
@@ -366,6 +369,7 @@ _FAN_OUT = f"""
         UPDATE {SUBSCRIPTIONS} AS u SET fanned_out_seq = s.hi FROM s WHERE u.id = s.id RETURNING s.hi, s.lo, s.room)
     SELECT (SELECT count(*) FROM ins) AS made, (SELECT count(*) FROM upd) AS subscriptions,
            coalesce((SELECT bool_or(hi < $1 AND room = $2) FROM upd), false) AS more,
+           coalesce((SELECT bool_or(lo + room < $1) FROM b), false) AS full,
            (SELECT count(*) FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1) > (SELECT count(*) FROM b) AS skipped"""
 
 
@@ -390,26 +394,32 @@ async def fan_out(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHU
     delivery rows (the dispatcher's way: the rows are made as the sending needs them; the notifications
     beyond stay queued, durably, behind the subscription's cursor).
     """
-    made, _ = await fan_out_once(conn, chunk=chunk, ahead=ahead)
-    return made
+    return (await fan_out_once(conn, chunk=chunk, ahead=ahead)).made
+
+
+class FanOut(NamedTuple):
+    made: int           # delivery rows made
+    again: bool         # call again soon: a writer kept its seq past the wait, or a subscription was busy
+    full: bool          # a subscription's window is full with notifications behind its cursor (or not known)
 
 
 async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOUT_CHUNK,
-                       ahead: int | None = None) -> tuple[int, bool]:
+                       ahead: int | None = None) -> FanOut:
     """``fan_out``; also whether to call again soon: a writer kept its seq past the wait, or a subscription
-    was locked (by another replica's fan-out, or an update of its row) and left for later."""
+    was locked (by another replica's fan-out, or an update of its row) and left for later; and whether a
+    window (``ahead``) kept a cursor back, so that deliveries ending (making room) call for a fan-out."""
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as own:
             return await fan_out_once(own, chunk=chunk, ahead=ahead)
     check = await conn.fetchrow(_FAN_OUT_CHECK, FANOUT_LOCK)
     if check is None:
-        return 0, False
+        return FanOut(0, False, False)
     hw = int(check["hw"])
     if not check["clear"]:
         try:
             await conn.execute(_BARRIER_WAIT)
         except asyncpg.LockNotAvailableError:
-            return 0, True
+            return FanOut(0, True, True)
         finally:
             # An error inside the barrier's BEGIN ... COMMIT leaves its transaction open and aborted, and the
             # connection refusing every later statement: end it (a held connection is used again).
@@ -421,7 +431,7 @@ async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOU
         assert row is not None
         made += int(row["made"])
         if not row["more"]:
-            return made, bool(row["skipped"])
+            return FanOut(made, bool(row["skipped"]), bool(row["full"]))
 
 
 async def replay(conn: Executor, subscription_id: str, *, webhook_ids: Sequence[str] | None = None,
