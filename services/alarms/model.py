@@ -21,6 +21,7 @@ transaction.
 
 from __future__ import annotations
 
+import functools
 import re
 import uuid as uuidlib
 from collections.abc import Callable, Collection, Iterable
@@ -73,8 +74,15 @@ class EntityInstanceId:
 
     @classmethod
     def parse(cls, text: str) -> EntityInstanceId:
+        """The parsed id, or ``MalformedEntityId`` saying why not.  Parsed once per text, then remembered (a
+        bounded cache: the instances are immutable, and an alarm's entity is parsed several times per message,
+        by the request's validation, the batch, the decision)."""
         if not isinstance(text, str):
             raise MalformedEntityId(f"entity_instance_id must be a string, not {type(text).__name__}")
+        return _parse_entity(text)
+
+    @classmethod
+    def _parse(cls, text: str) -> EntityInstanceId:
         if not text:
             raise MalformedEntityId("entity_instance_id is empty")
         if len(text) > ENTITY_ID_MAX:
@@ -108,7 +116,7 @@ class EntityInstanceId:
     def __str__(self) -> str:
         return ".".join(f"{k}={v}" for k, v in self.segments)
 
-    @property
+    @functools.cached_property
     def entity_type_id(self) -> str:
         """The keys, dot-joined: ``host.port`` for ``host=controller-0.port=eth0``."""
         return ".".join(k for k, _ in self.segments)
@@ -126,6 +134,12 @@ class EntityInstanceId:
         return self.is_prefix_of(other) if prefix else self == other
 
 
+@functools.lru_cache(maxsize=8192)
+def _parse_entity(text: str) -> EntityInstanceId:
+    return EntityInstanceId._parse(text)
+
+
+@functools.lru_cache(maxsize=8192)
 def _entity_text(value: str) -> str:
     return str(EntityInstanceId.parse(value))
 

@@ -420,3 +420,15 @@ def test_records_validate_like_fm() -> None:
         Alarm.model_validate({**dumped, "masked": True})
     with pytest.raises(ValidationError, match="timezone"):
         Alarm.model_validate({**dumped, "timestamp": "2026-01-01T00:00:00"})
+
+
+def test_a_parsed_entity_id_is_remembered_and_a_malformed_one_refused_every_time() -> None:
+    text = "host=cache-1.port=eth0"
+    first = EntityInstanceId.parse(text)
+    assert EntityInstanceId.parse(text) is first             # parsed once
+    assert first.entity_type_id == "host.port" and str(first) == text
+    for _ in range(2):
+        with pytest.raises(MalformedEntityId):
+            EntityInstanceId.parse("host=cache-1..port=eth0")
+    with pytest.raises(MalformedEntityId):
+        EntityInstanceId.parse(["host=x"])                  # type: ignore[arg-type]
