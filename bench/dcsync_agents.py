@@ -8,7 +8,8 @@ Every subcloud is a real ``SubcloudSync`` served by a real ``ServedSubcloud`` (i
 (one asyncio loop, one core at most), ONE asyncpg pool on the subclouds' database and ONE NATS connection.
 
 The bench talks to this process with one JSON object per line: the configuration first (``nats_url``,
-``db_url``, ``names``, ``heartbeat_interval``, ``pool_size``, ``start_concurrency``), answered by
+``db_url``, ``names``, ``heartbeat_interval``, ``pool_size``, ``start_concurrency``, optionally
+``pull_idle_heartbeat``), answered by
 ``{"ready": ...}``; then commands (``op``), each answered by one line.  Every ``SubcloudSync.apply`` of
 streamed changes is timed here, on the machine's monotonic clock (the same clock as the bench's): for each
 change, the subcloud, its seq and when its transaction had committed.
@@ -109,7 +110,9 @@ class Agents:
                 if c.get("lockless_configure", True):
                     self.lockless_configure(sync)
                 assert self.bus is not None
-                served = ServedSubcloud(sync, self.bus, heartbeat_interval=float(c["heartbeat_interval"]))
+                served = ServedSubcloud(sync, self.bus, heartbeat_interval=float(c["heartbeat_interval"]),
+                                        **({"pull_idle_heartbeat": float(c["pull_idle_heartbeat"])}
+                                           if c.get("pull_idle_heartbeat") else {}))
                 await served.start()
                 self.served[name] = served
 

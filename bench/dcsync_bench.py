@@ -575,7 +575,8 @@ class Run:
         assert self.nats is not None
         config = {"nats_url": self.nats.url, "db_url": self.subclouds_url, "names": self.names,
                   "heartbeat_interval": a.heartbeat, "pool_size": a.agent_pool, "start_concurrency": 8,
-                  "lockless_configure": not a.locked_configure, "affinity": not a.shared_agent_pool}
+                  "lockless_configure": not a.locked_configure, "affinity": not a.shared_agent_pool,
+                  "pull_idle_heartbeat": a.pull_idle_heartbeat}
         self.agents, ready = await AgentProcess.start(config, self.tmp / "agents.log",
                                                       timeout=600 + 2 * len(self.names))
         say(f"   agents' process (pid {self.ag.pid}): {ready['subclouds']} subclouds served (bookkeeping checked, "
@@ -683,6 +684,9 @@ class Run:
         """``count`` single-row commits, 2-3 s apart; commit -> applied at each of ``names``."""
         a = self.args
         await until(lambda: all(self.in_sync(n) for n in names), 120, f"{label}: every subcloud in sync")
+        idle = self.cpu()
+        await asyncio.sleep(a.idle)
+        say(f"      before the commits, {a.idle:g} s idle: {idle.read()}")
         since = time.monotonic()
         await self.ag.ask("records", clear=True)
         watch = self.cpu()
@@ -728,6 +732,10 @@ class Run:
         say(f"      commit -> applied in ALL of them: p50 {fmt_s(percentile(per_commit, 50))}, p99 "
             f"{fmt_s(percentile(per_commit, 99))}, max {fmt_s(max(per_commit))}; "
             f"min {fmt_s(min(per_commit))}")
+        applies = {(name, t) for name, _, t in records if name in wanted and t >= since}
+        changes = sum(1 for name, _, t in records if name in wanted and t >= since)
+        say(f"      apply transactions at the subclouds: {len(applies):,} for {changes:,} changes "
+            f"({changes / max(1, len(applies)):.2f} per transaction)")
         say("      applied in all, per commit in commit order: "
             + " ".join(f"{w:.1f}" for _, w in sorted(zip(committed, per_commit, strict=True))))
         say(f"      {cpu}")
@@ -1040,6 +1048,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--catchup", type=int, help="figure 3's missed changes (10000; quick 1000)")
     p.add_argument("--spacing-min", type=float, default=2.0, help="seconds between figure 1's commits, at least (2)")
     p.add_argument("--spacing-max", type=float, default=3.0, help="... and at most (3)")
+    p.add_argument("--idle", type=float, default=10.0,
+                   help="seconds figure 1 first measures the CPU of the idle fleet (10)")
+    p.add_argument("--pull-idle-heartbeat", type=float, default=None,
+                   help="the agents' NATS pull idle heartbeat, s (the agent's default, 10; the bus's default is 2)")
     p.add_argument("--heartbeat", type=float, help="agents' heartbeat interval, s (10; quick 3)")
     p.add_argument("--lag-grace", type=float, default=10.0,
                    help="ROOST_DCSYNC lag_grace, s: how long a subcloud may lag and still count in sync (10)")

@@ -130,6 +130,31 @@ async def test_one_file_backed_stream_per_domain_and_a_durable_pull_consumer_per
         await nc.close()
 
 
+async def test_a_pull_request_carries_the_groups_idle_heartbeat(nats_transports: Factory,  # noqa: F811
+                                                                 nats_server: NatsServer) -> None:  # noqa: F811
+    """An idle consumer costs the server and the client a message every ``idle_heartbeat``: a group that waits
+    idle most of the time (a subcloud agent) asks for fewer, and its pull request lasts longer."""
+    import json
+    nc = await nats.connect(nats_server.url)
+    pulls: dict[str, dict[str, int]] = {}
+
+    async def seen(m: nats.aio.msg.Msg) -> None:
+        pulls[m.subject.rsplit(".", 1)[1]] = json.loads(m.data)
+
+    await nc.subscribe("$JS.API.CONSUMER.MSG.NEXT.>", cb=seen)
+    await nc.flush()
+    transport = await connected(nats_transports)
+    try:
+        await transport.subscribe("roost.idle.a", "chatty", Collector())
+        await transport.subscribe("roost.idle.b", "quiet", Collector(), ConsumerOptions(idle_heartbeat=10.0))
+        chatty, quiet = durable_name("chatty", "roost.idle.a"), durable_name("quiet", "roost.idle.b")
+        await wait_for(lambda: chatty in pulls and quiet in pulls, what="both pull requests")
+        assert (pulls[chatty]["idle_heartbeat"], pulls[chatty]["expires"]) == (2 * 10**9, 10 * 10**9)
+        assert (pulls[quiet]["idle_heartbeat"], pulls[quiet]["expires"]) == (10 * 10**9, 50 * 10**9)
+    finally:
+        await nc.close()
+
+
 async def test_a_new_group_starts_with_what_is_published_from_then_on(nats_transports: Factory) -> None:  # noqa: F811
     transport = await connected(nats_transports)
     await transport.publish(msg("roost.late.x", "before"))

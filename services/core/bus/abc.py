@@ -117,6 +117,9 @@ class ConsumerOptions:
     max_attempts: int = 5          # deliveries before the bus layer dead-letters
     ack_wait: float = 30.0         # seconds a delivery may stay unsettled before the broker
                                    # redelivers it (NATS AckWait; RabbitMQ redelivers on channel loss)
+    idle_heartbeat: float = 2.0    # NATS: seconds between the server's signs of life on a waiting pull
+                                   # request (one silent for twice this + 1 s is pulled again); every
+                                   # idle consumer costs the server and the client one message this often
 
 
 class Subscription(abc.ABC):

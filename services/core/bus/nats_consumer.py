@@ -50,9 +50,13 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("roost.bus.nats")
 
-PULL_EXPIRES = 10.0          # seconds a pull request waits for messages on the server
-PULL_HEARTBEAT = 2.0         # the server says "still here" this often while a request waits idle
-STALL_AFTER = 2 * PULL_HEARTBEAT + 1.0   # silence after which a request is considered lost
+PULL_EXPIRES = 10.0          # seconds a pull request waits for messages on the server, at least
+PULL_EXPIRES_HEARTBEATS = 5  # ... and at least this many idle heartbeats (ConsumerOptions.idle_heartbeat)
+
+
+def stall_after(idle_heartbeat: float) -> float:
+    """Silence after which a pull request is considered lost."""
+    return 2 * idle_heartbeat + 1.0
 SETTLE_LOG_INTERVAL = 5.0   # seconds between two reports of unconfirmed settlements
 ACK_PREFIX = "$JS.ACK."
 JS_API = "$JS.API"
@@ -376,8 +380,10 @@ class NatsSubscription(Subscription):
         self._reconnected = False
         self._req_end.clear()
         self._activity = time.monotonic()
-        body = json.dumps({"batch": self._req_batch, "expires": int(PULL_EXPIRES * 1_000_000_000),
-                           "idle_heartbeat": int(PULL_HEARTBEAT * 1_000_000_000)}).encode()
+        heartbeat = self._options.idle_heartbeat
+        expires = max(PULL_EXPIRES, PULL_EXPIRES_HEARTBEATS * heartbeat)
+        body = json.dumps({"batch": self._req_batch, "expires": int(expires * 1_000_000_000),
+                           "idle_heartbeat": int(heartbeat * 1_000_000_000)}).encode()
         await nc.publish(self._next_subject, body, reply=f"{self._inbox}.{self._req_id}")
 
     async def _await_end(self) -> str:
@@ -388,7 +394,7 @@ class NatsSubscription(Subscription):
                 return "reconnected"
             if self._req_status is not None:
                 return self._req_status
-            remaining = self._activity + STALL_AFTER - time.monotonic()
+            remaining = self._activity + stall_after(self._options.idle_heartbeat) - time.monotonic()
             if remaining <= 0:
                 return "stalled"
             with contextlib.suppress(TimeoutError):
