@@ -368,3 +368,18 @@ async def test_a_lagging_subcloud_is_stored_out_of_sync_once_not_at_every_tick(
     held.set()
     await site.wait_status("sc1")
     await _same(site, "sc1")
+
+
+async def test_the_agents_heartbeat_cursors_follow_its_applies_without_a_query(site: DcSite) -> None:
+    sc = await site.add("sc1")
+    await site.wait_status("sc1")
+    await _user(site.central, "u1", "alice")
+    await site.wait_cursor_at_head("sc1")
+    head = (await site.show("sc1"))["endpoints"][0]["head"]
+    assert (await sc.served.sync.cursors())["identity"] == head
+    # read once: a cursor changed behind the agent's back (nothing but the agent moves it) is not read again
+    await sc.pool.execute("UPDATE roost_dcsync.cursor SET applied_seq = 0")
+    assert (await sc.served.sync.cursors())["identity"] == head
+    await _user(site.central, "u2", "bob")
+    await _same(site, "sc1")
+    assert (await sc.served.sync.cursors())["identity"]["main"] > head["main"]
