@@ -216,7 +216,9 @@ class ServedSubcloud:
         self.sync = sync
         self.bus = bus
         self.heartbeat_interval = heartbeat_interval
-        self.options = ConsumerOptions(idle_heartbeat=pull_idle_heartbeat)
+        # its commands are idempotent (apply has its inbox; the others read, or set what is already set): an
+        # ack need not wait for the server's confirmation, a lost one is a redelivery answered again
+        self.options = ConsumerOptions(idle_heartbeat=pull_idle_heartbeat, confirm_acks=False)
         self._task: asyncio.Task[None] | None = None
         self.beating = True
 

@@ -179,7 +179,9 @@ class DcsyncService:
             self.availability.track(row.name, row.availability, heard, since=now)
             self._add_runtime(row)
         await self._reassert()
-        await ctx.bus.subscribe("roost.dcagent.*.heartbeat", GROUP, self._heartbeat)
+        # a heartbeat heard twice changes nothing: its ack need not wait for the server's confirmation
+        await ctx.bus.subscribe("roost.dcagent.*.heartbeat", GROUP, self._heartbeat,
+                                options=ConsumerOptions(confirm_acks=False))
         await ctx.bus.serve("roost.cmd.subcloud.>", GROUP, self.command, options=self.consumer_options)
         self._tasks += [asyncio.create_task(self._ticker(), name="dcsync-ticker"),
                         asyncio.create_task(self._heads(), name="dcsync-heads"),

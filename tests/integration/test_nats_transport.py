@@ -155,6 +155,25 @@ async def test_a_pull_request_carries_the_groups_idle_heartbeat(nats_transports:
         await nc.close()
 
 
+async def test_an_unconfirmed_ack_still_settles_the_delivery(nats_transports: Factory,  # noqa: F811
+                                                             nats_server: NatsServer) -> None:  # noqa: F811
+    transport = await connected(nats_transports)
+    seen = Collector()
+    await transport.subscribe("roost.quick.x", "quick", seen, ConsumerOptions(ack_wait=2, confirm_acks=False))
+    for i in range(20):
+        await transport.publish(msg("roost.quick.x", i))
+    await wait_for(lambda: len(seen.got) == 20, what="20 deliveries")
+    nc, js = await raw_js(nats_server)
+    try:
+        async def settled() -> bool:
+            info = await js.consumer_info("ROOST_QUICK", durable_name("quick", "roost.quick.x"))
+            return info.num_ack_pending == 0 and info.ack_floor.stream_seq == 20
+        await wait_for(settled, what="every ack registered by the server")
+    finally:
+        await nc.close()
+    assert len(seen.got) == 20 and all(d.attempt == 1 for d in seen.got)
+
+
 async def test_a_new_group_starts_with_what_is_published_from_then_on(nats_transports: Factory) -> None:  # noqa: F811
     transport = await connected(nats_transports)
     await transport.publish(msg("roost.late.x", "before"))

@@ -120,6 +120,9 @@ class ConsumerOptions:
     idle_heartbeat: float = 2.0    # NATS: seconds between the server's signs of life on a waiting pull
                                    # request (one silent for twice this + 1 s is pulled again); every
                                    # idle consumer costs the server and the client one message this often
+    confirm_acks: bool = True      # NATS: wait for the server to confirm each ack (a round trip per message);
+                                   # unconfirmed, an ack lost on the way is a redelivery after ack_wait,
+                                   # harmless to a consumer that drops duplicates (nak and term: confirmed)
 
 
 class Subscription(abc.ABC):

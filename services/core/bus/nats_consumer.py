@@ -95,7 +95,7 @@ class NatsDelivery(RawDelivery):
         return self._attempt
 
     async def ack(self) -> None:
-        await self._settle(b"+ACK", "ack")
+        await self._settle(b"+ACK", "ack", confirm=self._member.confirm_acks)
 
     async def retry(self, delay: float) -> None:
         payload = b"-NAK"
@@ -119,7 +119,7 @@ class NatsDelivery(RawDelivery):
         await self._member.transport.publish_dead_letter(copy, dedup_id, timeout=self._member.settle_timeout)
         await self._settle(b"+TERM " + _one_line(reason, 200).encode(), "term")
 
-    async def _settle(self, payload: bytes, what: str) -> None:
+    async def _settle(self, payload: bytes, what: str, *, confirm: bool = True) -> None:
         if self.settled:
             raise RuntimeError("delivery settled twice")
         self.settled = True
@@ -129,7 +129,10 @@ class NatsDelivery(RawDelivery):
             return
         try:
             nc = transport.client()
-            await nc.request(self._msg.reply, payload, timeout=self._member.settle_timeout)
+            if confirm:
+                await nc.request(self._msg.reply, payload, timeout=self._member.settle_timeout)
+            else:
+                await nc.publish(self._msg.reply, payload)
         except (BusError, nats.errors.Error, TimeoutError, OSError) as exc:
             self._member.settle_failed(what, self.message_id, exc)
 
@@ -148,6 +151,7 @@ class NatsSubscription(Subscription):
         self._options = options
         self._prefetch = max(1, options.prefetch)
         self._refill = max(1, self._prefetch // 2)
+        self.confirm_acks = options.confirm_acks
         self.settle_timeout = transport.settle_timeout
         self._next_subject = f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = ""
