@@ -144,6 +144,30 @@ def postgres_cpu() -> float:
     return total
 
 
+def postgres_cpu_by_database(tag: str) -> dict[str, float]:
+    """The PostgreSQL CPU of ``postgres_cpu`` split by what the process serves, read off its title
+    (``postgres: 15/main: user database host state``): this run's subclouds, the dcsync service's database,
+    the controller's, the server's own processes (WAL writer, checkpointer, ...), and everyone else's."""
+    out = dict.fromkeys(("subclouds", "service db", "controller", "server", "other"), 0.0)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if (entry / "comm").read_text().strip() != "postgres":
+                continue
+            title = (entry / "cmdline").read_bytes().replace(b"\x00", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        words = title.split()
+        kind = "server" if len(words) < 5 else "other"
+        for key, name in (("subclouds", f"{PREFIX}_subclouds_{tag}"), ("service db", f"{PREFIX}_roost_{tag}"),
+                          ("controller", f"{PREFIX}_central_{tag}")):
+            if name in words:
+                kind = key
+        out[kind] += proc_cpu(int(entry.name))
+    return out
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine spent not idle (all processes, everyone's)."""
     parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
@@ -157,6 +181,7 @@ class CpuWatch:
     """CPU seconds of the processes of this run (and of the machine) between ``start`` and ``read``."""
 
     pids: dict[str, int | None]
+    tag: str = ""
     before: dict[str, float] = field(default_factory=dict)
     wall: float = 0.0
 
@@ -164,6 +189,8 @@ class CpuWatch:
         out = {"service+bench": time.process_time()}
         out.update({k: proc_cpu(p) for k, p in self.pids.items()})
         out["postgres"] = postgres_cpu()
+        if self.tag:
+            out.update({f"(pg {k})": v for k, v in postgres_cpu_by_database(self.tag).items()})
         out["machine"] = machine_busy()
         return out
 
@@ -436,7 +463,7 @@ class Run:
 
     def cpu(self) -> CpuWatch:
         return CpuWatch({"agents": self.agents.pid if self.agents else None,
-                         "nats-server": self.nats.pid if self.nats else None}).start()
+                         "nats-server": self.nats.pid if self.nats else None}, str(self.tag)).start()
 
     def rt(self, name: str) -> Runtime:
         return self.svc._runtimes[name]

@@ -330,9 +330,11 @@ class Bus:
         with message_context(envelope, principal=principal.name, group=delivery.group, attempt=delivery.attempt):
             try:
                 if self.idempotency is not None and envelope.idempotencykey and not spec.reply_has_secrets:
-                    reply_data = await self.idempotency.run_once(envelope.idempotencykey, envelope.type, execute)
+                    # the store keeps the reply as JSON data: a repeat gets what the first run answered
+                    reply = CommandReply.model_validate(
+                        await self.idempotency.run_once(envelope.idempotencykey, envelope.type, execute))
                 else:
-                    reply_data = await execute()
+                    reply = await self._execute(handler, message)
             except RetryLater as exc:
                 if delivery.attempt >= options.max_attempts:
                     reason = f"still not possible after {delivery.attempt} attempts: {exc}"
@@ -344,7 +346,6 @@ class Bus:
                 if delivery.attempt >= options.max_attempts:
                     await self._reply(delivery, envelope, ReplyStatus.FAILED, f"{type(exc).__name__}: {exc}")
                 return await self._failed(delivery, exc, options)
-            reply = CommandReply.model_validate(reply_data)
             await self._send_reply(delivery, envelope, reply)
             await delivery.ack()
             return "ack" if reply.ok else "rejected"
