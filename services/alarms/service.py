@@ -290,9 +290,13 @@ class AlarmsService:
     @property
     def consumer_options(self) -> ConsumerOptions:
         """How the fault consumer runs: ``batch_size * pipeline`` handlers at once, so that batches can gather
-        while others commit."""
+        while others commit; acks not confirmed (NATS): every fault message is applied once through the inbox,
+        so an ack lost on the way costs a redelivery the inbox drops, and a confirmed one cost a round trip to
+        nats-server per message, with the handler's slot held meanwhile (9% of the service's time at 1,000
+        faults/s)."""
         concurrency = self.batch_size * (self.pipeline if self.batch_size > 1 else 1)
-        return ConsumerOptions(concurrency=concurrency, prefetch=max(ConsumerOptions().prefetch, 2 * concurrency))
+        return ConsumerOptions(concurrency=concurrency, prefetch=max(ConsumerOptions().prefetch, 2 * concurrency),
+                               confirm_acks=False)
 
     @property
     def pool(self) -> asyncpg.Pool:

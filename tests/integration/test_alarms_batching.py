@@ -282,6 +282,7 @@ async def test_batch_size_one_applies_each_message_alone(pool: asyncpg.Pool) -> 
     await site.start()
     try:
         assert site.service.consumer_options.concurrency == 1
+        assert not site.service.consumer_options.confirm_acks       # idempotent through the inbox
         await asyncio.gather(*(site.service.handle(message(envelope(
             "roost.fault.set", {"alarm_id": "950.003", "entity_instance_id": f"host=s{i}.network=mgmt",
                                 "severity": "major"}))) for i in range(4)))
@@ -337,8 +338,10 @@ async def test_the_committer_keeps_its_connection_for_the_next_message_a_moment(
         assert len(service._held) == 1, "the connection went back to the pool between two messages"
         pids.append(service._held[0].get_server_pid())
     assert len(set(pids)) == 1
-    await wait_until(lambda: not service._held, timeout=service.hold_idle + 2, what="the idle committer's release")
-    assert service._committer is not None and service._committer.done()
+    committer = service._committer
+    assert committer is not None
+    await wait_until(committer.done, timeout=service.hold_idle + 2, what="the idle committer's end")
+    assert service._held == []
     await service.handle(message(envelope("roost.fault.set", {
         "alarm_id": "950.003", "entity_instance_id": "host=t9.network=mgmt", "severity": "major"})))
     started = asyncio.get_running_loop().time()
