@@ -50,17 +50,24 @@ async def timed(conn: asyncpg.Connection, calls: int, one: object) -> tuple[floa
     return wall / calls * 1e6, cpu / calls * 1e6
 
 
+async def prepare(conn: asyncpg.Connection, rows: int, *, capture: bool) -> Tracker:
+    """The schema, ``rows`` users in ``user`` and in its untracked copy ``user_plain``, then dcsync's
+    bookkeeping (capturing: the controller; a subcloud's otherwise)."""
+    tracker = Tracker()
+    await conn.execute(MINI_SCHEMA)
+    await conn.execute('CREATE TABLE user_plain (LIKE "user" INCLUDING ALL)')
+    await conn.execute('INSERT INTO "user" (id, enabled, extra) SELECT $1 || i, true, \'{}\' '
+                       'FROM generate_series(1, $2) i', "u", rows)
+    await conn.execute("INSERT INTO user_plain SELECT * FROM \"user\"")
+    await tracker.install(conn, resolve(mini_spec(), await tracker.reflect(conn)), capture=capture)
+    await conn.execute("ANALYZE")
+    return tracker
+
+
 async def controller(url: str, rows: int, calls: int) -> dict[str, tuple[float, float]]:
     conn = await asyncpg.connect(url)
     try:
-        tracker = Tracker()
-        await conn.execute(MINI_SCHEMA)
-        await conn.execute('CREATE TABLE user_plain (LIKE "user" INCLUDING ALL)')
-        await tracker.install(conn, resolve(mini_spec(), await tracker.reflect(conn)), capture=True)
-        await conn.execute('INSERT INTO "user" (id, enabled, extra) SELECT $1 || i, true, \'{}\' '
-                           'FROM generate_series(1, $2) i', "u", rows)
-        await conn.execute("INSERT INTO user_plain SELECT * FROM \"user\"")
-        await conn.execute("ANALYZE")
+        await prepare(conn, rows, capture=True)
 
         async def tracked(c: asyncpg.Connection, i: int) -> None:
             await c.execute('UPDATE "user" SET extra = $1 WHERE id = $2', json.dumps({"n": i}), f"u{i % rows + 1}")
@@ -77,14 +84,7 @@ async def controller(url: str, rows: int, calls: int) -> dict[str, tuple[float, 
 async def subcloud(url: str, rows: int, calls: int) -> dict[str, tuple[float, float]]:
     conn = await asyncpg.connect(url)
     try:
-        tracker = Tracker()
-        await conn.execute(MINI_SCHEMA)
-        await conn.execute('CREATE TABLE user_plain (LIKE "user" INCLUDING ALL)')
-        await conn.execute('INSERT INTO "user" (id, enabled, extra) SELECT $1 || i, true, \'{}\' '
-                           'FROM generate_series(1, $2) i', "u", rows)
-        await conn.execute("INSERT INTO user_plain SELECT * FROM \"user\"")
-        await tracker.install(conn, resolve(mini_spec(), await tracker.reflect(conn)), capture=False)
-        await conn.execute("ANALYZE")
+        tracker = await prepare(conn, rows, capture=False)
         seq = 0
 
         async def received(c: asyncpg.Connection, i: int) -> None:
