@@ -68,6 +68,8 @@ def install_sql(place: Place) -> str:
     bk = ident(place.bookkeeping)
     data_literal = "'" + place.data.replace("'", "''") + "'"
     channel_literal = "'" + place.channel.replace("'", "''") + "'"
+    put_row_literal, delete_row_literal = ("'" + f"{bk}.{f}(text, jsonb)".replace("'", "''") + "'"
+                                           for f in ("put_row", "delete_row"))
     return f"""
 CREATE SCHEMA IF NOT EXISTS {bk};
 CREATE TABLE IF NOT EXISTS {bk}.synced_table (
@@ -223,17 +225,26 @@ $f$;
 
 -- How a change's row is written into its table.  writers_sql() replaces these two with one branch of static
 -- SQL per synced table (planned once per session); they answer false for a table they have no branch for,
--- or a row without every synced column, and apply_one then writes with dynamic SQL.
-CREATE OR REPLACE FUNCTION {bk}.put_row(tn text, r jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
+-- or a row without every synced column, and apply_one then writes with dynamic SQL.  Made here only when
+-- missing: this script runs again at every agent start, and must not undo the generated ones.
+DO $d$
 BEGIN
-    RETURN false;
+    IF to_regprocedure({put_row_literal}) IS NULL THEN
+        CREATE FUNCTION {bk}.put_row(tn text, r jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
+        BEGIN
+            RETURN false;
+        END
+        $f$;
+    END IF;
+    IF to_regprocedure({delete_row_literal}) IS NULL THEN
+        CREATE FUNCTION {bk}.delete_row(tn text, pk jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
+        BEGIN
+            RETURN false;
+        END
+        $f$;
+    END IF;
 END
-$f$;
-CREATE OR REPLACE FUNCTION {bk}.delete_row(tn text, pk jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
-BEGIN
-    RETURN false;
-END
-$f$;
+$d$;
 
 -- One change on a subcloud: 'new' (a row it did not have), 'applied' or 'stale'.  The caller sets no
 -- savepoint; apply() does when careful.

@@ -333,3 +333,19 @@ async def test_a_row_without_every_synced_column_writes_only_those_it_has(
     assert [tuple(r) for r in await sub.fetch('SELECT id, enabled, extra FROM "user" ORDER BY id')] == [
         ("u1", False, "kept"), ("u2", True, "whole")]
     assert await sub.fetchval("SELECT version FROM roost_dcsync.row_state WHERE pk = '{\"id\": \"u1\"}'") == 5
+
+
+async def test_the_generated_writers_survive_the_bookkeeping_script_run_again(
+        pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    """An agent runs the bookkeeping script at every start (``SubcloudSync.prepare``); the static writers
+    that ``install`` generated stay (they were reset to the dynamic path once, until the next configure)."""
+    from services.dcsync.tracking_sql import Place, install_sql
+    _, sub = pair
+    await _install(sub, capture=False)
+    row = '{"id": "u1", "enabled": true, "extra": null}'
+    assert await sub.fetchval("SELECT roost_dcsync.put_row('user', $1::jsonb)", row) is True
+    await sub.execute(install_sql(Place()))
+    assert await sub.fetchval("SELECT roost_dcsync.put_row('user', $1::jsonb)", row) is True
+    assert await sub.fetchval("SELECT roost_dcsync.put_row('unsynced', '{}'::jsonb)") is False
+    assert await sub.fetchval("SELECT roost_dcsync.delete_row('user', '{\"id\": \"u1\"}'::jsonb)") is True
+    assert await sub.fetchval('SELECT count(*) FROM "user"') == 0
