@@ -174,6 +174,22 @@ async def test_an_unconfirmed_ack_still_settles_the_delivery(nats_transports: Fa
     assert len(seen.got) == 20 and all(d.attempt == 1 for d in seen.got)
 
 
+async def test_a_message_wakes_one_idle_worker_not_all(nats_transports: Factory) -> None:  # noqa: F811
+    """With 50 workers idle, a message wakes one of them: the 49 others keep waiting where they were (an
+    Event shared by all woke every idle worker for every message)."""
+    from services.core.bus.nats_consumer import NatsSubscription
+    transport = await connected(nats_transports)
+    seen = Collector()
+    sub = await transport.subscribe("roost.herd.x", "herd", seen, ConsumerOptions(concurrency=50))
+    assert isinstance(sub, NatsSubscription)
+    await wait_for(lambda: sum(not f.done() for f in sub._idle) == 50, what="50 idle workers")
+    waiting = [f for f in sub._idle if not f.done()]
+    await transport.publish(msg("roost.herd.x", 1))
+    await wait_for(lambda: len(seen.got) == 1, what="the message")
+    await wait_for(lambda: sum(not f.done() for f in sub._idle) == 50, what="its worker idle again")
+    assert sum(not f.done() for f in waiting) == 49
+
+
 async def test_a_new_group_starts_with_what_is_published_from_then_on(nats_transports: Factory) -> None:  # noqa: F811
     transport = await connected(nats_transports)
     await transport.publish(msg("roost.late.x", "before"))

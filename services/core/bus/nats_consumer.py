@@ -161,7 +161,10 @@ class NatsSubscription(Subscription):
         self._running = 0
         self._last_start = time.monotonic()
         self._room = asyncio.Event()
-        self._work = asyncio.Event()
+        # the workers waiting for a message, each on its own future: a message wakes one of them (an Event
+        # shared by all woke every idle worker for every message: 384 wake-ups per message at the alarms
+        # service's concurrency)
+        self._idle: deque[asyncio.Future[None]] = deque()
         self._stop = asyncio.Event()
         self._req_id = 0
         self._req_batch = 0
@@ -239,7 +242,10 @@ class NatsSubscription(Subscription):
         self._stop.set()
         self._req_end.set()
         self._room.set()
-        self._work.set()
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def _give_back(self) -> None:
         """Hand what was received but never started back to the group's other members at once."""
@@ -305,7 +311,7 @@ class NatsSubscription(Subscription):
         self._held.append(_Held(msg, now))
         self._in_hand += 1
         self._update_room()
-        self._work.set()
+        self._wake_one()
         # Messages keep their own subject, so they cannot be told apart by request; they count against
         # the current one (one request is outstanding at a time, except right after a reconnect).
         self._req_received += 1
@@ -406,11 +412,22 @@ class NatsSubscription(Subscription):
 
     # -- handling -----------------------------------------------------------------------------
 
+    def _wake_one(self) -> None:
+        """A message is held: one waiting worker takes it (a busy one looks at the held messages before it
+        waits, so none is left behind when no worker waits)."""
+        while self._idle:
+            waiter = self._idle.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             while not self._held and not self._stop.is_set():
-                self._work.clear()
-                await self._work.wait()
+                waiter: asyncio.Future[None] = loop.create_future()
+                self._idle.append(waiter)
+                await waiter
             if self._stop.is_set():
                 return
             held = self._held.popleft()
