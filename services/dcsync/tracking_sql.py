@@ -63,13 +63,25 @@ class Place:
         return f"{self.bookkeeping}_changes"
 
 
+def _default_writers(bk: str) -> str:
+    """PL/pgSQL that makes ``put_row`` and ``delete_row`` answering false (apply_one's dynamic SQL then
+    writes) where they do not exist yet."""
+    out = []
+    for name, arg in (("put_row", "r"), ("delete_row", "pk")):
+        signature = "'" + f"{bk}.{name}(text, jsonb)".replace("'", "''") + "'"
+        out.append(f"    IF to_regprocedure({signature}) IS NULL THEN\n"
+                   f"        CREATE FUNCTION {bk}.{name}(tn text, {arg} jsonb) RETURNS boolean LANGUAGE plpgsql\n"
+                   "            AS $f$ BEGIN RETURN false; END $f$;\n"
+                   "    END IF;")
+    return "\n".join(out)
+
+
 def install_sql(place: Place) -> str:
     """Create (or bring up to date) the bookkeeping schema, its tables and functions.  Idempotent."""
     bk = ident(place.bookkeeping)
     data_literal = "'" + place.data.replace("'", "''") + "'"
     channel_literal = "'" + place.channel.replace("'", "''") + "'"
-    put_row_literal, delete_row_literal = ("'" + f"{bk}.{f}(text, jsonb)".replace("'", "''") + "'"
-                                           for f in ("put_row", "delete_row"))
+    default_writers = _default_writers(bk)
     return f"""
 CREATE SCHEMA IF NOT EXISTS {bk};
 CREATE TABLE IF NOT EXISTS {bk}.synced_table (
@@ -229,20 +241,7 @@ $f$;
 -- missing: this script runs again at every agent start, and must not undo the generated ones.
 DO $d$
 BEGIN
-    IF to_regprocedure({put_row_literal}) IS NULL THEN
-        CREATE FUNCTION {bk}.put_row(tn text, r jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
-        BEGIN
-            RETURN false;
-        END
-        $f$;
-    END IF;
-    IF to_regprocedure({delete_row_literal}) IS NULL THEN
-        CREATE FUNCTION {bk}.delete_row(tn text, pk jsonb) RETURNS boolean LANGUAGE plpgsql AS $f$
-        BEGIN
-            RETURN false;
-        END
-        $f$;
-    END IF;
+{default_writers}
 END
 $d$;
 
