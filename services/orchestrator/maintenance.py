@@ -149,8 +149,11 @@ class HostMaintenance:
             result = Result(True, SKIPPED, "skipped")
         else:
             state = self._nodes.setdefault(node, _NodeState())
-            if interrupts and state.interrupt is not None:
-                state.interrupt.set()          # a lock still draining gives way to this command
+            older = issued is not None and state.latest is not None and issued < state.latest
+            if interrupts and state.interrupt is not None and not older:
+                # a lock still draining gives way to this command; not to one sent before it (an unlock's
+                # enable delivered late), which it supersedes anyway
+                state.interrupt.set()
             async with state.lock:
                 if issued is not None and state.latest is not None and issued < state.latest:
                     result = Result(False, f"{action} of node {node}: a later command for it was already carried "

@@ -240,6 +240,27 @@ async def test_force_lock_interrupts_a_lock_that_is_still_draining(fake: FakeKub
     assert fake.unschedulable("worker-0") and fake.taints("worker-0") == [TAINT]   # not rolled back
 
 
+async def test_an_older_command_delivered_late_does_not_interrupt_a_draining_lock(
+        fake: FakeKube, api: KubernetesApi) -> None:
+    """An unlock's enable sent before a lock but delivered while the lock drains: the lock goes on (it was
+    interrupted, and failed, while the enable then did nothing as superseded)."""
+    web(fake, "web-0")
+    fake.add_pdb("web-pdb", match_labels={"app": "web"}, min_available=1)
+    ops = maintenance(api, drain_timeout=30.0)
+    now = datetime.now(UTC)
+    lock = asyncio.create_task(ops.disable("worker-0", issued=now))
+    await wait_until(lambda: fake.evicted(429), what="the lock waiting on the budget")
+    late = asyncio.create_task(ops.enable("worker-0", issued=now - timedelta(seconds=1)))
+    await asyncio.sleep(0)            # one step: the enable runs up to the node's lock, which the drain holds
+    assert not late.done()
+    fake.remove_pdb("web-pdb")
+    locked = await lock
+    assert locked.done, locked.detail
+    stale = await late
+    assert not stale.done and stale.outcome == "superseded"
+    assert fake.unschedulable("worker-0") and fake.taints("worker-0") == [TAINT]
+
+
 async def test_a_stale_command_does_nothing(fake: FakeKube, api: KubernetesApi) -> None:
     ops = maintenance(api)
     now = datetime.now(UTC)
