@@ -52,15 +52,15 @@ log = structlog.get_logger("roost.bus.nats")
 
 PULL_EXPIRES = 10.0          # seconds a pull request waits for messages on the server, at least
 PULL_EXPIRES_HEARTBEATS = 5  # ... and at least this many idle heartbeats (ConsumerOptions.idle_heartbeat)
+SETTLE_LOG_INTERVAL = 5.0   # seconds between two reports of unconfirmed settlements
+ACK_PREFIX = "$JS.ACK."
+JS_API = "$JS.API"
+INTERNAL_HEADER_PREFIX = "Nats-"
 
 
 def stall_after(idle_heartbeat: float) -> float:
     """Silence after which a pull request is considered lost."""
     return 2 * idle_heartbeat + 1.0
-SETTLE_LOG_INTERVAL = 5.0   # seconds between two reports of unconfirmed settlements
-ACK_PREFIX = "$JS.ACK."
-JS_API = "$JS.API"
-INTERNAL_HEADER_PREFIX = "Nats-"
 
 
 def _one_line(text: str, limit: int = 1000) -> str:
@@ -95,7 +95,7 @@ class NatsDelivery(RawDelivery):
         return self._attempt
 
     async def ack(self) -> None:
-        await self._settle(b"+ACK", "ack", confirm=self._member.confirm_acks)
+        await self._settle(b"+ACK", "ack", confirm=self._member.options.confirm_acks)
 
     async def retry(self, delay: float) -> None:
         payload = b"-NAK"
@@ -151,7 +151,6 @@ class NatsSubscription(Subscription):
         self._options = options
         self._prefetch = max(1, options.prefetch)
         self._refill = max(1, self._prefetch // 2)
-        self.confirm_acks = options.confirm_acks
         self.settle_timeout = transport.settle_timeout
         self._next_subject = f"{JS_API}.CONSUMER.MSG.NEXT.{stream}.{consumer}"
         self._inbox = ""
@@ -242,10 +241,7 @@ class NatsSubscription(Subscription):
         self._stop.set()
         self._req_end.set()
         self._room.set()
-        while self._idle:
-            waiter = self._idle.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
+        self._wake(everyone=True)
 
     async def _give_back(self) -> None:
         """Hand what was received but never started back to the group's other members at once."""
@@ -311,7 +307,7 @@ class NatsSubscription(Subscription):
         self._held.append(_Held(msg, now))
         self._in_hand += 1
         self._update_room()
-        self._wake_one()
+        self._wake()
         # Messages keep their own subject, so they cannot be told apart by request; they count against
         # the current one (one request is outstanding at a time, except right after a reconnect).
         self._req_received += 1
@@ -412,14 +408,19 @@ class NatsSubscription(Subscription):
 
     # -- handling -----------------------------------------------------------------------------
 
-    def _wake_one(self) -> None:
+    @property
+    def options(self) -> ConsumerOptions:
+        return self._options
+
+    def _wake(self, *, everyone: bool = False) -> None:
         """A message is held: one waiting worker takes it (a busy one looks at the held messages before it
-        waits, so none is left behind when no worker waits)."""
+        waits, so none is left behind when no worker waits).  ``everyone``: stopping."""
         while self._idle:
             waiter = self._idle.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                if not everyone:
+                    return
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
