@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from services.core.logging import register_secret
-from services.core.secrets import SecretStore, generate_key
+from services.core.secrets import SecretNotFound, SecretStore, generate_key
 from services.heartbeat.keys import CLUSTER_ID_BYTES, KEY_BYTES, MasterKey
 
 __all__ = ["CLUSTER_ID_SECRET", "MASTER_KEY_SECRET", "NEXT_KEY_SECRET", "ClusterKeys", "KeyStoreError",
@@ -118,15 +118,22 @@ def _parse(master_raw: bytes, cluster_raw: bytes, next_raw: bytes | None = None)
     if next_raw is None:
         return keys
     upcoming = one(next_raw, NEXT_KEY_SECRET).master
+    if upcoming == keys.master:
+        return keys   # a rotation finishing: the master key is written, the -next secret not yet removed
     if upcoming.generation <= keys.master.generation:
         raise KeyStoreError(f"secret {NEXT_KEY_SECRET} is not newer than {MASTER_KEY_SECRET}: remove it")
     return ClusterKeys(keys.cluster_id, keys.master, upcoming)
 
 
 def _read(store: SecretStore) -> ClusterKeys:
-    upcoming = store.get(NEXT_KEY_SECRET).get_secret_value() if store.exists(NEXT_KEY_SECRET) else None
-    return _parse(store.get(MASTER_KEY_SECRET).get_secret_value(), store.get(CLUSTER_ID_SECRET).get_secret_value(),
-                  upcoming)
+    # The master key before the next one: ``finish_rotation`` writes the master and then removes the next, so a
+    # reader between the two sees the same key twice, never the next key beside the master it replaced.
+    master = store.get(MASTER_KEY_SECRET).get_secret_value()
+    try:
+        upcoming: bytes | None = store.get(NEXT_KEY_SECRET).get_secret_value()
+    except SecretNotFound:
+        upcoming = None
+    return _parse(master, store.get(CLUSTER_ID_SECRET).get_secret_value(), upcoming)
 
 
 def ensure_cluster_keys(store: SecretStore) -> tuple[ClusterKeys, bool]:

@@ -3,6 +3,7 @@ cluster keys in the secret store, their rotation and sealing (``keystore``)."""
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime
 from pathlib import Path
@@ -116,6 +117,22 @@ def test_a_rotation_keeps_the_next_key_aside_until_it_is_finished(tmp_path: Path
     done = finish_rotation(store, rotating.next)
     assert done.master.key_id == rotating.next.key_id and done.next is None
     assert load_cluster_keys(store).fingerprint == done.fingerprint and not store.exists("heartbeat-master-key-next")
+
+
+def test_a_reader_between_the_two_writes_of_a_finishing_rotation_sees_the_new_key(tmp_path: Path) -> None:
+    """``finish_rotation`` writes the master key and then removes the -next secret; a reader in between (another
+    process: the CLI, a test) sees the same key twice and takes it as the master, not as a broken store."""
+    store = SecretStore(tmp_path / "secrets")
+    ensure_cluster_keys(store)
+    rotating = begin_rotation(store)
+    assert rotating.next is not None
+    store.put(MASTER_KEY_SECRET, store.get("heartbeat-master-key-next").get_secret_value())
+    between = load_cluster_keys(store)
+    assert between.master == rotating.next and between.next is None
+    other = base64.b64encode(bytes(range(64))).decode()
+    store.put("heartbeat-master-key-next", json.dumps({"generation": 2, "key": other}).encode())
+    with pytest.raises(KeyStoreError, match="not newer"):
+        load_cluster_keys(store)
 
 
 def test_the_next_key_is_sealed_for_one_host_and_opens_only_with_the_current_key(tmp_path: Path) -> None:
