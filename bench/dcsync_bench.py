@@ -61,6 +61,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -168,12 +169,29 @@ def postgres_cpu_by_database(tag: str) -> dict[str, float]:
     return out
 
 
+def _cpu_times() -> list[int]:
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
 def machine_busy() -> float:
     """CPU seconds the whole machine spent not idle (all processes, everyone's)."""
-    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    values = [int(x) for x in parts]
+    values = _cpu_times()
     idle = values[3] + values[4]
     return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_iowait() -> float:
+    """CPU seconds the machine sat idle waiting for the disk."""
+    return _cpu_times()[4] / os.sysconf("SC_CLK_TCK")
+
+
+def disk_read_mb() -> float:
+    """MB the machine read from its block devices (``pgpgin``, in KB)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "pgpgin":
+            return int(value) / 1024
+    return 0.0
 
 
 @dataclass
@@ -192,6 +210,8 @@ class CpuWatch:
         if self.tag:
             out.update({f"(pg {k})": v for k, v in postgres_cpu_by_database(self.tag).items()})
         out["machine"] = machine_busy()
+        out["iowait"] = machine_iowait()
+        out["disk read MB"] = disk_read_mb()
         return out
 
     def start(self) -> CpuWatch:
@@ -202,8 +222,10 @@ class CpuWatch:
     def read(self) -> str:
         now = self._now()
         wall = time.monotonic() - self.wall
-        parts = [f"{k} {now[k] - self.before[k]:.1f}" for k in now]
-        return f"CPU seconds over {wall:.1f} s: " + ", ".join(parts) + f" (of {wall * (os.cpu_count() or 1):.0f})"
+        parts = [f"{k} {now[k] - self.before[k]:.1f}" for k in now if k not in ("iowait", "disk read MB")]
+        return (f"CPU seconds over {wall:.1f} s: " + ", ".join(parts) + f" (of {wall * (os.cpu_count() or 1):.0f}); "
+                f"iowait {now['iowait'] - self.before['iowait']:.1f} s, "
+                f"disk reads {now['disk read MB'] - self.before['disk read MB']:.0f} MB")
 
 
 async def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> float:
@@ -238,9 +260,36 @@ async def drop_leftovers() -> list[str]:
             "SELECT datname FROM pg_database WHERE datname LIKE $1", PREFIX.replace("_", r"\_") + r"\_%")]
         for name in names:
             await conn.execute(f"DROP DATABASE IF EXISTS {ident(name)} WITH (FORCE)")
-        return names
+        spaces = [r["spcname"] for r in await conn.fetch(
+            "SELECT spcname FROM pg_tablespace WHERE spcname LIKE $1", PREFIX.replace("_", r"\_") + r"\_%")]
+        for space in spaces:
+            await drop_tablespace(conn, space)
+        return names + [f"tablespace {s}" for s in spaces]
     finally:
         await conn.close()
+
+
+def _directory_for(data_dir: Path, name: str) -> Path:
+    owner = data_dir.stat()
+    place = Path("/dev/shm") / name
+    place.mkdir(mode=0o700)
+    os.chown(place, owner.st_uid, owner.st_gid)
+    return place
+
+
+async def memory_tablespace(conn: asyncpg.Connection, name: str) -> Path:
+    """A tablespace ``name`` in a directory on tmpfs (``/dev/shm``), owned by PostgreSQL's user: where the
+    simulated subclouds' rows stay in memory (see ``--subcloud-storage``)."""
+    place = _directory_for(Path(await conn.fetchval("SELECT current_setting('data_directory')")), name)
+    await conn.execute(f"CREATE TABLESPACE {ident(name)} LOCATION '{place}'")
+    return place
+
+
+async def drop_tablespace(conn: asyncpg.Connection, name: str) -> None:
+    place = await conn.fetchval("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = $1", name)
+    await conn.execute(f"DROP TABLESPACE IF EXISTS {ident(name)}")
+    if place and str(place).startswith("/dev/shm/" + PREFIX):
+        shutil.rmtree(place, ignore_errors=True)
 
 
 async def drop_database(name: str) -> None:
@@ -438,6 +487,7 @@ class Run:
     setup_head: int = 0
     rng: random.Random = field(default_factory=lambda: random.Random(5))
     created: list[str] = field(default_factory=list)
+    tablespace: str | None = None
 
     # -- shortcuts --
 
@@ -500,6 +550,13 @@ class Run:
         try:
             await conn.execute(f"CREATE DATABASE {ident(roost)}")
             self.created.append(roost)
+            if a.subcloud_storage == "memory":
+                space = f"{PREFIX}_ts_{self.tag}"
+                place = await memory_tablespace(conn, space)
+                self.tablespace = space
+                await conn.execute(f"ALTER DATABASE {ident(subclouds)} SET TABLESPACE {ident(space)}")
+                say(f"   the subclouds' database in tablespace {space} on tmpfs ({place}): in memory, as each real "
+                    "subcloud's few MB would stay in its own PostgreSQL's cache; its WAL on disk with the others'")
         finally:
             await conn.close()
         self.central_url, self.subclouds_url, self.roost_url = (database_url(n) for n in (central, subclouds, roost))
@@ -1038,6 +1095,13 @@ class Run:
         for name in self.created:
             with contextlib.suppress(Exception):
                 await drop_database(name)
+        if self.tablespace is not None:
+            with contextlib.suppress(Exception):
+                conn = await admin()
+                try:
+                    await drop_tablespace(conn, self.tablespace)
+                finally:
+                    await conn.close()
 
 
 async def header(run: Run) -> None:
@@ -1080,6 +1144,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="50 subclouds, 1,000 rows, 10 commits: a look in ~2 minutes")
     p.add_argument("--subclouds", type=int, help="simulated subclouds (1000; quick 50)")
+    p.add_argument("--subcloud-storage", choices=("memory", "disk"), default="memory",
+                   help="where the simulated subclouds' database lives: a tablespace on tmpfs (memory, the default) "
+                        "or the server's data directory (disk), where a kernel that pages out cold file pages turns "
+                        "their applies into disk reads")
     p.add_argument("--rows", type=int,
                    help="synced rows at the controller, and so in each subcloud (10000; quick 1000)")
     p.add_argument("--commits", type=int, help="figure 1's commits (20; quick 10)")
