@@ -73,12 +73,8 @@ async def test_sigkill_mid_request(database: tuple[str, asyncpg.Pool]) -> None:
         claimed = await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries WHERE claimed_until > now()")
         assert claimed == 1
         # the next dispatcher takes the row once the killed one's lease (1.5 s) has run out
-        dispatcher = WebhookDispatcher(pool, DispatcherSettings(timeout=2.0, lease=3.0, poll_interval=0.2))
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, DispatcherSettings(timeout=2.0, lease=3.0, poll_interval=0.2)) as dispatcher:
             await until(lambda: dispatcher.stats.delivered == 4, what="all four delivered")
-        finally:
-            await dispatcher.stop()
     ids = [r.headers["webhook-id"] for r in receiver.requests]
     assert ids == [notes[0].id] + [n.id for n in notes]
     assert [data(r)["version"] for r in receiver.requests] == [1, 1, 2, 3, 4]

@@ -57,10 +57,9 @@ async def test_database_outage_mid_request(database: tuple[str, asyncpg.Pool]) -
             await store.create_subscription(pool, receiver.url("/hook"))
             notes = lifecycle("200.009", "host=controller-1")[:3]
             await enqueue(pool, notes)
-            dispatcher = WebhookDispatcher(proxied, DispatcherSettings(
-                timeout=1.0, lease=1.5, min_backoff=0.05, max_backoff=0.2, poll_interval=0.2, db_backoff=0.1))
-            dispatcher.start()
-            try:
+            settings = DispatcherSettings(timeout=1.0, lease=1.5, min_backoff=0.05, max_backoff=0.2, poll_interval=0.2,
+                                          db_backoff=0.1)
+            async with WebhookDispatcher(proxied, settings) as dispatcher:
                 await receiver.wait_for(lambda: len(receiver.requests) == 1)
                 await until(lambda: not proxy.is_up, what="database cut")
                 first = await pool.fetchval("SELECT state FROM alarms.webhook_deliveries ORDER BY id LIMIT 1")
@@ -68,8 +67,6 @@ async def test_database_outage_mid_request(database: tuple[str, asyncpg.Pool]) -
                 await proxy.restore()
                 outage_over.set()
                 await until(lambda: dispatcher.stats.delivered == 3, timeout=20, what="all three delivered")
-            finally:
-                await dispatcher.stop()
     finally:
         await proxy.stop()
     assert outage_over.is_set()

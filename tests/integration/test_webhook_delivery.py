@@ -104,9 +104,7 @@ async def test_receiver_down_then_up_everything_in_order_and_signed(pool: asyncp
     assert await enqueue(pool, notes) == 12
     delivered_before = sample("roost_webhook_deliveries_total", outcome="delivered")
     retried_before = sample("roost_webhook_deliveries_total", outcome="retry")
-    dispatcher = WebhookDispatcher(pool, FAST)
-    dispatcher.start()
-    try:
+    async with WebhookDispatcher(pool, FAST) as dispatcher:
         await until(lambda: dispatcher.stats.retried >= 6, what="attempts failing while the receiver is down")
         await until(lambda: sample("roost_webhook_queue_depth_messages", subscription=sub.id) == 12,
                     what="queue depth gauge")
@@ -114,8 +112,6 @@ async def test_receiver_down_then_up_everything_in_order_and_signed(pool: asyncp
         await receiver.start()
         await receiver.wait_for(lambda: len({r.headers["webhook-id"] for r in receiver.requests}) == 12)
         await until(lambda: dispatcher.stats.delivered == 12, what="12 delivered")
-    finally:
-        await dispatcher.stop()
         await receiver.stop()
     assert await states(pool) == {"delivered": 12}
     assert len(receiver.requests) == 12  # no duplicate without a crash
@@ -155,13 +151,9 @@ async def test_dispatcher_killed_mid_delivery_loses_nothing_duplicate_has_same_i
         assert await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries "
                                    "WHERE claimed_until > now()") == 1
         # the restarted dispatcher sends it again once the dead one's lease (1.5 s here) runs out
-        second = WebhookDispatcher(pool, settings)
-        second.start()
-        try:
+        async with WebhookDispatcher(pool, settings) as second:
             await receiver.wait_for(lambda: len(receiver.requests) == 4, what="the cut one again, then the rest")
             await until(lambda: second.stats.delivered == 3, what="all delivered")
-        finally:
-            await second.stop()
     assert await states(pool) == {"delivered": 3}
     received = [r.headers["webhook-id"] for r in receiver.requests]
     # the request cut by the kill comes again with the same webhook-id, and before the later versions
@@ -180,9 +172,7 @@ async def test_hanging_receiver_times_out_and_retries_while_another_keeps_receiv
     async with HttpReceiver(route) as receiver:
         slow, _ = await store.create_subscription(pool, receiver.url("/hang"))
         fast, _ = await store.create_subscription(pool, receiver.url("/ok"))
-        dispatcher = WebhookDispatcher(pool, settings)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, settings):
             await enqueue(pool, [notification("200.004", f"host=compute-{i}") for i in range(5)])
             await receiver.wait_for(lambda: len(receiver.on("/ok")) == 5, what="fast subscriber got all 5")
             await enqueue(pool, [notification("200.004", f"host=compute-{i}", 2, EventKind.CLEARED) for i in range(5)])
@@ -195,8 +185,6 @@ async def test_hanging_receiver_times_out_and_retries_while_another_keeps_receiv
             last_error = await pool.fetchval("SELECT last_error FROM alarms.webhook_deliveries "
                                              "WHERE subscription_id = $1 AND attempts > 0 LIMIT 1", slow.id)
             assert last_error == "timed out"
-        finally:
-            await dispatcher.stop()
     assert receiver.max_open["/hang"] <= 2  # per-subscription concurrency bound
     assert await states(pool, fast.id) == {"delivered": 10}
     assert (await states(pool, slow.id)).get("delivered", 0) == 0
@@ -212,13 +200,9 @@ async def test_429_retry_after_is_honoured(pool: asyncpg.Pool) -> None:
     async with HttpReceiver(limited) as receiver:
         await store.create_subscription(pool, receiver.url("/hook"))
         await enqueue(pool, [notification()])
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST) as dispatcher:
             await receiver.wait_for(lambda: len(receiver.requests) == 2)
             await until(lambda: dispatcher.stats.delivered == 1)
-        finally:
-            await dispatcher.stop()
     first, second = receiver.requests
     assert first.headers["webhook-id"] == second.headers["webhook-id"]
     assert second.at - first.at >= 0.95  # backoff alone would have been <= 0.2 s
@@ -243,10 +227,8 @@ async def test_4xx_dead_letters_marks_failing_and_replay_resends_same_id(pool: a
         sub, secret = await store.create_subscription(pool, receiver.url("/hook"))
         notes = lifecycle("200.004", "host=controller-0")[:2]
         await enqueue(pool, notes)
-        dispatcher = WebhookDispatcher(pool, FAST, on_subscription_failing=on_failing,
-                                       on_subscription_recovered=on_recovered)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST, on_subscription_failing=on_failing,
+                                     on_subscription_recovered=on_recovered) as dispatcher:
             await until(lambda: dispatcher.stats.dead_lettered == 2, what="both dead-lettered")
             assert len(receiver.requests) == 2  # a 4xx is not retried
             assert failing == [(sub.id, "HTTP 400: refused by the receiver, not retried")]
@@ -263,8 +245,6 @@ async def test_4xx_dead_letters_marks_failing_and_replay_resends_same_id(pool: a
             assert await store.replay(pool, sub.id) == 1
             await until(lambda: dispatcher.stats.delivered == 2)
             await until(lambda: recovered == [sub.id], what="recovered hook")
-        finally:
-            await dispatcher.stop()
     assert [r.headers["webhook-id"] for r in receiver.requests] == [notes[0].id, notes[1].id,
                                                                      notes[0].id, notes[1].id]
     assert receiver.requests[0].body == receiver.requests[2].body
@@ -286,12 +266,8 @@ async def test_max_age_dead_letters_and_calls_the_failing_hook(pool: asyncpg.Poo
     sub, _ = await store.create_subscription(pool, receiver.url("/gone"), max_age=0.5)
     other, _ = await store.create_subscription(pool, receiver.url("/gone"), max_age=3600)
     await enqueue(pool, [notification()])
-    dispatcher = WebhookDispatcher(pool, FAST, on_subscription_failing=on_failing)
-    dispatcher.start()
-    try:
+    async with WebhookDispatcher(pool, FAST, on_subscription_failing=on_failing) as dispatcher:
         await until(lambda: dispatcher.stats.dead_lettered == 1, what="dead after max age")
-    finally:
-        await dispatcher.stop()
     assert len(failing) == 1 and failing[0][0] == sub.id
     assert failing[0][1].startswith("max age 0.5s reached after ")
     assert await states(pool, sub.id) == {"dead": 1}
@@ -303,16 +279,12 @@ async def test_secret_rotation_both_sign_then_only_the_new(pool: asyncpg.Pool) -
         sub, old = await store.create_subscription(pool, receiver.url("/hook"))
         new = await store.add_secret(pool, sub.id)
         assert (await store.get_subscription(pool, sub.id)).secret_count == 2
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST):
             await enqueue(pool, [notification(version=1)])
             await receiver.wait_for(lambda: len(receiver.requests) == 1)
             await store.retire_secret(pool, sub.id, old)
             await enqueue(pool, [notification(version=2, event=EventKind.CHANGED)])
             await receiver.wait_for(lambda: len(receiver.requests) == 2)
-        finally:
-            await dispatcher.stop()
     during, after = receiver.requests
     assert len(during.headers["webhook-signature"].split(" ")) == 2
     assert verify(during.headers, during.body, old) and verify(during.headers, during.body, new)
@@ -332,12 +304,8 @@ async def test_alertmanager_subscriber_gets_the_v4_payload(pool: asyncpg.Pool) -
     async with HttpReceiver() as receiver:
         sub, _ = await store.create_subscription(pool, receiver.url("/am"), name="team-x", format="alertmanager")
         await enqueue(pool, lifecycle("200.004", "host=controller-0")[::3])  # raised, cleared
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST):
             await receiver.wait_for(lambda: len(receiver.requests) == 2)
-        finally:
-            await dispatcher.stop()
     payloads = [json.loads(r.body) for r in receiver.requests]
     for p in payloads:
         validate_alertmanager_v4(p)
@@ -446,12 +414,8 @@ async def test_garbage_answer_is_retried_and_others_unaffected(pool: asyncpg.Poo
         bad, _ = await store.create_subscription(pool, receiver.url("/garbage"))
         good, _ = await store.create_subscription(pool, receiver.url("/ok"))
         await enqueue(pool, lifecycle("200.004", "host=controller-0"))
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST) as dispatcher:
             await until(lambda: dispatcher.stats.delivered == 8, what="all 8 delivered")
-        finally:
-            await dispatcher.stop()
     assert dispatcher.stats.retried == 2
     assert versions_by_instance(receiver.on("/ok")) == {"200.004|host=controller-0": [1, 2, 3, 4]}
     assert [data(r)["version"] for r in receiver.on("/garbage")] == [1, 1, 1, 2, 3, 4]
@@ -467,16 +431,12 @@ async def test_waiting_behind_a_retry_does_not_spin(pool: asyncpg.Pool) -> None:
     async with HttpReceiver(answer) as receiver:
         await store.create_subscription(pool, receiver.url("/hook"))
         await enqueue(pool, lifecycle("200.004", "host=controller-0")[:3])  # two wait behind the first
-        dispatcher = WebhookDispatcher(pool, DispatcherSettings(timeout=1.0, lease=1.5, poll_interval=5.0))
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, DispatcherSettings(timeout=1.0, lease=1.5, poll_interval=5.0)) as dispatcher:
             await until(lambda: dispatcher.stats.retried == 1)
             cycles = dispatcher.stats.cycles
             await receiver.wait_for(lambda: len(receiver.requests) == 2, what="the retry after 2 s")
             assert dispatcher.stats.cycles - cycles < 10
             await until(lambda: dispatcher.stats.delivered == 3)
-        finally:
-            await dispatcher.stop()
     assert [data(r)["version"] for r in receiver.requests] == [1, 1, 2, 3]
 
 
@@ -494,12 +454,8 @@ async def test_graceful_stop_releases_claims_for_an_immediate_resend(pool: async
         await receiver.wait_for(lambda: len(receiver.requests) == 1)
         await first.stop()
         assert await pool.fetchval("SELECT claimed_until FROM alarms.webhook_deliveries") is None
-        second = WebhookDispatcher(pool, settings)
-        second.start()
-        try:
+        async with WebhookDispatcher(pool, settings) as second:
             await until(lambda: second.stats.delivered == 1, timeout=10, what="sent again well within the lease")
-        finally:
-            await second.stop()
     assert receiver.requests[0].headers["webhook-id"] == receiver.requests[1].headers["webhook-id"]
 
 
@@ -547,15 +503,11 @@ async def test_failing_endpoint_is_paused_for_every_alarm(pool: asyncpg.Pool) ->
         await enqueue(pool, [notification("200.004", f"host=compute-{i}") for i in range(10)])
         settings = DispatcherSettings(timeout=1.0, lease=1.5, per_subscription=1, min_backoff=0.05,
                                       max_backoff=0.2, poll_interval=0.2)
-        dispatcher = WebhookDispatcher(pool, settings)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, settings) as dispatcher:
             await until(lambda: dispatcher.stats.retried == 1)
             assert await pool.fetchval("SELECT consecutive_failures FROM alarms.webhook_subscriptions "
                                        "WHERE id = $1 AND paused_until > now()", sub.id) == 1
             await until(lambda: dispatcher.stats.delivered == 10, what="everything after the pause")
-        finally:
-            await dispatcher.stop()
     first, *rest = receiver.requests
     assert len(rest) == 10
     assert all(r.at - first.at >= 0.95 for r in rest)  # no other alarm's delivery during the pause

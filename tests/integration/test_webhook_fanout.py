@@ -165,12 +165,8 @@ async def test_rows_queued_before_the_migration_are_sent_first_and_signed(tmp_pa
         await migrate(pool, "alarms", MIGRATIONS)             # 0101: the old rows stay as they are
         assert await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries WHERE body IS NOT NULL") == 2
         await enqueue(pool, [changed])                        # then a notification of the same alarm
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST) as dispatcher:
             await until(lambda: dispatcher.stats.delivered == 4, what="both rows and the new notification, twice")
-        finally:
-            await dispatcher.stop()
     by_path: dict[str, list[bytes]] = {}
     for r in receiver.requests:
         verify(r.headers, r.body, secret)
@@ -224,14 +220,10 @@ async def test_the_service_retention_pass_purges_the_webhook_queue(pool: asyncpg
 async def test_the_dispatcher_fans_out_and_sends(pool: asyncpg.Pool) -> None:
     async with HttpReceiver() as receiver:
         sub, secret = await store.create_subscription(pool, receiver.url("/hook"), format="alertmanager")
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST) as dispatcher:
             notes = lifecycle("200.004", "host=controller-0")
             await enqueue(pool, notes)
             await until(lambda: dispatcher.stats.delivered == 4, what="the lifecycle")
-        finally:
-            await dispatcher.stop()
     assert dispatcher.stats.fanned_out == 4
     assert [r.headers["webhook-id"] for r in receiver.requests] == [n.id for n in notes]
     for r, n in zip(receiver.requests, notes, strict=True):
@@ -248,12 +240,8 @@ async def test_a_small_window_keeps_the_order_per_alarm(pool: asyncpg.Pool) -> N
         notes.sort(key=lambda n: (n.version, n.alarm.entity_instance_id))      # interleaved instances
         await enqueue(pool, notes)
         settings = DispatcherSettings(timeout=1.0, lease=1.5, per_subscription=2, window=3, poll_interval=0.2)
-        dispatcher = WebhookDispatcher(pool, settings)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, settings) as dispatcher:
             await until(lambda: dispatcher.stats.delivered == len(notes), what="everything")
-        finally:
-            await dispatcher.stop()
     got: dict[str, list[int]] = {}
     for r in receiver.requests:
         body = json.loads(r.body)["data"]
@@ -268,25 +256,17 @@ async def test_deliveries_fan_out_again_only_when_a_window_was_full(pool: asyncp
     slow = DispatcherSettings(timeout=1.0, lease=1.5, poll_interval=30.0)
     async with HttpReceiver() as receiver:
         await store.create_subscription(pool, receiver.url("/hook"))
-        dispatcher = WebhookDispatcher(pool, slow)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, slow) as dispatcher:
             await until(lambda: dispatcher.stats.fan_outs >= 1, what="the first fan-out")
             for i in range(8):                  # one at a time: the window (128) never fills
                 await enqueue(pool, [notification(entity=f"host=one-{i}")])
                 await until(lambda i=i: dispatcher.stats.delivered == i + 1, what="the delivery")
             assert dispatcher.stats.fan_outs <= 1 + 8 + 2, dispatcher.stats
-        finally:
-            await dispatcher.stop()
         small = DispatcherSettings(timeout=1.0, lease=1.5, poll_interval=30.0, per_subscription=2, window=2, ahead=2)
         notes = [notification(entity=f"host=many-{i}") for i in range(12)]
         await enqueue(pool, notes)
-        dispatcher = WebhookDispatcher(pool, small)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, small) as dispatcher:
             await until(lambda: dispatcher.stats.delivered == 12, timeout=10, what="all, two rows at a time")
-        finally:
-            await dispatcher.stop()
     assert [r.headers["webhook-id"] for r in receiver.requests][8:] == [n.id for n in notes]
 
 

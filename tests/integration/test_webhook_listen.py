@@ -86,12 +86,8 @@ async def test_listen_verifies_a_real_delivery_and_rejects_forged_ones(
         note = notification("950.002", "host=worker-1")
         async with pool.acquire() as conn, conn.transaction():
             assert await store.enqueue(conn, note) == 1
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST) as dispatcher:
             await wait_until(lambda: dispatcher.stats.delivered == 1, 30, "the delivery accepted by the listener")
-        finally:
-            await dispatcher.stop()
         delivered = await pool.fetchval("SELECT count(*) FROM alarms.webhook_deliveries WHERE state = 'delivered' "
                                         "AND subscription_id = $1::uuid", sub.id)
         assert delivered == 1
@@ -145,12 +141,8 @@ async def test_listen_alertmanager_format_and_refusals(pool: asyncpg.Pool, tmp_p
         await store.create_subscription(pool, listener.url, secret=secret, format=Format.ALERTMANAGER)
         async with pool.acquire() as conn, conn.transaction():
             await store.enqueue(conn, notification("950.003", "host=worker-2.network=mgmt", severity="major"))
-        dispatcher = WebhookDispatcher(pool, FAST)
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, FAST) as dispatcher:
             await wait_until(lambda: dispatcher.stats.delivered == 1, 30, "the delivery accepted by the listener")
-        finally:
-            await dispatcher.stop()
         await wait_until(lambda: "alertmanager firing 950.003 major host=worker-2.network=mgmt" in listener.output(),
                          10, "the Alertmanager delivery printed")
     finally:

@@ -50,16 +50,12 @@ async def test_no_secret_in_logs(pool: asyncpg.Pool, logs: io.StringIO) -> None:
         sub, first = await store.create_subscription(pool, url)
         second = await store.add_secret(pool, sub.id)
         await enqueue(pool, lifecycle("200.004", "host=controller-0")[:2])
-        dispatcher = WebhookDispatcher(pool, DispatcherSettings(timeout=1.0, lease=1.5, min_backoff=0.05,
-                                                                max_backoff=0.1, poll_interval=0.2))
-        dispatcher.start()
-        try:
+        async with WebhookDispatcher(pool, DispatcherSettings(timeout=1.0, lease=1.5, min_backoff=0.05,
+                                                              max_backoff=0.1, poll_interval=0.2)) as dispatcher:
             await until(lambda: dispatcher.stats.dead_lettered == 1 and dispatcher.stats.delivered == 1)
             await store.retire_secret(pool, sub.id, first)
             assert await store.replay(pool, sub.id) == 1
             await until(lambda: dispatcher.stats.delivered == 2)
-        finally:
-            await dispatcher.stop()
     assert receiver.requests[0].headers["authorization"].startswith("Basic ")  # the URL's credentials were used
     output = logs.getvalue()
     assert "dead-lettered" in output and "will be retried" in output  # the logs were captured

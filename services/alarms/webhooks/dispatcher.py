@@ -402,6 +402,14 @@ class WebhookDispatcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    async def __aenter__(self) -> WebhookDispatcher:
+        """``async with WebhookDispatcher(...) as d``: started for the block, stopped (gracefully) after it."""
+        self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
     def wake(self) -> None:
         self._wake.set()
 
