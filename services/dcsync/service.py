@@ -356,7 +356,11 @@ class DcsyncService:
             rt.behind_since.pop(endpoint, None)
             return "in-sync", ""
         since = rt.behind_since.setdefault(endpoint, now)
-        if now - since > self.settings.lag_grace:
+        # late: behind for the whole grace AND a change has waited longer than it.  Behind alone is not late: under
+        # a steady flow of commits a subcloud that applies each within seconds may never be at the head at a tick
+        # (1,000 subclouds flapped to out-of-sync and back, every write stored, 950.102 raised)
+        waiting = source.waiting_since(cursors)
+        if now - since > self.settings.lag_grace and waiting is not None and now - waiting > self.settings.lag_grace:
             # a detail that stays the same while the lag lasts: one that counted changes or seconds was stored
             # again (and the alarm re-raised) at every tick, for every lagging subcloud, when the service was
             # busiest; how far behind is in the cursors (show) and roost_dcsync_lag_changes

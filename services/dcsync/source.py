@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -72,6 +73,34 @@ class _Recent:
         return self.changes[i:i + limit]
 
 
+class HeadTimes:
+    """When each advance of one lane's head was first seen (monotonic clock): so that a cursor tells since when
+    the oldest change it lacks has waited.  Kept for ``horizon`` seconds and at most ``limit`` advances; a
+    cursor older than what is kept has waited at least since the oldest advance kept."""
+
+    def __init__(self, *, horizon: float = 3600.0, limit: int = 65536) -> None:
+        self.horizon = horizon
+        self.limit = limit
+        self.seqs: list[int] = []
+        self.times: list[float] = []
+
+    def advanced(self, head: int, now: float) -> None:
+        if self.seqs and head <= self.seqs[-1]:
+            return
+        self.seqs.append(head)
+        self.times.append(now)
+        cut = max(len(self.seqs) - self.limit, bisect.bisect_left(self.times, now - self.horizon))
+        cut = min(cut, len(self.seqs) - 1)          # the newest advance always stays
+        if cut > 0:
+            del self.seqs[:cut]
+            del self.times[:cut]
+
+    def waiting_since(self, cursor: int) -> float | None:
+        """When the first change after ``cursor`` was seen; None when nothing after it was."""
+        i = bisect.bisect_right(self.seqs, cursor)
+        return self.times[i] if i < len(self.seqs) else None
+
+
 class Source:
     def __init__(self, spec: EndpointSpec, url: str, place: Place | None = None, *,
                  repair_triggers: bool = True) -> None:
@@ -86,6 +115,7 @@ class Source:
         self._pool: asyncpg.Pool | None = None
         self._listener: asyncpg.Connection | None = None
         self._recent = {lane: _Recent() for lane in LANES}
+        self._head_times = {lane: HeadTimes() for lane in LANES}
         self._snapshot: Snapshot | None = None
         self._purged: dict[str, int] | None = None
         self._natural: dict[tuple[str, tuple[str, ...]], tuple[dict[str, int], dict[str, dict[str, Any]]]] = {}
@@ -160,7 +190,15 @@ class Source:
                     recent.extend(batch)
                     moved = True
                 self.heads[lane] = max(self.heads[lane], recent.last)
+                self._head_times[lane].advanced(self.heads[lane], time.monotonic())
             return moved
+
+    def waiting_since(self, cursors: dict[str, int]) -> float | None:
+        """Since when (monotonic) the oldest change after ``cursors`` has waited; None when they are at the head.
+        Only changes seen by this service count: the first ones after a start count from the start."""
+        since = [t for lane in LANES
+                 if (t := self._head_times[lane].waiting_since(cursors.get(lane, 0))) is not None]
+        return min(since, default=None)
 
     @property
     def head(self) -> int:

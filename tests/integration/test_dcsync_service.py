@@ -370,6 +370,43 @@ async def test_a_lagging_subcloud_is_stored_out_of_sync_once_not_at_every_tick(
     await _same(site, "sc1")
 
 
+async def test_a_steady_flow_applied_within_the_grace_keeps_a_subcloud_in_sync(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Behind at every evaluation is not late: with a commit every 0.25 s and 0.4 s per apply, the subcloud is
+    never at the head for twice the grace, yet no change waits longer than the grace.  It was stored out-of-sync
+    (and back) over and over: at 1,000 subclouds under a steady flow, a write and an event per flap."""
+    import asyncio
+    import time
+
+    from services.dcsync import store
+    async with dc_site(mini_spec(), mini_db, lag_grace=3.0) as site:
+        sc = await site.add("sc1")
+        await site.wait_status("sc1")
+        apply = sc.served.sync.apply
+
+        async def slow_link(data: msg.SyncApply, key: str) -> msg.SyncApplied:
+            await asyncio.sleep(0.4)
+            return await apply(data, key)
+
+        monkeypatch.setattr(sc.served.sync, "apply", slow_link)
+        stored: list[object] = []
+        update_endpoint = store.update_endpoint
+
+        async def counted(*args: object, **fields: object) -> store.EndpointRow:
+            stored.append(fields.get("sync_status"))
+            return await update_endpoint(*args, **fields)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(store, "update_endpoint", counted)
+        for i in range(24):
+            await _user(site.central, f"u{i}", f"user{i}")
+            await asyncio.sleep(0.25)
+        behind = site.service._runtimes["sc1"].behind_since
+        assert behind and time.monotonic() - min(behind.values()) > 3.0, "behind for longer than the grace"
+        await site.wait_cursor_at_head("sc1")
+        assert "out-of-sync" not in stored, stored
+        assert (await site.show("sc1"))["endpoints"][0]["sync_status"] == "in-sync"
+        await _same(site, "sc1")
+
+
 async def test_the_agents_heartbeat_cursors_follow_its_applies_without_a_query(site: DcSite) -> None:
     sc = await site.add("sc1")
     await site.wait_status("sc1")
