@@ -39,7 +39,8 @@ class DcsyncSettings(BaseSettings):
     out_of_sync_alarm_after: float = Field(default=300.0, ge=0,
                                            description="seconds out of sync before 950.102 is raised")
     lag_grace: float = Field(default=10.0, ge=0,
-                             description="seconds a subcloud may be behind the head and still count as in sync")
+                             description="seconds a change may wait for a subcloud (and the subcloud be behind "
+                                         "the head) while it still counts as in sync")
     batch_size: int = Field(default=500, ge=1, le=5000, description="changes per sync message")
     concurrency: int = Field(default=256, ge=1, description="sync requests in flight, all subclouds together")
     request_timeout: float = Field(default=30.0, gt=0, description="seconds to wait for a subcloud agent's answer")
