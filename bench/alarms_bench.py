@@ -81,7 +81,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import httpx
 
-from bench.machine import cpu_model, load_average, pkg, proc_cpu
+from bench.machine import cpu_model, disk_read_mb, load_average, machine_iowait, pkg, proc_cpu
 from schemas.catalog import load as load_registry
 from schemas.envelope import Envelope
 from schemas.registry import Registry
@@ -674,7 +674,7 @@ async def cpu_snapshot(pool: asyncpg.Pool, service_pid: int) -> dict[str, Any]:
     roles = {"service": [service_pid], "dispatcher": descendants(service_pid), "postgres": backends,
              "nats": [PIDS["nats"]] if "nats" in PIDS else [], "receiver": [PIDS["receiver"]] if "receiver" in PIDS
              else [], "bench": [os.getpid()]}
-    return {"at": time.perf_counter(), "commits": commits,
+    return {"at": time.perf_counter(), "commits": commits, "iowait": machine_iowait(), "read": disk_read_mb(),
             "cpu": {role: {pid: proc_cpu(pid) for pid in pids} for role, pids in roles.items()}}
 
 
@@ -686,7 +686,9 @@ def cpu_delta(before: dict[str, Any], after: dict[str, Any]) -> str:
         used = sum(cpu - before["cpu"].get(role, {}).get(pid, 0.0) for pid, cpu in pids.items())
         parts.append(f"{role} {used / seconds:.2f}")
     commits = (after["commits"] - before["commits"]) / seconds
-    return f"cores used: {', '.join(parts)}; PostgreSQL commits {commits:.0f}/s in the bench's database"
+    return (f"cores used: {', '.join(parts)}; PostgreSQL commits {commits:.0f}/s in the bench's database; "
+            f"the machine's iowait {(after['iowait'] - before['iowait']) / seconds:.2f} cores, disk reads "
+            f"{after['read'] - before['read']:.0f} MB")
 
 
 async def run_latency(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: Registry, rate: float,

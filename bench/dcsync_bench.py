@@ -76,7 +76,15 @@ sys.path.insert(0, str(ROOT))
 import asyncpg  # noqa: E402
 from prometheus_client import REGISTRY  # noqa: E402
 
-from bench.machine import cpu_model, load_average, pkg, proc_cpu  # noqa: E402
+from bench.machine import (  # noqa: E402
+    cpu_model,
+    disk_read_mb,
+    load_average,
+    machine_busy,
+    machine_iowait,
+    pkg,
+    proc_cpu,
+)
 from schemas import dcsync as msg  # noqa: E402
 from schemas.envelope import Role  # noqa: E402
 from services.core.auth import create_token  # noqa: E402
@@ -167,31 +175,6 @@ def postgres_cpu_by_database(tag: str) -> dict[str, float]:
                 kind = key
         out[kind] += proc_cpu(int(entry.name))
     return out
-
-
-def _cpu_times() -> list[int]:
-    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-
-
-def machine_busy() -> float:
-    """CPU seconds the whole machine spent not idle (all processes, everyone's)."""
-    values = _cpu_times()
-    idle = values[3] + values[4]
-    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
-
-
-def machine_iowait() -> float:
-    """CPU seconds the machine sat idle waiting for the disk."""
-    return _cpu_times()[4] / os.sysconf("SC_CLK_TCK")
-
-
-def disk_read_mb() -> float:
-    """MB the machine read from its block devices (``pgpgin``, in KB)."""
-    for line in Path("/proc/vmstat").read_text().splitlines():
-        name, _, value = line.partition(" ")
-        if name == "pgpgin":
-            return int(value) / 1024
-    return 0.0
 
 
 @dataclass

@@ -41,3 +41,28 @@ def proc_cpu(pid: int | None) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_times() -> list[int]:
+    return [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+
+
+def machine_busy() -> float:
+    """CPU seconds the whole machine spent not idle (all processes, everyone's)."""
+    values = _cpu_times()
+    idle = values[3] + values[4]
+    return (sum(values[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def machine_iowait() -> float:
+    """CPU seconds the machine sat idle waiting for the disk."""
+    return _cpu_times()[4] / os.sysconf("SC_CLK_TCK")
+
+
+def disk_read_mb() -> float:
+    """MB the machine read from its block devices (``pgpgin``, in KB)."""
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "pgpgin":
+            return int(value) / 1024
+    return 0.0
