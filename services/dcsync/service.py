@@ -19,9 +19,10 @@ managed and online the worker:
 
 Availability comes from the agents' heartbeats on the bus (``availability``): offline raises 950.101, many
 going silent at once raises 950.103 instead.  Sync status per endpoint: ``unknown`` while unmanaged or not
-online; ``out-of-sync`` while joining, after failed changes, or behind the head for longer than
-``lag_grace``; ``in-sync`` otherwise.  Out of sync for ``out_of_sync_alarm_after`` raises 950.102; an audit
-that had to repair rows raises 950.105 (how many, which tables) until an audit is clean.
+online; ``out-of-sync`` while joining, after failed changes, or when a change has waited for it, and it has
+been behind the head, for longer than ``lag_grace``; ``in-sync`` otherwise.  Out of sync for
+``out_of_sync_alarm_after`` raises 950.102; an audit that had to repair rows raises 950.105 (how many, which
+tables) until an audit is clean.
 
 State changes are announced with ``roost.subcloud.state_changed`` and alarms raised, both through the
 outbox in the transaction that stores the change; the service re-asserts its alarms at start.
@@ -350,17 +351,16 @@ class DcsyncService:
             f = rt.failures[endpoint]
             return "out-of-sync", f"{len(f)} change(s) could not be applied, e.g. {f[0].tbl} {f[0].pk}: {f[0].error}"
         source = self.sources[endpoint]
-        cursors = rt.cursors.get(endpoint, {})
-        behind = any(cursors.get(lane, 0) < source.heads[lane] for lane in LANES)
-        if not behind:
+        waiting = source.waiting_since(rt.cursors.get(endpoint, {}))   # None: at the head
+        if waiting is None:
             rt.behind_since.pop(endpoint, None)
             return "in-sync", ""
         since = rt.behind_since.setdefault(endpoint, now)
         # late: behind for the whole grace AND a change has waited longer than it.  Behind alone is not late: under
         # a steady flow of commits a subcloud that applies each within seconds may never be at the head at a tick
-        # (1,000 subclouds flapped to out-of-sync and back, every write stored, 950.102 raised)
-        waiting = source.waiting_since(cursors)
-        if now - since > self.settings.lag_grace and waiting is not None and now - waiting > self.settings.lag_grace:
+        # (1,000 subclouds flapped to out-of-sync and back, every write stored, 950.102 raised).  Waited alone is
+        # not late either: a subcloud back from offline starts with old changes to catch up on.
+        if now - max(since, waiting) > self.settings.lag_grace:
             # a detail that stays the same while the lag lasts: one that counted changes or seconds was stored
             # again (and the alarm re-raised) at every tick, for every lagging subcloud, when the service was
             # busiest; how far behind is in the cursors (show) and roost_dcsync_lag_changes
