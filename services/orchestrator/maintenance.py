@@ -84,6 +84,10 @@ class _NodeState:
     interrupt: asyncio.Event | None = None      # set: the drain in flight stops (a newer command took over)
     latest: datetime | None = None              # issue time of the latest command carried out
 
+    def supersedes(self, issued: datetime | None) -> bool:
+        """A command carried out here was issued after ``issued``."""
+        return issued is not None and self.latest is not None and issued < self.latest
+
 
 @dataclass
 class _Drain:
@@ -149,13 +153,12 @@ class HostMaintenance:
             result = Result(True, SKIPPED, "skipped")
         else:
             state = self._nodes.setdefault(node, _NodeState())
-            older = issued is not None and state.latest is not None and issued < state.latest
-            if interrupts and state.interrupt is not None and not older:
+            if interrupts and state.interrupt is not None and not state.supersedes(issued):
                 # a lock still draining gives way to this command; not to one sent before it (an unlock's
                 # enable delivered late), which it supersedes anyway
                 state.interrupt.set()
             async with state.lock:
-                if issued is not None and state.latest is not None and issued < state.latest:
+                if state.supersedes(issued):
                     result = Result(False, f"{action} of node {node}: a later command for it was already carried "
                                            "out; nothing done", "superseded")
                 else:
