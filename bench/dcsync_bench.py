@@ -184,6 +184,7 @@ class CpuWatch:
     pids: dict[str, int | None]
     tag: str = ""
     before: dict[str, float] = field(default_factory=dict)
+    io_before: tuple[float, float] = (0.0, 0.0)    # the machine's iowait seconds and MB read from disk
     wall: float = 0.0
 
     def _now(self) -> dict[str, float]:
@@ -193,22 +194,21 @@ class CpuWatch:
         if self.tag:
             out.update({f"(pg {k})": v for k, v in postgres_cpu_by_database(self.tag).items()})
         out["machine"] = machine_busy()
-        out["iowait"] = machine_iowait()
-        out["disk read MB"] = disk_read_mb()
         return out
 
     def start(self) -> CpuWatch:
         self.before = self._now()
+        self.io_before = (machine_iowait(), disk_read_mb())
         self.wall = time.monotonic()
         return self
 
     def read(self) -> str:
         now = self._now()
         wall = time.monotonic() - self.wall
-        parts = [f"{k} {now[k] - self.before[k]:.1f}" for k in now if k not in ("iowait", "disk read MB")]
+        iowait, read = machine_iowait() - self.io_before[0], disk_read_mb() - self.io_before[1]
+        parts = [f"{k} {now[k] - self.before[k]:.1f}" for k in now]
         return (f"CPU seconds over {wall:.1f} s: " + ", ".join(parts) + f" (of {wall * (os.cpu_count() or 1):.0f}); "
-                f"iowait {now['iowait'] - self.before['iowait']:.1f} s, "
-                f"disk reads {now['disk read MB'] - self.before['disk read MB']:.0f} MB")
+                f"iowait {iowait:.1f} s, disk reads {read:.0f} MB")
 
 
 async def until(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> float:
@@ -237,14 +237,15 @@ async def admin() -> asyncpg.Connection:
 
 
 async def drop_leftovers() -> list[str]:
+    ours = PREFIX.replace("_", r"\_") + r"\_%"       # LIKE: this bench's names, whatever the run
     conn = await admin()
     try:
         names = [r["datname"] for r in await conn.fetch(
-            "SELECT datname FROM pg_database WHERE datname LIKE $1", PREFIX.replace("_", r"\_") + r"\_%")]
+            "SELECT datname FROM pg_database WHERE datname LIKE $1", ours)]
         for name in names:
             await conn.execute(f"DROP DATABASE IF EXISTS {ident(name)} WITH (FORCE)")
         spaces = [r["spcname"] for r in await conn.fetch(
-            "SELECT spcname FROM pg_tablespace WHERE spcname LIKE $1", PREFIX.replace("_", r"\_") + r"\_%")]
+            "SELECT spcname FROM pg_tablespace WHERE spcname LIKE $1", ours)]
         for space in spaces:
             await drop_tablespace(conn, space)
         return names + [f"tablespace {s}" for s in spaces]
