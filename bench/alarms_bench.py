@@ -754,6 +754,23 @@ async def stages(pool: asyncpg.Pool, stats: dict[str, Any]) -> str:
             f"applying -> received p50 {percentile(second, 50):.1f} ms, p99 {percentile(second, 99):.1f} ms")
 
 
+def over_the_run(stats: dict[str, Any], slices: int = 5) -> str:
+    """p50 / p99 of the raises published in each fifth of the run: a backlog that builds shows as a rise, a
+    stall as one bad slice."""
+    pairs = sorted((float(stamp), latency * 1000) for stamp, latency
+                   in zip(stats.get("stamps", []), stats["latencies"], strict=False))
+    if not pairs:
+        return "nothing timed"
+    first, last = pairs[0][0], pairs[-1][0]
+    width = (last - first) / slices or 1.0
+    parts = []
+    for k in range(slices):
+        inside = [lat for t, lat in pairs
+                  if k * width <= t - first < (k + 1) * width or (k == slices - 1 and t == last)]
+        parts.append(f"{k * width:.0f}s p50 {ms(percentile(inside, 50))} p99 {ms(percentile(inside, 99))}")
+    return "; ".join(parts)
+
+
 def percentile(values: Sequence[float], p: float) -> float:
     ordered = sorted(values)
     if not ordered:
@@ -976,6 +993,7 @@ async def figure_latency(args: argparse.Namespace, pool: asyncpg.Pool, registry:
         print(f"   {'':6s}        raise -> webhook p50 {ms(p50)}, p99 {ms(p99)}, max received {ms(worst)}{verdict}")
         print(f"   {'':6s}        while publishing, {result['cpu']}")
         print(f"   {'':6s}        stages of the raises received: {result['stages']}")
+        print(f"   {'':6s}        over the run: {over_the_run(stats)}")
 
 
 def ms(value: float) -> str:
