@@ -217,8 +217,10 @@ class ServedSubcloud:
         self.bus = bus
         self.heartbeat_interval = heartbeat_interval
         # its commands are idempotent (apply has its inbox; the others read, or set what is already set): an
-        # ack need not wait for the server's confirmation, a lost one is a redelivery answered again
-        self.options = ConsumerOptions(idle_heartbeat=pull_idle_heartbeat, confirm_acks=False)
+        # ack need not wait for the server's confirmation, a lost one is a redelivery answered again; and the
+        # server need not write what is acked to a file at every ack (after a restart of the server, the
+        # commands since the agent last saw its consumer come again)
+        self.options = ConsumerOptions(idle_heartbeat=pull_idle_heartbeat, confirm_acks=False, state_in_memory=True)
         self._task: asyncio.Task[None] | None = None
         self.beating = True
 

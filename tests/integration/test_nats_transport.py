@@ -385,24 +385,35 @@ async def test_stop_finishes_in_flight_work_and_hands_the_rest_back(nats_transpo
 # -- the server goes away ---------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("state_in_memory", [False, True], ids=["state-on-disk", "state-in-memory"])
 async def test_consumers_resume_after_a_server_restart_and_nothing_is_lost(
-        nats_transports: Factory, nats_server: NatsServer) -> None:  # noqa: F811
+        nats_transports: Factory, nats_server: NatsServer, state_in_memory: bool) -> None:  # noqa: F811
+    """A consumer whose state the server keeps in memory is gone after the restart: its member makes it again,
+    from when it last saw it, and what was published meanwhile still arrives."""
+    subject, group = f"roost.restart.{int(state_in_memory)}", f"survivor-{int(state_in_memory)}"
     producer, consumer = await connected(nats_transports), await connected(nats_transports)
     seen = Collector()
-    await consumer.subscribe("roost.restart.x", "survivor", seen, ConsumerOptions(prefetch=20, ack_wait=5))
-    assert await producer.publish_many([msg("roost.restart.x", n) for n in range(100)]) == [None] * 100
+    await consumer.subscribe(subject, group, seen,
+                             ConsumerOptions(prefetch=20, ack_wait=5, state_in_memory=state_in_memory))
+    nc, js = await raw_js(nats_server)
+    try:
+        info = await js.consumer_info("ROOST_RESTART", durable_name(group, subject))
+        assert bool(info.config.mem_storage) is state_in_memory
+    finally:
+        await nc.close()
+    assert await producer.publish_many([msg(subject, n) for n in range(100)]) == [None] * 100
     await wait_for(lambda: len(seen.got) >= 10, what="some consumed before the restart")
 
     await nats_server.restart()
     await wait_for(lambda: producer.connected and consumer.connected, what="both reconnected")
-    assert await producer.publish_many([msg("roost.restart.x", n) for n in range(100, 200)]) == [None] * 100
+    assert await producer.publish_many([msg(subject, n) for n in range(100, 200)]) == [None] * 100
     await wait_for(lambda: {d.body for d in seen.got} >= {str(n).encode() for n in range(200)},
                    timeout=30, what="all 200 after the restart")
 
     await nats_server.kill()                                 # and once more, as a crash
     await nats_server.start()
     await wait_for(lambda: producer.connected and consumer.connected, what="both reconnected after the crash")
-    await producer.publish(msg("roost.restart.x", "after-crash"))
+    await producer.publish(msg(subject, "after-crash"))
     await wait_for(lambda: b"after-crash" in seen.bodies, timeout=30, what="delivery after the crash")
 
 

@@ -123,6 +123,12 @@ class ConsumerOptions:
     confirm_acks: bool = True      # NATS: wait for the server to confirm each ack (a round trip per message);
                                    # unconfirmed, an ack lost on the way is a redelivery after ack_wait,
                                    # harmless to a consumer that drops duplicates (nak and term: confirmed)
+    state_in_memory: bool = False  # NATS: the server keeps the group's consumer state (what is acked) in memory
+                                   # instead of writing it to a file after acks; the consumer is gone when the
+                                   # server restarts, and the member creates it again from when it last saw it
+                                   # alive, so the messages since then come again.  For idempotent groups that
+                                   # are many (one per subcloud agent): at 1,000 agents those state files were
+                                   # half of nats-server's work.  RabbitMQ: no effect.
 
 
 class Subscription(abc.ABC):

@@ -676,6 +676,7 @@ class NatsTransport(Transport):
             # Consumer-wide, across all members: each member bounds itself to its prefetch when pulling.
             max_ack_pending=max(1000, 10 * options.prefetch),
             replay_policy=js_api.ReplayPolicy.INSTANT,
+            mem_storage=True if options.state_in_memory else None,
         )
 
     async def ensure_consumer(self, stream: str, pattern: str, group: str, options: ConsumerOptions,
