@@ -1,7 +1,8 @@
 """The lazy fan-out of webhook notifications on the real PostgreSQL.
 
 Covers: a notification whose transaction commits after a later one is never skipped by a cursor (the
-fan-out waits for writers that hold a seq), and one rolled back holds nothing up; a new subscriber gets
+fan-out waits for writers that hold a seq), and one rolled back holds nothing up; with every window full the
+fan-out does not wait for the writers at all; a new subscriber gets
 what follows its creation only; two fan-outs at once make each delivery once; the migration from a queue
 of delivery rows with their own bodies (rows queued before 0101 are sent, in order, before what follows,
 and signed); purging notifications nobody needs; queue depth counting what is not fanned out yet; the
@@ -97,6 +98,27 @@ async def test_a_held_connection_stays_usable_after_the_barrier_gave_up(pool: as
         await tx.commit()
         assert await store.fan_out(held) == 1
     assert len(await delivered_ids(pool, sub.id)) == 1
+
+
+async def test_full_windows_take_no_writers_lock(pool: asyncpg.Pool) -> None:
+    """A subscriber that is down has its window full: the fan-out can make nothing for it, so it must not take
+    the writers' lock (exclusive, it holds up every alarm transaction for an instant) at every commit."""
+    sub, _ = await store.create_subscription(pool, "http://127.0.0.1:9/")
+    await enqueue(pool, [notification(entity=f"host=a-{i}") for i in range(3)])
+    assert await store.fan_out(pool, ahead=2) == 2                          # the window: two pending rows
+    async with pool.acquire() as writer, pool.acquire() as held:
+        tx = writer.transaction()
+        await tx.start()
+        await store.enqueue(writer, notification(entity="host=b"))          # a writer in flight, holding its seq
+        started = asyncio.get_running_loop().time()
+        assert await store.fan_out_once(held, ahead=2) == store.FanOut(made=0, again=False, full=True)
+        assert asyncio.get_running_loop().time() - started < 0.4, "it did not wait for the writer"
+        assert not held.is_in_transaction()
+        await tx.commit()
+    await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'delivered' WHERE id = "
+                       "(SELECT min(id) FROM alarms.webhook_deliveries)")    # one delivered: room for one
+    assert await store.fan_out(pool, ahead=2) == 1
+    assert len(await delivered_ids(pool, sub.id)) == 3
 
 
 async def test_a_new_subscriber_gets_what_follows_only(pool: asyncpg.Pool) -> None:

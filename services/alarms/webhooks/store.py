@@ -373,11 +373,23 @@ _FAN_OUT = f"""
            (SELECT count(*) FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < $1) > (SELECT count(*) FROM b) AS skipped"""
 
 
-# The last seq handed out, when some subscription's cursor is behind it, and (only then, so after that seq
-# was read) whether the writers' lock was free at that instant: one round trip in the usual case.
+# The last seq handed out, when some subscription's cursor is behind it; whether one of those has room in its
+# window ($2 pending delivery rows; NULL: no window); and (only then, so after that seq was read) whether the
+# writers' lock was free at that instant: one round trip in the usual case.  When every subscription behind
+# has its window full, the fan-out can make nothing, so it takes no lock: the writers' lock taken exclusively
+# holds up every alarm transaction for an instant, and a subscriber that is down (its window full) would
+# otherwise have that happen at every commit, for nothing (the end of a delivery calls the fan-out again).
 _FAN_OUT_CHECK = f"""
-    SELECT h.hw, CASE WHEN h.hw IS NOT NULL THEN pg_try_advisory_xact_lock($1) END AS clear
-    FROM (SELECT ({_LAST_SEQ}) AS hw) h
+    SELECT h.hw, CASE WHEN h.room THEN pg_try_advisory_xact_lock($1) END AS clear, h.room
+    FROM (SELECT x.hw, EXISTS (
+                 SELECT 1 FROM {SUBSCRIPTIONS} s
+                 WHERE s.fanned_out_seq < x.hw
+                   AND ($2::bigint IS NULL OR (SELECT count(*) FROM (SELECT 1 FROM {DELIVERIES} d
+                                                                     WHERE d.subscription_id = s.id
+                                                                       AND d.state = 'pending'
+                                                                     ORDER BY d.id + 0 LIMIT $2::bigint) p) < $2)
+             ) AS room
+          FROM (SELECT ({_LAST_SEQ}) AS hw) x) h
     WHERE EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < h.hw)"""
 # Waiting for the writers' lock (then releasing it), bounded: a writer's transaction left open must not
 # hold up the other writers, which queue behind this request while it waits.
@@ -411,9 +423,11 @@ async def fan_out_once(conn: asyncpg.Pool | AnyConnection, *, chunk: int = FANOU
     if isinstance(conn, asyncpg.Pool):
         async with conn.acquire() as own:
             return await fan_out_once(own, chunk=chunk, ahead=ahead)
-    check = await conn.fetchrow(_FAN_OUT_CHECK, FANOUT_LOCK)
+    check = await conn.fetchrow(_FAN_OUT_CHECK, FANOUT_LOCK, ahead)
     if check is None:
         return FanOut(0, False, False)
+    if not check["room"]:
+        return FanOut(0, False, True)
     hw = int(check["hw"])
     if not check["clear"]:
         try:
