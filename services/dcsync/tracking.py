@@ -23,7 +23,7 @@ import asyncpg
 
 from services.core.db.pool import AnyConnection
 from services.dcsync.tables import ResolvedTable
-from services.dcsync.tracking_sql import TRIGGER, Place, ident, install_sql, trigger_sql, writers_sql
+from services.dcsync.tracking_sql import TRIGGER, TRUNCATE_TRIGGER, Place, ident, install_sql, trigger_sql, writers_sql
 
 Conn = AnyConnection | asyncpg.Pool
 INSTALL_LOCK = 0x72646374   # pg_advisory_xact_lock(key, hashtext(bookkeeping schema)): one installer per schema
@@ -158,7 +158,9 @@ class Tracker:
             wanted = {t.name for t in tables}
             for name in stored:
                 if name not in wanted:   # no longer synced: stop tracking it
-                    await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {ident(self.place.data)}.{ident(name)}")
+                    target = f"{ident(self.place.data)}.{ident(name)}"
+                    for trigger in (TRIGGER, TRUNCATE_TRIGGER):
+                        await conn.execute(f"DROP TRIGGER IF EXISTS {trigger} ON {target}")
                     for tbl in ("synced_table", "row_state", "digest"):
                         await conn.execute(f"DELETE FROM {self._bk}.{tbl} WHERE tbl = $1", name)
         return report
@@ -169,18 +171,21 @@ class Tracker:
         await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", INSTALL_LOCK, self.place.bookkeeping)
 
     async def missing_triggers(self, conn: Conn, tables: Sequence[ResolvedTable], *, capture: bool) -> list[str]:
-        """Synced tables whose trigger is missing, disabled, or tracks other columns than ``tables`` say."""
+        """Synced tables whose row trigger or TRUNCATE trigger is missing, disabled, or tracks other columns
+        than ``tables`` say (a table tracked before the TRUNCATE trigger existed has only the first)."""
         rows = await conn.fetch(
-            "SELECT c.relname, tg.tgenabled, tg.tgargs FROM pg_trigger tg "
+            "SELECT tg.tgname, c.relname, tg.tgenabled, tg.tgargs FROM pg_trigger tg "
             "JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-            "WHERE tg.tgname = $1 AND n.nspname = $2", TRIGGER, self.place.data)
-        found = {r["relname"]: r for r in rows}
+            "WHERE tg.tgname = ANY($1) AND n.nspname = $2", [TRIGGER, TRUNCATE_TRIGGER], self.place.data)
+        found = {(r["tgname"], r["relname"]): r for r in rows}
         missing = []
         for t in tables:
-            r = found.get(t.name)
             want = ["capture" if capture else "digest", t.lane, ",".join(t.pk), ",".join(t.columns)]
-            if r is None or r["tgenabled"] == "D" or _trigger_args(r["tgargs"]) != want:
-                missing.append(t.name)
+            for trigger, args in ((TRIGGER, want), (TRUNCATE_TRIGGER, want[:2])):
+                r = found.get((trigger, t.name))
+                if r is None or r["tgenabled"] == "D" or _trigger_args(r["tgargs"]) != args:
+                    missing.append(t.name)
+                    break
         return missing
 
     async def installed(self, conn: Conn) -> list[str]:

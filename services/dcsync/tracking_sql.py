@@ -36,6 +36,7 @@ from services.dcsync.tables import ResolvedTable
 
 BUCKETS = 1024
 TRIGGER = "roost_dcsync_track"
+TRUNCATE_TRIGGER = "roost_dcsync_truncate"
 VERSION_SETTING = "roost.sync_version"
 # pg_advisory_xact_lock key of the change log's commit order (any constant; "rdcs" in ASCII)
 ORDER_LOCK = 0x72646373
@@ -231,6 +232,27 @@ BEGIN
         INSERT INTO {bk}.digest AS d (tbl, bucket, digest, rows) VALUES (tn, nb, nh, 1)
             ON CONFLICT (tbl, bucket) DO UPDATE SET digest = d.digest # EXCLUDED.digest, rows = d.rows + 1;
     END IF;
+    RETURN NULL;
+END
+$f$;
+
+-- The statement trigger of TRUNCATE, which fires no row trigger: before the rows go, every row the bookkeeping
+-- knows of the table is deleted as the row trigger would have deleted it (capturing: a 'D' change each, in
+-- primary-key order, then one notification), and the table's digests go to nothing.  Arguments: 'capture' |
+-- 'digest', the lane.  (TRUNCATE ... CASCADE fires it on every table it empties.)
+CREATE OR REPLACE FUNCTION {bk}.track_truncate() RETURNS trigger LANGUAGE plpgsql AS $f$
+DECLARE
+    tn text := TG_TABLE_NAME;
+BEGIN
+    IF TG_ARGV[0] = 'capture' THEN
+        PERFORM pg_advisory_xact_lock({ORDER_LOCK});
+        INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
+            SELECT nextval('{place.bookkeeping}.change_seq'), TG_ARGV[1], tn, 'D', s.pk, NULL
+              FROM (SELECT pk FROM {bk}.row_state WHERE tbl = tn ORDER BY pk) s;
+        PERFORM pg_notify({channel_literal}, '');
+    END IF;
+    DELETE FROM {bk}.row_state WHERE tbl = tn;
+    DELETE FROM {bk}.digest WHERE tbl = tn;
     RETURN NULL;
 END
 $f$;
@@ -483,12 +505,16 @@ def writers_sql(place: Place, tables: Sequence[ResolvedTable]) -> str:
 
 def trigger_sql(place: Place, table: str, *, capture: bool, lane: str, pk: tuple[str, ...],
                 columns: tuple[str, ...]) -> str:
-    """(Re)create the row trigger on one synced table."""
+    """(Re)create the row trigger and the TRUNCATE trigger on one synced table."""
     for name in (*pk, *columns):
         if "," in name or "'" in name:
             raise ValueError(f"column name {name!r} cannot be tracked")
     target = f"{ident(place.data)}.{ident(table)}"
-    args = ", ".join("'" + a + "'" for a in ("capture" if capture else "digest", lane, ",".join(pk), ",".join(columns)))
+    quoted = ["'" + a + "'" for a in ("capture" if capture else "digest", lane, ",".join(pk), ",".join(columns))]
+    args, mode = ", ".join(quoted), ", ".join(quoted[:2])
     return (f"DROP TRIGGER IF EXISTS {TRIGGER} ON {target};\n"
             f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {target} "
-            f"FOR EACH ROW EXECUTE FUNCTION {ident(place.bookkeeping)}.track({args});")
+            f"FOR EACH ROW EXECUTE FUNCTION {ident(place.bookkeeping)}.track({args});\n"
+            f"DROP TRIGGER IF EXISTS {TRUNCATE_TRIGGER} ON {target};\n"
+            f"CREATE TRIGGER {TRUNCATE_TRIGGER} BEFORE TRUNCATE ON {target} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {ident(place.bookkeeping)}.track_truncate({mode});")

@@ -1,6 +1,6 @@
 """dcsync's triggers, digests and apply on real PostgreSQL, on a small keystone-shaped schema (the real
 keystone and glance schemas are in test_dcsync_keystone.py): capture in commit order, local-state columns
-ignored, digests equal when the rows are, version guard, tombstones, re-digest of missed writes."""
+ignored, digests equal when the rows are, version guard, tombstones, TRUNCATE, re-digest of missed writes."""
 
 from __future__ import annotations
 
@@ -128,6 +128,42 @@ async def test_delete_cascades_and_tombstone_guards(pair: tuple[asyncpg.Pool, as
         result = await ts.apply(conn, [first[0].wire()])
     assert result.stale == 1
     assert await sub.fetchval("SELECT count(*) FROM \"user\"") == 0
+
+
+async def test_truncate_is_captured_as_deletes_and_the_digests_follow(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    """TRUNCATE fires no row trigger: the statement trigger logs a delete per row it knows of (no write is
+    missed, whoever makes it), and at a subcloud it empties the digests, so the audit sees what is gone."""
+    central, sub = pair
+    tc = await _install(central, capture=True)
+    ts = await _install(sub, capture=False)
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL), ('u2', true, NULL, NULL);
+        INSERT INTO local_user (user_id, name) VALUES ('u1', 'alice'), ('u2', 'bob');
+        INSERT INTO password (local_user_id, password_hash) VALUES (1, 'h1'), (2, 'h2')""")
+    upto = await _sync(central, sub, tc)
+    await central.execute('TRUNCATE "user" CASCADE')        # local_user and password with it
+    deletes = await tc.changes(central, "main", upto, 100)
+    assert sorted((c.table, c.op) for c in deletes) == [(t, "D") for t in ("local_user", "local_user", "password",
+                                                                            "password", "user", "user")]
+    assert sorted(c.pk["id"] for c in deletes if c.table == "user") == ["u1", "u2"]
+    assert await _roots(central, tc) == {t.name: (0, 0) for t in SPEC.tables}
+    upto = await _sync(central, sub, tc, after=upto)
+    assert await sub.fetchval('SELECT count(*) FROM "user"') == 0
+    assert await _roots(sub, ts) == await _roots(central, tc)
+
+    # a TRUNCATE at the subcloud: its digests say the rows are gone, and differ from the controller's
+    await central.execute("INSERT INTO \"user\" VALUES ('u3', true, NULL, NULL)")
+    await _sync(central, sub, tc, after=upto)
+    assert await _roots(sub, ts) == await _roots(central, tc)
+    await sub.execute('TRUNCATE "user" CASCADE')
+    assert (await _roots(sub, ts))["user"] == (0, 0) != (await _roots(central, tc))["user"]
+
+    # a table tracked without it (before the TRUNCATE trigger existed) counts as missing its triggers
+    tables = resolve(SPEC, await tc.reflect(central))
+    await central.execute("DROP TRIGGER roost_dcsync_truncate ON password")
+    assert await tc.missing_triggers(central, tables, capture=True) == ["password"]
+    async with central.acquire() as conn:
+        assert (await tc.install(conn, tables, capture=True)).retracked == ["password"]
+    assert await tc.missing_triggers(central, tables, capture=True) == []
 
 
 async def _clashing_alice(central: asyncpg.Pool, sub: asyncpg.Pool) -> tuple[Tracker, Tracker]:
