@@ -189,10 +189,29 @@ async def test_unmanaged_is_skipped_and_audited_when_managed(site: DcSite) -> No
     await sc.pool.execute("INSERT INTO project VALUES ('p9', 'stray', 'default', true)")
     await site.wait_status("sc1", "unknown")
     assert await sc.pool.fetchval("SELECT count(*) FROM \"user\"") == 0
+    # a change at the controller does not wake the worker of a subcloud that cannot stream (a thousand of them
+    # woken for nothing held up the managed ones)
+    wake = site.service._runtimes["sc1"].wake = _CountingEvent()
+    source = site.service.sources["identity"]
+    head = source.head
+    await _user(site.central, "u2", "bob")
+    await wait_until(lambda: source.head > head, timeout=30, what="the change seen by the service")
+    await site.service._refresh_heads()     # after the refresh that saw it, and its wake-ups
+    assert wake.sets == 0
     await site.ok("roost.cmd.subcloud.manage", {"name": "sc1"})
     await site.wait_status("sc1")
     await _same(site, "sc1")
     await wait_until(lambda: _audited(site, "sc1"), timeout=30, what="an audit after manage")
+
+
+class _CountingEvent(asyncio.Event):
+    def __init__(self) -> None:
+        super().__init__()
+        self.sets = 0
+
+    def set(self) -> None:
+        self.sets += 1
+        super().set()
 
 
 async def _audited(site: DcSite, name: str) -> bool:
