@@ -201,6 +201,13 @@ class SyncApply(_Model):
     upto: int = Field(ge=0, description="the cursor once this batch is applied")
     repair: bool = Field(default=False, description="a repair: overwrites a local edit of equal version")
     set_cursor: bool = Field(default=False, description="move the cursor to upto even backwards (a resync)")
+    adopt_version: int | None = Field(
+        default=None, ge=1,
+        description="the end of a resync (with set_cursor): the rows that never came from the controller "
+                    "(version 0) were found equal to its rows, and take this version, but for keep_local")
+    keep_local: dict[str, list[dict[str, Any]]] = Field(
+        default_factory=dict,
+        description="with adopt_version: per table, the keys of the rows only the subcloud has (they stay version 0)")
 
 
 class FailedChange(_Model):

@@ -46,6 +46,7 @@ log = structlog.get_logger("roost.dcsync.syncer")
 
 M = TypeVar("M", bound=BaseModel)
 ROWS_BUCKETS_PER_ASK = 256
+MAX_KEPT_LOCAL = 5000          # keys of the subcloud's own rows one resync's last message may carry
 
 
 class AgentError(Exception):
@@ -276,10 +277,19 @@ class Syncer:
                 entry.failed += failed
         after = dict(cursors)
         if resync:
-            for lane in LANES:
+            # the rows the subcloud had that never came from the controller and are equal to its rows (a join
+            # over rows already there) came from it: they take the snapshot's version, so that an audit deletes
+            # them once the controller no longer has them; those only the subcloud has stay its own
+            # (more of those than one message should carry: nothing adopted, as before)
+            keep = {} if self.local_only == "delete" else {
+                table.name: plan.local_only for table, plan in repairs if plan.local_only}
+            adopt = head if head > 0 and sum(len(pks) for pks in keep.values()) <= MAX_KEPT_LOCAL else None
+            for i, lane in enumerate(LANES):
                 key = f"resync:{uuid.uuid4()}"
-                await link.ask("apply", msg.SyncApply(endpoint=endpoint, lane=lane, changes=[],
-                                                      upto=heads[lane], set_cursor=True), msg.SyncApplied, key=key)
+                await link.ask("apply", msg.SyncApply(
+                    endpoint=endpoint, lane=lane, changes=[], upto=heads[lane], set_cursor=True,
+                    adopt_version=adopt if i == 0 else None, keep_local=keep if i == 0 and adopt else {}),
+                    msg.SyncApplied, key=key)
                 after[lane] = heads[lane]
         report.repairs = [r for r in report.repairs if r.upserted or r.deleted or r.local_only or r.failed]
         report.clean = not any(r.upserted or r.deleted or r.failed for r in report.repairs)

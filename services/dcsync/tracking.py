@@ -319,6 +319,20 @@ class Tracker:
             key, endpoint, lane, json.dumps(list(changes), default=str), upto, repair, set_cursor))
         return Received(_applied(raw), bool(raw["duplicate"]), int(raw["cursor"]))
 
+    async def adopt(self, conn: Conn, version: int, keep: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
+        """Give ``version`` to the rows that never came from the controller (version 0) but for the keys in
+        ``keep`` (per table): a resync found them equal to the controller's rows, so they came from it (a
+        subcloud that joined holding the same rows), and an audit must delete them when the controller no
+        longer has them, not report them as the subcloud's own.  Returns how many."""
+        tables = [t for t, pks in keep.items() for _ in pks]
+        keys = [json.dumps(pk, default=str) for pks in keep.values() for pk in pks]
+        status = await conn.execute(
+            f"""UPDATE {self._bk}.row_state s SET version = $1
+                WHERE s.version = 0
+                  AND NOT EXISTS (SELECT 1 FROM unnest($2::text[], $3::text[]) AS k(tbl, pk)
+                                  WHERE k.tbl = s.tbl AND k.pk::jsonb = s.pk)""", version, tables, keys)
+        return int(status.split()[-1])
+
     async def cursors(self, conn: Conn, endpoint: str) -> dict[str, int]:
         rows = await conn.fetch(f"SELECT lane, applied_seq FROM {self._bk}.cursor WHERE endpoint = $1", endpoint)
         return {r["lane"]: int(r["applied_seq"]) for r in rows}

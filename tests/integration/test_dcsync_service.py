@@ -218,6 +218,42 @@ async def _audited(site: DcSite, name: str) -> bool:
     return bool((await site.show(name))["last_audit_at"])
 
 
+async def test_rows_equal_at_join_count_as_the_controllers_and_the_subclouds_own_stay_its_own() -> None:
+    """A subcloud that joins holding rows equal to the controller's: those came from the controller, so the
+    audit of a subcloud that fell behind the change log deletes one the controller deleted meanwhile; a row only
+    the subcloud has stays its own (version 0: reported, and kept under the default policy)."""
+    async with dc_site(mini_spec(), mini_db, change_retention_days=1e-9) as site:
+        await site.central.execute("INSERT INTO project VALUES ('p1', 'one', 'default', true), "
+                                   "('p2', 'two', 'default', true)")
+
+        async def same_and_own(pool: asyncpg.Pool) -> None:
+            await pool.execute("INSERT INTO project VALUES ('p1', 'one', 'default', true), "
+                               "('mine', 'local', 'default', true)")
+
+        sc = await site.start_subcloud("sc1", prepare=same_and_own)
+        await site.ok("roost.cmd.subcloud.add", {"name": "sc1"})
+        await site.wait_status("sc1")
+        versions = {r["id"]: r["version"] for r in await sc.pool.fetch(
+            "SELECT pk->>'id' AS id, version FROM roost_dcsync.row_state WHERE tbl = 'project'")}
+        assert versions["mine"] == 0
+        assert versions["p1"] > 0 and versions["p2"] > 0, versions
+        # offline past the change log's retention, it misses the delete of p1
+        sc.served.beating = False
+        await wait_until(lambda: _availability(site, "sc1", "offline"), timeout=30, what="sc1 offline")
+        await site.central.execute("DELETE FROM project WHERE id = 'p1'")
+        await site.central.execute("INSERT INTO project VALUES ('p3', 'three', 'default', true)")
+        source = site.service.sources["identity"]
+        await site.service._purge(source)
+        assert source.missed({"main": 0, "revocation": 0}, await source.purged_through())
+        sc.served.beating = True
+        await site.wait_status("sc1")
+        await site.wait_cursor_at_head("sc1")
+        assert await _rows(sc.pool, "project") == [
+            {"id": "mine", "name": "local", "domain_id": "default", "enabled": True},
+            {"id": "p2", "name": "two", "domain_id": "default", "enabled": True},
+            {"id": "p3", "name": "three", "domain_id": "default", "enabled": True}]
+
+
 @pytest.mark.parametrize("policy", ["adopt", "refuse"])
 async def test_join_conflicts_by_policy(policy: str) -> None:
     async with dc_site(mini_spec(), mini_db) as site:
