@@ -285,11 +285,22 @@ class Syncer:
                 table.name: plan.local_only for table, plan in repairs if plan.local_only}
             adopt = head if head > 0 and sum(len(pks) for pks in keep.values()) <= MAX_KEPT_LOCAL else None
             for i, lane in enumerate(LANES):
-                key = f"resync:{uuid.uuid4()}"
-                await link.ask("apply", msg.SyncApply(
-                    endpoint=endpoint, lane=lane, changes=[], upto=heads[lane], set_cursor=True,
-                    adopt_version=adopt if i == 0 else None, keep_local=keep if i == 0 and adopt else {}),
-                    msg.SyncApplied, key=key)
+                final = msg.SyncApply(endpoint=endpoint, lane=lane, changes=[], upto=heads[lane], set_cursor=True)
+                if i == 0 and adopt is not None:
+                    try:
+                        await link.ask("apply", final.model_copy(update={"adopt_version": adopt, "keep_local": keep}),
+                                       msg.SyncApplied, key=f"resync:{uuid.uuid4()}")
+                        after[lane] = heads[lane]
+                        continue
+                    except AgentError as exc:
+                        if exc.unanswered:
+                            raise
+                        # an agent of an earlier roost refuses fields it does not know (the controller is
+                        # upgraded first): the resync ends as it did there, its rows keep their versions
+                        log.warning("the subcloud's agent refused the adoption of rows equal to the controller's "
+                                    "(an earlier version?); they stay its own", subcloud=link.subcloud,
+                                    endpoint=endpoint, reason=exc.reason)
+                await link.ask("apply", final, msg.SyncApplied, key=f"resync:{uuid.uuid4()}")
                 after[lane] = heads[lane]
         report.repairs = [r for r in report.repairs if r.upserted or r.deleted or r.local_only or r.failed]
         report.clean = not any(r.upserted or r.deleted or r.failed for r in report.repairs)

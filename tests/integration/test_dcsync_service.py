@@ -14,6 +14,7 @@ import pytest
 
 from schemas import dcsync as msg
 from schemas.envelope import Role
+from services.core.bus.bus import Reject
 from services.dcsync import store
 from services.dcsync.agent import command_subject
 from tests.support.dcsync_site import DcSite, dc_site, mini_db, mini_spec
@@ -252,6 +253,32 @@ async def test_rows_equal_at_join_count_as_the_controllers_and_the_subclouds_own
             {"id": "mine", "name": "local", "domain_id": "default", "enabled": True},
             {"id": "p2", "name": "two", "domain_id": "default", "enabled": True},
             {"id": "p3", "name": "three", "domain_id": "default", "enabled": True}]
+
+
+async def test_an_agent_that_refuses_the_adoption_still_joins() -> None:
+    """An agent of an earlier roost refuses the fields it does not know (the controller is upgraded before the
+    subclouds): the join completes as it did, and the rows the subcloud had keep version 0."""
+    async with dc_site(mini_spec(), mini_db) as site:
+        await site.central.execute("INSERT INTO project VALUES ('p1', 'one', 'default', true)")
+
+        async def same(pool: asyncpg.Pool) -> None:
+            await pool.execute("INSERT INTO project VALUES ('p1', 'one', 'default', true)")
+
+        sc = await site.start_subcloud("sc1", prepare=same)
+        real_apply = sc.served.sync.apply
+        refused: list[int] = []
+
+        async def earlier(data: msg.SyncApply, key: str) -> msg.SyncApplied:
+            if data.adopt_version is not None:
+                refused.append(data.adopt_version)
+                raise Reject("1 validation error for SyncApply: adopt_version: Extra inputs are not permitted")
+            return await real_apply(data, key)
+
+        sc.served.sync.apply = earlier  # type: ignore[method-assign]
+        await site.ok("roost.cmd.subcloud.add", {"name": "sc1"})
+        await site.wait_status("sc1")
+        assert refused
+        assert await sc.pool.fetchval("SELECT version FROM roost_dcsync.row_state WHERE tbl = 'project'") == 0
 
 
 @pytest.mark.parametrize("policy", ["adopt", "refuse"])
