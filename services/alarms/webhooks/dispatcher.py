@@ -355,7 +355,8 @@ _MARK_RECOVERED = f"""
 # an alarm storm pile up, until autovacuum's next ANALYZE, a minute or more later (seen in the alarms bench: 8,000
 # rows read per scan 20 s after the start, the sending falling behind 1,000 alarms/s; p99 1.5-2.7 s, 0.1 s
 # with this).  Planning the claim each time costs a fraction of a millisecond.
-_PLAN_PER_CALL = "SET plan_cache_mode = force_custom_plan"
+async def _plan_per_call(conn: asyncpg.pool.PoolConnectionProxy) -> None:
+    await conn.execute("SET plan_cache_mode = force_custom_plan")     # undone by the pool's reset on release
 
 _RELEASE = f"""
     UPDATE {DELIVERIES} SET claim_token = NULL, claimed_until = NULL
@@ -532,7 +533,7 @@ class WebhookDispatcher:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             return
         try:
-            await conn.execute(_PLAN_PER_CALL)
+            await _plan_per_call(conn)
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             await self.pool.release(conn)
@@ -568,7 +569,7 @@ class WebhookDispatcher:
                     try:
                         if conn is None or conn.is_closed():
                             conn = await self.pool.acquire()
-                            await conn.execute(_PLAN_PER_CALL)
+                            await _plan_per_call(conn)
                         self.stats.fan_outs += 1
                         made, again, self._windows_full = await fan_out_once(conn, ahead=self.settings.ahead)
                         if made:

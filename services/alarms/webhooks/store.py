@@ -338,6 +338,13 @@ async def enqueue(conn: AnyConnection, notification: Notification) -> int:
     return matching
 
 
+def _pending_in_window(subscription: str, ahead: str) -> str:
+    """SQL: how many of subscription ``subscription``'s pending delivery rows there are, counted up to ``ahead``
+    (the window), by the queue index (``id + 0``: the order only that index gives)."""
+    return (f"(SELECT count(*) FROM (SELECT 1 FROM {DELIVERIES} d WHERE d.subscription_id = {subscription}.id "
+            f"AND d.state = 'pending' ORDER BY d.id + 0 LIMIT {ahead}::bigint) p)")
+
+
 # The fan-out of (cursor, hw] for every subscription behind (and not being fanned out by another
 # replica), in chunks of FANOUT_CHUNK seqs: delivery rows in notification order, cursors moved, one statement.
 # With $3 (ahead) not NULL, a subscription's cursor moves at most as many seqs as it has room for below
@@ -349,10 +356,7 @@ _FAN_OUT = f"""
     WITH b AS (
         SELECT id, fanned_out_seq AS lo, severities, alarm_ids, entity_prefix,
                CASE WHEN $3::bigint IS NULL THEN $2::bigint
-                    ELSE least($2::bigint, greatest(0, $3::bigint - (
-                        SELECT count(*) FROM (SELECT 1 FROM {DELIVERIES} d
-                                              WHERE d.subscription_id = u.id AND d.state = 'pending'
-                                              ORDER BY d.id + 0 LIMIT $3::bigint) p))) END AS room
+                    ELSE least($2::bigint, greatest(0, $3::bigint - {_pending_in_window("u", "$3")})) END AS room
         FROM {SUBSCRIPTIONS} u WHERE fanned_out_seq < $1 ORDER BY id FOR NO KEY UPDATE SKIP LOCKED),
     s AS (
         SELECT id, lo, least($1::bigint, lo + room) AS hi, room, severities, alarm_ids, entity_prefix
@@ -384,10 +388,7 @@ _FAN_OUT_CHECK = f"""
     FROM (SELECT x.hw, EXISTS (
                  SELECT 1 FROM {SUBSCRIPTIONS} s
                  WHERE s.fanned_out_seq < x.hw
-                   AND ($2::bigint IS NULL OR (SELECT count(*) FROM (SELECT 1 FROM {DELIVERIES} d
-                                                                     WHERE d.subscription_id = s.id
-                                                                       AND d.state = 'pending'
-                                                                     ORDER BY d.id + 0 LIMIT $2::bigint) p) < $2)
+                   AND ($2::bigint IS NULL OR {_pending_in_window("s", "$2")} < $2)
              ) AS room
           FROM (SELECT ({_LAST_SEQ}) AS hw) x) h
     WHERE EXISTS (SELECT 1 FROM {SUBSCRIPTIONS} WHERE fanned_out_seq < h.hw)"""
