@@ -135,20 +135,13 @@ class SubcloudSync:
 
     async def apply(self, data: msg.SyncApply, key: str) -> msg.SyncApplied:
         db, tracker = self._db(data.endpoint)
-        changes = [c.model_dump() for c in data.changes]
-        if data.adopt_version is None:
-            received = await tracker.receive(db.pool, key, data.endpoint, data.lane, changes, upto=data.upto,
-                                             repair=data.repair, set_cursor=data.set_cursor)
-        else:
-            # with the message's inbox row: a replay, later, must not adopt rows the subcloud made since
-            async with db.pool.acquire() as conn, conn.transaction():
-                received = await tracker.receive(conn, key, data.endpoint, data.lane, changes, upto=data.upto,
-                                                 repair=data.repair, set_cursor=data.set_cursor)
-                if not received.duplicate:
-                    adopted = await tracker.adopt(conn, data.adopt_version, data.keep_local)
-                    if adopted:
-                        log.info("rows equal to the controller's adopted as its own", subcloud=self.name,
-                                 endpoint=data.endpoint, rows=adopted, version=data.adopt_version)
+        received = await tracker.receive(db.pool, key, data.endpoint, data.lane,
+                                         [c.model_dump() for c in data.changes], upto=data.upto,
+                                         repair=data.repair, set_cursor=data.set_cursor,
+                                         adopt=data.adopt_version, keep_local=data.keep_local)
+        if received.adopted:
+            log.info("rows equal to the controller's adopted as its own", subcloud=self.name,
+                     endpoint=data.endpoint, rows=received.adopted, version=data.adopt_version)
         result = received.result
         self._cursors.setdefault(data.endpoint, {})[data.lane] = received.cursor
         failed = [msg.FailedChange(seq=f.seq, tbl=f.table, pk=f.pk, error=f.error[:1024]) for f in result.failed]

@@ -286,26 +286,31 @@ class Syncer:
             adopt = head if head > 0 and sum(len(pks) for pks in keep.values()) <= MAX_KEPT_LOCAL else None
             for i, lane in enumerate(LANES):
                 final = msg.SyncApply(endpoint=endpoint, lane=lane, changes=[], upto=heads[lane], set_cursor=True)
-                if i == 0 and adopt is not None:
-                    try:
-                        await link.ask("apply", final.model_copy(update={"adopt_version": adopt, "keep_local": keep}),
-                                       msg.SyncApplied, key=f"resync:{uuid.uuid4()}")
-                        after[lane] = heads[lane]
-                        continue
-                    except AgentError as exc:
-                        if exc.unanswered:
-                            raise
-                        # an agent of an earlier roost refuses fields it does not know (the controller is
-                        # upgraded first): the resync ends as it did there, its rows keep their versions
-                        log.warning("the subcloud's agent refused the adoption of rows equal to the controller's "
-                                    "(an earlier version?); they stay its own", subcloud=link.subcloud,
-                                    endpoint=endpoint, reason=exc.reason)
-                await link.ask("apply", final, msg.SyncApplied, key=f"resync:{uuid.uuid4()}")
+                if i > 0 or adopt is None or not await self._adopting(link, final, adopt, keep):
+                    await link.ask("apply", final, msg.SyncApplied, key=f"resync:{uuid.uuid4()}")
                 after[lane] = heads[lane]
         report.repairs = [r for r in report.repairs if r.upserted or r.deleted or r.local_only or r.failed]
         report.clean = not any(r.upserted or r.deleted or r.failed for r in report.repairs)
         report.seconds = time.monotonic() - started
         return report, after
+
+    @staticmethod
+    async def _adopting(link: AgentLink, final: msg.SyncApply, version: int,
+                        keep: dict[str, list[dict[str, Any]]]) -> bool:
+        """A resync's last message with the adoption of the rows equal to the controller's; False when the agent
+        refused it: one of an earlier roost refuses fields it does not know (the controller is upgraded first),
+        and the resync then ends as it did there, the subcloud's rows keeping their versions."""
+        try:
+            await link.ask("apply", final.model_copy(update={"adopt_version": version, "keep_local": keep}),
+                           msg.SyncApplied, key=f"resync:{uuid.uuid4()}")
+        except AgentError as exc:
+            if exc.unanswered:
+                raise
+            log.warning("the subcloud's agent refused the adoption of rows equal to the controller's (an earlier "
+                        "version?); they stay its own", subcloud=link.subcloud, endpoint=final.endpoint,
+                        reason=exc.reason)
+            return False
+        return True
 
     async def _send_repairs(self, link: AgentLink, endpoint: str, changes: Sequence[dict[str, Any]]) -> int:
         """Send repairs; those that fail are sent again while each pass gets more of them in (rows of a table

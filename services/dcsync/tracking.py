@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -23,7 +23,16 @@ import asyncpg
 
 from services.core.db.pool import AnyConnection
 from services.dcsync.tables import ResolvedTable
-from services.dcsync.tracking_sql import TRIGGER, TRUNCATE_TRIGGER, Place, ident, install_sql, trigger_sql, writers_sql
+from services.dcsync.tracking_sql import (
+    TRIGGER,
+    TRUNCATE_TRIGGER,
+    Place,
+    ident,
+    install_sql,
+    trigger_args,
+    trigger_sql,
+    writers_sql,
+)
 
 Conn = AnyConnection | asyncpg.Pool
 INSTALL_LOCK = 0x72646374   # pg_advisory_xact_lock(key, hashtext(bookkeeping schema)): one installer per schema
@@ -68,6 +77,7 @@ class Received:
     result: Applied
     duplicate: bool
     cursor: int
+    adopted: int = 0          # rows given the controller's version (``receive(adopt=...)``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +190,7 @@ class Tracker:
         found = {(r["tgname"], r["relname"]): r for r in rows}
         missing = []
         for t in tables:
-            want = ["capture" if capture else "digest", t.lane, ",".join(t.pk), ",".join(t.columns)]
+            want = trigger_args(capture=capture, lane=t.lane, pk=t.pk, columns=t.columns)
             for trigger, args in ((TRIGGER, want), (TRUNCATE_TRIGGER, want[:2])):
                 r = found.get((trigger, t.name))
                 if r is None or r["tgenabled"] == "D" or _trigger_args(r["tgargs"]) != args:
@@ -311,15 +321,29 @@ class Tracker:
                                                   json.dumps(list(changes), default=str), repair)))
 
     async def receive(self, conn: Conn, key: str, endpoint: str, lane: str, changes: Sequence[Mapping[str, Any]], *,
-                      upto: int, repair: bool = False, set_cursor: bool = False) -> Received:
+                      upto: int, repair: bool = False, set_cursor: bool = False, adopt: int | None = None,
+                      keep_local: Mapping[str, Sequence[Mapping[str, Any]]] | None = None) -> Received:
         """A sync message at the subcloud, in one statement: inbox, ``apply``, cursor (see ``receive`` in
-        tracking_sql).  ``set_cursor`` moves the cursor to ``upto`` even backwards (a resync)."""
+        tracking_sql).  ``set_cursor`` moves the cursor to ``upto`` even backwards (a resync).  ``adopt``: and,
+        in the same transaction unless the message is a duplicate (a replay, later, must not adopt the rows
+        the subcloud made since), :meth:`adopt` with that version and ``keep_local``."""
+        if adopt is not None:
+            if isinstance(conn, asyncpg.Pool):
+                async with conn.acquire() as own:
+                    return await self.receive(own, key, endpoint, lane, changes, upto=upto, repair=repair,
+                                              set_cursor=set_cursor, adopt=adopt, keep_local=keep_local)
+            async with conn.transaction():
+                received = await self.receive(conn, key, endpoint, lane, changes, upto=upto, repair=repair,
+                                              set_cursor=set_cursor)
+                if received.duplicate:
+                    return received
+                return replace(received, adopted=await self.adopt(conn, adopt, keep_local or {}))
         raw = _json(await conn.fetchval(
             f"SELECT {self._bk}.receive($1, $2, $3, $4::jsonb, $5, $6, $7)",
             key, endpoint, lane, json.dumps(list(changes), default=str), upto, repair, set_cursor))
         return Received(_applied(raw), bool(raw["duplicate"]), int(raw["cursor"]))
 
-    async def adopt(self, conn: Conn, version: int, keep: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
+    async def adopt(self, conn: AnyConnection, version: int, keep: Mapping[str, Sequence[Mapping[str, Any]]]) -> int:
         """Give ``version`` to the rows that never came from the controller (version 0) but for the keys in
         ``keep`` (per table): a resync found them equal to the controller's rows, so they came from it (a
         subcloud that joined holding the same rows), and an audit must delete them when the controller no

@@ -503,6 +503,11 @@ def writers_sql(place: Place, tables: Sequence[ResolvedTable]) -> str:
             "BEGIN\n    " + "\n    ".join(deletes) + "\n    RETURN false;\nEND\n$f$;\n")
 
 
+def trigger_args(*, capture: bool, lane: str, pk: tuple[str, ...], columns: tuple[str, ...]) -> list[str]:
+    """The row trigger's arguments; the TRUNCATE trigger's are the first two (mode, lane)."""
+    return ["capture" if capture else "digest", lane, ",".join(pk), ",".join(columns)]
+
+
 def trigger_sql(place: Place, table: str, *, capture: bool, lane: str, pk: tuple[str, ...],
                 columns: tuple[str, ...]) -> str:
     """(Re)create the row trigger and the TRUNCATE trigger on one synced table."""
@@ -510,7 +515,7 @@ def trigger_sql(place: Place, table: str, *, capture: bool, lane: str, pk: tuple
         if "," in name or "'" in name:
             raise ValueError(f"column name {name!r} cannot be tracked")
     target = f"{ident(place.data)}.{ident(table)}"
-    quoted = ["'" + a + "'" for a in ("capture" if capture else "digest", lane, ",".join(pk), ",".join(columns))]
+    quoted = ["'" + a + "'" for a in trigger_args(capture=capture, lane=lane, pk=pk, columns=columns)]
     args, mode = ", ".join(quoted), ", ".join(quoted[:2])
     return (f"DROP TRIGGER IF EXISTS {TRIGGER} ON {target};\n"
             f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {target} "
