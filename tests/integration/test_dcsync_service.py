@@ -305,6 +305,23 @@ async def test_join_conflicts_by_policy(policy: str) -> None:
             assert await sc.pool.fetchval("SELECT id FROM project") == "local-id"
 
 
+async def test_out_of_sync_past_the_threshold_raises_950_102_and_in_sync_clears_it() -> None:
+    async with dc_site(mini_spec(), mini_db, out_of_sync_alarm_after=0.5) as site:
+        await site.central.execute("INSERT INTO project VALUES ('central-id', 'admin', 'default', true)")
+
+        async def own_admin(pool: asyncpg.Pool) -> None:
+            await pool.execute("INSERT INTO project VALUES ('local-id', 'admin', 'default', true)")
+
+        sc = await site.start_subcloud("sc1", prepare=own_admin)
+        await site.ok("roost.cmd.subcloud.add", {"name": "sc1", "join_policy": "refuse"})
+        await wait_until(lambda: _raised(site, "950.102"), timeout=30, what="out of sync past the threshold")
+        raised = (await site.alarms("950.102"))[-1]
+        assert raised["entity_instance_id"] == "subcloud=sc1.endpoint=identity", raised
+        await sc.pool.execute("DELETE FROM project WHERE id = 'local-id'")     # the clash is gone: the join goes on
+        await site.wait_status("sc1", timeout=90)
+        await wait_until(lambda: _cleared(site, "950.102"), timeout=30, what="950.102 cleared once in sync")
+
+
 async def test_missing_trigger_alarmed_and_repaired_at_start() -> None:
     async def drop_after_install(pool: asyncpg.Pool) -> None:
         from services.dcsync.tables import resolve
