@@ -103,7 +103,7 @@ from services.alarms.webhooks.worker import DispatcherProcess, pool_url
 from services.core.bus.abc import ConsumerOptions
 from services.core.bus.bus import Message, Reject
 from services.core.db.inbox import Inbox
-from services.core.db.pool import AnyConnection
+from services.core.db.pool import AnyConnection, plan_per_call
 from services.core.host import ServiceContext
 from services.core.logging import message_context
 
@@ -480,8 +480,18 @@ class AlarmsService:
         """A connection for a batch: one the committer holds from an earlier batch, or one from the pool.  The
         committer keeps them while it has work (``_release_held`` at its end): giving one back to the pool
         costs a round trip (its reset) that every handler of the batch would wait for."""
-        conn = self._held.pop() if self._held else await self.pool.acquire()
         reusable = False
+        if self._held:
+            conn = self._held.pop()
+        else:
+            conn = await self.pool.acquire()
+            try:
+                # the batches' statements (the locks, the active rows) planned for active_alarms as it is now: a
+                # generic plan made while it was nearly empty compared every locked key with every row
+                await plan_per_call(conn)
+            except BaseException:
+                await self.pool.release(conn)
+                raise
         try:
             yield conn
             reusable = not conn.is_closed() and not conn.is_in_transaction()

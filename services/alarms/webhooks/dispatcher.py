@@ -87,6 +87,7 @@ from services.alarms.webhooks.store import (
     fan_out_once,
     queue_depth,
 )
+from services.core.db.pool import plan_per_call
 from services.core.logging import register_secret
 
 log = structlog.get_logger("roost.alarms.webhooks")
@@ -348,15 +349,10 @@ _MARK_RECOVERED = f"""
       AND NOT EXISTS (SELECT 1 FROM {DELIVERIES} d WHERE d.subscription_id = s.id AND d.state = 'dead')
     RETURNING s.id"""
 
-# On the connections the dispatcher holds (the listener, where the claims and outcomes run, and the fan-out's):
-# plan each statement for the queue as it is at that call.  A prepared statement's generic plan is made once, for
-# the table as PostgreSQL knew it then: one made while the queue was nearly empty (after a purge and a vacuum on
-# a quiet day, or the bench's TRUNCATE) scans the whole table, and goes on doing so at every claim as the rows of
-# an alarm storm pile up, until autovacuum's next ANALYZE, a minute or more later (seen in the alarms bench: 8,000
-# rows read per scan 20 s after the start, the sending falling behind 1,000 alarms/s; p99 1.5-2.7 s, 0.1 s
-# with this).  Planning the claim each time costs a fraction of a millisecond.
-async def _plan_per_call(conn: asyncpg.pool.PoolConnectionProxy) -> None:
-    await conn.execute("SET plan_cache_mode = force_custom_plan")     # undone by the pool's reset on release
+# The connections the dispatcher holds (the listener, where the claims and outcomes run, and the fan-out's) plan
+# each statement for the queue as it is at that call (``plan_per_call``): a generic plan made while the queue was
+# nearly empty read the whole table at every claim as an alarm storm's rows piled up (the alarms bench: 8,000 rows
+# per scan 20 s after the start, the sending falling behind 1,000 alarms/s; p99 1.5-2.7 s, 0.1 s with this).
 
 _RELEASE = f"""
     UPDATE {DELIVERIES} SET claim_token = NULL, claimed_until = NULL
@@ -533,7 +529,7 @@ class WebhookDispatcher:
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             return
         try:
-            await _plan_per_call(conn)
+            await plan_per_call(conn)
             await conn.add_listener(NOTIFY_CHANNEL, self._notified)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError):
             await self.pool.release(conn)
@@ -569,7 +565,7 @@ class WebhookDispatcher:
                     try:
                         if conn is None or conn.is_closed():
                             conn = await self.pool.acquire()
-                            await _plan_per_call(conn)
+                            await plan_per_call(conn)
                         self.stats.fan_outs += 1
                         made, again, self._windows_full = await fan_out_once(conn, ahead=self.settings.ahead)
                         if made:
