@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -106,6 +107,7 @@ from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
 from services.core.db.pool import AnyConnection, create_pool
 from services.core.embedded.nats_server import NatsServer
+from services.core.heap import settle_startup_heap
 from services.core.host import Connections, ServiceContext, ServiceHost
 from services.core.logging import configure_logging
 from services.core.settings import load_settings
@@ -395,6 +397,7 @@ async def service_main(bus_url: str, database_url_: str, batch: int, mode: str) 
                             dispatcher="process" if mode == "dispatch-process" else "inline")
     host = ServiceHost(service, load_settings(), Connections(bus_url, database_url_), None)
     await host.start()
+    settle_startup_heap()                   # as run_services does once the services of `roost up` have started
     stop = asyncio.Event()
     fanning = None if dispatch else asyncio.create_task(fan_out_loop(service.pool, stop))
     print("ready", flush=True)
@@ -487,6 +490,18 @@ async def run_direct(kind: str, pool: asyncpg.Pool, service: AlarmsService, regi
     """One run of figure 1 in this process; ``ahead``: the fan-out's window (None: every delivery row)."""
     await reset(pool, subscribers, CLOSED_URL, generate_secret())
     todo = deque(messages(registry, fault_envelopes(registry, ops, instances)))
+    # The run's input, built ahead, is not the service's heap: as messages that arrive from a broker, it must not
+    # make every full collection of the run walk its hundreds of thousands of objects.
+    gc.collect()
+    gc.freeze()
+    try:
+        return await _run_direct(kind, pool, service, todo, ops, instances, subscribers, batch, ahead)
+    finally:
+        gc.unfreeze()
+
+
+async def _run_direct(kind: str, pool: asyncpg.Pool, service: AlarmsService, todo: deque[Message], ops: int,
+                      instances: int, subscribers: int, batch: int, ahead: int | None) -> Run:
     started, cpu = time.perf_counter(), time.process_time()
     if kind == "naive":
         with legacy_webhooks(service):

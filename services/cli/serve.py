@@ -46,6 +46,7 @@ from services.core.auth import (
     looks_like_token,
     revoke,
 )
+from services.core.heap import settle_startup_heap
 from services.core.host import Component
 
 log = structlog.get_logger("roost.serve")
@@ -172,6 +173,7 @@ async def run_serve(names: Sequence[str], config: Path | None, port: int | None,
             hosts.append(ServiceHost(component, settings, Connections(bus_url, database_url), token))
 
         def started(runners: Sequence[ServiceRunner]) -> None:
+            settle_startup_heap()       # what start-up made lives as long as the process
             for runner in runners:
                 log.info("serving", service=runner.name, url=runner.url, bus=mask_url(bus_url),
                          database=mask_url(database_url))

@@ -33,6 +33,7 @@ from services.core.db.migrations import MigrationError, migrate
 from services.core.db.pool import DatabaseUnavailable, create_pool
 from services.core.embedded.nats_server import NatsServer, NatsServerError
 from services.core.embedded.postgres import EmbeddedPostgres, EmbeddedPostgresError
+from services.core.heap import settle_startup_heap
 from services.core.host import Component, Connections, ServiceHost
 from services.core.logging import configure_logging, register_secret
 from services.core.runner import ServiceRunner, run_services
@@ -109,6 +110,7 @@ async def _run_up(data_dir: Path | None, config: Path | None, demo: bool = False
                              await _service_token(pool, secrets, c.name)) for c in services]
 
         def started(runners: Sequence[ServiceRunner]) -> None:
+            settle_startup_heap()       # what start-up made lives as long as the process
             Runtime(bus_url=bus.url, bus_user=OPERATOR_NAME if bus.passwords else None, pid=os.getpid(),
                     started_at=datetime.now(UTC).isoformat(timespec="seconds"),
                     services={r.name: {"http": r.url} for r in runners}).save(data)
