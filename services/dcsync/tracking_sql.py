@@ -47,6 +47,11 @@ def ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def literal(text: str) -> str:
+    """A SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
 @dataclass(frozen=True, slots=True)
 class Place:
     """Where the synced tables are (``data``) and where dcsync keeps its bookkeeping beside them."""
@@ -80,8 +85,10 @@ def _default_writers(bk: str) -> str:
 def install_sql(place: Place) -> str:
     """Create (or bring up to date) the bookkeeping schema, its tables and functions.  Idempotent."""
     bk = ident(place.bookkeeping)
-    data_literal = "'" + place.data.replace("'", "''") + "'"
-    channel_literal = "'" + place.channel.replace("'", "''") + "'"
+    data_literal = literal(place.data)
+    channel_literal = literal(place.channel)
+    bk_literal = literal(bk)                       # the quoted schema name as text, for format() and nextval
+    change_seq = literal(f"{bk}.change_seq")
     default_writers = _default_writers(bk)
     return f"""
 CREATE SCHEMA IF NOT EXISTS {bk};
@@ -193,10 +200,10 @@ BEGIN
         PERFORM pg_advisory_xact_lock({ORDER_LOCK});
         IF o IS NOT NULL AND (n IS NULL OR opk <> npk) THEN
             INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
-                VALUES (nextval('{place.bookkeeping}.change_seq'), lane, tn, 'D', opk, NULL);
+                VALUES (nextval({change_seq}), lane, tn, 'D', opk, NULL);
         END IF;
         IF n IS NOT NULL THEN
-            v := nextval('{place.bookkeeping}.change_seq');
+            v := nextval({change_seq});
             INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row) VALUES (v, lane, tn, 'U', npk, n);
         END IF;
         PERFORM pg_notify({channel_literal}, '');
@@ -247,7 +254,7 @@ BEGIN
     IF TG_ARGV[0] = 'capture' THEN
         PERFORM pg_advisory_xact_lock({ORDER_LOCK});
         INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
-            SELECT nextval('{place.bookkeeping}.change_seq'), TG_ARGV[1], tn, 'D', s.pk, NULL
+            SELECT nextval({change_seq}), TG_ARGV[1], tn, 'D', s.pk, NULL
               FROM (SELECT pk FROM {bk}.row_state WHERE tbl = tn ORDER BY pk) s;
         PERFORM pg_notify({channel_literal}, '');
     END IF;
@@ -435,9 +442,9 @@ BEGIN
     CREATE TEMP TABLE IF NOT EXISTS roost_dcsync_actual (pk jsonb PRIMARY KEY, hash bigint, bucket int, r jsonb)
         ON COMMIT DROP;
     TRUNCATE roost_dcsync_actual;
-    EXECUTE format('INSERT INTO roost_dcsync_actual SELECT {bk}.pick(r, $1), {bk}.row_hash($3, r), '
-                   '{bk}.bucket({bk}.pick(r, $1)), r FROM (SELECT {bk}.pick(to_jsonb(x), $2) AS r FROM %I.%I x) s',
-                   {data_literal}, t)
+    EXECUTE format('INSERT INTO roost_dcsync_actual SELECT %3$s.pick(r, $1), %3$s.row_hash($3, r), '
+                   '%3$s.bucket(%3$s.pick(r, $1)), r FROM (SELECT %3$s.pick(to_jsonb(x), $2) AS r FROM %1$I.%2$I x) s',
+                   {data_literal}, t, {bk_literal})
         USING st.pk, st.columns, t;
     SELECT count(*) FILTER (WHERE s.pk IS NULL), count(*) FILTER (WHERE s.pk IS NOT NULL AND s.hash <> a.hash)
       INTO added, changed
@@ -447,11 +454,11 @@ BEGIN
     IF st.capture AND added + changed + removed > 0 THEN
         PERFORM pg_advisory_xact_lock({ORDER_LOCK});
         INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
-        SELECT nextval('{place.bookkeeping}.change_seq'), st.lane, t, 'D', s.pk, NULL
+        SELECT nextval({change_seq}), st.lane, t, 'D', s.pk, NULL
           FROM {bk}.row_state s
          WHERE s.tbl = t AND NOT EXISTS (SELECT 1 FROM roost_dcsync_actual a WHERE a.pk = s.pk);
         INSERT INTO {bk}.change_log (seq, lane, tbl, op, pk, row)
-        SELECT nextval('{place.bookkeeping}.change_seq'), st.lane, t, 'U', a.pk, a.r
+        SELECT nextval({change_seq}), st.lane, t, 'U', a.pk, a.r
           FROM roost_dcsync_actual a LEFT JOIN {bk}.row_state s ON s.tbl = t AND s.pk = a.pk
          WHERE s.hash IS DISTINCT FROM a.hash;
         PERFORM pg_notify({channel_literal}, '');

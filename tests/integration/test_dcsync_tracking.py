@@ -12,6 +12,7 @@ import pytest
 
 from services.dcsync.tables import Endpoint, EndpointSpec, TableSpec, resolve
 from services.dcsync.tracking import Tracker
+from services.dcsync.tracking_sql import Place
 from tests.support.postgres import fresh_database
 from tests.support.waiting import wait_until
 
@@ -385,3 +386,26 @@ async def test_the_generated_writers_survive_the_bookkeeping_script_run_again(
     assert await sub.fetchval("SELECT roost_dcsync.put_row('unsynced', '{}'::jsonb)") is False
     assert await sub.fetchval("SELECT roost_dcsync.delete_row('user', '{\"id\": \"u1\"}'::jsonb)") is True
     assert await sub.fetchval('SELECT count(*) FROM "user"') == 0
+
+
+async def test_a_bookkeeping_schema_whose_name_needs_quoting(pair: tuple[asyncpg.Pool, asyncpg.Pool]) -> None:
+    """Every statement names the bookkeeping schema quoted: the change sequence too (nextval takes its name as
+    text, where an unquoted one was folded to lower case and a quote ended the literal)."""
+    central, _ = pair
+    tracker = Tracker(Place("public", 'Roost\'s "DC" sync'))
+    tables = resolve(SPEC, await tracker.reflect(central))
+    async with central.acquire() as conn:
+        await tracker.install(conn, tables, capture=True)
+    await central.execute("""INSERT INTO "user" VALUES ('u1', true, NULL, NULL), ('u2', true, NULL, NULL);
+        UPDATE "user" SET extra = 'x' WHERE id = 'u1'; DELETE FROM "user" WHERE id = 'u2'""")
+    await central.execute("DROP TRIGGER roost_dcsync_track ON \"user\"")
+    await central.execute("INSERT INTO \"user\" VALUES ('u3', true, NULL, NULL)")      # missed by the trigger
+    async with central.acquire() as conn:
+        report = await tracker.install(conn, tables, capture=True)                   # the re-digest logs it
+    assert [(r.added, r.changed, r.removed) for r in report.redigested] == [(1, 0, 0)]
+    await central.execute('TRUNCATE "user" CASCADE')
+    changes = await tracker.changes(central, "main", 0, 100)
+    assert [(c.op, c.pk["id"]) for c in changes] == [
+        ("U", "u1"), ("U", "u2"), ("U", "u1"), ("D", "u2"), ("U", "u3"), ("D", "u1"), ("D", "u3")]
+    assert [c.seq for c in changes] == sorted({c.seq for c in changes})
+    assert await tracker.head(central) == changes[-1].seq
