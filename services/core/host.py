@@ -87,6 +87,7 @@ class ServiceHost:
         self._retention: Retention | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._unregister_lag: list[object] = []
+        self._stopping: asyncio.Future[None] | None = None
 
     @property
     def bus(self) -> Bus:
@@ -95,6 +96,7 @@ class ServiceHost:
         return self._bus
 
     async def start(self) -> None:
+        self._stopping = None
         # A service's own credentials and TLS files when configured; else the process-wide URLs.
         database_url = self.settings.database_connect_url(self.name) or self.connections.database_url
         pool = self._pool = await create_pool(database_url, min_size=1, max_size=8,
@@ -131,6 +133,14 @@ class ServiceHost:
         return metrics.OutboxLag(pending=lag.pending, oldest_created_at=lag.oldest_created_at)
 
     async def stop(self, deadline: float) -> None:
+        """Stop the service and everything the host started for it, by ``deadline`` (``time.monotonic()``).  A
+        second call waits for the first one's stop (it used to run every step again, its relay flushing into a
+        closed pool until the deadline)."""
+        if self._stopping is None:
+            self._stopping = asyncio.ensure_future(self._stop(deadline))
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self, deadline: float) -> None:
         def left() -> float:
             return max(0.1, deadline - time.monotonic())
 
