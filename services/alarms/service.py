@@ -399,11 +399,13 @@ class AlarmsService:
         origin = Origin.of(envelope)
         data = message.data
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                if not await self._inbox.first_time(conn, INBOX_CONSUMER, envelope.id):
-                    log.info("duplicate fault message dropped", message_id=envelope.id)
-                    return
-                done = await self._apply(conn, data, origin, envelope.type)
+            async with self.pool.acquire() as conn:
+                await plan_per_call(conn)     # its statements find the alarm by index, as a batch's do
+                async with conn.transaction():
+                    if not await self._inbox.first_time(conn, INBOX_CONSUMER, envelope.id):
+                        log.info("duplicate fault message dropped", message_id=envelope.id)
+                        return
+                    done = await self._apply(conn, data, origin, envelope.type)
         except AlarmError as exc:
             raise Reject(str(exc)) from None
         _count(done)        # committed

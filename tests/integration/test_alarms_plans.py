@@ -39,13 +39,15 @@ async def _round(site: Site, entities: list[str], kind: str) -> None:
     await asyncio.gather(*(site.service.handle(message(envelope(f"roost.fault.{kind}", d))) for d in data))
 
 
-async def test_a_table_that_grew_from_empty_is_not_scanned_for_each_batch() -> None:
+@pytest.mark.parametrize("batch_size", [64, 1], ids=["batches", "one-by-one"])
+async def test_a_table_that_grew_from_empty_is_not_scanned_for_each_batch(batch_size: int) -> None:
+    """Batches (group commit), and messages applied one by one (``batch_size`` 1, and a batch's fallback)."""
     async with fresh_database() as url, pool_on(url) as admin:
         await migrate(admin, "alarms", MIGRATIONS)
         await admin.execute("SELECT core.ensure_outbox_inbox('alarms')")
         await admin.execute("VACUUM ANALYZE alarms.active_alarms")       # PostgreSQL has seen it empty
         async with pool_on(url, migrate_core=False, application_name=APPLICATION) as own:
-            site = Site(own, batch_size=64)
+            site = Site(own, batch_size=batch_size)
             await site.start()
             try:
                 for i in range(ROUNDS):
