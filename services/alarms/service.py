@@ -492,7 +492,8 @@ class AlarmsService:
                 # generic plan made while it was nearly empty compared every locked key with every row
                 await plan_per_call(conn)
             except BaseException:
-                await self.pool.release(conn)
+                with contextlib.suppress(Exception):
+                    await self.pool.release(conn)
                 raise
         try:
             yield conn

@@ -144,12 +144,12 @@ async def plan_per_call(conn: AnyConnection) -> None:
     """Plan each statement of ``conn`` for the tables as they are at that call (``plan_cache_mode =
     force_custom_plan``), until the pool's reset on release undoes it.
 
-    For a connection held through a burst of writes.  asyncpg prepares each statement once per connection, and
-    after five runs PostgreSQL may keep a generic plan, costed for the tables as it knew them then (their
-    statistics, not their size now).  One made while a table was nearly empty (after a purge and a vacuum on a
-    quiet day, a TRUNCATE, or before autovacuum's first ANALYZE) scans the whole table, and goes on doing so at
-    every call as the rows of an alarm storm pile up.  A custom plan reads the table's size at each call and
-    costs a fraction of a millisecond to make."""
+    For the connections of a hot path (a burst of writes, a queue's claims).  asyncpg prepares each statement
+    once per connection, and after five runs PostgreSQL may keep a generic plan, costed for the tables as it
+    knew them then (their statistics, not their size now).  One made while a table was nearly empty (after a
+    purge and a vacuum on a quiet day, a TRUNCATE, or before autovacuum's first ANALYZE) scans the whole
+    table, and goes on doing so at every call as the rows of an alarm storm pile up.  A custom plan reads the
+    table's size at each call and costs a fraction of a millisecond to make."""
     await conn.execute("SET plan_cache_mode = force_custom_plan")
 
 
