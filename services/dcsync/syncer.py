@@ -286,7 +286,8 @@ class Syncer:
             adopt = head if head > 0 and sum(len(pks) for pks in keep.values()) <= MAX_KEPT_LOCAL else None
             for i, lane in enumerate(LANES):
                 final = msg.SyncApply(endpoint=endpoint, lane=lane, changes=[], upto=heads[lane], set_cursor=True)
-                if i > 0 or adopt is None or not await self._adopting(link, final, adopt, keep):
+                adopted = i == 0 and adopt is not None and await self._adopting(link, final, adopt, keep)
+                if not adopted:
                     await link.ask("apply", final, msg.SyncApplied, key=f"resync:{uuid.uuid4()}")
                 after[lane] = heads[lane]
         report.repairs = [r for r in report.repairs if r.upserted or r.deleted or r.local_only or r.failed]

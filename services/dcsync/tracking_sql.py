@@ -74,8 +74,7 @@ def _default_writers(bk: str) -> str:
     writes) where they do not exist yet."""
     out = []
     for name, arg in (("put_row", "r"), ("delete_row", "pk")):
-        signature = "'" + f"{bk}.{name}(text, jsonb)".replace("'", "''") + "'"
-        out.append(f"    IF to_regprocedure({signature}) IS NULL THEN\n"
+        out.append(f"    IF to_regprocedure({literal(f'{bk}.{name}(text, jsonb)')}) IS NULL THEN\n"
                    f"        CREATE FUNCTION {bk}.{name}(tn text, {arg} jsonb) RETURNS boolean LANGUAGE plpgsql\n"
                    "            AS $f$ BEGIN RETURN false; END $f$;\n"
                    "    END IF;")
@@ -522,7 +521,7 @@ def trigger_sql(place: Place, table: str, *, capture: bool, lane: str, pk: tuple
         if "," in name or "'" in name:
             raise ValueError(f"column name {name!r} cannot be tracked")
     target = f"{ident(place.data)}.{ident(table)}"
-    quoted = ["'" + a + "'" for a in trigger_args(capture=capture, lane=lane, pk=pk, columns=columns)]
+    quoted = [literal(a) for a in trigger_args(capture=capture, lane=lane, pk=pk, columns=columns)]
     args, mode = ", ".join(quoted), ", ".join(quoted[:2])
     return (f"DROP TRIGGER IF EXISTS {TRIGGER} ON {target};\n"
             f"CREATE TRIGGER {TRIGGER} AFTER INSERT OR UPDATE OR DELETE ON {target} "
