@@ -397,7 +397,7 @@ async def service_main(bus_url: str, database_url_: str, batch: int, mode: str) 
                             dispatcher="process" if mode == "dispatch-process" else "inline")
     host = ServiceHost(service, load_settings(), Connections(bus_url, database_url_), None)
     await host.start()
-    settle_startup_heap()                   # as run_services does once the services of `roost up` have started
+    settle_startup_heap()                   # as `roost up` does once its services have started
     stop = asyncio.Event()
     fanning = None if dispatch else asyncio.create_task(fan_out_loop(service.pool, stop))
     print("ready", flush=True)
