@@ -110,9 +110,9 @@ async def test_full_windows_take_no_writers_lock(pool: asyncpg.Pool) -> None:
         tx = writer.transaction()
         await tx.start()
         await store.enqueue(writer, notification(entity="host=b"))          # a writer in flight, holding its seq
-        started = asyncio.get_running_loop().time()
+        # Waiting for the writers' lock could only end in its lock timeout here (the writer commits after this
+        # returns), and a fan-out that waited in vain says so: again=True.  again=False: it did not wait.
         assert await store.fan_out_once(held, ahead=2) == store.FanOut(made=0, again=False, full=True)
-        assert asyncio.get_running_loop().time() - started < 0.4, "it did not wait for the writer"
         assert not held.is_in_transaction()
         await tx.commit()
     await pool.execute("UPDATE alarms.webhook_deliveries SET state = 'delivered' WHERE id = "
