@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -14,6 +13,7 @@ import httpx
 
 from schemas.envelope import CommandReply
 from services.cli.client import BusClient, CliError, Runtime, resolve_bus_url, resolve_token
+from services.core.loop import EventLoopUnavailable, run_on_roost_loop
 
 T = TypeVar("T")
 
@@ -25,9 +25,13 @@ def default_data_dir() -> Path:
 
 
 def run(coro: Awaitable[T]) -> T:
-    """Run a CLI coroutine; a ``CliError`` becomes one line on stderr and its exit status."""
+    """Run a CLI coroutine on roost's event loop (uvloop: ``services.core.loop``); a ``CliError`` becomes one line on
+    stderr and its exit status."""
     try:
-        return asyncio.run(_wrap(coro))
+        return run_on_roost_loop(_wrap(coro))
+    except EventLoopUnavailable as exc:
+        click.echo(f"roost: {exc}", err=True)
+        sys.exit(2)
     except CliError as exc:
         click.echo(f"roost: {exc}", err=True)
         sys.exit(exc.code)

@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import stat
+import subprocess
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -152,9 +153,8 @@ async def test_a_stale_pid_file_naming_an_unrelated_live_process_is_ignored(data
     # the server's user, and PostgreSQL alone refuses to start ("Is another postmaster running?").
     owner = (data_dir / "pgdata").stat()
     root = os.geteuid() == 0
-    other = await asyncio.create_subprocess_exec(
-        "sleep",
-        "60",
+    other = subprocess.Popen(  # noqa: ASYNC220 (starts, does not wait; uvloop takes no user / group)
+        ["sleep", "60"],
         cwd="/",
         user=owner.st_uid if root else None,
         group=owner.st_gid if root else None,
@@ -166,10 +166,10 @@ async def test_a_stale_pid_file_naming_an_unrelated_live_process_is_ignored(data
         assert await again.start() == url
         assert again.pid not in (None, other.pid) and not again.reused
         assert await _read(url) == ["before"]
-        assert other.returncode is None  # left alone
+        assert other.poll() is None  # left alone
     finally:
         other.kill()
-        await other.wait()
+        other.wait()
 
 
 async def test_a_server_that_cannot_start_is_one_clear_line(data_dir: Path) -> None:

@@ -289,7 +289,8 @@ async def test_deliveries_fan_out_again_only_when_a_window_was_full(pool: asyncp
         await enqueue(pool, notes)
         async with WebhookDispatcher(pool, small) as dispatcher:
             await until(lambda: dispatcher.stats.delivered == 12, timeout=10, what="all, two rows at a time")
-    assert [r.headers["webhook-id"] for r in receiver.requests][8:] == [n.id for n in notes]
+    # Two in flight at a time, on different alarm instances: no order between them is promised, each once is.
+    assert sorted(r.headers["webhook-id"] for r in receiver.requests[8:]) == sorted(n.id for n in notes)
 
 
 def _scans(plan: dict[str, object]) -> list[dict[str, object]]:

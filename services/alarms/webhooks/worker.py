@@ -42,6 +42,7 @@ from services.alarms.webhooks import metrics
 from services.alarms.webhooks.dispatcher import DispatcherSettings, SubscriptionHook, WebhookDispatcher, describe
 from services.core.db.pool import DatabaseUnavailable, create_pool
 from services.core.logging import configure_logging
+from services.core.loop import run_on_roost_loop
 
 log = structlog.get_logger("roost.alarms.webhooks")
 
@@ -244,7 +245,7 @@ def main() -> None:
                       level or "INFO")
     try:
         with contextlib.suppress(BrokenPipeError):
-            asyncio.run(_child())
+            run_on_roost_loop(_child())
     except DatabaseUnavailable as exc:
         log.error("webhook dispatcher process: no database", error=str(exc))
         sys.exit(1)

@@ -24,6 +24,7 @@ from services.core.bus.factory import UnsupportedBusUrl, transport_from_url
 from services.core.db.migrations import MigrationError, migrate
 from services.core.db.pool import DatabaseUnavailable, create_pool
 from services.core.db.relay import OutboxRelay
+from services.core.loop import run_on_roost_loop
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print("no database URL: pass --database-url or set ROOST_DATABASE_URL", file=sys.stderr)
         return 2
     try:
-        return asyncio.run(_relay(args) if args.command == "relay" else _migrate(args))
+        return run_on_roost_loop(_relay(args) if args.command == "relay" else _migrate(args))
     except (DatabaseUnavailable, BusError, UnsupportedBusUrl, MigrationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

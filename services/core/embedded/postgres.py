@@ -515,34 +515,34 @@ class EmbeddedPostgres:
         return env
 
     async def _run(self, account: _Account, args: Sequence[str], timeout: float) -> tuple[int, str]:
-        """Run a PostgreSQL program as ``account``; return (exit status, stdout and stderr)."""
+        """Run a PostgreSQL program as ``account``; return (exit status, stdout and stderr).
+
+        In a thread, by ``subprocess``, not by the event loop: ``pg_ctl start`` leaves the server running, and the
+        server must inherit none of our descriptors.  uvloop (roost's loop) does not close them in a child, and
+        one is a copy of the child's output: the server holding it, the output would never end."""
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *args,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+            done = await asyncio.to_thread(
+                subprocess.run,
+                list(args),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 env=self._env(),
                 cwd=str(self.data_dir),
                 user=account.uid if account.switch else None,
                 group=account.gid if account.switch else None,
                 extra_groups=list(account.groups) if account.switch else None,
+                timeout=timeout,
+                check=False,
             )
-        except OSError as exc:
-            raise EmbeddedPostgresError(f"cannot run {args[0]} as {account.name}: {exc}") from exc
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError as exc:
+        except subprocess.TimeoutExpired as exc:
             raise EmbeddedPostgresError(
                 f"{Path(args[0]).name} {args[1] if len(args) > 1 else ''} took longer than {timeout:.0f}s "
                 f"on {self.data_dir} (log: {self.log_file})"
             ) from exc
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-        assert proc.returncode is not None
-        return proc.returncode, out.decode(errors="replace")
+        except OSError as exc:
+            raise EmbeddedPostgresError(f"cannot run {args[0]} as {account.name}: {exc}") from exc
+        return done.returncode, done.stdout.decode(errors="replace")
 
 
 # -- module helpers ---------------------------------------------------------------------------------
