@@ -58,7 +58,7 @@ from services.alarms.model import (
     decide_set,
 )
 from services.alarms.webhooks import store as webhooks
-from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, rfc3339
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, dumps_body, rfc3339
 from services.core.db.outbox import Outbox, ordering_key
 from services.core.db.pool import AnyConnection
 
@@ -489,7 +489,6 @@ def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: E
     hexed = ident.replace("-", "") if canonical else uuidlib.UUID(ident).hex    # str(uuid4()): canonical
     webhook_id = f"msg_{hexed}"
     cleared = kind is EventKind.CLEARED
-    # Every dict in sorted key order, so that json.dumps without sort_keys writes dumps_body's bytes.
     payload = {
         "data": {
             "alarm": {
@@ -513,10 +512,7 @@ def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: E
         "type": f"alarm.{kind.value}",
     }
     return (webhook_id, f"{alarm.alarm_id}|{alarm.entity_instance_id}", f"alarm.{kind.value}", alarm.alarm_id,
-            alarm.severity.value, alarm.entity_instance_id, _dumps_sorted(payload).encode("utf-8"))
-
-
-_dumps_sorted = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+            alarm.severity.value, alarm.entity_instance_id, dumps_body(payload))
 
 
 def _in_transaction(conn: AnyConnection) -> None:
