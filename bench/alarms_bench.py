@@ -105,11 +105,12 @@ from services.core.bus.memory import InMemoryBroker, InMemoryTransport
 from services.core.bus.nats import NatsTransport
 from services.core.db.migrations import migrate
 from services.core.db.outbox import Outbox
-from services.core.db.pool import AnyConnection, create_pool
+from services.core.db.pool import AnyConnection, create_pool, plan_per_call
 from services.core.embedded.nats_server import NatsServer
 from services.core.heap import settle_startup_heap
 from services.core.host import Connections, ServiceContext, ServiceHost
 from services.core.logging import configure_logging
+from services.core.loop import loop_name, run_on_roost_loop
 from services.core.settings import load_settings
 
 PG_URL = os.environ.get("ROOST_BENCH_PG_URL", "postgresql://root@127.0.0.1:5432/test")
@@ -271,13 +272,18 @@ def legacy_webhooks(service: AlarmsService) -> Iterator[None]:
 async def backlog(pool: asyncpg.Pool, ahead: int | None) -> int:
     """Notifications the fan-out has not made delivery rows for yet although it should have: behind a
     cursor, in the room its subscription's window (``ahead`` pending rows; None: no window) leaves; the
-    largest of the subscriptions.  (All match everything here.)"""
-    return int(await pool.fetchval(f"""
-        SELECT coalesce(max(least(greatest(0, ({webhooks._LAST_SEQ}) - s.fanned_out_seq),
-                                  greatest(0, coalesce($1::bigint, 9223372036854775807) - (
-                                      SELECT count(*) FROM alarms.webhook_deliveries d
-                                      WHERE d.subscription_id = s.id AND d.state = 'pending')))), 0)
-        FROM alarms.webhook_subscriptions s""", ahead))
+    largest of the subscriptions.  (All match everything here.)  Its pending rows are counted as the
+    dispatcher counts them, up to the window by the queue index: sampled all through a run, this must not
+    cost PostgreSQL a scan of every delivery row each time."""
+    pending = (webhooks._pending_in_window("s", "$1") if ahead is not None else
+               "(SELECT count(*) FROM alarms.webhook_deliveries d WHERE d.subscription_id = s.id "
+               "AND d.state = 'pending')")
+    async with pool.acquire() as conn:
+        await plan_per_call(conn)
+        return int(await conn.fetchval(f"""
+            SELECT coalesce(max(least(greatest(0, ({webhooks._LAST_SEQ}) - s.fanned_out_seq),
+                                      greatest(0, coalesce($1::bigint, 9223372036854775807) - {pending}))), 0)
+            FROM alarms.webhook_subscriptions s""", ahead))
 
 
 AHEAD = DispatcherSettings().ahead          # the dispatcher's fan-out window
@@ -292,6 +298,7 @@ async def fan_out_loop(pool: asyncpg.Pool, stop: asyncio.Event, ahead: int | Non
     def notified(*_: object) -> None:
         woken.set()
     async with pool.acquire() as conn:
+        await plan_per_call(conn)                   # as the dispatcher's fan-out connection
         await conn.add_listener(webhooks.NOTIFY_CHANNEL, notified)
         try:
             while not stop.is_set():
@@ -804,7 +811,8 @@ async def header(pool: asyncpg.Pool, nats_version: str, args: argparse.Namespace
     print("alarms benchmark (bench/alarms_bench.py)" + (" --quick" if args.quick else ""))
     print(f"  machine : {platform.machine()}, {os.cpu_count()} CPUs ({cpu_model()}), {platform.system()} "
           f"{platform.release()}, load average {load_average()}")
-    print(f"  python  : {platform.python_implementation()} {platform.python_version()}; asyncpg {pkg('asyncpg')}, "
+    print(f"  python  : {platform.python_implementation()} {platform.python_version()} on {loop_name()} (the event "
+          f"loop of roost's processes and of this one; the receiver's is asyncio's own); asyncpg {pkg('asyncpg')}, "
           f"nats-py {pkg('nats-py')}, httpx {pkg('httpx')}, pydantic {pkg('pydantic')}")
     print(f"  postgres: {pg['v']} on 127.0.0.1 (same machine), shared_buffers {pg['sb']}, synchronous_commit "
           f"{pg['sc']}, fsync {pg['fs']}; database roost_bench_alarms_{os.getpid()}")
@@ -1024,9 +1032,9 @@ def run() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-alarms":
         configure_logging("console", "WARNING")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        asyncio.run(service_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]))
+        run_on_roost_loop(service_main(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]))
         return 0
-    return asyncio.run(main())
+    return run_on_roost_loop(main())
 
 
 if __name__ == "__main__":
