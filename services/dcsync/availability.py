@@ -9,10 +9,14 @@ online) or, silent for ``mass_hold`` seconds more, the held ones go offline afte
 outlasting the hold is still reported).
 
 ``evaluate(now)`` returns the transitions; the caller persists and announces them.
+
+How old a heartbeat is when it arrives is :class:`HeartbeatClocks`'s to say, on the system controller's clock:
+a heartbeat carries its subcloud's clock, which may be minutes off.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -108,3 +112,41 @@ class Availability:
         out.mass_silence = self._mass = mass
         out.held = tuple(sorted(self._held))
         return out
+
+
+class HeartbeatClocks:
+    """How old each subcloud's heartbeat is when it arrives, measured on this controller's clock whatever the
+    subcloud's clock says.  Pure.
+
+    A heartbeat carries the time its agent sent it by the subcloud's clock, and an edge site's clock can be
+    minutes off (NTP not synced yet after a power cut, no NTP at all).  Taken as is, a subcloud whose clock is
+    behind by more than ``offline_after`` looked silent however often it was heard, and one whose clock is ahead
+    made every heartbeat look brand new, a delayed one included.
+
+    ``received - sent`` is the clocks' offset plus the message's delay.  The smallest of it over the subcloud's
+    last ``window`` heartbeats stands for the offset plus the quickest delivery; a heartbeat's age is how much
+    later than that it came (never negative).  So a clock off by any constant amount gives ages of about zero,
+    and a heartbeat held up in the broker (or a redelivery) is as old as it was held, next to the quick ones
+    before it.  What it cannot tell: the first heartbeat heard after this controller started, with no earlier
+    one to compare, counts as fresh (a subcloud that died while the controller was down is online until
+    ``offline_after`` passes); and a subcloud's clock stepped back by its NTP makes its heartbeats look older by
+    the step until the window has forgotten the ones before (``window`` heartbeats).
+    """
+
+    def __init__(self, window: int = 12) -> None:
+        if window < 1:
+            raise ValueError("the window holds at least one heartbeat")
+        self.window = window
+        self._lateness: dict[str, deque[float]] = {}
+
+    def age(self, subcloud: str, lateness: float) -> float:
+        """The age, in seconds, of a heartbeat of ``subcloud`` received ``lateness`` seconds after the time it
+        carries (negative when the subcloud's clock is ahead of ours)."""
+        seen = self._lateness.get(subcloud)
+        if seen is None:
+            seen = self._lateness[subcloud] = deque(maxlen=self.window)
+        seen.append(lateness)
+        return lateness - min(seen)
+
+    def forget(self, subcloud: str) -> None:
+        self._lateness.pop(subcloud, None)

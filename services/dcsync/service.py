@@ -52,7 +52,7 @@ from services.core.db.pool import AnyConnection
 from services.core.host import ServiceContext
 from services.core.secrets import SecretNotFound, SecretStore
 from services.dcsync import fernet, metrics, store
-from services.dcsync.availability import Availability, AvailabilityRules
+from services.dcsync.availability import Availability, AvailabilityRules, HeartbeatClocks
 from services.dcsync.errors import Conflict, NotFound, Unavailable
 from services.dcsync.fernet import sync_key_secret
 from services.dcsync.settings import DcsyncSettings
@@ -134,6 +134,7 @@ class DcsyncService:
         self.syncer = Syncer(self.sources, batch_size=s.batch_size, local_only=s.local_only)
         self.availability = Availability(AvailabilityRules(s.offline_after, s.mass_fraction, s.mass_minimum,
                                                            s.mass_hold))
+        self.clocks = HeartbeatClocks()
         self._secrets = secrets
         self._ctx: ServiceContext | None = None
         self._limit = asyncio.Semaphore(s.concurrency)
@@ -265,10 +266,11 @@ class DcsyncService:
         rt = self._runtimes.get(name)
         if rt is None:
             return
-        sent = message.envelope.time
-        age = max(0.0, (datetime.now(UTC) - sent).total_seconds())
+        received = datetime.now(UTC)
+        age = self.clocks.age(name, (received - message.envelope.time).total_seconds())
         self.availability.heard(name, time.monotonic() - age)
-        self._heard[name] = max(sent, self._heard.get(name, sent))
+        heard_at = received - timedelta(seconds=age)     # on our clock, not the subcloud's
+        self._heard[name] = max(heard_at, self._heard.get(name, heard_at))
         if data.fernet_fingerprint != rt.remote_fernet:
             rt.remote_fernet = data.fernet_fingerprint
             if self._central_fingerprint and data.fernet_fingerprint != self._central_fingerprint:
@@ -884,6 +886,7 @@ class DcsyncService:
         rt.deleted = True           # before anything else runs: the lock was just released
         del self._runtimes[name]
         self.availability.forget(name)
+        self.clocks.forget(name)
         for key in [k for k in self._dirty_cursors if k[0] == name]:
             del self._dirty_cursors[key]
         self._raised_out_of_sync = {k: v for k, v in self._raised_out_of_sync.items() if k[0] != name}

@@ -8,15 +8,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 
 import asyncpg
 import pytest
 
 from schemas import dcsync as msg
-from schemas.envelope import Role
+from schemas.envelope import Role, utcnow
 from services.core.bus.bus import Reject
 from services.dcsync import store
-from services.dcsync.agent import command_subject
+from services.dcsync.agent import command_subject, heartbeat_subject
 from tests.support.dcsync_site import DcSite, dc_site, mini_db, mini_spec
 from tests.support.waiting import wait_until
 
@@ -88,6 +89,37 @@ async def test_offline_subcloud_catches_up(site: DcSite) -> None:
     await site.wait_cursor_at_head("sc1")
     await _same(site, "sc1", ("project",))
     assert [a["type"] for a in await site.alarms("950.101")][-1] == "roost.fault.clear"
+
+
+async def test_a_subcloud_whose_clock_is_behind_is_heard_on_our_clock(site: DcSite) -> None:
+    """An edge site's clock two minutes behind (offline_after is 1.5 s here): its heartbeats carry its clock, yet
+    it is online, stays so, and when it was last heard is told on the controller's clock."""
+    sc = await site.start_subcloud("sc1")
+    behind = timedelta(minutes=2)
+    agent = sc.served
+
+    async def beat_two_minutes_behind() -> None:
+        envelope = sc.bus.envelope("roost.dcagent.heartbeat", msg.DcAgentHeartbeat(
+            subcloud="sc1", cursors=await agent.sync.cursors(), fernet_fingerprint=agent.sync.fernet_fingerprint),
+            time=utcnow() - behind)
+        await sc.bus.publish(envelope, subject=heartbeat_subject("sc1"))
+
+    agent.beat = beat_two_minutes_behind  # type: ignore[method-assign]
+    await site.add("sc1")
+    await site.wait_status("sc1")
+    online_since = utcnow()
+
+    async def heard_after(at: datetime) -> bool:
+        last = (await site.show("sc1"))["last_heard_at"]
+        return last is not None and datetime.fromisoformat(last) > at
+
+    # heard on our clock (its own says two minutes ago), and after three times offline_after still online
+    await wait_until(lambda: heard_after(online_since + timedelta(seconds=4.5)), timeout=30,
+                     what="heartbeats heard 4.5 s after it came online")
+    shown = await site.show("sc1")
+    assert shown["availability"] == "online"
+    assert datetime.fromisoformat(shown["last_heard_at"]) <= utcnow()
+    assert not [a for a in await site.alarms("950.101") if a["type"] == "roost.fault.set"]
 
 
 async def _availability(site: DcSite, name: str, value: str) -> bool:

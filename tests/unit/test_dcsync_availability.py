@@ -1,10 +1,13 @@
 """Subcloud availability from heartbeats in the small: unknown to online, online to offline after silence,
 mass silence held behind one alarm instead of marking everyone offline, the hold running out, heartbeats
-that are ignored (untracked, older than known) and forgetting a subcloud."""
+that are ignored (untracked, older than known) and forgetting a subcloud; how old a heartbeat is whatever the
+subcloud's clock says."""
 
 from __future__ import annotations
 
-from services.dcsync.availability import Availability, AvailabilityRules, Transition
+import pytest
+
+from services.dcsync.availability import Availability, AvailabilityRules, HeartbeatClocks, Transition
 
 RULES = AvailabilityRules(offline_after=30.0, mass_fraction=0.5, mass_minimum=3, mass_hold=600.0)
 
@@ -193,3 +196,56 @@ def test_a_subcloud_never_heard_goes_offline_after_the_timeout() -> None:
     assert [(t.subcloud, t.availability) for t in a.evaluate(131.0).transitions] == [("sc9", "offline")]
     a.heard("sc9", 140.0)
     assert [(t.subcloud, t.availability) for t in a.evaluate(141.0).transitions] == [("sc9", "online")]
+
+
+# -- the age of a heartbeat, on our clock ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [-3600.0, -120.0, 0.0, 120.0, 86400.0])
+def test_a_subcloud_clock_off_by_any_constant_gives_fresh_heartbeats(offset: float) -> None:
+    """``offset``: how far the subcloud's clock is behind ours (negative: ahead); each heartbeat takes 5 to 40 ms."""
+    clocks = HeartbeatClocks()
+    delays = [0.02, 0.005, 0.04, 0.01, 0.03, 0.02, 0.005, 0.015]
+    ages = [clocks.age("edge-1", offset + d) for d in delays]
+    assert ages[0] == 0.0                           # nothing to compare the first one with
+    assert all(0.0 <= a <= 0.035 + 1e-9 for a in ages), ages
+
+
+def test_a_heartbeat_held_up_is_as_old_as_it_was_held() -> None:
+    clocks = HeartbeatClocks()
+    for _ in range(5):
+        assert clocks.age("edge-1", 120.01) == pytest.approx(0.0)     # clock 2 minutes behind, 10 ms delay
+    assert clocks.age("edge-1", 120.01 + 45.0) == pytest.approx(45.0)  # held in the broker 45 s
+    assert clocks.age("edge-1", 120.02) == pytest.approx(0.01)
+
+
+def test_each_subcloud_has_its_own_clock() -> None:
+    clocks = HeartbeatClocks()
+    assert clocks.age("behind", 300.0) == 0.0
+    assert clocks.age("ahead", -300.0) == 0.0
+    assert clocks.age("behind", 300.5) == pytest.approx(0.5)
+    assert clocks.age("ahead", -299.0) == pytest.approx(1.0)
+
+
+def test_a_clock_stepped_forward_is_followed_at_once_one_stepped_back_after_the_window() -> None:
+    clocks = HeartbeatClocks(window=3)
+    for _ in range(3):
+        clocks.age("edge-1", 60.0)
+    assert clocks.age("edge-1", 0.0) == 0.0                     # NTP stepped its clock forward by a minute
+    assert clocks.age("edge-1", 0.0) == 0.0
+    assert clocks.age("edge-1", 30.0) == pytest.approx(30.0)    # ... then back by half a minute: older, for now
+    assert clocks.age("edge-1", 30.0) == pytest.approx(30.0)
+    assert clocks.age("edge-1", 30.0) == 0.0                    # the window has forgotten the quicker ones
+
+
+def test_a_forgotten_subcloud_starts_over() -> None:
+    clocks = HeartbeatClocks()
+    clocks.age("edge-1", 10.0)
+    clocks.forget("edge-1")
+    assert clocks.age("edge-1", 500.0) == 0.0
+    clocks.forget("never-heard")
+
+
+def test_the_window_holds_at_least_one_heartbeat() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        HeartbeatClocks(window=0)
