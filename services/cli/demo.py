@@ -48,7 +48,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -61,9 +61,11 @@ from services.cli.agent import AGENTS, SUBCLOUDS, enroll, write_credentials
 from services.cli.client import OPERATOR_TOKEN_SECRET, BusClient, CliError
 from services.cli.main import Context, cli, pass_ctx, run, table
 from services.core.files import write_private
-from services.core.host import Component
 from services.core.secrets import SecretStore
 from services.core.settings import ConfigError, RoostSettings
+
+if TYPE_CHECKING:           # the services' host (FastAPI and all) is for `roost up`, not every `roost` call
+    from services.core.host import Component
 
 log = structlog.get_logger("roost.demo")
 

@@ -30,6 +30,7 @@ import contextlib
 import socket
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import asyncpg
 import click
@@ -47,7 +48,9 @@ from services.core.auth import (
     revoke,
 )
 from services.core.heap import settle_startup_heap
-from services.core.host import Component
+
+if TYPE_CHECKING:           # the services' host (FastAPI and all) is for the services, not every `roost` call
+    from services.core.host import Component
 
 log = structlog.get_logger("roost.serve")
 
