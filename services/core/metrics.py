@@ -112,6 +112,11 @@ def record_published(type: str, outcome: str, seconds: float, *, registry: Regis
         PUBLISH_DURATION.observe(seconds)
 
 
+# The series of each (type label, group, outcome) seen, looked up once: ``labels()`` checks and locks at every
+# call, and this runs for every message every service consumes.  Bounded as the labels are (known types).
+_CONSUMED: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
+
+
 def record_consumed(type: str, group: str, outcome: str, seconds: float, *,
                     registry: Registry | None = None) -> None:
     """One delivery settled: ``outcome`` ack | retry | dead_letter | duplicate | rejected.
@@ -120,8 +125,13 @@ def record_consumed(type: str, group: str, outcome: str, seconds: float, *,
     """
     label = type_label(type, registry)
     out = _outcome(outcome, CONSUME_OUTCOMES)
-    MESSAGES_CONSUMED.labels(label, group, out).inc()
-    HANDLER_DURATION.labels(label, group).observe(seconds)
+    series = _CONSUMED.get((label, group, out))
+    if series is None:
+        series = _CONSUMED[(label, group, out)] = (MESSAGES_CONSUMED.labels(label, group, out),
+                                                   HANDLER_DURATION.labels(label, group))
+    consumed, duration = series
+    consumed.inc()
+    duration.observe(seconds)
     if out == "dead_letter":
         MESSAGES_DEAD_LETTERED.labels(label, group).inc()
 

@@ -74,20 +74,36 @@ class _Held:
     since: float             # when the server's ack_wait timer last started for it
 
 
+def delivery_fields(msg: Msg) -> tuple[str, int, int]:
+    """(stream, stream sequence, times delivered) of a JetStream message, read off its ack subject; pure.
+
+    ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>``, or since
+    nats-server 2.9 ``$JS.ACK.<domain>.<account hash>.<stream>.<consumer>.<delivered>.<stream seq>...`` (12
+    tokens or more).  nats-py's ``Msg.metadata`` reads the same and more (two objects and a datetime per
+    message, a twentieth of a consuming service's time); any other form is left to it, and refused there."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) >= 4 and tokens[0] == "$JS" and tokens[1] == "ACK":
+        if len(tokens) == 9:
+            return tokens[2], int(tokens[5]), int(tokens[4])
+        if len(tokens) >= 11:
+            return tokens[4], int(tokens[7]), int(tokens[6])
+    meta = msg.metadata
+    return meta.stream, meta.sequence.stream, meta.num_delivered
+
+
 class NatsDelivery(RawDelivery):
     def __init__(self, member: NatsSubscription, msg: Msg) -> None:
         self._member = member
         self._msg = msg
         raw = msg.headers or {}
-        meta = msg.metadata
+        stream, sequence, delivered = delivery_fields(msg)
         self.subject = msg.subject
         self.body = msg.data
         self.headers = {k: v for k, v in raw.items() if not k.startswith(INTERNAL_HEADER_PREFIX)}
-        self.message_id = (self.headers.get(H_MESSAGE_ID) or raw.get("Nats-Msg-Id")
-                           or f"{meta.stream}:{meta.sequence.stream}")
+        self._origin = f"{stream}:{sequence}"
+        self.message_id = self.headers.get(H_MESSAGE_ID) or raw.get("Nats-Msg-Id") or self._origin
         self.group = member.group
-        self._attempt = meta.num_delivered
-        self._origin = f"{meta.stream}:{meta.sequence.stream}"
+        self._attempt = delivered
         self.settled = False
 
     @property
