@@ -3,8 +3,9 @@ else asyncio's own.  ``ROOST_EVENT_LOOP`` chooses: ``uvloop``, ``asyncio``, or `
 
 uvloop runs the same asyncio programs with its transports, timers and callbacks in C (libuv).  The services
 spend much of their time there: every message, query and HTTP request is a few reads, writes and callbacks.
-On the alarms service's group-commit path (``bench/alarms_bench.py``) it takes about an eighth off the CPU
-each op costs the service's process.  The test suite runs on the loop chosen here too (``tests/conftest.py``).
+In interleaved runs of the alarms service's group-commit path (``bench/alarms_bench.py``, ``bench/README.md``) it
+took 4 to 15% off the CPU each op costs the service's process.  The test suite runs on the loop chosen here too
+(``tests/conftest.py``).
 
 Two differences matter when starting programs on uvloop: ``create_subprocess_exec`` takes no ``user`` /
 ``group`` / ``extra_groups``, and it does not close our other descriptors in the child.  A program that leaves a
