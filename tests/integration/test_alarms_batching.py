@@ -349,3 +349,52 @@ async def test_the_committer_keeps_its_connection_for_the_next_message_a_moment(
     assert asyncio.get_running_loop().time() - started < service.hold_idle
     assert service._held == []
     assert await site.pool.fetchval("SELECT count(*) FROM alarms.active_alarms") == 4
+
+
+HARD_TEXT = 'a "quoted" \\path\\ with\ttab, newline\n, line separator \u2028, ünïcödé, 警报 and 🚨'
+
+
+async def test_a_batch_stores_every_character_and_microsecond_as_one_by_one_does(site: Site) -> None:
+    """A batch's rows travel to PostgreSQL as one JSON document (``store._json_rows``), one by one as plain
+    parameters: both store the same text and the same instants, to the microsecond, whatever the offset."""
+    def faults(host: str) -> list[Envelope]:
+        entity = f"host={host}"
+        return [
+            envelope("roost.fault.set", {"alarm_id": "950.006", "entity_instance_id": entity, "severity": "minor",
+                                         "reason_text": HARD_TEXT, "proposed_repair_action": HARD_TEXT[::-1],
+                                         "timestamp": "2026-11-22T10:11:12.345678+05:30"}),
+            envelope("roost.fault.set", {"alarm_id": "950.006", "entity_instance_id": entity, "severity": "major",
+                                         "reason_text": HARD_TEXT + " (worse)",
+                                         "timestamp": "1999-12-31T23:59:59.000001-08:00"}),
+            envelope("roost.fault.set", {"alarm_id": "950.003", "entity_instance_id": f"{entity}.network=mgmt",
+                                         "severity": "major", "reason_text": HARD_TEXT,
+                                         "timestamp": "2026-11-22T00:00:00+00:00"}),
+            envelope("roost.fault.clear", {"alarm_id": "950.003", "entity_instance_id": f"{entity}.network=mgmt"}),
+        ]
+
+    for env in faults("text-alone"):
+        await site.service.handle_alone(message(env))
+    await asyncio.gather(*(site.service.handle(message(e)) for e in faults("text-batch")))
+
+    async def rows(host: str) -> dict[str, list[dict[str, Any]]]:
+        history = await site.pool.fetch(
+            """SELECT event_log_id, state, change, changes, cause, entity_type_id, timestamp, severity, reason_text,
+                      event_log_type, probable_cause, proposed_repair_action, service_affecting, suppression, owner,
+                      version
+               FROM alarms.event_log WHERE entity_instance_id LIKE $1 ORDER BY seq""", f"host={host}%")
+        active = await site.pool.fetch(
+            """SELECT alarm_id, alarm_state, entity_type_id, timestamp, severity, reason_text, alarm_type,
+                      probable_cause, proposed_repair_action, service_affecting, suppression, inhibit_alarms,
+                      mgmt_affecting, degrade_affecting, owner, version
+               FROM alarms.active_alarms WHERE entity_instance_id LIKE $1 ORDER BY alarm_id""", f"host={host}%")
+        # the clear's record is stamped when it was applied
+        return {"history": [dict(r) for r in history[:3]], "active": [dict(r) for r in active]}
+
+    alone, together = await rows("text-alone"), await rows("text-batch")
+    assert together == alone
+    assert together["active"][0]["reason_text"] == HARD_TEXT + " (worse)"
+    assert together["history"][0]["reason_text"] == HARD_TEXT
+    assert together["history"][0]["proposed_repair_action"] == HARD_TEXT[::-1]
+    assert together["history"][0]["timestamp"].isoformat() == "2026-11-22T04:41:12.345678+00:00"
+    assert together["active"][0]["timestamp"].isoformat() == "2000-01-01T07:59:59.000001+00:00"
+    assert together["history"][1]["changes"] is not None and "worse" in together["history"][1]["changes"]
