@@ -117,3 +117,27 @@ def test_the_transports_route_index_answers_as_matching_every_filter_would() -> 
             subject = ".".join(rng.choice(words) for _ in range(rng.randint(1, 6)))
             assert routes.takes(subject) == any(matches(f, subject) for f in filters), (filters, subject)
             assert routes.takes(subject) == any(matches(f, subject) for f in filters)     # the answer kept
+
+
+_OLD_TOKEN = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def token_by_token(subject: str) -> bool:
+    """The rule ``check_subject`` states: dot-separated tokens of letters, digits, ``_`` and ``-``, 255 at most."""
+    return len(subject) <= 255 and all(_OLD_TOKEN.fullmatch(t) for t in subject.split("."))
+
+
+@given(st.text(st.sampled_from("ab_-.9Z \n>*é"), max_size=12) | st.text(max_size=300))
+def test_a_subject_is_accepted_exactly_when_every_token_is(subject: str) -> None:
+    try:
+        check_subject(subject)
+    except InvalidSubject:
+        accepted = False
+    else:
+        accepted = True
+    assert accepted == token_by_token(subject)
+
+
+def test_a_subject_with_a_trailing_line_break_is_refused() -> None:
+    with pytest.raises(InvalidSubject):
+        check_subject("roost.alarm.raised\n")

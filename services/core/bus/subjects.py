@@ -12,6 +12,7 @@ import re
 from services.core.bus.abc import COMMAND_PREFIX, DLQ_PREFIX
 
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]+$")
+_SUBJECT = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")    # whole subjects, one match (every message)
 _GROUP = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
@@ -20,8 +21,7 @@ class InvalidSubject(ValueError):
 
 
 def check_subject(subject: str) -> str:
-    tokens = subject.split(".")
-    if len(subject) > 255 or not all(_TOKEN.match(t) for t in tokens):
+    if len(subject) > 255 or _SUBJECT.fullmatch(subject) is None:
         raise InvalidSubject(f"bad subject {subject!r}: dot-separated tokens of letters, digits, _ and -")
     return subject
 
