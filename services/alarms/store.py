@@ -32,7 +32,7 @@ import os
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -59,7 +59,7 @@ from services.alarms.model import (
     decide_set,
 )
 from services.alarms.webhooks import store as webhooks
-from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, dumps_body, rfc3339
+from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, dumps_body
 from services.core.db.outbox import Outbox, ordering_key
 from services.core.db.pool import AnyConnection
 
@@ -513,6 +513,13 @@ def _notification(envelope: Envelope, alarm: Alarm, version: int, kind: EventKin
                         occurred_at=envelope.time, alarm=AlarmFields.model_validate(fields))
 
 
+def _utc_instant(value: datetime) -> datetime:
+    """``value`` in UTC (naive: taken as UTC), which ``dumps_body`` writes as ``rfc3339`` does: so the times of
+    a body need not be formatted one by one in Python (a microsecond each, four per op); pure."""
+    offset = value.utcoffset()
+    return value if not offset else value.astimezone(UTC)
+
+
 def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: EventKind, suppressed: bool,
                          ) -> tuple[object, ...]:
     """The ``webhook_notifications`` row of an announced change (``webhooks.notification_values`` of
@@ -526,7 +533,7 @@ def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: E
         "data": {
             "alarm": {
                 "alarm_id": alarm.alarm_id, "alarm_state": "clear" if cleared else "set",
-                "alarm_type": alarm.alarm_type.value, "created_at": rfc3339(alarm.created_at),
+                "alarm_type": alarm.alarm_type.value, "created_at": _utc_instant(alarm.created_at),
                 "degrade_affecting": str(alarm.degrade_affecting), "entity_instance_id": alarm.entity_instance_id,
                 "entity_type_id": alarm.entity_type_id, "inhibit_alarms": alarm.inhibit_alarms,
                 "mgmt_affecting": str(alarm.mgmt_affecting), "probable_cause": alarm.probable_cause,
@@ -534,14 +541,14 @@ def _notification_values(envelope: Envelope, alarm: Alarm, version: int, kind: E
                 "service_affecting": alarm.service_affecting, "severity": alarm.severity.value,
                 "suppression": alarm.suppression,
                 "suppression_status": "suppressed" if suppressed else "unsuppressed",
-                "timestamp": rfc3339(alarm.timestamp), "updated_at": rfc3339(alarm.updated_at),
+                "timestamp": _utc_instant(alarm.timestamp), "updated_at": _utc_instant(alarm.updated_at),
                 "uuid": str(alarm.uuid),
             },
             "event": kind.value,
             "id": webhook_id,
             "version": version,
         },
-        "timestamp": rfc3339(envelope.time),
+        "timestamp": _utc_instant(envelope.time),
         "type": f"alarm.{kind.value}",
     }
     return (webhook_id, f"{alarm.alarm_id}|{alarm.entity_instance_id}", f"alarm.{kind.value}", alarm.alarm_id,
@@ -827,7 +834,7 @@ class AlarmStore:
         messages = [self.outbox.message(envelope) for envelope, *_ in announced]
         outbox = ([m.message_id for m in messages], [m.subject for m in messages],
                   [ordering_key(e, m.subject) for (e, *_), m in zip(announced, messages, strict=True)],
-                  [json.dumps(dict(m.headers)) for m in messages], [m.body for m in messages])
+                  [orjson.dumps(m.headers).decode() for m in messages], [m.body for m in messages])
         key = (self.outbox.schema, active is not None)
         sql = self._tail.get(key)
         if sql is None:

@@ -5,13 +5,14 @@ kinds a body holds (no floats: none has one)."""
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from services.alarms.webhooks.formats import dumps_body
+from services.alarms.webhooks.formats import dumps_body, rfc3339
 
 
 def reference(value: Any) -> bytes:
@@ -42,3 +43,11 @@ def test_escapes_and_key_order(value: Any) -> None:
 def test_a_lone_surrogate_is_refused_not_written() -> None:
     with pytest.raises(TypeError):
         dumps_body({"reason_text": "\ud800"})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30)),
+       st.sampled_from([UTC, timezone(timedelta(0)), None]))
+def test_a_time_in_utc_is_written_as_rfc3339_writes_it(when: datetime, zone: timezone | None) -> None:
+    value = when.replace(tzinfo=zone)
+    assert dumps_body({"t": value}) == reference({"t": rfc3339(value)})

@@ -123,8 +123,9 @@ def dumps_body(payload: Any) -> bytes:
     """The exact body bytes of a payload: compact JSON, sorted keys, UTF-8, non-ASCII characters as they are;
     pure.  Written by orjson: the bytes of ``json.dumps(payload, sort_keys=True, separators=(",", ":"),
     ensure_ascii=False)`` (tests/unit/test_webhook_body_bytes.py) in a tenth of the time, for every op.  A body
-    holds no float; text with a lone surrogate (not UTF-8) is refused (``TypeError``)."""
-    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+    holds no float; text with a lone surrogate (not UTF-8) is refused (``TypeError``).  A ``datetime`` in UTC
+    (or naive, taken as UTC) is written as ``rfc3339`` writes it."""
+    return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
 
 
 _dumps = dumps_body
