@@ -93,3 +93,22 @@ def test_alarm_events_carry_the_fm_record() -> None:
     cleared = AlarmCleared(entity_id=RECORD["uuid"], version=3, owner="roost/inventory",
                            alarm={**RECORD, "alarm_state": "clear"}, cause="reasserted")
     assert cleared.alarm.alarm_state == "clear"
+
+
+@pytest.mark.parametrize(("name", "data"), [
+    ("roost.fault.set", {"alarm_id": "950.003", "entity_instance_id": "host=a.network=mgmt", "severity": "major",
+                         "reason_text": "lost\x00"}),
+    ("roost.fault.set", {"alarm_id": "950.003", "entity_instance_id": "host=a\x00.network=mgmt", "severity": "major"}),
+    ("roost.fault.set", {"alarm_id": "950.003", "entity_instance_id": "host=a.network=mgmt", "severity": "major",
+                         "proposed_repair_action": "\x00"}),
+    ("roost.fault.clear", {"alarm_id": "950.003", "entity_instance_id": "host=a\x00"}),
+    ("roost.fault.log", {"log_id": "950.501", "entity_instance_id": "host=a", "severity": "warning",
+                         "reason_text": "x\x00y"}),
+])
+def test_a_nul_character_is_refused_with_the_reason(name: str, data: dict[str, Any]) -> None:
+    """PostgreSQL's text cannot hold NUL: the message is refused at once (dead-lettered with the reason by
+    the bus), not failed at the database attempt after attempt."""
+    registry = load()
+    envelope = Envelope(source="roost/heartbeat", type=name, data=data)
+    with pytest.raises(InvalidMessage, match="NUL character"):
+        registry.validate(envelope)
