@@ -389,10 +389,6 @@ def _stored_locked(row: asyncpg.Record) -> StoredAlarm:
     return StoredAlarm(alarm, row["owner"], int(row["version"]))
 
 
-def _arrays(types: Sequence[str], start: int) -> str:
-    return ", ".join(f"${i}::{t}[]" for i, t in enumerate(types, start))
-
-
 _HISTORY_NAMES = tuple(_HISTORY_COLUMNS.split(", "))
 _ALARM_NAMES = (*_ALARM_COLUMNS.split(", "), "owner", "version")
 
