@@ -462,7 +462,7 @@ class Run:
     kind: str
     ops: int
     seconds: float                          # until the last op applied and (roost) its deliveries made
-    cpu: float = 0.0                        # this process's CPU seconds (direct runs: all the service's work)
+    cpu: float = 0.0                        # CPU seconds of the process running the service (direct runs: this one)
     applied: float = 0.0                    # seconds until the last op was applied (committed)
     max_backlog: int = 0                    # largest number of notifications not fanned out, sampled
 
@@ -571,8 +571,8 @@ async def run_via_nats(pool: asyncpg.Pool, nats_url: str, db_url: str, registry:
         await bus.publish_many(fault_envelopes(registry, ops, instances))
     finally:
         await bus.close()
-    async with child("--serve-alarms", nats_url, db_url, str(batch), "queue-only"):
-        started = time.perf_counter()
+    async with child("--serve-alarms", nats_url, db_url, str(batch), "queue-only") as service:
+        started, cpu = time.perf_counter(), proc_cpu(service.process.pid)
         stop = asyncio.Event()
         sampling = asyncio.create_task(sample_backlog(pool, stop))
         try:
@@ -583,12 +583,13 @@ async def run_via_nats(pool: asyncpg.Pool, nats_url: str, db_url: str, registry:
             applied = time.perf_counter() - started
             await wait_fanned_out(pool, ops, started)
             seconds = time.perf_counter() - started
+            cpu = proc_cpu(service.process.pid) - cpu
         finally:
             stop.set()
         most = await sampling
     check_counts(await counts(pool), ops, subscribers, expected_active(ops, instances), "via NATS", ahead=AHEAD)
     await check_queued(pool, ops, subscribers, "via NATS")
-    return Run("roost via NATS", ops, seconds, applied=applied, max_backlog=most)
+    return Run("roost via NATS", ops, seconds, cpu, applied=applied, max_backlog=most)
 
 
 async def _nothing(delivery: RawDelivery) -> None:
@@ -943,7 +944,8 @@ async def figure_rate(args: argparse.Namespace, pool: asyncpg.Pool, registry: Re
     print(f"   naive (1 tx per op)      : {spread(naive)}  {cpu_naive:.0f} µs CPU/op in this process")
     print(f"   roost (group commit {args.batch:3d}) : {spread(roost)}  {cpu_roost:.0f} µs CPU/op in this process "
           "(service, callers and fan-out)")
-    print(f"   roost via NATS           : {spread(via)}")
+    print(f"   roost via NATS           : {spread(via)}  {statistics.median(x.cpu / x.ops for x in via) * 1e6:.0f} "
+          "µs CPU/op in the service's process (consumer, service, relay and fan-out)")
     print(f"   roost, every delivery row: {spread(eager)}  {statistics.median(x.cpu / x.ops for x in eager) * 1e6:.0f} "
           "µs CPU/op (the fan-out not windowed: all ops x subscribers delivery rows made during the run)")
     print(f"   (roost and via NATS: the fan-out makes delivery rows {AHEAD} per subscriber ahead of the sending, as "
