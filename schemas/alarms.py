@@ -29,10 +29,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.envelope import EntityEvent, Role
 from schemas.registry import REGISTRY, Registry
+from schemas.text import Clean
 
 OWNER = "alarms"
 
@@ -42,24 +43,13 @@ REASSERT_MAX = 10_000
 """The most alarms one re-assertion may carry."""
 
 AlarmIdText = Annotated[str, Field(pattern=r"^[0-9]{3}\.[0-9]{3}$", description="GGG.EEE, e.g. 200.010")]
-
-
-def _no_nul(value: str) -> str:
-    """PostgreSQL's text holds any character but NUL: one in a message would fail at the database on every
-    attempt until the bus gave the message up, so the schema refuses it at once, with the reason."""
-    if "\x00" in value:
-        raise ValueError("must not contain the NUL character (U+0000), which PostgreSQL's text cannot hold")
-    return value
-
-
-NoNul = AfterValidator(_no_nul)
-EntityInstanceIdText = Annotated[str, NoNul, Field(min_length=1, max_length=255,
-                                            description="key=value[.key=value...], e.g. host=controller-0")]
+EntityInstanceIdText = Annotated[Clean, Field(min_length=1, max_length=255,
+                                              description="key=value[.key=value...], e.g. host=controller-0")]
 EntityTypeIdText = Annotated[str, Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$",
                                         description="the entity's keys, e.g. host.port")]
 SeverityName = Literal["critical", "major", "minor", "warning"]
-Text = Annotated[str, NoNul, Field(max_length=TEXT_MAX)]
-ShortText = Annotated[str, NoNul, Field(min_length=1, max_length=64)]
+Text = Annotated[Clean, Field(max_length=TEXT_MAX)]
+ShortText = Annotated[Clean, Field(min_length=1, max_length=64)]
 
 
 class _Model(BaseModel):

@@ -39,6 +39,7 @@ from pydantic import AfterValidator, AwareDatetime, BaseModel, ConfigDict, Field
 
 from schemas.envelope import EntityEvent, Role
 from schemas.registry import REGISTRY, Registry
+from schemas.text import Clean
 
 OWNER = "inventory"
 AGENT_OWNER = "agent"
@@ -52,14 +53,6 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
-    return value
-
-
-Clean = Annotated[str, AfterValidator(_no_nul)]
-"""Text an operator gives, stored as it is: any character but NUL (which PostgreSQL cannot store)."""
 
 
 Hostname = Annotated[str, Field(pattern=HOSTNAME_PATTERN, description="e.g. controller-0, worker-3")]
