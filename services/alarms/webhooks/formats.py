@@ -128,9 +128,6 @@ def dumps_body(payload: Any) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SORT_KEYS | orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
 
 
-_dumps = dumps_body
-
-
 def _alarm_json(alarm: AlarmFields) -> dict[str, Any]:
     data = alarm.model_dump(mode="json")
     for key in ("timestamp", "created_at", "updated_at"):
@@ -217,5 +214,5 @@ def render(notification: Notification, format: Format | str, *, receiver: str = 
     """The exact body bytes for a subscriber of ``format``; pure."""
     kind = Format(format)
     if kind is Format.ALERTMANAGER:
-        return _dumps(alertmanager_payload(notification, receiver=receiver, external_url=external_url))
-    return _dumps(roost_payload(notification))
+        return dumps_body(alertmanager_payload(notification, receiver=receiver, external_url=external_url))
+    return dumps_body(roost_payload(notification))
