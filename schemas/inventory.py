@@ -53,8 +53,6 @@ def _lower(value: str) -> str:
     return value.lower()
 
 
-
-
 Hostname = Annotated[str, Field(pattern=HOSTNAME_PATTERN, description="e.g. controller-0, worker-3")]
 AgentName = Annotated[str, Field(pattern=HOSTNAME_PATTERN, description="the enrolled agent's name")]
 Mac = Annotated[str, AfterValidator(_lower), Field(pattern=r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$",
