@@ -60,7 +60,7 @@ from services.alarms.model import (
 )
 from services.alarms.webhooks import store as webhooks
 from services.alarms.webhooks.formats import AlarmFields, EventKind, Notification, dumps_body
-from services.core.db.outbox import Outbox, ordering_key
+from services.core.db.outbox import Outbox
 from services.core.db.pool import AnyConnection
 
 SCHEMA = "alarms"
@@ -827,10 +827,7 @@ class AlarmStore:
                 suppressed = set(webhook_state["suppressed"])
                 notes = [_notification_values(envelope, alarm, version, kind, alarm.alarm_id in suppressed)
                          for envelope, alarm, version, kind in announced]
-        messages = [self.outbox.message(envelope) for envelope, *_ in announced]
-        outbox = ([m.message_id for m in messages], [m.subject for m in messages],
-                  [ordering_key(e, m.subject) for (e, *_), m in zip(announced, messages, strict=True)],
-                  [orjson.dumps(m.headers).decode() for m in messages], [m.body for m in messages])
+        outbox = self.outbox.columns([envelope for envelope, *_ in announced])
         key = (self.outbox.schema, active is not None)
         sql = self._tail.get(key)
         if sql is None:

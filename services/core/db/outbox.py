@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import orjson
 
 from schemas.envelope import Envelope
 from schemas.registry import Registry
@@ -105,6 +106,16 @@ class Outbox:
             self.registry.validate(envelope)
         return encode(envelope, subject=subject, headers=headers)
 
+    def columns(self, envelopes: Sequence[Envelope], subject: str | None = None,
+                ) -> tuple[list[str], list[str], list[str], list[str], list[bytes]]:
+        """The rows of ``envelopes`` as the outbox's columns, in order (what ``unnest`` takes): message id,
+        subject, ordering key, headers (JSON), body; pure.  ``add_many`` writes them, and so does a caller
+        that folds them into a statement of its own."""
+        messages = [self.message(e, subject) for e in envelopes]
+        return ([m.message_id for m in messages], [m.subject for m in messages],
+                [ordering_key(e, m.subject) for e, m in zip(envelopes, messages, strict=True)],
+                [orjson.dumps(m.headers).decode() for m in messages], [m.body for m in messages])
+
     @staticmethod
     def _check_transaction(conn: AnyConnection) -> None:
         if not conn.is_in_transaction():
@@ -130,14 +141,7 @@ class Outbox:
         self._check_transaction(conn)
         if not envelopes:
             return 0
-        messages = [self.message(e, subject) for e in envelopes]
-        count: int = await conn.fetchval(
-            self._insert_many,
-            [m.message_id for m in messages],
-            [m.subject for m in messages],
-            [ordering_key(e, m.subject) for e, m in zip(envelopes, messages, strict=True)],
-            [json.dumps(dict(m.headers)) for m in messages],
-            [m.body for m in messages])
+        count: int = await conn.fetchval(self._insert_many, *self.columns(envelopes, subject))
         if count:
             await conn.execute("SELECT pg_notify($1, '')", self.channel)
         return count
