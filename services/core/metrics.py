@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar, cast
 
 import structlog
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, Info, disable_created_metrics
@@ -102,19 +102,31 @@ def _outcome(outcome: str, allowed: frozenset[str]) -> str:
     return outcome if outcome in allowed else OTHER
 
 
+_Metric = TypeVar("_Metric", Counter, Histogram)
+_SERIES: dict[tuple[object, tuple[str, ...]], Counter | Histogram] = {}
+
+
+def _series(metric: _Metric, *labels: str) -> _Metric:
+    """``metric.labels(*labels)``, looked up once per label set: ``labels()`` checks and locks at every call, and
+    the bus records every message every service publishes and consumes.  Bounded as the labels are (known
+    types, the groups, the outcomes)."""
+    key = (metric, labels)
+    child = _SERIES.get(key)
+    if child is None:
+        child = _SERIES[key] = metric.labels(*labels)
+    return cast(_Metric, child)
+
+
 # -- what the bus layer calls -------------------------------------------------------------------
 
 def record_published(type: str, outcome: str, seconds: float, *, registry: Registry | None = None) -> None:
     """One publish: ``outcome`` confirmed | failed | unroutable | timeout; ``seconds`` until confirmed."""
     out = _outcome(outcome, PUBLISH_OUTCOMES)
-    MESSAGES_PUBLISHED.labels(type_label(type, registry), out).inc()
+    _series(MESSAGES_PUBLISHED, type_label(type, registry), out).inc()
     if out == "confirmed":
         PUBLISH_DURATION.observe(seconds)
 
 
-# The series of each (type label, group, outcome) seen, looked up once: ``labels()`` checks and locks at every
-# call, and this runs for every message every service consumes.  Bounded as the labels are (known types).
-_CONSUMED: dict[tuple[str, str, str], tuple[Counter, Histogram]] = {}
 
 
 def record_consumed(type: str, group: str, outcome: str, seconds: float, *,
@@ -125,13 +137,8 @@ def record_consumed(type: str, group: str, outcome: str, seconds: float, *,
     """
     label = type_label(type, registry)
     out = _outcome(outcome, CONSUME_OUTCOMES)
-    series = _CONSUMED.get((label, group, out))
-    if series is None:
-        series = _CONSUMED[(label, group, out)] = (MESSAGES_CONSUMED.labels(label, group, out),
-                                                   HANDLER_DURATION.labels(label, group))
-    consumed, duration = series
-    consumed.inc()
-    duration.observe(seconds)
+    _series(MESSAGES_CONSUMED, label, group, out).inc()
+    _series(HANDLER_DURATION, label, group).observe(seconds)
     if out == "dead_letter":
         MESSAGES_DEAD_LETTERED.labels(label, group).inc()
 
