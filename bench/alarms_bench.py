@@ -269,21 +269,27 @@ def legacy_webhooks(service: AlarmsService) -> Iterator[None]:
         store._record_many = modern_tail  # type: ignore[method-assign]
 
 
-async def backlog(pool: asyncpg.Pool, ahead: int | None) -> int:
+async def backlog(conn: AnyConnection, ahead: int | None) -> int:
     """Notifications the fan-out has not made delivery rows for yet although it should have: behind a
     cursor, in the room its subscription's window (``ahead`` pending rows; None: no window) leaves; the
     largest of the subscriptions.  (All match everything here.)  Its pending rows are counted as the
     dispatcher counts them, up to the window by the queue index: sampled all through a run, this must not
-    cost PostgreSQL a scan of every delivery row each time."""
+    cost PostgreSQL a scan of every delivery row each time (``conn``: one planning per call, ``sampler``)."""
     pending = (webhooks._pending_in_window("s", "$1") if ahead is not None else
                "(SELECT count(*) FROM alarms.webhook_deliveries d WHERE d.subscription_id = s.id "
                "AND d.state = 'pending')")
+    return int(await conn.fetchval(f"""
+        SELECT coalesce(max(least(greatest(0, ({webhooks._LAST_SEQ}) - s.fanned_out_seq),
+                                  greatest(0, coalesce($1::bigint, 9223372036854775807) - {pending}))), 0)
+        FROM alarms.webhook_subscriptions s""", ahead))
+
+
+@contextlib.asynccontextmanager
+async def sampler(pool: asyncpg.Pool) -> AsyncIterator[AnyConnection]:
+    """A connection for ``backlog``, planning each statement for the tables as they are (as the dispatcher's)."""
     async with pool.acquire() as conn:
         await plan_per_call(conn)
-        return int(await conn.fetchval(f"""
-            SELECT coalesce(max(least(greatest(0, ({webhooks._LAST_SEQ}) - s.fanned_out_seq),
-                                      greatest(0, coalesce($1::bigint, 9223372036854775807) - {pending}))), 0)
-            FROM alarms.webhook_subscriptions s""", ahead))
+        yield conn
 
 
 AHEAD = DispatcherSettings().ahead          # the dispatcher's fan-out window
@@ -542,22 +548,24 @@ async def _run_direct(kind: str, pool: asyncpg.Pool, service: AlarmsService, tod
 async def sample_backlog(pool: asyncpg.Pool, stop: asyncio.Event, ahead: int | None = AHEAD) -> int:
     """The largest fan-out backlog seen, every 100 ms until ``stop``."""
     most = 0
-    while not stop.is_set():
-        most = max(most, await backlog(pool, ahead))
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(0.1):
-                await stop.wait()
+    async with sampler(pool) as conn:
+        while not stop.is_set():
+            most = max(most, await backlog(conn, ahead))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await stop.wait()
     return most
 
 
 async def wait_fanned_out(pool: asyncpg.Pool, ops: int, started: float, ahead: int | None = AHEAD) -> None:
     """Until all ``ops`` notifications are committed and the fan-out has made every delivery row it should
     (every one, or with the window ``ahead``, up to it per subscription)."""
-    while (await pool.fetchval("SELECT count(*) FROM alarms.webhook_notifications") < ops
-           or await backlog(pool, ahead)):
-        if time.perf_counter() - started > 60 + ops / 100:
-            raise SystemExit(f"fan-out: {await backlog(pool, ahead)} notifications never fanned out")
-        await asyncio.sleep(0.005)
+    async with sampler(pool) as conn:
+        while (await conn.fetchval("SELECT count(*) FROM alarms.webhook_notifications") < ops
+               or await backlog(conn, ahead)):
+            if time.perf_counter() - started > 60 + ops / 100:
+                raise SystemExit(f"fan-out: {await backlog(conn, ahead)} notifications never fanned out")
+            await asyncio.sleep(0.005)
 
 
 async def run_via_nats(pool: asyncpg.Pool, nats_url: str, db_url: str, registry: Registry, ops: int, instances: int,
