@@ -146,7 +146,9 @@ class Source:
         the log, 5,000 at a time, and then served none of them from the cache.)"""
         now = time.monotonic()
         for lane in LANES:
-            head = self.heads[lane] = self._recent[lane].covers_from = await self.tracker.head(self.pool, lane)
+            head = max(self.heads[lane], await self.tracker.head(self.pool, lane))
+            self._recent[lane].covers_from = max(self._recent[lane].covers_from, head)
+            self.heads[lane] = head
             self._head_times[lane].advanced(head, now)
 
     async def check_triggers(self) -> list[str]:
