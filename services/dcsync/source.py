@@ -134,22 +134,12 @@ class Source:
         self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=8)
         self.tables = resolve(self.spec, await self.tracker.reflect(self._pool))
         missing = await self.check_triggers()
-        async with self._refresh_lock:      # a change notified meanwhile is read after the heads, not before
-            self._listener = await asyncpg.connect(self.url)
-            await self._listener.add_listener(self.place.channel, self._notified)
-            await self._start_at_heads()
+        self._listener = await asyncpg.connect(self.url)
+        await self._listener.add_listener(self.place.channel, self._notified)
+        await self.refresh()
+        for lane in LANES:   # the cache starts at the head: older changes are read from the database
+            self._recent[lane].covers_from = self.heads[lane]
         return missing
-
-    async def _start_at_heads(self) -> None:
-        """The cache starts at each lane's head, read as one value (older changes are read from the database when
-        a cursor needs them): a start costs the same whatever the change log holds.  (It read every change of
-        the log, 5,000 at a time, and then served none of them from the cache.)"""
-        now = time.monotonic()
-        for lane in LANES:
-            head = max(self.heads[lane], await self.tracker.head(self.pool, lane))
-            self._recent[lane].covers_from = max(self._recent[lane].covers_from, head)
-            self.heads[lane] = head
-            self._head_times[lane].advanced(head, now)
 
     async def check_triggers(self) -> list[str]:
         """The synced tables whose trigger is missing or stale; re-installed when ``repair_triggers``."""
