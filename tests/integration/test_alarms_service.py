@@ -570,9 +570,12 @@ async def failing_subscriber_alarm_raised_and_cleared(site: Site) -> None:
 
         async def replayed_and_recovered() -> bool:
             # Replay until nothing is dead-lettered any more: the notification of 950.201 itself also went
-            # to this subscriber and may have been dead-lettered after an earlier replay.
+            # to this subscriber and may have been dead-lettered after an earlier replay.  By the operator's
+            # command, what `roost webhook replay` sends.
             nonlocal replayed
-            replayed += await webhooks.replay(site.pool, subscription.id)
+            reply = await command(site, "roost.cmd.alarm.webhook.replay", {"id": subscription.id})
+            assert reply.status is ReplyStatus.COMPLETED, reply
+            replayed += reply.result["replayed"]
             return not await failing_is_active()
 
         await wait_until(replayed_and_recovered, what="the alarm cleared once deliveries succeed again")
